@@ -1,0 +1,53 @@
+# Conveyor: `make pipeline` runs the default pipeline, `make test` runs the test suite.
+# Both set the environment up on first use.
+SHELL := /bin/bash
+VENV := .venv
+PYTHON := $(VENV)/bin/python
+CONVEYOR := $(VENV)/bin/conveyor
+SPEC ?= pipelines/mnist.yaml
+PYTEST_ARGS ?=
+
+# Keras 3 cannot write the SavedModel TFX 1.16 needs; this must be set before TensorFlow loads.
+export TF_USE_LEGACY_KERAS := 1
+export TF_CPP_MIN_LOG_LEVEL := 2
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup pipeline test test-fast serve lineage schedule bench lint clean lock
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt setup.py scripts/setup_venv.sh
+	@scripts/setup_venv.sh
+
+pipeline: setup
+	$(CONVEYOR) run $(SPEC)
+
+test: setup
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+serve: setup
+	$(CONVEYOR) serve --spec $(SPEC)
+
+lineage: setup
+	$(CONVEYOR) lineage --spec $(SPEC) --format html -o workspace/lineage.html
+
+schedule: setup
+	$(CONVEYOR) schedule $(SPEC) --on-new-data --every 30m
+
+bench: setup
+	$(PYTHON) -m benchmarks.run_all
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+# Re-resolves the lock from requirements.in in a scratch venv (needs the package registry).
+lock:
+	rm -rf /tmp/conveyor-lock && $$(scripts/setup_venv.sh --print-python) -m venv /tmp/conveyor-lock
+	/tmp/conveyor-lock/bin/pip install -q -r requirements.in
+	/tmp/conveyor-lock/bin/pip freeze | grep -v '^-e' > requirements.txt
+
+clean:
+	rm -rf workspace

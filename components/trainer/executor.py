@@ -1,0 +1,180 @@
+"""Trainer executor: checks its inputs, runs training in child processes, records the facts in MLMD."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from tfx.dsl.components.base import base_executor
+from tfx.types import artifact_utils
+from tfx.utils import io_utils, path_utils
+
+from components.artifacts import set_custom_properties
+from components.trainer.training import ERROR_PREFIX, STRATEGIES, TrainingJob, parse_tf_config
+from pipelines.datasets import IMAGE_KEY, LABEL_KEY
+from pipelines.errors import ConveyorError
+
+
+class Executor(base_executor.BaseExecutor):
+    def Do(self, input_dict: dict[str, list], output_dict: dict[str, list], exec_properties: dict[str, Any]) -> None:
+        refuse_anomalous_data(input_dict.get("example_anomalies") or [])
+        check_parameters(exec_properties)
+        check_schema(input_dict["schema"])
+        examples = sorted(input_dict["examples"], key=lambda a: (a.span, a.id or 0))
+        model = artifact_utils.get_single_instance(output_dict["model"])
+        model_run = artifact_utils.get_single_instance(output_dict["model_run"])
+        base_model = input_dict.get("base_model") or []
+        warm_start_from = None
+        if exec_properties.get("warm_start") and base_model:
+            warm_start_from = path_utils.serving_model_path(base_model[-1].uri)
+
+        job = TrainingJob(
+            # Train on every span in the window; evaluate on the newest span's eval split.
+            train_files=[f for artifact in examples for f in split_files(artifact, "train")],
+            eval_files=split_files(examples[-1], "eval"),
+            image_shape=tuple(json.loads(exec_properties["image_shape"])),
+            serving_model_dir=path_utils.serving_model_dir(model.uri),
+            log_dir=model_run.uri,
+            facts_path="",
+            strategy=exec_properties["strategy"],
+            cpu_replicas=int(exec_properties["cpu_replicas"]),
+            train_steps=int(exec_properties["train_steps"]),
+            batch_size=int(exec_properties["batch_size"]),
+            learning_rate=float(exec_properties["learning_rate"]),
+            scale_learning_rate=bool(exec_properties.get("scale_learning_rate")),
+            architecture=json.loads(exec_properties.get("architecture") or "{}"),
+            warm_start_from=warm_start_from,
+        )
+        worker_facts = run_training(job, num_workers=int(exec_properties.get("num_workers") or 2))
+        chief = next(f for f in worker_facts if f["is_chief"])
+        set_custom_properties(model, {**chief, "worker_steps": ",".join(str(f["steps"]) for f in worker_facts),
+                                      "spans": ",".join(str(a.span) for a in examples)})
+        set_custom_properties(model_run, {"tensorboard_logdir": model_run.uri, "steps": chief["steps"],
+                                          "wall_time_s": chief["wall_time_s"]})
+
+
+def refuse_anomalous_data(anomalies: list) -> None:
+    """ExampleValidator marks each split blessed (1) or not (0); training on flagged data is refused."""
+    for artifact in anomalies:
+        verdicts = artifact.get_json_value_custom_property("blessed") or {}
+        flagged = sorted(split for split, blessed in dict(verdicts).items() if not blessed)
+        if flagged:
+            raise ConveyorError(
+                f"data anomalies in span {artifact.span} (split {', '.join(flagged)}): see {artifact.uri}; "
+                "the run stops before training (fix the data or the schema, then add a new span)")
+
+
+def check_parameters(exec_properties: dict[str, Any]) -> None:
+    strategy = exec_properties["strategy"]
+    if strategy not in STRATEGIES:
+        raise ConveyorError(f"trainer.strategy: unknown strategy {strategy!r} (use {', '.join(STRATEGIES)})")
+    if int(exec_properties["cpu_replicas"]) < 1:
+        raise ConveyorError("trainer.cpu_replicas: must be >= 1")
+    if strategy == "multi_worker" and "TF_CONFIG" in os.environ:
+        parse_tf_config(os.environ["TF_CONFIG"])
+
+
+def check_schema(schema_artifacts: list) -> None:
+    schema_dir = artifact_utils.get_single_uri(schema_artifacts)
+    schema = io_utils.SchemaReader().read(io_utils.get_only_uri_in_dir(schema_dir))
+    names = {feature.name for feature in schema.feature}
+    for needed in (LABEL_KEY, IMAGE_KEY):
+        if needed not in names:
+            raise ConveyorError(f"schema: no '{needed}' feature (the trainer needs '{IMAGE_KEY}' and '{LABEL_KEY}')")
+
+
+def split_files(examples, split: str) -> list[str]:
+    split_dir = Path(artifact_utils.get_split_uri([examples], split))
+    files = sorted(str(p) for p in split_dir.iterdir() if p.is_file()) if split_dir.is_dir() else []
+    if not files:
+        raise ConveyorError(f"examples: split '{split}' of span {examples.span} is empty ({split_dir})")
+    return files
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_training(job: TrainingJob, num_workers: int = 2) -> list[dict]:
+    """Runs training in child processes and returns each worker's facts, the chief's first.
+
+    multi_worker with TF_CONFIG set: this process is one task of an external cluster, one child.
+    multi_worker without it: `num_workers` local processes form a cluster on 127.0.0.1.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix="conveyor-train-"))
+    if job.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
+        cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in range(num_workers)]}
+        tf_configs = [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+                      for i in range(num_workers)]
+    else:
+        tf_configs = [os.environ.get("TF_CONFIG")]
+    processes = []
+    for index, tf_config in enumerate(tf_configs):
+        job.facts_path = str(workdir / f"facts-{index}.json")
+        job_file = workdir / f"job-{index}.json"
+        job.save(job_file)
+        env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "PYTHONWARNINGS": "ignore", "TF_CPP_MIN_LOG_LEVEL": "2"}
+        if tf_config:
+            env["TF_CONFIG"] = tf_config
+        name = f"worker-{index}" if len(tf_configs) > 1 else "trainer"
+        processes.append(_ChildProcess(name, [sys.executable, "-m", "components.trainer.training", str(job_file)], env))
+    failed = _wait_all(processes)
+    if failed:
+        errors = [line[len(ERROR_PREFIX):] for line in failed.tail if line.startswith(ERROR_PREFIX)]
+        if errors:
+            raise ConveyorError(errors[-1])
+        raise RuntimeError(f"training process {failed.name} exited with {failed.returncode}:\n" + "\n".join(failed.tail))
+    facts = [json.loads((workdir / f"facts-{i}.json").read_text()) for i in range(len(tf_configs))]
+    return sorted(facts, key=lambda f: not f["is_chief"])
+
+
+class _ChildProcess:
+    """A child whose output is forwarded line by line with a prefix; the last lines are kept for errors."""
+
+    def __init__(self, name: str, argv: list[str], env: dict):
+        self.name = name
+        self.tail: deque[str] = deque(maxlen=40)
+        self.process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.reader = threading.Thread(target=self._forward, daemon=True)
+        self.reader.start()
+
+    def _forward(self) -> None:
+        for line in self.process.stdout:
+            line = line.rstrip()
+            self.tail.append(line)
+            if not line.startswith(ERROR_PREFIX):
+                print(f"    [{self.name}] {line}", flush=True)
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+
+def _wait_all(children: list[_ChildProcess]) -> _ChildProcess | None:
+    """Waits for every child; the first failure stops the others (a cluster cannot finish without it)."""
+    pending = list(children)
+    try:
+        while pending:
+            for child in list(pending):
+                try:
+                    child.process.wait(timeout=0.2)
+                except subprocess.TimeoutExpired:
+                    continue
+                child.reader.join()
+                pending.remove(child)
+                if child.returncode != 0:
+                    return child
+        return None
+    finally:
+        for child in pending:
+            child.process.kill()
+            child.process.wait()

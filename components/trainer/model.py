@@ -1,0 +1,92 @@
+"""The digit classifier: a small CNN with its preprocessing inside, and the signatures it is served with.
+
+Every signature returns the same named outputs, computed by the same Keras model, so a client gets the same
+numbers whether it sends float pixels, encoded PNG/JPEG bytes or serialized tf.Examples.
+"""
+from __future__ import annotations
+
+import tensorflow as tf
+
+from pipelines.datasets import IMAGE_KEY, LABEL_KEY, NUM_CLASSES
+from pipelines.spec import ModelArchitecture
+
+PIXEL_CENTER = 127.5
+OUTPUT_KEYS = ("logits", "probabilities", "class_ids")
+SIGNATURES = ("serving_default", "bytes_predictor", "serving_examples")
+
+
+def build_model(image_shape: tuple[int, int], arch: ModelArchitecture) -> tf.keras.Model:
+    """Raw pixels in (0..255, [None, H, W]); logits out. Call inside strategy.scope() when distributing."""
+    height, width = image_shape
+    inputs = tf.keras.Input(shape=(height, width), name="images", dtype=tf.float32)
+    x = tf.keras.layers.Rescaling(1.0 / PIXEL_CENTER, offset=-1.0, name="pixels_to_unit_range")(inputs)
+    x = tf.keras.layers.Reshape((height, width, 1))(x)
+    size = min(height, width)
+    for index, filters in enumerate(arch.conv_filters):
+        x = tf.keras.layers.Conv2D(filters, 3, padding="same", activation="relu", name=f"conv{index}")(x)
+        # Pool only while the feature map is large enough to keep a 2x2 map afterwards.
+        if size >= 4:
+            x = tf.keras.layers.MaxPooling2D(2, name=f"pool{index}")(x)
+            size //= 2
+    x = tf.keras.layers.Flatten()(x)
+    x = tf.keras.layers.Dense(arch.dense_units, activation="relu")(x)
+    if arch.dropout:
+        x = tf.keras.layers.Dropout(arch.dropout)(x)
+    logits = tf.keras.layers.Dense(NUM_CLASSES, name="logits")(x)
+    return tf.keras.Model(inputs, logits, name="digit_cnn")
+
+
+def feature_spec(image_shape: tuple[int, int]) -> dict:
+    pixels = image_shape[0] * image_shape[1]
+    return {
+        IMAGE_KEY: tf.io.FixedLenFeature([pixels], tf.float32),
+        LABEL_KEY: tf.io.FixedLenFeature([1], tf.int64),
+    }
+
+
+def parse_examples(serialized: tf.Tensor, image_shape: tuple[int, int], with_labels: bool):
+    spec = feature_spec(image_shape)
+    if not with_labels:
+        spec.pop(LABEL_KEY)
+    parsed = tf.io.parse_example(serialized, spec)
+    images = tf.reshape(parsed[IMAGE_KEY], (-1, *image_shape))
+    if with_labels:
+        return images, tf.squeeze(parsed[LABEL_KEY], axis=1)
+    return images
+
+
+def _outputs(logits: tf.Tensor) -> dict:
+    return {
+        "logits": logits,
+        "probabilities": tf.nn.softmax(logits),
+        "class_ids": tf.argmax(logits, axis=1),
+    }
+
+
+def serving_signatures(model: tf.keras.Model, image_shape: tuple[int, int]) -> dict:
+    """The concrete functions exported as `serving_default`, `bytes_predictor` and `serving_examples`."""
+    height, width = image_shape
+
+    @tf.function(input_signature=[tf.TensorSpec([None, height, width], tf.float32, name="images")])
+    def serve_images(images):
+        return _outputs(model(images, training=False))
+
+    def decode(encoded):
+        image = tf.io.decode_image(encoded, channels=1, expand_animations=False)
+        image = tf.image.resize(tf.cast(image, tf.float32), (height, width))
+        return tf.squeeze(image, axis=-1)
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
+    def serve_image_bytes(image_bytes):
+        images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec((height, width), tf.float32))
+        return _outputs(model(images, training=False))
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="examples")])
+    def serve_examples(examples):
+        return _outputs(model(parse_examples(examples, image_shape, with_labels=False), training=False))
+
+    return {
+        "serving_default": serve_images.get_concrete_function(),
+        "bytes_predictor": serve_image_bytes.get_concrete_function(),
+        "serving_examples": serve_examples.get_concrete_function(),
+    }

@@ -1,0 +1,271 @@
+"""One training process: devices, distribution strategy, data, fit, export, facts.
+
+The Trainer executor runs this as a child process (`python -m components.trainer.training JOB.json`) so
+each training starts with a fresh TensorFlow runtime: logical CPU devices and GPU memory growth can only be
+configured before TensorFlow initialises, and a multi-worker job is simply several such processes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
+from pipelines.errors import ConveyorError  # noqa: E402
+
+STRATEGIES = ("mirrored", "multi_worker", "one_device")
+ERROR_PREFIX = "conveyor-error: "
+
+
+@dataclass
+class TrainingJob:
+    train_files: list[str]
+    eval_files: list[str]
+    image_shape: tuple[int, int]
+    serving_model_dir: str
+    log_dir: str
+    facts_path: str
+    strategy: str = "mirrored"
+    cpu_replicas: int = 1
+    train_steps: int = 600
+    batch_size: int = 32
+    learning_rate: float = 0.003
+    scale_learning_rate: bool = False
+    architecture: dict = field(default_factory=dict)
+    warm_start_from: str | None = None
+    seed: int = 42
+
+    def save(self, path: str | os.PathLike) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> TrainingJob:
+        job = cls(**json.loads(Path(path).read_text()))
+        job.image_shape = tuple(job.image_shape)
+        return job
+
+
+def parse_tf_config(raw: str | None) -> dict:
+    """Validates TF_CONFIG for MultiWorkerMirroredStrategy; returns it parsed."""
+    if not raw:
+        raise ConveyorError("strategy multi_worker: TF_CONFIG is not set (it names the cluster and this task)")
+    try:
+        config = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ConveyorError(f"TF_CONFIG is not valid JSON: {exc.msg} at character {exc.pos}") from None
+    cluster, task = config.get("cluster"), config.get("task")
+    if not isinstance(cluster, dict) or not cluster.get("worker") and not cluster.get("chief"):
+        raise ConveyorError('TF_CONFIG: "cluster" must list "worker" (and optionally "chief") addresses')
+    if not isinstance(task, dict) or task.get("type") not in cluster:
+        raise ConveyorError('TF_CONFIG: "task.type" must name a job of "cluster" (worker or chief)')
+    index = task.get("index")
+    if not isinstance(index, int) or not 0 <= index < len(cluster[task["type"]]):
+        raise ConveyorError(f'TF_CONFIG: "task.index" must be 0..{len(cluster[task["type"]]) - 1}')
+    for address in sum((list(v) for v in cluster.values()), []):
+        host, _, port = str(address).rpartition(":")
+        if not host or not port.isdigit():
+            raise ConveyorError(f"TF_CONFIG: cluster address {address!r} is not host:port")
+    return config
+
+
+def is_chief(tf_config: dict | None) -> bool:
+    if not tf_config:
+        return True
+    task = tf_config["task"]
+    if task["type"] == "chief":
+        return True
+    return task["type"] == "worker" and task["index"] == 0 and "chief" not in tf_config["cluster"]
+
+
+def configure_devices(tf, cpu_replicas: int) -> list:
+    """GPU memory growth for every GPU, and N logical CPUs when asked; must run before any op."""
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except (ValueError, RuntimeError) as exc:
+            print(f"warning: could not enable memory growth on {gpu.name}: {exc}", flush=True)
+    if cpu_replicas > 1:
+        if gpus:
+            print(f"cpu_replicas={cpu_replicas} ignored: {len(gpus)} GPU(s) present, training on GPUs", flush=True)
+        else:
+            cpu = tf.config.list_physical_devices("CPU")[0]
+            tf.config.set_logical_device_configuration(
+                cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(cpu_replicas)])
+    return gpus
+
+
+def make_strategy(tf, name: str, cpu_replicas: int, gpus: list):
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0")
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if gpus:
+        return tf.distribute.MirroredStrategy()
+    devices = [f"/cpu:{i}" for i in range(cpu_replicas)]
+    strategy = tf.distribute.MirroredStrategy(devices=devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
+    if strategy.num_replicas_in_sync != cpu_replicas:
+        raise RuntimeError(f"expected {cpu_replicas} replicas, got {strategy.num_replicas_in_sync}")
+    return strategy
+
+
+def _dataset(tf, files, image_shape, global_batch, shuffle_seed):
+    from components.trainer.model import parse_examples
+
+    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").cache()
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(4096, seed=shuffle_seed, reshuffle_each_iteration=True)
+    dataset = dataset.repeat().batch(global_batch, drop_remainder=True)
+    dataset = dataset.map(lambda s: parse_examples(s, image_shape, with_labels=True))
+    options = tf.data.Options()
+    # One file per split: shard by element, not by file, across workers.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
+
+
+def _count_records(tf, files) -> int:
+    return sum(1 for _ in tf.data.TFRecordDataset(files, compression_type="GZIP"))
+
+
+def _progress_callback(tf, total_steps: int, workers: int, timings: dict):
+    every = max(1, total_steps // 10)
+
+    class Progress(tf.keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            # Keep logs as tensors: converting them every batch would sync and slow training down.
+            self._supports_tf_logs = True
+
+        def on_train_begin(self, logs=None):
+            timings["start"] = time.perf_counter()
+
+        def on_train_batch_end(self, batch, logs=None):
+            now = time.perf_counter()
+            step = batch + 1
+            if step == 1:
+                timings["first_step_end"] = now
+            if step % every == 0 or step == total_steps:
+                # Under MultiWorkerMirroredStrategy the raw per-batch logs are summed over workers
+                # (tf-keras 2.16); History's epoch values are not, so only the progress line divides.
+                logs = {k: float(v) / workers for k, v in (logs or {}).items()}
+                print(f"step {step}/{total_steps}  loss {logs.get('loss', float('nan')):.4f}  "
+                      f"accuracy {logs.get('accuracy', float('nan')):.4f}", flush=True)
+            timings["end"] = now
+
+    return Progress()
+
+
+def train(job: TrainingJob) -> dict:
+    """Trains, exports the SavedModel (chief) and returns the training facts."""
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")
+    if job.strategy not in STRATEGIES:
+        raise ConveyorError(f"trainer.strategy: unknown strategy {job.strategy!r} (use {', '.join(STRATEGIES)})")
+    if job.cpu_replicas < 1:
+        raise ConveyorError("trainer.cpu_replicas: must be >= 1")
+    tf_config = parse_tf_config(os.environ.get("TF_CONFIG")) if job.strategy == "multi_worker" else None
+    gpus = configure_devices(tf, job.cpu_replicas)
+    strategy = make_strategy(tf, job.strategy, job.cpu_replicas, gpus)
+    tf.keras.utils.set_random_seed(job.seed)
+
+    from components.trainer.model import build_model, serving_signatures
+    from pipelines.spec import ModelArchitecture
+
+    replicas = strategy.num_replicas_in_sync
+    global_batch = job.batch_size * replicas
+    learning_rate = job.learning_rate * (replicas if job.scale_learning_rate else 1)
+    architecture = ModelArchitecture(**{k: tuple(v) if isinstance(v, list) else v
+                                        for k, v in job.architecture.items()})
+    with strategy.scope():
+        model = build_model(job.image_shape, architecture)
+        if job.warm_start_from:
+            _warm_start(tf, model, job.warm_start_from)
+        model.compile(
+            optimizer=tf.keras.optimizers.Adam(learning_rate),
+            loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        )
+
+    train_data = _dataset(tf, job.train_files, job.image_shape, global_batch, job.seed)
+    eval_data = _dataset(tf, job.eval_files, job.image_shape, global_batch, None)
+    eval_steps = max(1, math.ceil(_count_records(tf, job.eval_files) / global_batch))
+    timings: dict = {}
+    workers = sum(len(v) for v in tf_config["cluster"].values()) if tf_config else 1
+    callbacks = [_progress_callback(tf, job.train_steps, workers, timings)]
+    chief = is_chief(tf_config)
+    if chief:
+        callbacks.append(tf.keras.callbacks.TensorBoard(log_dir=job.log_dir, update_freq=max(1, job.train_steps // 20)))
+    print(f"training: strategy={job.strategy} replicas={replicas} global_batch={global_batch} "
+          f"steps={job.train_steps} lr={learning_rate:g}", flush=True)
+    history = model.fit(train_data, epochs=1, steps_per_epoch=job.train_steps, callbacks=callbacks, verbose=0)
+    eval_loss, eval_accuracy = model.evaluate(eval_data, steps=eval_steps, verbose=0)
+
+    export_dir = job.serving_model_dir if chief else tempfile.mkdtemp(prefix="conveyor-worker-export-")
+    # Every worker must save (saving runs collective ops); only the chief's copy is kept.
+    model.save(export_dir, save_format="tf", signatures=serving_signatures(model, job.image_shape))
+    if not chief:
+        shutil.rmtree(export_dir, ignore_errors=True)
+
+    steady_seconds = timings["end"] - timings.get("first_step_end", timings["start"])
+    steady_steps = max(1, job.train_steps - 1)
+    device_kinds = sorted({_device_kind(name) for name in strategy.extended.worker_devices})
+    facts = {
+        "strategy": job.strategy,
+        "replicas": replicas,
+        "workers": workers,
+        "is_chief": chief,
+        "device_kinds": ",".join(device_kinds),
+        "gpu_names": ",".join(tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus),
+        "global_batch_size": global_batch,
+        "learning_rate": learning_rate,
+        "steps": int(model.optimizer.iterations.numpy()),
+        "wall_time_s": round(timings["end"] - timings["start"], 3),
+        "first_step_s": round(timings.get("first_step_end", timings["end"]) - timings["start"], 3),
+        "examples_per_second": round(steady_steps * global_batch / steady_seconds, 1) if steady_seconds > 0 else 0.0,
+        "train_loss": float(history.history["loss"][-1]),
+        "train_accuracy": float(history.history["accuracy"][-1]),
+        "eval_loss": float(eval_loss),
+        "eval_accuracy": float(eval_accuracy),
+    }
+    Path(job.facts_path).write_text(json.dumps(facts, indent=2))
+    print(f"trained {facts['steps']} steps in {facts['wall_time_s']}s "
+          f"({facts['examples_per_second']} examples/s); eval accuracy {eval_accuracy:.4f}", flush=True)
+    return facts
+
+
+def _device_kind(device_name: str) -> str:
+    """'/job:worker/replica:0/task:1/device:CPU:0' -> 'CPU'."""
+    return device_name.rsplit("device:", 1)[-1].split(":")[0].upper()
+
+
+def _warm_start(tf, model, base_model_dir: str) -> None:
+    try:
+        base = tf.keras.models.load_model(base_model_dir, compile=False)
+        model.set_weights(base.get_weights())
+        print(f"warm start from {base_model_dir}", flush=True)
+    except (ValueError, OSError, IOError) as exc:
+        print(f"warm start skipped ({base_model_dir} does not fit this architecture: {exc})", flush=True)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m components.trainer.training JOB.json", file=sys.stderr)
+        return 2
+    try:
+        train(TrainingJob.load(argv[1]))
+    except ConveyorError as exc:
+        print(f"{ERROR_PREFIX}{exc}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

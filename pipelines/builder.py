@@ -1,0 +1,133 @@
+"""Builds the TFX pipeline a spec declares. The spec names components; the wiring is derived here."""
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import tensorflow_model_analysis as tfma
+from tfx import v1 as tfx
+
+from tfx.proto import example_gen_pb2
+
+from pipelines.datasets import LABEL_KEY
+from pipelines.metadata import connection_config
+from pipelines.resolvers import PreviousBlessedModelStrategy
+from pipelines.spec import PipelineSpec
+
+# Node ids, also the names progress lines and `conveyor runs` show.
+EXAMPLE_GEN = "ImportExampleGen"
+SCHEMA_GEN = "ImportSchemaGen"
+STATISTICS_GEN = "StatisticsGen"
+EXAMPLE_VALIDATOR = "ExampleValidator"
+TRAINER = "Trainer"
+WARM_START_RESOLVER = "WarmStartModelResolver"
+BASELINE_RESOLVER = "BaselineModelResolver"
+EVALUATOR = "Evaluator"
+PUSHER = "Pusher"
+
+
+def example_gen_input_config() -> example_gen_pb2.Input:
+    return example_gen_pb2.Input(splits=[
+        example_gen_pb2.Input.Split(name="train", pattern="span-{SPAN}/train/*"),
+        example_gen_pb2.Input.Split(name="eval", pattern="span-{SPAN}/eval/*"),
+    ])
+
+
+def eval_config(min_accuracy: float, max_accuracy_drop: float) -> tfma.EvalConfig:
+    """Accuracy on the eval split must reach min_accuracy and not fall more than max_accuracy_drop below
+    the latest blessed model (the change threshold applies only once a baseline exists)."""
+    accuracy = tfma.MetricConfig(
+        class_name="SparseCategoricalAccuracy",
+        threshold=tfma.MetricThreshold(
+            value_threshold=tfma.GenericValueThreshold(lower_bound={"value": min_accuracy}),
+            change_threshold=tfma.GenericChangeThreshold(
+                direction=tfma.MetricDirection.HIGHER_IS_BETTER,
+                absolute={"value": -max_accuracy_drop}),
+        ),
+    )
+    return tfma.EvalConfig(
+        model_specs=[tfma.ModelSpec(signature_name="serving_examples", label_key=LABEL_KEY,
+                                    prediction_key="probabilities")],
+        slicing_specs=[tfma.SlicingSpec()],
+        metrics_specs=[tfma.MetricsSpec(metrics=[accuracy, tfma.MetricConfig(class_name="ExampleCount")])],
+    )
+
+
+def build_components(spec: PipelineSpec) -> list:
+    """The TFX components for a spec, in topological order."""
+    components = spec.components
+    example_gen = tfx.components.ImportExampleGen(input_base=str(spec.data_root.resolve()), input_config=example_gen_input_config())
+    example_gen = example_gen.with_id(EXAMPLE_GEN)
+    schema_gen = tfx.components.ImportSchemaGen(schema_file=str(spec.data.schema.resolve())).with_id(SCHEMA_GEN)
+    nodes = [example_gen, schema_gen]
+    examples, schema = example_gen.outputs["examples"], schema_gen.outputs["schema"]
+
+    anomalies = None
+    if components.statistics_gen:
+        statistics_gen = tfx.components.StatisticsGen(examples=examples).with_id(STATISTICS_GEN)
+        nodes.append(statistics_gen)
+        if components.example_validator:
+            validator = tfx.components.ExampleValidator(
+                statistics=statistics_gen.outputs["statistics"], schema=schema).with_id(EXAMPLE_VALIDATOR)
+            nodes.append(validator)
+            anomalies = validator.outputs["anomalies"]
+
+    if not components.trainer:
+        return nodes
+    from components.trainer.component import Trainer
+
+    trainer_spec = components.trainer
+    warm_start_model = None
+    if trainer_spec.warm_start:
+        warm_start = tfx.dsl.Resolver(
+            strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+            model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
+            model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+        ).with_id(WARM_START_RESOLVER)
+        nodes.append(warm_start)
+        warm_start_model = warm_start.outputs["model"]
+    trainer = Trainer(
+        examples=examples, schema=schema, example_anomalies=anomalies, base_model=warm_start_model,
+        image_shape=spec.data.image_shape, strategy=trainer_spec.strategy,
+        cpu_replicas=trainer_spec.cpu_replicas, num_workers=trainer_spec.num_workers,
+        train_steps=trainer_spec.train_steps, batch_size=trainer_spec.batch_size,
+        learning_rate=trainer_spec.learning_rate, scale_learning_rate=trainer_spec.scale_learning_rate,
+        architecture=asdict(trainer_spec.model), warm_start=trainer_spec.warm_start,
+    ).with_id(TRAINER)
+    model = trainer.outputs["model"]
+    baseline = tfx.dsl.Resolver(
+        strategy_class=PreviousBlessedModelStrategy,
+        model=model,
+        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
+    ).with_id(BASELINE_RESOLVER)
+    nodes += [trainer, baseline]
+
+    blessing = None
+    if components.evaluator:
+        evaluator = tfx.components.Evaluator(
+            examples=examples, model=model, baseline_model=baseline.outputs["model"],
+            eval_config=eval_config(components.evaluator.min_accuracy, components.evaluator.max_accuracy_drop),
+            example_splits=["eval"],
+        ).with_id(EVALUATOR)
+        nodes.append(evaluator)
+        blessing = evaluator.outputs["blessing"]
+
+    if components.serving_pusher:
+        base_directory = components.serving_pusher.base_path.resolve() / components.serving_pusher.model_name
+        pusher = tfx.components.Pusher(
+            model=model, model_blessing=blessing,
+            push_destination=tfx.proto.PushDestination(
+                filesystem=tfx.proto.PushDestination.Filesystem(base_directory=str(base_directory))),
+        ).with_id(PUSHER)
+        nodes.append(pusher)
+    return nodes
+
+
+def build_pipeline(spec: PipelineSpec) -> tfx.dsl.Pipeline:
+    return tfx.dsl.Pipeline(
+        pipeline_name=spec.name,
+        pipeline_root=str(spec.pipeline_root.resolve()),
+        components=build_components(spec),
+        enable_cache=True,
+        metadata_connection_config=connection_config(spec.metadata),
+        beam_pipeline_args=list(spec.beam_args),
+    )

@@ -1,0 +1,272 @@
+"""Data sources and spans: reads images from the embedded digits or files, writes immutable TFRecord spans.
+
+A span is `<data_root>/span-N/` with `train/` and `eval/` TFRecord files of tf.Examples
+(`image`: H*W float pixels in 0..255, `label`: int64 class) and a `span.json` manifest.
+ImportExampleGen reads them with the `span-{SPAN}` pattern.
+"""
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import json
+import os
+import re
+import shutil
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipelines.errors import ConveyorError
+
+IMAGE_KEY = "image"
+LABEL_KEY = "label"
+NUM_CLASSES = 10
+SPAN_PATTERN = re.compile(r"^span-(\d+)$")
+MANIFEST = "span.json"
+# The embedded default keeps part of the 1,797 digits back, so `data add-span --embedded` has
+# genuinely unseen examples to offer as new data.
+EMBEDDED_INITIAL_EXAMPLES = 1200
+EMBEDDED_CHUNK = 300
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    images: np.ndarray  # float32 [N, H, W], pixels 0..255
+    labels: np.ndarray  # int64 [N]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, index: np.ndarray) -> ImageSet:
+        return ImageSet(self.images[index], self.labels[index])
+
+
+def embedded_digits() -> ImageSet:
+    """scikit-learn's 1,797 8x8 digits, shuffled once with a fixed seed, pixels scaled 0..16 -> 0..255."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    order = np.random.default_rng(20240601).permutation(len(digits.target))
+    images = (digits.images[order] * (255.0 / 16.0)).astype(np.float32)
+    return ImageSet(images, digits.target[order].astype(np.int64))
+
+
+def read_source(source: str, path: str | None, image_shape: tuple[int, int]) -> ImageSet:
+    """Reads a whole data source; the shape must match the spec's image_shape."""
+    if source == "sklearn-digits":
+        data = embedded_digits()
+    elif source == "csv":
+        data = _read_csv(_existing(path), image_shape)
+    elif source == "mnist-idx":
+        data = _read_idx_dir(_existing(path))
+    elif source == "tfrecord":
+        data = read_tfrecords(_matching_files(path), image_shape)
+    else:
+        raise ConveyorError(f"data.source: unknown source {source!r} (use sklearn-digits, tfrecord, csv or mnist-idx)")
+    if tuple(data.images.shape[1:]) != tuple(image_shape):
+        h, w = data.images.shape[1:]
+        raise ConveyorError(
+            f"data.image_shape: the {source} images are {h}x{w}, the spec says "
+            f"{image_shape[0]}x{image_shape[1]}; set data.image_shape: [{h}, {w}]")
+    _check_labels(data.labels, source)
+    return data
+
+
+def _existing(path: str | None) -> Path:
+    if not path:
+        raise ConveyorError("data.path: required for file sources (a file or directory to read)")
+    resolved = Path(path)
+    if not resolved.exists():
+        raise ConveyorError(f"data.path: no such file or directory: {path}")
+    return resolved
+
+
+def _matching_files(pattern: str | None) -> list[str]:
+    if not pattern:
+        raise ConveyorError("data.path: required for the tfrecord source (a file or glob)")
+    files = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+    files = [f for f in files if os.path.isfile(f)]
+    if not files:
+        raise ConveyorError(f"data.path: no TFRecord file matches {pattern}")
+    return files
+
+
+def _check_labels(labels: np.ndarray, source: str) -> None:
+    if len(labels) == 0:
+        raise ConveyorError(f"data: the {source} source holds no examples")
+    bad = labels[(labels < 0) | (labels >= NUM_CLASSES)]
+    if len(bad):
+        raise ConveyorError(f"data: the {source} source has labels outside 0..9 (e.g. {int(bad[0])})")
+
+
+def _read_csv(path: Path, image_shape: tuple[int, int]) -> ImageSet:
+    """A header row with a `label` column; every other column is one pixel, row-major."""
+    with open(path, newline="") as handle:
+        reader = csv.reader(handle)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise ConveyorError(f"data.path: {path} is empty") from None
+        if LABEL_KEY not in header:
+            raise ConveyorError(f"data.path: {path} has no 'label' column in its header row")
+        label_col = header.index(LABEL_KEY)
+        pixel_cols = [i for i in range(len(header)) if i != label_col]
+        expected = image_shape[0] * image_shape[1]
+        if len(pixel_cols) != expected:
+            raise ConveyorError(
+                f"data.path: {path} has {len(pixel_cols)} pixel columns, data.image_shape "
+                f"{image_shape[0]}x{image_shape[1]} needs {expected}")
+        labels, pixels = [], []
+        for line_number, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            try:
+                labels.append(int(row[label_col]))
+                pixels.append([float(row[i]) for i in pixel_cols])
+            except (ValueError, IndexError):
+                raise ConveyorError(f"data.path: {path}:{line_number}: not a row of numbers") from None
+    images = np.asarray(pixels, dtype=np.float32).reshape((-1, *image_shape))
+    return ImageSet(images, np.asarray(labels, dtype=np.int64))
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        raw = handle.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ConveyorError(f"data.path: {path} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ConveyorError(f"data.path: {path} is truncated ({body.size} of {int(np.prod(dims))} values)")
+    return body.reshape(dims)
+
+
+def _read_idx_dir(directory: Path) -> ImageSet:
+    """MNIST's IDX files (train-* and t10k-*, optionally gzipped) from one directory."""
+    image_sets = []
+    for prefix in ("train", "t10k"):
+        images = sorted(directory.glob(f"{prefix}-images*idx3-ubyte*"))
+        labels = sorted(directory.glob(f"{prefix}-labels*idx1-ubyte*"))
+        if images and labels:
+            pixels, classes = _read_idx(images[0]), _read_idx(labels[0])
+            if len(pixels) != len(classes):
+                raise ConveyorError(f"data.path: {images[0].name} and {labels[0].name} differ in length")
+            image_sets.append(ImageSet(pixels.astype(np.float32), classes.astype(np.int64)))
+    if not image_sets:
+        raise ConveyorError(
+            f"data.path: {directory} holds no MNIST IDX pair (train-images-idx3-ubyte[.gz] + "
+            "train-labels-idx1-ubyte[.gz])")
+    return ImageSet(np.concatenate([s.images for s in image_sets]),
+                    np.concatenate([s.labels for s in image_sets]))
+
+
+def read_tfrecords(files: list[str], image_shape: tuple[int, int]) -> ImageSet:
+    """tf.Examples with `image` (H*W floats) and `label` (int64); gzip is detected by the .gz suffix."""
+    import tensorflow as tf
+
+    images, labels = [], []
+    expected = image_shape[0] * image_shape[1]
+    for name in files:
+        compression = "GZIP" if name.endswith(".gz") else ""
+        try:
+            for record in tf.data.TFRecordDataset(name, compression_type=compression).as_numpy_iterator():
+                example = tf.train.Example.FromString(record)
+                feature = example.features.feature
+                pixels = list(feature[IMAGE_KEY].float_list.value) or list(feature[IMAGE_KEY].int64_list.value)
+                if len(pixels) != expected or not feature[LABEL_KEY].int64_list.value:
+                    raise ConveyorError(
+                        f"data.path: {name}: each example needs '{IMAGE_KEY}' with {expected} values and "
+                        f"an int64 '{LABEL_KEY}'")
+                images.append(pixels)
+                labels.append(feature[LABEL_KEY].int64_list.value[0])
+        except tf.errors.DataLossError:
+            raise ConveyorError(f"data.path: {name} is not a readable TFRecord file") from None
+    return ImageSet(np.asarray(images, np.float32).reshape((-1, *image_shape)), np.asarray(labels, np.int64))
+
+
+def span_numbers(data_root: Path) -> list[int]:
+    """The complete spans under data_root, ascending (temporary directories are not spans)."""
+    if not data_root.is_dir():
+        return []
+    numbers = []
+    for child in data_root.iterdir():
+        match = SPAN_PATTERN.match(child.name)
+        if match and (child / MANIFEST).is_file():
+            numbers.append(int(match.group(1)))
+    return sorted(numbers)
+
+
+def span_dir(data_root: Path, span: int) -> Path:
+    return data_root / f"span-{span}"
+
+
+def read_manifest(data_root: Path, span: int) -> dict:
+    return json.loads((span_dir(data_root, span) / MANIFEST).read_text())
+
+
+def write_span(data_root: Path, span: int, data: ImageSet, eval_fraction: float, provenance: dict) -> Path:
+    """Writes span-N atomically (temp dir + rename) with a deterministic train/eval split; refuses to overwrite."""
+    import tensorflow as tf
+
+    target = span_dir(data_root, span)
+    if target.exists():
+        raise ConveyorError(f"span {span} already exists at {target}; spans are immutable, add a new one")
+    if len(data) < 2:
+        raise ConveyorError(f"span {span}: needs at least 2 examples, got {len(data)}")
+    data_root.mkdir(parents=True, exist_ok=True)
+    staging = data_root / f".span-{span}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    order = np.random.default_rng(span).permutation(len(data))
+    n_eval = max(1, int(round(len(data) * eval_fraction)))
+    splits = {"eval": data.take(order[:n_eval]), "train": data.take(order[n_eval:])}
+    try:
+        for split, subset in splits.items():
+            (staging / split).mkdir(parents=True)
+            options = tf.io.TFRecordOptions(compression_type="GZIP")
+            with tf.io.TFRecordWriter(str(staging / split / "data.tfrecord.gz"), options) as writer:
+                for image, label in zip(subset.images, subset.labels):
+                    writer.write(serialize_example(image, int(label)))
+        manifest = {
+            "span": span,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "examples": {split: len(subset) for split, subset in splits.items()},
+            "image_shape": list(data.images.shape[1:]),
+            "label_counts": np.bincount(data.labels, minlength=NUM_CLASSES).tolist(),
+            **provenance,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.rename(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def serialize_example(image: np.ndarray, label: int) -> bytes:
+    import tensorflow as tf
+
+    feature = {
+        IMAGE_KEY: tf.train.Feature(float_list=tf.train.FloatList(value=image.reshape(-1).tolist())),
+        LABEL_KEY: tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def init_data(source: str, path: str | None, image_shape: tuple[int, int], data_root: Path,
+              eval_fraction: float) -> tuple[int, bool]:
+    """Writes span-1 from the spec's source unless a span exists. Returns (latest span, written now?)."""
+    existing = span_numbers(data_root)
+    if existing:
+        return existing[-1], False
+    data = read_source(source, path, image_shape)
+    provenance = {"source": source, "path": path}
+    if source == "sklearn-digits":
+        data = data.take(np.arange(EMBEDDED_INITIAL_EXAMPLES))
+        provenance["embedded_range"] = [0, EMBEDDED_INITIAL_EXAMPLES]
+    write_span(data_root, 1, data, eval_fraction, provenance)
+    return 1, True

@@ -1,0 +1,183 @@
+"""Runs a spec's pipeline on Apache Beam (BeamDagRunner), printing one line per component as it goes."""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tfx.dsl.compiler import constants
+from tfx.orchestration import metadata as tfx_metadata
+from tfx.orchestration.beam.beam_dag_runner import BeamDagRunner, PipelineNodeAsDoFn
+from tfx.orchestration.portable import launcher, runtime_parameter_utils
+
+from pipelines import datasets
+from pipelines.builder import build_pipeline
+from pipelines.errors import ConveyorError
+from pipelines.spec import PipelineSpec
+
+
+@dataclass
+class NodeOutcome:
+    node_id: str
+    state: str  # complete | cached | skipped | failed
+    seconds: float
+    error: str = ""
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    seconds: float
+    outcomes: list[NodeOutcome] = field(default_factory=list)
+
+    def failed(self) -> NodeOutcome | None:
+        return next((o for o in self.outcomes if o.state == "failed"), None)
+
+
+# The in-memory DirectRunner runs every DoFn in this process; progress reaches the active run through
+# this module-level slot (a DoFn is pickled, so it cannot hold a reference to the runner itself).
+_active_outcomes: list[NodeOutcome] | None = None
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+class _ReportingNodeDoFn(PipelineNodeAsDoFn):
+    """TFX's node DoFn, plus a line per node with its outcome and time."""
+
+    def process(self, element, *signals):
+        for signal in signals:
+            assert not list(signal), "Signal PCollection should be empty."
+        started = time.perf_counter()
+        _say(f"  ▶ {self._node_id}")
+        try:
+            execution_info = self._launch()
+        except Exception as exc:
+            seconds = time.perf_counter() - started
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            _record(NodeOutcome(self._node_id, "failed", seconds, message))
+            _say(f"  ✗ {self._node_id}  failed after {seconds:.1f}s: {message}")
+            raise
+        seconds = time.perf_counter() - started
+        state = self._state_of(execution_info)
+        _record(NodeOutcome(self._node_id, state, seconds))
+        mark = {"complete": "✓", "cached": "↺", "skipped": "–"}.get(state, "✓")
+        _say(f"  {mark} {self._node_id}  {state} in {seconds:.1f}s")
+
+    def _launch(self):
+        platform_config = self._extract_platform_config(self._deployment_config, self._node_id)
+        return launcher.Launcher(
+            pipeline_node=self._pipeline_node,
+            mlmd_connection=tfx_metadata.Metadata(self._mlmd_connection_config),
+            pipeline_info=self._pipeline_info,
+            pipeline_runtime_spec=self._pipeline_runtime_spec,
+            executor_spec=self._executor_spec,
+            platform_config=platform_config,
+            custom_driver_spec=self._custom_driver_spec).launch()
+
+    def _state_of(self, execution_info) -> str:
+        if execution_info is None or not execution_info.execution_id:
+            return "complete" if execution_info is not None else "skipped"
+        with tfx_metadata.Metadata(self._mlmd_connection_config) as m:
+            [execution] = m.store.get_executions_by_id([execution_info.execution_id])
+        return {execution.CACHED: "cached", execution.COMPLETE: "complete"}.get(
+            execution.last_known_state, "skipped")
+
+
+def _record(outcome: NodeOutcome) -> None:
+    if _active_outcomes is not None:
+        _active_outcomes.append(outcome)
+
+
+class ReportingBeamDagRunner(BeamDagRunner):
+    """BeamDagRunner with a run id chosen up front (so the caller can find the run in MLMD)."""
+
+    _PIPELINE_NODE_DO_FN_CLS = _ReportingNodeDoFn
+    # Set after construction: BeamDagRunner.__new__ reads positional arguments as legacy options.
+    run_id: str = ""
+
+    def run_with_ir(self, pipeline, run_options=None):
+        runtime_parameter_utils.substitute_runtime_parameter(
+            pipeline, {constants.PIPELINE_RUN_ID_PARAMETER_NAME: self.run_id})
+        return super().run_with_ir(pipeline, run_options=run_options)
+
+
+def check_workspace(spec: PipelineSpec) -> None:
+    """Fails early, before MLMD or the serving path is touched, if the workspace cannot be written."""
+    workspace = spec.workspace
+    try:
+        workspace.mkdir(parents=True, exist_ok=True)
+        probe = workspace / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConveyorError(f"workspace {workspace} is not writable ({exc.strerror}); "
+                            "set `workspace:` in the spec to a directory you can write") from None
+    if not spec.data.schema.is_file():
+        raise ConveyorError(f"data.schema: no such file: {spec.data.schema}")
+
+
+def prepare_data(spec: PipelineSpec) -> int:
+    """Writes span-1 on first use; returns the latest span."""
+    latest, written = datasets.init_data(spec.data.source, spec.data.path, spec.data.image_shape,
+                                         spec.data_root, spec.data.eval_fraction)
+    if written:
+        _say(f"conveyor: wrote span-1 from {spec.data.source} to {datasets.span_dir(spec.data_root, 1)}")
+    return latest
+
+
+def new_run_id() -> str:
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S.%f")
+
+
+def run_pipeline(spec: PipelineSpec, run_id: str | None = None) -> RunResult:
+    """Runs the whole DAG once; raises ConveyorError naming the component that failed on a user problem."""
+    global _active_outcomes
+    check_workspace(spec)
+    latest_span = prepare_data(spec)
+    run_id = run_id or new_run_id()
+    pipeline = build_pipeline(spec)
+    _say(f"conveyor: running pipeline '{spec.name}' on span {latest_span} (run {run_id})")
+    result = RunResult(run_id=run_id, seconds=0.0)
+    _active_outcomes = result.outcomes
+    started = time.perf_counter()
+    try:
+        runner = ReportingBeamDagRunner()
+        runner.run_id = run_id
+        runner.run(pipeline)
+    except Exception as exc:
+        failed = result.failed()
+        user_error = _find_conveyor_error(exc)
+        if failed and user_error:
+            raise ConveyorError(f"run {run_id} failed at {failed.node_id}: {user_error}") from None
+        if failed:
+            print(f"conveyor: run {run_id} failed at {failed.node_id}: {failed.error}", file=sys.stderr)
+        raise
+    finally:
+        _active_outcomes = None
+        result.seconds = time.perf_counter() - started
+    return result
+
+
+def _find_conveyor_error(exc: BaseException) -> str | None:
+    """Beam re-raises a DoFn's exception wrapped or re-typed; find our user error in the chain or text."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, ConveyorError):
+            return str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def workspace_paths(spec: PipelineSpec) -> dict[str, Path]:
+    return {
+        "data": spec.data_root,
+        "pipeline root": spec.pipeline_root,
+        "metadata": Path(spec.metadata.sqlite) if spec.metadata.sqlite else Path("(mysql)"),
+        "serving": spec.serving_base or Path("(no serving_pusher)"),
+    }
