@@ -66,3 +66,10 @@ def set_custom_properties(artifact: Artifact, values: dict) -> None:
             artifact.set_float_custom_property(key, value)
         else:
             artifact.set_string_custom_property(key, str(value))
+
+
+def span_of(examples: Artifact) -> int:
+    """The data span of an Examples artifact (TFX 1.16 records it as a custom property)."""
+    if examples.has_custom_property("span"):
+        return examples.get_int_custom_property("span")
+    return int(getattr(examples, "span", 0) or 0)

@@ -5,7 +5,6 @@ from dataclasses import asdict
 
 import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
-
 from tfx.proto import example_gen_pb2
 
 from pipelines.datasets import LABEL_KEY

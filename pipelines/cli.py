@@ -23,8 +23,10 @@ def _quiet_libraries() -> None:
 
     absl_logging.set_verbosity(absl_logging.ERROR)
     logging.getLogger().setLevel(logging.ERROR)
-    for name in ("apache_beam", "tensorflow", "absl", "tfx"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    # A failing component is reported by the run's own progress line and error; bugs still raise
+    # with their traceback, so the libraries' own error logs would only repeat it.
+    for name in ("apache_beam", "absl"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def cmd_validate(args) -> int:
@@ -41,6 +43,10 @@ def cmd_run(args) -> int:
 
     spec = load_spec(args.spec)
     _quiet_libraries()
+    from pipelines.workspace import check_workspace, prepare_data
+
+    check_workspace(spec)
+    prepare_data(spec)
     from pipelines.run_summary import print_summary
     from pipelines.runner import run_pipeline
 
@@ -54,7 +60,7 @@ def cmd_data_init(args) -> int:
 
     spec = load_spec(args.spec)
     _quiet_libraries()
-    from pipelines.runner import check_workspace, prepare_data
+    from pipelines.workspace import check_workspace, prepare_data
 
     check_workspace(spec)
     latest = prepare_data(spec)

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from pipelines import metadata
-from pipelines.runner import RunResult, workspace_paths
+from pipelines.runner import RunResult
 from pipelines.spec import PipelineSpec
+from pipelines.workspace import workspace_paths
 
 
 def evaluation_accuracy(evaluation_uri: str) -> float | None:

@@ -2,21 +2,19 @@
 from __future__ import annotations
 
 import datetime
-import os
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from tfx.dsl.compiler import constants
 from tfx.orchestration import metadata as tfx_metadata
 from tfx.orchestration.beam.beam_dag_runner import BeamDagRunner, PipelineNodeAsDoFn
 from tfx.orchestration.portable import launcher, runtime_parameter_utils
 
-from pipelines import datasets
 from pipelines.builder import build_pipeline
 from pipelines.errors import ConveyorError
 from pipelines.spec import PipelineSpec
+from pipelines.workspace import check_workspace, prepare_data
 
 
 @dataclass
@@ -106,30 +104,6 @@ class ReportingBeamDagRunner(BeamDagRunner):
         return super().run_with_ir(pipeline, run_options=run_options)
 
 
-def check_workspace(spec: PipelineSpec) -> None:
-    """Fails early, before MLMD or the serving path is touched, if the workspace cannot be written."""
-    workspace = spec.workspace
-    try:
-        workspace.mkdir(parents=True, exist_ok=True)
-        probe = workspace / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise ConveyorError(f"workspace {workspace} is not writable ({exc.strerror}); "
-                            "set `workspace:` in the spec to a directory you can write") from None
-    if not spec.data.schema.is_file():
-        raise ConveyorError(f"data.schema: no such file: {spec.data.schema}")
-
-
-def prepare_data(spec: PipelineSpec) -> int:
-    """Writes span-1 on first use; returns the latest span."""
-    latest, written = datasets.init_data(spec.data.source, spec.data.path, spec.data.image_shape,
-                                         spec.data_root, spec.data.eval_fraction)
-    if written:
-        _say(f"conveyor: wrote span-1 from {spec.data.source} to {datasets.span_dir(spec.data_root, 1)}")
-    return latest
-
-
 def new_run_id() -> str:
     return datetime.datetime.now().strftime("%Y%m%d-%H%M%S.%f")
 
@@ -169,15 +143,9 @@ def _find_conveyor_error(exc: BaseException) -> str | None:
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, ConveyorError):
-            return str(exc)
+            # Beam appends "[while running 'Run[Node]']" to re-raised messages.
+            return str(exc).split(" [while running ")[0]
         exc = exc.__cause__ or exc.__context__
     return None
 
 
-def workspace_paths(spec: PipelineSpec) -> dict[str, Path]:
-    return {
-        "data": spec.data_root,
-        "pipeline root": spec.pipeline_root,
-        "metadata": Path(spec.metadata.sqlite) if spec.metadata.sqlite else Path("(mysql)"),
-        "serving": spec.serving_base or Path("(no serving_pusher)"),
-    }

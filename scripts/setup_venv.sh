@@ -39,9 +39,15 @@ if [[ ! -x $venv/bin/python ]]; then
   "$python" -m venv "$venv"
 fi
 
+# Some machines' pip configuration names local indexes that do not exist; pip warns once per package.
+quiet_pip() {
+  "$venv/bin/python" -m pip "$@" --quiet --disable-pip-version-check 2>&1 | { grep -v "^WARNING: Location" || true; }
+  return "${PIPESTATUS[0]}"
+}
+
 echo "conveyor: installing the locked stack into $venv (first time: ~3 minutes, ~3.5 GB)"
-$venv/bin/python -m pip install --quiet --upgrade pip
-$venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
-$venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+quiet_pip install --upgrade pip
+quiet_pip install -r requirements.txt
+quiet_pip install --no-deps -e .
 echo "$want" > "$stamp"
 echo "conveyor: environment ready"

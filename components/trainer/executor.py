@@ -16,7 +16,7 @@ from tfx.dsl.components.base import base_executor
 from tfx.types import artifact_utils
 from tfx.utils import io_utils, path_utils
 
-from components.artifacts import set_custom_properties
+from components.artifacts import set_custom_properties, span_of
 from components.trainer.training import ERROR_PREFIX, STRATEGIES, TrainingJob, parse_tf_config
 from pipelines.datasets import IMAGE_KEY, LABEL_KEY
 from pipelines.errors import ConveyorError
@@ -24,10 +24,10 @@ from pipelines.errors import ConveyorError
 
 class Executor(base_executor.BaseExecutor):
     def Do(self, input_dict: dict[str, list], output_dict: dict[str, list], exec_properties: dict[str, Any]) -> None:
-        refuse_anomalous_data(input_dict.get("example_anomalies") or [])
+        examples = sorted(input_dict["examples"], key=lambda a: (span_of(a), a.id or 0))
+        refuse_anomalous_data(input_dict.get("example_anomalies") or [], span_of(examples[-1]))
         check_parameters(exec_properties)
         check_schema(input_dict["schema"])
-        examples = sorted(input_dict["examples"], key=lambda a: (a.span, a.id or 0))
         model = artifact_utils.get_single_instance(output_dict["model"])
         model_run = artifact_utils.get_single_instance(output_dict["model_run"])
         base_model = input_dict.get("base_model") or []
@@ -55,20 +55,31 @@ class Executor(base_executor.BaseExecutor):
         worker_facts = run_training(job, num_workers=int(exec_properties.get("num_workers") or 2))
         chief = next(f for f in worker_facts if f["is_chief"])
         set_custom_properties(model, {**chief, "worker_steps": ",".join(str(f["steps"]) for f in worker_facts),
-                                      "spans": ",".join(str(a.span) for a in examples)})
+                                      "spans": ",".join(str(span_of(a)) for a in examples)})
         set_custom_properties(model_run, {"tensorboard_logdir": model_run.uri, "steps": chief["steps"],
                                           "wall_time_s": chief["wall_time_s"]})
 
 
-def refuse_anomalous_data(anomalies: list) -> None:
+def refuse_anomalous_data(anomalies: list, span: int) -> None:
     """ExampleValidator marks each split blessed (1) or not (0); training on flagged data is refused."""
     for artifact in anomalies:
-        verdicts = artifact.get_json_value_custom_property("blessed") or {}
-        flagged = sorted(split for split, blessed in dict(verdicts).items() if not blessed)
+        verdicts = dict(artifact.get_json_value_custom_property("blessed") or {})
+        flagged = sorted(split for split, blessed in verdicts.items() if not blessed)
         if flagged:
+            found = anomaly_descriptions(artifact, flagged[0])
             raise ConveyorError(
-                f"data anomalies in span {artifact.span} (split {', '.join(flagged)}): see {artifact.uri}; "
-                "the run stops before training (fix the data or the schema, then add a new span)")
+                f"data anomalies in span {span} (split {', '.join(flagged)}): {'; '.join(found)}. "
+                f"The run stops before training; details in {artifact.uri}")
+
+
+def anomaly_descriptions(anomalies_artifact, split: str) -> list[str]:
+    """'feature: description' for each anomaly ExampleValidator wrote for one split."""
+    from tensorflow_metadata.proto.v0 import anomalies_pb2
+
+    path = Path(artifact_utils.get_split_uri([anomalies_artifact], split)) / "SchemaDiff.pb"
+    found = anomalies_pb2.Anomalies.FromString(path.read_bytes())
+    return [f"{name}: {info.description or info.short_description}"
+            for name, info in sorted(found.anomaly_info.items())] or ["dataset-level anomaly"]
 
 
 def check_parameters(exec_properties: dict[str, Any]) -> None:
@@ -94,7 +105,7 @@ def split_files(examples, split: str) -> list[str]:
     split_dir = Path(artifact_utils.get_split_uri([examples], split))
     files = sorted(str(p) for p in split_dir.iterdir() if p.is_file()) if split_dir.is_dir() else []
     if not files:
-        raise ConveyorError(f"examples: split '{split}' of span {examples.span} is empty ({split_dir})")
+        raise ConveyorError(f"examples: split '{split}' of span {span_of(examples)} is empty ({split_dir})")
     return files
 
 

@@ -251,7 +251,7 @@ def _warm_start(tf, model, base_model_dir: str) -> None:
         base = tf.keras.models.load_model(base_model_dir, compile=False)
         model.set_weights(base.get_weights())
         print(f"warm start from {base_model_dir}", flush=True)
-    except (ValueError, OSError, IOError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"warm start skipped ({base_model_dir} does not fit this architecture: {exc})", flush=True)
 
 

@@ -1,0 +1,53 @@
+"""Shared fixtures: environment, spec writing, running the CLI, and the session's trained pipeline."""
+from __future__ import annotations
+
+import os
+
+# Before anything imports TensorFlow (Keras 3 cannot write the SavedModel TFX 1.16 needs).
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SPEC = ROOT / "pipelines" / "mnist.yaml"
+
+
+def run_conveyor(*args: str, cwd: Path | None = None, env: dict | None = None,
+                 timeout: float = 600) -> subprocess.CompletedProcess:
+    """Runs the real CLI in a child process, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *map(str, args)],
+        cwd=cwd or ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+        capture_output=True, text=True, timeout=timeout)
+
+
+def write_spec(directory: Path, *, base: Path = DEFAULT_SPEC, name: str = "spec.yaml", **changes) -> Path:
+    """Copies a spec into `directory` with its workspace there and absolute paths; `changes` are
+    dotted keys (e.g. {"components.trainer.train_steps": 50}); a value of None removes the key."""
+    document = yaml.safe_load(base.read_text())
+    document["workspace"] = str(directory / "workspace")
+    document["metadata"] = {"sqlite": str(directory / "workspace" / "metadata.sqlite")}
+    document["data"]["schema"] = str((ROOT / document["data"]["schema"]).resolve())
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split(".")
+        node = document
+        for key in parents:
+            node = node.setdefault(key, {})
+        if value is None:
+            node.pop(leaf, None)
+        else:
+            node[leaf] = value
+    path = directory / name
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def spec_dir(tmp_path: Path) -> Path:
+    return tmp_path

@@ -1,0 +1,35 @@
+"""The session's pipeline run: trained once, shared by every end-to-end test that only reads from it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from ml_metadata.metadata_store import metadata_store
+from ml_metadata.proto import metadata_store_pb2
+
+from tests.conftest import run_conveyor, write_spec
+
+
+@dataclass
+class PipelineRun:
+    spec: Path
+    workspace: Path
+    stdout: str
+    stderr: str
+
+    def store(self) -> metadata_store.MetadataStore:
+        config = metadata_store_pb2.ConnectionConfig()
+        config.sqlite.filename_uri = str(self.workspace / "metadata.sqlite")
+        config.sqlite.connection_mode = metadata_store_pb2.SqliteMetadataSourceConfig.READONLY
+        return metadata_store.MetadataStore(config)
+
+
+@pytest.fixture(scope="session")
+def default_pipeline_run(tmp_path_factory) -> PipelineRun:
+    """`conveyor run` of the default spec, in a fresh workspace, exactly as `make pipeline` does it."""
+    directory = tmp_path_factory.mktemp("default-pipeline")
+    spec = write_spec(directory)
+    result = run_conveyor("run", spec)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return PipelineRun(spec, directory / "workspace", result.stdout, result.stderr)

@@ -1,0 +1,156 @@
+"""`conveyor run` end to end: real TFX components on Beam, everything recorded and linked in MLMD."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from ml_metadata.proto import metadata_store_pb2
+
+from pipelines.datasets import embedded_digits, write_span
+from tests.conftest import run_conveyor, write_spec
+
+pytestmark = pytest.mark.slow
+
+
+def node_events(store, pipeline: str, node: str) -> dict[str, dict[str, list]]:
+    """The latest execution of a node: {'inputs'|'outputs': {type name: [artifact, ...]}}."""
+    context = store.get_context_by_type_and_name("node", f"{pipeline}.{node}")
+    assert context is not None, f"no executions of {node}"
+    execution = max(store.get_executions_by_context(context.id), key=lambda e: e.id)
+    events = store.get_events_by_execution_ids([execution.id])
+    artifacts = {a.id: a for a in store.get_artifacts_by_id([e.artifact_id for e in events])}
+    types = {t.id: t.name for t in store.get_artifact_types()}
+    found: dict[str, dict[str, list]] = {"inputs": {}, "outputs": {}}
+    for event in events:
+        side = "inputs" if event.type == metadata_store_pb2.Event.INPUT else "outputs"
+        artifact = artifacts[event.artifact_id]
+        found[side].setdefault(types[artifact.type_id], []).append(artifact)
+    return found
+
+
+def test_run_prints_progress_and_a_summary(default_pipeline_run):
+    out = default_pipeline_run.stdout
+    for node in ("ImportExampleGen", "StatisticsGen", "ExampleValidator", "Trainer", "Evaluator"):
+        assert f"✓ {node}  complete in" in out
+    assert "evaluated: accuracy 0." in out and "-> blessed" in out
+    assert "pushed:    version" in out
+    assert "tensorboard --logdir" in out
+
+
+def test_mlmd_links_data_to_the_pushed_model(default_pipeline_run):
+    store = default_pipeline_run.store()
+    example_gen = node_events(store, "mnist", "ImportExampleGen")
+    [examples] = example_gen["outputs"]["Examples"]
+    statistics = node_events(store, "mnist", "StatisticsGen")
+    assert [a.id for a in statistics["inputs"]["Examples"]] == [examples.id]
+    [stats] = statistics["outputs"]["ExampleStatistics"]
+    [schema] = node_events(store, "mnist", "ImportSchemaGen")["outputs"]["Schema"]
+    validator = node_events(store, "mnist", "ExampleValidator")
+    assert {a.id for a in validator["inputs"]["ExampleStatistics"]} == {stats.id}
+    [anomalies] = validator["outputs"]["ExampleAnomalies"]
+
+    trainer = node_events(store, "mnist", "Trainer")
+    assert [a.id for a in trainer["inputs"]["Examples"]] == [examples.id]
+    assert [a.id for a in trainer["inputs"]["Schema"]] == [schema.id]
+    assert [a.id for a in trainer["inputs"]["ExampleAnomalies"]] == [anomalies.id]
+    [model] = trainer["outputs"]["Model"]
+    assert "ModelRun" in trainer["outputs"]
+
+    evaluator = node_events(store, "mnist", "Evaluator")
+    assert [a.id for a in evaluator["inputs"]["Model"]] == [model.id]
+    assert "ModelEvaluation" in evaluator["outputs"]
+    [blessing] = evaluator["outputs"]["ModelBlessing"]
+    assert blessing.custom_properties["blessed"].int_value == 1
+
+    pusher = node_events(store, "mnist", "Pusher")
+    assert [a.id for a in pusher["inputs"]["Model"]] == [model.id]
+    assert [a.id for a in pusher["inputs"]["ModelBlessing"]] == [blessing.id]
+    [pushed] = pusher["outputs"]["PushedModel"]
+    assert pushed.custom_properties["pushed"].int_value == 1
+    version_dir = Path(pushed.custom_properties["pushed_destination"].string_value)
+    assert (version_dir / "saved_model.pb").is_file()
+
+
+def test_trainer_facts_are_recorded_on_the_model(default_pipeline_run):
+    store = default_pipeline_run.store()
+    [model] = node_events(store, "mnist", "Trainer")["outputs"]["Model"]
+    facts = {key: getattr(value, value.WhichOneof("value")) for key, value in model.custom_properties.items()}
+    assert facts["strategy"] == "mirrored" and facts["replicas"] == 1
+    assert facts["device_kinds"] == "CPU"
+    assert facts["steps"] == 600 and facts["global_batch_size"] == 32
+    assert facts["examples_per_second"] > 100
+    assert 0 < facts["wall_time_s"] < 600
+    assert facts["eval_accuracy"] >= 0.95, "the default pipeline must reach 0.95 on the digits"
+    assert facts["train_loss"] < 1.0
+
+
+def test_second_run_without_new_data_is_cached_and_pushes_nothing(default_pipeline_run):
+    serving = default_pipeline_run.workspace / "serving" / "mnist"
+    versions_before = sorted(os.listdir(serving))
+    result = run_conveyor("run", default_pipeline_run.spec)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "✓ Trainer" not in result.stdout and "↺ Trainer  cached" in result.stdout
+    assert "↺ Evaluator  cached" in result.stdout
+    assert sorted(os.listdir(serving)) == versions_before
+
+
+def test_anomalous_span_stops_the_run_before_training(tmp_path):
+    spec = write_spec(tmp_path, **{"components.evaluator": None, "components.serving_pusher": None})
+    corrupt = embedded_digits().take(list(range(200)))
+    corrupt.images[:, 3, 3] = 300.0  # pixels above the schema's 0..255 domain
+    write_span(tmp_path / "workspace" / "data", 1, corrupt, 0.2, {"source": "test"})
+
+    result = run_conveyor("run", spec)
+    assert result.returncode == 2
+    assert "failed at Trainer: data anomalies in span 1" in result.stderr
+    assert "image: Unexpectedly high value: 300>255" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert "training:" not in result.stdout  # no training process was started
+    assert not list((tmp_path / "workspace" / "pipeline_root").glob("Trainer/model/*/Format-Serving"))
+
+
+@pytest.mark.parametrize("case", ["missing spec", "yaml syntax", "unknown source", "missing data file",
+                                  "unwritable workspace"])
+def test_bad_input_fails_in_one_line_and_writes_nothing(tmp_path, case):
+    spec = write_spec(tmp_path)
+    document = yaml.safe_load(spec.read_text())
+    if case == "missing spec":
+        spec = tmp_path / "missing.yaml"
+    elif case == "yaml syntax":
+        spec.write_text(spec.read_text().replace("components:", "components: [", 1))
+    elif case == "unknown source":
+        document["data"]["source"] = "bigquery"
+    elif case == "missing data file":
+        document["data"].update(source="csv", path=str(tmp_path / "nope.csv"))
+    elif case == "unwritable workspace":
+        blocker = tmp_path / "a-file"
+        blocker.write_text("")
+        document["workspace"] = str(blocker / "workspace")
+    if case in ("unknown source", "missing data file", "unwritable workspace"):
+        spec.write_text(yaml.safe_dump(document))
+
+    result = run_conveyor("run", spec)
+    assert result.returncode == 2, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("conveyor: error:")]
+    assert len(error_lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "workspace" / "metadata.sqlite").exists()
+    assert not (tmp_path / "workspace" / "serving").exists()
+    assert not (tmp_path / "workspace" / "pipeline_root").exists()
+
+
+def test_csv_spec_runs_end_to_end(tmp_path):
+    from tests.conftest import ROOT
+
+    spec = write_spec(tmp_path, base=ROOT / "tests" / "specs" / "csv_6x6.yaml")
+    document = yaml.safe_load(spec.read_text())
+    document["data"]["path"] = str(ROOT / "tests" / "fixtures" / "digits_6x6.csv")
+    spec.write_text(yaml.safe_dump(document))
+    result = run_conveyor("run", spec)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    manifest = json.loads((tmp_path / "workspace" / "data" / "span-1" / "span.json").read_text())
+    assert manifest["image_shape"] == [6, 6]
+    assert "strategy one_device" in result.stdout

@@ -1,0 +1,116 @@
+"""Spec loading and validation: every class of mistake is reported with its YAML path, all at once."""
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipelines.errors import ConveyorError
+from pipelines.spec import load_spec, parse_spec, validation_problems
+from tests.conftest import DEFAULT_SPEC, ROOT, run_conveyor
+
+
+def default_document() -> dict:
+    return yaml.safe_load(DEFAULT_SPEC.read_text())
+
+
+def problems_after(change) -> list[str]:
+    document = default_document()
+    change(document)
+    return validation_problems(document)
+
+
+def test_default_spec_is_valid_and_typed():
+    spec = load_spec(DEFAULT_SPEC)
+    assert spec.name == "mnist"
+    assert spec.data.source == "sklearn-digits"
+    assert spec.data.image_shape == (8, 8)
+    assert spec.components.trainer.strategy == "mirrored"
+    assert spec.components.serving_pusher.model_name == "mnist"
+    assert spec.components.serving_pusher.base_path == Path("workspace/serving")
+    assert spec.metadata.sqlite == Path("workspace/metadata.sqlite")
+    assert spec.beam_args[0].startswith("--direct")
+
+
+def test_defaults_fill_what_the_spec_leaves_out():
+    document = default_document()
+    del document["components"]["trainer"]["learning_rate"]
+    del document["metadata"]
+    spec = parse_spec(document, Path("x.yaml"))
+    assert spec.components.trainer.learning_rate == pytest.approx(0.003)
+    assert spec.metadata.sqlite == Path("workspace/metadata.sqlite")
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda d: d["components"]["trainer"].update(train_steps=0), "components.trainer.train_steps: must be >= 1"),
+    (lambda d: d["components"]["trainer"].update(batch_size="big"),
+     "components.trainer.batch_size: must be an integer, not a string"),
+    (lambda d: d["components"]["trainer"].update(strategy="tpu"),
+     "components.trainer.strategy: must be one of mirrored, multi_worker, one_device (got 'tpu')"),
+    (lambda d: d["components"]["trainer"].update(epochs=3), "components.trainer.epochs: unknown key"),
+    (lambda d: d.pop("name"), "name: required key is missing"),
+    (lambda d: d["data"].update(source="parquet"), "data.source: must be one of"),
+    (lambda d: d["data"].update(image_shape=[8]), "data.image_shape: must have at least 2 items"),
+    (lambda d: d["data"].update(source="csv"), "data.path: required key is missing"),
+    (lambda d: d["components"]["evaluator"].update(min_accuracy=1.5),
+     "components.evaluator.min_accuracy: must be <= 1"),
+    (lambda d: d.update(metadata={"sqlite": "a", "mysql": {"host": "h", "database": "d", "user": "u"}}),
+     "metadata: must set at most 1 key"),
+    (lambda d: d["components"].pop("trainer"), "components.evaluator: needs components.trainer"),
+    (lambda d: d["components"].update(quantizer={"variants": ["int8"], "required_variants": ["float16"]}),
+     "components.quantizer.required_variants: float16 is not among"),
+])
+def test_each_class_of_mistake_names_its_yaml_path(change, expected):
+    problems = problems_after(change)
+    assert any(p.startswith(expected) for p in problems), problems
+
+
+def test_every_problem_is_reported_at_once():
+    def several(d):
+        d["components"]["trainer"]["train_steps"] = -1
+        d["components"]["trainer"]["colour"] = "red"
+        d["data"]["eval_fraction"] = 2
+    problems = problems_after(several)
+    assert len(problems) == 3
+    assert any(p.startswith("components.trainer.train_steps: must be >= 1") for p in problems)
+    assert any(p.startswith("components.trainer.colour: unknown key") for p in problems)
+    assert any(p.startswith("data.eval_fraction: must be < 1") for p in problems)
+
+
+def test_non_mapping_document_is_rejected():
+    assert validation_problems(["a", "b"]) == [
+        "(top level): must be a mapping of keys such as name, data, components"]
+
+
+def test_missing_file_and_yaml_syntax_errors_are_one_line(tmp_path):
+    with pytest.raises(ConveyorError, match="spec file not found"):
+        load_spec(tmp_path / "nope.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("name: x\ndata: [unclosed\n")
+    with pytest.raises(ConveyorError, match=r"broken.yaml:\d+:\d+: YAML syntax error"):
+        load_spec(broken)
+
+
+def test_validate_command_exit_codes(tmp_path):
+    ok = run_conveyor("validate", DEFAULT_SPEC)
+    assert ok.returncode == 0, ok.stderr
+    assert "valid pipeline 'mnist'" in ok.stdout
+
+    bad = tmp_path / "bad.yaml"
+    document = default_document()
+    document["components"]["trainer"]["train_steps"] = 0
+    document["components"]["trainer"]["cpu_replicas"] = 0
+    bad.write_text(yaml.safe_dump(document))
+    result = run_conveyor("validate", bad)
+    assert result.returncode == 2
+    assert "components.trainer.train_steps: must be >= 1" in result.stderr
+    assert "components.trainer.cpu_replicas: must be >= 1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_schema_file_is_valid_json_schema():
+    import json
+
+    import jsonschema
+
+    schema = json.loads((ROOT / "schemas" / "pipeline.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
