@@ -116,13 +116,15 @@ def make_strategy(tf, name: str, cpu_replicas: int, gpus: list):
     return strategy
 
 
-def _dataset(tf, files, image_shape, global_batch, shuffle_seed):
+def _dataset(tf, files, image_shape, global_batch, shuffle_seed=None, repeat=True):
     from components.trainer.model import parse_examples
 
     dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").cache()
     if shuffle_seed is not None:
         dataset = dataset.shuffle(4096, seed=shuffle_seed, reshuffle_each_iteration=True)
-    dataset = dataset.repeat().batch(global_batch, drop_remainder=True)
+    if repeat:
+        dataset = dataset.repeat()
+    dataset = dataset.batch(global_batch, drop_remainder=repeat)
     dataset = dataset.map(lambda s: parse_examples(s, image_shape, with_labels=True))
     options = tf.data.Options()
     # One file per split: shard by element, not by file, across workers.
@@ -194,9 +196,14 @@ def train(job: TrainingJob) -> dict:
             metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         )
 
-    train_data = _dataset(tf, job.train_files, job.image_shape, global_batch, job.seed)
-    eval_data = _dataset(tf, job.eval_files, job.image_shape, global_batch, None)
-    eval_steps = max(1, math.ceil(_count_records(tf, job.eval_files) / global_batch))
+    train_data = _dataset(tf, job.train_files, job.image_shape, global_batch, shuffle_seed=job.seed)
+    if tf_config:
+        # Workers must run the same number of collective steps: evaluate on a repeated stream.
+        eval_data = _dataset(tf, job.eval_files, job.image_shape, global_batch)
+        eval_steps = max(1, math.ceil(_count_records(tf, job.eval_files) / global_batch))
+    else:
+        eval_data = _dataset(tf, job.eval_files, job.image_shape, global_batch, repeat=False)
+        eval_steps = None
     timings: dict = {}
     workers = sum(len(v) for v in tf_config["cluster"].values()) if tf_config else 1
     callbacks = [_progress_callback(tf, job.train_steps, workers, timings)]
