@@ -68,6 +68,13 @@ def cmd_data_init(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    _quiet_libraries()
+    from serving.server import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conveyor", description="Declarative TFX pipelines from training to serving.")
@@ -86,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     init = data.add_parser("init", help="write span-1 from the spec's data source (no-op if spans exist)")
     init.add_argument("--spec", default=DEFAULT_SPEC)
     init.set_defaults(handler=cmd_data_init)
+    serve = commands.add_parser("serve", help="serve models over TF Serving's REST and gRPC APIs")
+    from serving.server import add_arguments
+
+    add_arguments(serve)
+    serve.set_defaults(handler=cmd_serve)
     return parser
 
 

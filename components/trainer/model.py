@@ -5,6 +5,9 @@ numbers whether it sends float pixels, encoded PNG/JPEG bytes or serialized tf.E
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import tensorflow as tf
 
 from pipelines.datasets import IMAGE_KEY, LABEL_KEY, NUM_CLASSES
@@ -13,6 +16,10 @@ from pipelines.spec import ModelArchitecture
 PIXEL_CENTER = 127.5
 OUTPUT_KEYS = ("logits", "probabilities", "class_ids")
 SIGNATURES = ("serving_default", "bytes_predictor", "serving_examples")
+# TF Serving's Classify API: `inputs` (serialized tf.Examples) -> `classes`, `scores`.
+CLASSIFICATION_SIGNATURE = "classification"
+CLASSIFY_METHOD = "tensorflow/serving/classify"
+WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 
 
 def build_model(image_shape: tuple[int, int], arch: ModelArchitecture) -> tf.keras.Model:
@@ -85,8 +92,39 @@ def serving_signatures(model: tf.keras.Model, image_shape: tuple[int, int]) -> d
     def serve_examples(examples):
         return _outputs(model(parse_examples(examples, image_shape, with_labels=False), training=False))
 
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="inputs")])
+    def classify_examples(inputs):
+        probabilities = tf.nn.softmax(model(parse_examples(inputs, image_shape, with_labels=False), training=False))
+        names = tf.constant([[str(i) for i in range(NUM_CLASSES)]])
+        return {"classes": tf.tile(names, [tf.shape(probabilities)[0], 1]), "scores": probabilities}
+
     return {
         "serving_default": serve_images.get_concrete_function(),
         "bytes_predictor": serve_image_bytes.get_concrete_function(),
         "serving_examples": serve_examples.get_concrete_function(),
+        CLASSIFICATION_SIGNATURE: classify_examples.get_concrete_function(),
     }
+
+
+def finish_export(export_dir: str, warmup_images: np.ndarray) -> None:
+    """Marks the classification signature as TF Serving's classify method (TF2 saves every signature as
+    predict) and writes warmup requests, which TF Serving replays before a version serves."""
+    from tensorflow.core.protobuf import saved_model_pb2
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    path = Path(export_dir) / "saved_model.pb"
+    saved_model = saved_model_pb2.SavedModel.FromString(path.read_bytes())
+    for meta_graph in saved_model.meta_graphs:
+        if CLASSIFICATION_SIGNATURE in meta_graph.signature_def:
+            meta_graph.signature_def[CLASSIFICATION_SIGNATURE].method_name = CLASSIFY_METHOD
+    path.write_bytes(saved_model.SerializeToString())
+
+    warmup = Path(export_dir) / WARMUP_FILE
+    warmup.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(warmup)) as writer:
+        for batch in (warmup_images[:1], warmup_images):
+            request = predict_pb2.PredictRequest()
+            request.model_spec.signature_name = "serving_default"
+            request.inputs["images"].CopyFrom(tf.make_tensor_proto(batch.astype(np.float32)))
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())

@@ -178,7 +178,7 @@ def train(job: TrainingJob) -> dict:
     strategy = make_strategy(tf, job.strategy, job.cpu_replicas, gpus)
     tf.keras.utils.set_random_seed(job.seed)
 
-    from components.trainer.model import build_model, serving_signatures
+    from components.trainer.model import build_model, finish_export, serving_signatures
     from pipelines.spec import ModelArchitecture
 
     replicas = strategy.num_replicas_in_sync
@@ -218,7 +218,10 @@ def train(job: TrainingJob) -> dict:
     export_dir = job.serving_model_dir if chief else tempfile.mkdtemp(prefix="conveyor-worker-export-")
     # Every worker must save (saving runs collective ops); only the chief's copy is kept.
     model.save(export_dir, save_format="tf", signatures=serving_signatures(model, job.image_shape))
-    if not chief:
+    if chief:
+        warmup_images = next(iter(eval_data.take(1)))[0].numpy()[:8]
+        finish_export(export_dir, warmup_images)
+    else:
         shutil.rmtree(export_dir, ignore_errors=True)
 
     steady_seconds = timings["end"] - timings.get("first_step_end", timings["start"])
