@@ -22,6 +22,7 @@ setup(
         "pyyaml",
         "rich",
         "aiohttp",
+        "orjson",
         "prometheus-client",
         "grpcio-tools",
     ],

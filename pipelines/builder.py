@@ -21,7 +21,8 @@ TRAINER = "Trainer"
 WARM_START_RESOLVER = "WarmStartModelResolver"
 BASELINE_RESOLVER = "BaselineModelResolver"
 EVALUATOR = "Evaluator"
-PUSHER = "Pusher"
+INFRA_VALIDATOR = "InfraValidator"
+SERVING_PUSHER = "ServingPusher"
 
 
 def example_gen_input_config() -> example_gen_pb2.Input:
@@ -110,13 +111,28 @@ def build_components(spec: PipelineSpec) -> list:
         nodes.append(evaluator)
         blessing = evaluator.outputs["blessing"]
 
+    infra_blessing = None
+    if components.infra_validator:
+        from components.infra_validator.component import InfraValidator
+
+        infra_validator = InfraValidator(
+            model=model, examples=examples, image_shape=spec.data.image_shape,
+            num_examples=components.infra_validator.num_examples,
+            timeout_seconds=components.infra_validator.timeout_seconds,
+        ).with_id(INFRA_VALIDATOR)
+        nodes.append(infra_validator)
+        infra_blessing = infra_validator.outputs["blessing"]
+
     if components.serving_pusher:
-        base_directory = components.serving_pusher.base_path.resolve() / components.serving_pusher.model_name
-        pusher = tfx.components.Pusher(
-            model=model, model_blessing=blessing,
-            push_destination=tfx.proto.PushDestination(
-                filesystem=tfx.proto.PushDestination.Filesystem(base_directory=str(base_directory))),
-        ).with_id(PUSHER)
+        from components.serving_pusher.component import ServingPusher
+
+        pusher_spec = components.serving_pusher
+        pusher = ServingPusher(
+            model=model, model_blessing=blessing, infra_blessing=infra_blessing,
+            model_name=pusher_spec.model_name, base_path=str(pusher_spec.base_path.resolve()),
+            release=pusher_spec.release, canary_weight=pusher_spec.canary_weight,
+            keep_versions=pusher_spec.keep_versions, batching=asdict(pusher_spec.batching),
+        ).with_id(SERVING_PUSHER)
         nodes.append(pusher)
     return nodes
 

@@ -78,7 +78,7 @@ class EvaluatorSpec:
 
 @dataclass(frozen=True)
 class InfraValidatorSpec:
-    num_requests: int = 10
+    num_examples: int = 10
     timeout_seconds: float = 120.0
 
 

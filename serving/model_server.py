@@ -134,7 +134,8 @@ class ModelServer:
                        output_filter: tuple[str, ...] = ()) -> Future:
         """Runs a prediction through the batcher when batching is on, else on the executor."""
         if self.batcher is not None and not output_filter:
-            name, _ = servable.signature(signature)
+            # Checked per request: after merging and padding, a bad request would fail the whole batch.
+            name = servable.validate_inputs(signature, inputs)
             return self.batcher.submit(servable, name, inputs)
         return self.executor.submit(servable.predict, signature, inputs, output_filter)
 

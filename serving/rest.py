@@ -56,9 +56,10 @@ class RestApi:
     async def _errors(self, request: web.Request, handler):
         try:
             return await handler(request)
-        except web.HTTPRequestEntityTooLarge as exc:
-            return _json(orjson.dumps({"error": f"Request body too large: {exc.actual_size} bytes, the limit is "
-                                                f"{exc.max_size} (--max_request_body_bytes)"}), status=413)
+        except web.HTTPRequestEntityTooLarge:
+            limit = self.server.options.max_request_body_bytes
+            return _json(orjson.dumps({"error": f"Request body too large: the limit is {limit} bytes "
+                                                "(--max_request_body_bytes)"}), status=413)
         except web.HTTPException as exc:
             if exc.status == 404:
                 return _json(orjson.dumps({"error": f"Malformed request: {request.method} {request.path}"}),

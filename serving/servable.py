@@ -66,6 +66,12 @@ class Servable:
         _, signature = self.signature(signature_name)
         return {key: tf.dtypes.as_dtype(info.dtype) for key, info in signature.inputs.items()}
 
+    def validate_inputs(self, signature_name: str, inputs: dict[str, np.ndarray]) -> str:
+        """Checks input names and shapes against the signature; returns the signature's resolved name."""
+        name, signature = self.signature(signature_name)
+        self._check_inputs(signature, inputs)
+        return name
+
     def predict(self, signature_name: str, inputs: dict[str, np.ndarray],
                 output_filter: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
         name, signature = self.signature(signature_name)

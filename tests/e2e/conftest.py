@@ -33,3 +33,20 @@ def default_pipeline_run(tmp_path_factory) -> PipelineRun:
     result = run_conveyor("run", spec)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return PipelineRun(spec, directory / "workspace", result.stdout, result.stderr)
+
+
+@pytest.fixture(scope="session")
+def trained_export(default_pipeline_run) -> Path:
+    """The SavedModel the default pipeline pushed as version 1 (do not modify: copy it)."""
+    export = default_pipeline_run.workspace / "serving" / "mnist" / "1"
+    assert (export / "saved_model.pb").is_file()
+    return export
+
+
+@pytest.fixture(scope="session")
+def digits_eval():
+    """The embedded digits' last 64 images: not in span 1, a fair sample for serving checks."""
+    from pipelines.datasets import embedded_digits
+
+    digits = embedded_digits()
+    return digits.take(list(range(len(digits) - 64, len(digits))))

@@ -33,10 +33,11 @@ def node_events(store, pipeline: str, node: str) -> dict[str, dict[str, list]]:
 
 def test_run_prints_progress_and_a_summary(default_pipeline_run):
     out = default_pipeline_run.stdout
-    for node in ("ImportExampleGen", "StatisticsGen", "ExampleValidator", "Trainer", "Evaluator"):
+    for node in ("ImportExampleGen", "StatisticsGen", "ExampleValidator", "Trainer", "Evaluator",
+                 "InfraValidator", "ServingPusher"):
         assert f"✓ {node}  complete in" in out
     assert "evaluated: accuracy 0." in out and "-> blessed" in out
-    assert "pushed:    version" in out
+    assert "pushed:    version 1 ->" in out
     assert "tensorboard --logdir" in out
 
 
@@ -65,13 +66,24 @@ def test_mlmd_links_data_to_the_pushed_model(default_pipeline_run):
     [blessing] = evaluator["outputs"]["ModelBlessing"]
     assert blessing.custom_properties["blessed"].int_value == 1
 
-    pusher = node_events(store, "mnist", "Pusher")
+    infra = node_events(store, "mnist", "InfraValidator")
+    assert [a.id for a in infra["inputs"]["Model"]] == [model.id]
+    [infra_blessing] = infra["outputs"]["InfraBlessing"]
+    assert infra_blessing.custom_properties["blessed"].int_value == 1
+
+    pusher = node_events(store, "mnist", "ServingPusher")
     assert [a.id for a in pusher["inputs"]["Model"]] == [model.id]
     assert [a.id for a in pusher["inputs"]["ModelBlessing"]] == [blessing.id]
+    assert [a.id for a in pusher["inputs"]["InfraBlessing"]] == [infra_blessing.id]
     [pushed] = pusher["outputs"]["PushedModel"]
     assert pushed.custom_properties["pushed"].int_value == 1
+    assert pushed.custom_properties["pushed_version"].string_value == "1"
     version_dir = Path(pushed.custom_properties["pushed_destination"].string_value)
+    assert version_dir == default_pipeline_run.workspace / "serving" / "mnist" / "1"
     assert (version_dir / "saved_model.pb").is_file()
+    [deployment] = pusher["outputs"]["conveyor.Deployment"]
+    assert deployment.properties["label"].string_value == "stable"
+    assert deployment.properties["traffic_percent"].int_value == 100
 
 
 def test_trainer_facts_are_recorded_on_the_model(default_pipeline_run):
@@ -94,6 +106,7 @@ def test_second_run_without_new_data_is_cached_and_pushes_nothing(default_pipeli
     assert result.returncode == 0, result.stderr[-2000:]
     assert "✓ Trainer" not in result.stdout and "↺ Trainer  cached" in result.stdout
     assert "↺ Evaluator  cached" in result.stdout
+    assert "↺ ServingPusher  cached" in result.stdout
     assert sorted(os.listdir(serving)) == versions_before
 
 

@@ -1,0 +1,119 @@
+"""InfraValidator executor: a real `conveyor serve` process, real REST and gRPC requests, then bless or not."""
+from __future__ import annotations
+
+import base64
+import json
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from tfx.dsl.components.base import base_executor
+from tfx.types import artifact_utils
+from tfx.utils import io_utils, path_utils
+
+from components.artifacts import set_custom_properties
+from pipelines.datasets import read_tfrecords
+from serving.process import ServerProcess, ServerStartError
+
+CANDIDATE = "candidate"
+BLESSED_FILE, NOT_BLESSED_FILE = "INFRA_BLESSED", "INFRA_NOT_BLESSED"
+
+
+class InfraCheckFailed(Exception):
+    pass
+
+
+class Executor(base_executor.BaseExecutor):
+    def Do(self, input_dict: dict[str, list], output_dict: dict[str, list], exec_properties: dict[str, Any]) -> None:
+        model = artifact_utils.get_single_instance(input_dict["model"])
+        examples = artifact_utils.get_single_instance(input_dict["examples"])
+        blessing = artifact_utils.get_single_instance(output_dict["blessing"])
+        num_examples = int(exec_properties.get("num_examples") or 10)
+        timeout = float(exec_properties.get("timeout_seconds") or 120.0)
+        image_shape = tuple(json.loads(exec_properties["image_shape"]))
+
+        eval_dir = Path(artifact_utils.get_split_uri([examples], "eval"))
+        files = sorted(str(p) for p in eval_dir.iterdir() if p.is_file())
+        images = read_tfrecords(files, image_shape).images[:num_examples]
+        result = validate(path_utils.serving_model_path(model.uri), images, timeout)
+        blessed = result["error"] is None
+        io_utils.write_string_file(str(Path(blessing.uri) / (BLESSED_FILE if blessed else NOT_BLESSED_FILE)), "")
+        set_custom_properties(blessing, {"blessed": int(blessed), "reason": result["error"] or "",
+                                         "requests": result["requests"],
+                                         "rest_latency_ms": result.get("rest_latency_ms"),
+                                         "grpc_latency_ms": result.get("grpc_latency_ms")})
+        print(f"    infra validation: {'blessed' if blessed else 'NOT blessed: ' + result['error']} "
+              f"({result['requests']} requests)", flush=True)
+
+
+def validate(export_dir: str, images: np.ndarray, timeout: float) -> dict:
+    """Serves `export_dir` as version 1 of a throwaway model and checks REST, gRPC and bytes requests."""
+    result: dict = {"error": None, "requests": 0}
+    with tempfile.TemporaryDirectory(prefix="conveyor-infra-") as workdir:
+        base = Path(workdir) / CANDIDATE
+        base.mkdir()
+        (base / "1").symlink_to(Path(export_dir).resolve(), target_is_directory=True)
+        with ServerProcess("--model_name", CANDIDATE, "--model_base_path", str(base)) as server:
+            try:
+                server.wait_available(CANDIDATE, timeout=timeout)
+                _check_requests(server, images, result)
+            except (ServerStartError, InfraCheckFailed) as exc:
+                result["error"] = str(exc).strip().splitlines()[0]
+            except (urllib.error.URLError, grpc.RpcError, OSError, ValueError, KeyError) as exc:
+                result["error"] = f"request failed: {exc}"
+    return result
+
+
+def _post(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        raise InfraCheckFailed(f"REST {exc.code}: {exc.read().decode(errors='replace')[:300]}") from None
+
+
+def _check_predictions(classes: np.ndarray, probabilities: np.ndarray, count: int, what: str) -> None:
+    if classes.shape != (count,) or probabilities.shape[0] != count:
+        raise InfraCheckFailed(f"{what}: expected {count} predictions, got shapes {classes.shape}, "
+                               f"{probabilities.shape}")
+    if not np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-3):
+        raise InfraCheckFailed(f"{what}: probabilities do not sum to 1")
+    if (classes < 0).any() or (classes >= probabilities.shape[1]).any():
+        raise InfraCheckFailed(f"{what}: class ids out of range")
+
+
+def _check_requests(server: ServerProcess, images: np.ndarray, result: dict) -> None:
+    count = len(images)
+    started = time.perf_counter()
+    rest = _post(f"{server.rest_url}/v1/models/{CANDIDATE}:predict", {"instances": images.tolist()})
+    result["rest_latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
+    rest_classes = np.array([p["class_ids"] for p in rest["predictions"]])
+    _check_predictions(rest_classes, np.array([p["probabilities"] for p in rest["predictions"]]), count, "REST")
+
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = CANDIDATE
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto(images.astype(np.float32)))
+        started = time.perf_counter()
+        response = stub.Predict(request, timeout=30)
+        result["grpc_latency_ms"] = round((time.perf_counter() - started) * 1000, 2)
+    grpc_classes = tf.make_ndarray(response.outputs["class_ids"])
+    _check_predictions(grpc_classes, tf.make_ndarray(response.outputs["probabilities"]), count, "gRPC")
+    if not np.array_equal(rest_classes, grpc_classes):
+        raise InfraCheckFailed("REST and gRPC disagree on the predicted classes")
+
+    png = tf.io.encode_png(np.clip(np.round(images[0]), 0, 255).astype(np.uint8)[..., None]).numpy()
+    encoded = _post(f"{server.rest_url}/v1/models/{CANDIDATE}:predict",
+                    {"signature_name": "bytes_predictor", "instances": [{"b64": base64.b64encode(png).decode()}]})
+    if len(encoded["predictions"]) != 1:
+        raise InfraCheckFailed("bytes_predictor: expected one prediction")
+    result["requests"] = 3

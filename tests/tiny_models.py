@@ -1,0 +1,45 @@
+"""Small real SavedModels for server tests: fast to write and load, with signatures of several shapes."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import tensorflow as tf
+
+
+class _Tiny(tf.Module):
+    def __init__(self, multiplier: float):
+        super().__init__()
+        self.multiplier = tf.Variable(multiplier, dtype=tf.float32)
+        self.weights = tf.Variable(tf.random.stateless_normal((256, 256), seed=(1, 2)))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
+    def scale(self, x):
+        return {"y": x * self.multiplier}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.float32, name="a"),
+                                  tf.TensorSpec([None], tf.float32, name="b")])
+    def add(self, a, b):
+        return {"sum": a + b, "difference": a - b}
+
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="text")])
+    def strings(self, text):
+        return {"length": tf.strings.length(text), "echo_bytes": text}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
+    def slow(self, x):
+        # Real work so a batch takes tens of milliseconds: enough for queues to fill in tests.
+        product = self.weights
+        for _ in range(60):
+            product = tf.tanh(tf.matmul(product, self.weights))
+        return {"y": x * self.multiplier + 0.0 * tf.reduce_sum(product)}
+
+
+def write_tiny_model(export_dir: Path, multiplier: float = 2.0) -> Path:
+    module = _Tiny(multiplier)
+    tf.saved_model.save(module, str(export_dir), signatures={
+        "serving_default": module.scale.get_concrete_function(),
+        "add": module.add.get_concrete_function(),
+        "strings": module.strings.get_concrete_function(),
+        "slow": module.slow.get_concrete_function(),
+    })
+    return export_dir

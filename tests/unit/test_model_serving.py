@@ -1,0 +1,172 @@
+"""Servables, version management and batching on small real SavedModels, in process (no server)."""
+import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from tensorflow_serving.config import model_server_config_pb2
+
+from serving.batcher import Batcher
+from serving.config import BatchingOptions
+from serving.errors import ServingError
+from serving.servable import Servable
+from serving.version_manager import AVAILABLE, END, START, ModelVersions, versions_on_disk
+from tests.tiny_models import write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    return write_tiny_model(tmp_path_factory.mktemp("tiny") / "export")
+
+
+@pytest.fixture(scope="module")
+def servable(tiny_export):
+    return Servable("tiny", 1, tiny_export)
+
+
+def model_config(base, **labels):
+    config = model_server_config_pb2.ModelConfig(name="tiny", base_path=str(base))
+    for label, version in labels.items():
+        config.version_labels[label] = version
+    return config
+
+
+def test_servable_runs_signatures_and_checks_inputs(servable):
+    out = servable.predict("", {"x": np.ones((2, 3), np.float32)})
+    np.testing.assert_array_equal(out["y"], np.full((2, 3), 2.0))
+    out = servable.predict("add", {"a": np.array([1.0]), "b": np.array([2.0])}, output_filter=("sum",))
+    assert list(out) == ["sum"] and out["sum"].tolist() == [3.0]
+    with pytest.raises(ServingError, match='Serving signature name: "nope" not found'):
+        servable.predict("nope", {"x": np.ones((1, 3))})
+    with pytest.raises(ServingError, match=r"Missing but required: \{b\}"):
+        servable.predict("add", {"a": np.array([1.0])})
+    with pytest.raises(ServingError, match=r"input 'x' has shape \[2,4\] but the signature expects \[-1,3\]"):
+        servable.predict("", {"x": np.ones((2, 4), np.float32)})
+    with pytest.raises(ServingError, match="output tensor alias not found"):
+        servable.predict("add", {"a": np.array([1.0]), "b": np.array([2.0])}, output_filter=("product",))
+    with pytest.raises(ServingError, match="Expected classification signature method_name"):
+        servable.classify("", [b""])
+
+
+def test_versions_on_disk_ignore_temporary_and_files(tmp_path):
+    (tmp_path / "1").mkdir()
+    (tmp_path / "0002").mkdir()
+    (tmp_path / ".3.tmp-99").mkdir()
+    (tmp_path / "4").write_text("a file")
+    assert sorted(versions_on_disk(tmp_path)) == [1, 2]
+
+
+def test_new_version_replaces_old_only_when_loaded(tmp_path, tiny_export):
+    base = tmp_path / "tiny"
+    shutil.copytree(tiny_export, base / "1")
+    model = ModelVersions(model_config(base))
+    model.poll()
+    assert model.available_versions() == [1]
+    (base / "2").mkdir()  # an incomplete copy: no saved_model.pb yet
+    model.poll()
+    assert model.available_versions() == [1]
+    assert model.statuses(2)[0].state == START and "not a complete SavedModel" in model.statuses(2)[0].error
+    shutil.rmtree(base / "2")
+    shutil.copytree(tiny_export, base / "2")
+    model.poll()
+    assert model.available_versions() == [2]
+    assert model.statuses(1)[0].state == END
+    assert model.resolve().version == 2
+
+
+def test_corrupt_version_never_replaces_a_healthy_one(tmp_path, tiny_export):
+    base = tmp_path / "tiny"
+    shutil.copytree(tiny_export, base / "1")
+    shutil.copytree(tiny_export, base / "2")
+    (base / "2" / "saved_model.pb").write_bytes(b"garbage")
+    model = ModelVersions(model_config(base))
+    model.poll()
+    model.poll()
+    assert model.available_versions() == [1]
+    status = model.statuses(2)[0]
+    assert status.state == END and "failed" in status.error
+    assert model.statuses(1)[0].state == AVAILABLE
+
+
+def test_labels_and_weighted_split(tmp_path, tiny_export):
+    base = tmp_path / "tiny"
+    for version in (1, 2):
+        shutil.copytree(tiny_export, base / str(version))
+    config = model_config(base, stable=1, canary=2)
+    config.model_version_policy.all.SetInParent()
+    model = ModelVersions(config)
+    model.poll()
+    assert model.resolve(label="canary").version == 2
+    with pytest.raises(ServingError) as error:
+        model.resolve(label="beta")
+    assert error.value.http_status == 400 and "Unrecognized servable version label: beta" in error.value.message
+    with pytest.raises(ServingError) as error:
+        model.resolve(version=9)
+    assert error.value.http_status == 404
+    picks = [model.resolve(weights={"stable": 75, "canary": 25}).version for _ in range(2000)]
+    assert 0.21 < picks.count(2) / len(picks) < 0.29
+    assert {model.resolve().version for _ in range(20)} == {2}  # no weights: the latest, like TF Serving
+
+
+def test_no_version_yet_is_unavailable(tmp_path):
+    model = ModelVersions(model_config(tmp_path / "empty"))
+    model.poll()
+    with pytest.raises(ServingError) as error:
+        model.resolve()
+    assert error.value.http_status == 503
+
+
+def test_batcher_merges_concurrent_requests_and_splits_results(servable):
+    sizes = []
+    batcher = Batcher(BatchingOptions(max_batch_size=64, batch_timeout_micros=20000, max_enqueued_batches=10,
+                                      num_batch_threads=1), on_batch=lambda model, size, depth: sizes.append(size))
+    try:
+        inputs = [np.full((2, 3), i, np.float32) for i in range(10)]
+        with ThreadPoolExecutor(10) as pool:
+            futures = list(pool.map(lambda x: batcher.submit(servable, "serving_default", {"x": x}), inputs))
+        for i, future in enumerate(futures):
+            np.testing.assert_array_equal(future.result(timeout=10)["y"], np.full((2, 3), 2.0 * i))
+        assert max(sizes) > 2, sizes  # requests were merged
+        assert sum(sizes) == 20
+    finally:
+        batcher.stop()
+
+
+def test_batcher_pads_to_allowed_sizes(servable):
+    sizes = []
+    batcher = Batcher(BatchingOptions(max_batch_size=8, batch_timeout_micros=0, max_enqueued_batches=4,
+                                      num_batch_threads=1, allowed_batch_sizes=(4, 8)),
+                      on_batch=lambda model, size, depth: sizes.append(size))
+    try:
+        x = np.arange(9, dtype=np.float32).reshape(3, 3)
+        result = batcher.submit(servable, "serving_default", {"x": x}).result(timeout=10)
+        np.testing.assert_array_equal(result["y"], 2 * x)  # the padded row is not returned
+        with pytest.raises(ServingError, match="larger than maximum input batch size 8"):
+            batcher.submit(servable, "serving_default", {"x": np.ones((9, 3), np.float32)})
+    finally:
+        batcher.stop()
+
+
+def test_batcher_refuses_work_past_max_enqueued_batches(servable):
+    batcher = Batcher(BatchingOptions(max_batch_size=1, batch_timeout_micros=0, max_enqueued_batches=2,
+                                      num_batch_threads=1))
+    outcomes = []
+    lock = threading.Lock()
+
+    def call(_):
+        try:
+            batcher.submit(servable, "slow", {"x": np.ones((1, 3), np.float32)}).result(timeout=60)
+            result = "ok"
+        except ServingError as exc:
+            result = exc.code.name
+        with lock:
+            outcomes.append(result)
+
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(call, range(16)))
+        assert "UNAVAILABLE" in outcomes and "ok" in outcomes
+        assert set(outcomes) <= {"ok", "UNAVAILABLE"}
+    finally:
+        batcher.stop()
