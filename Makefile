@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 # Keras 3 cannot write the SavedModel TFX 1.16 needs; this must be set before TensorFlow loads.
 export TF_USE_LEGACY_KERAS := 1
-export TF_CPP_MIN_LOG_LEVEL := 2
+export TF_CPP_MIN_LOG_LEVEL := 3
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup pipeline test test-fast serve lineage schedule bench lint clean lock

@@ -37,7 +37,8 @@ class Deployment(Artifact):
         "base_path": Property(type=PropertyType.STRING),
         "endpoint": Property(type=PropertyType.STRING),
         "pushed_at": Property(type=PropertyType.STRING),
-        "state": Property(type=PropertyType.STRING),  # live | canary | retired | rolled_back
+        # live | canary | retired ("state" itself is TFX's own artifact state)
+        "release_state": Property(type=PropertyType.STRING),
     }
 
 
@@ -73,3 +74,29 @@ def span_of(examples: Artifact) -> int:
     if examples.has_custom_property("span"):
         return examples.get_int_custom_property("span")
     return int(getattr(examples, "span", 0) or 0)
+
+
+def deployment(row: dict, *, model_name: str, base_path: str, uri: str, target: str = "local",
+               endpoint: str = "", pushed_at: str | None = None) -> Deployment:
+    """A Deployment artifact for one row of a release snapshot (see serving.release.snapshot); `uri` is a
+    record directory, where the row is also written as deployment.json for people and scripts."""
+    import json
+    import time
+    from pathlib import Path
+
+    Path(uri).mkdir(parents=True, exist_ok=True)
+    (Path(uri) / "deployment.json").write_text(json.dumps(
+        {"model_name": model_name, "base_path": base_path, "target": target, "endpoint": endpoint, **row},
+        indent=2, default=str) + "\n")
+    artifact = Deployment()
+    artifact.uri = uri
+    artifact.target = target
+    artifact.model_name = model_name
+    artifact.version = str(row["version"])
+    artifact.label = row.get("label", "")
+    artifact.traffic_percent = int(row.get("traffic_percent", 0))
+    artifact.base_path = base_path
+    artifact.endpoint = endpoint
+    artifact.pushed_at = pushed_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    artifact.release_state = row["release_state"]
+    return artifact

@@ -7,7 +7,9 @@ import sys
 import warnings
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# TensorFlow's C++ start-up lines (CUDA factories, CPU features) say nothing a user can act on.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+warnings.filterwarnings("ignore", message=".*non-supported Python version.*", category=FutureWarning)
 
 from pipelines.errors import ConveyorError  # noqa: E402
 
@@ -75,6 +77,84 @@ def cmd_serve(args) -> int:
     return run(args)
 
 
+def _print_status(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"serving base path: {report['base_path']}")
+    for model in report["models"]:
+        server = model["server"]
+        table = Table(title=f"model {model['model']}", title_justify="left")
+        for column in ("version", "labels", "traffic", "on disk", "server", "pushed by run"):
+            table.add_column(column)
+        for row in model["versions"]:
+            table.add_row(str(row["version"]), ", ".join(row["labels"]) or "-",
+                          f"{row['traffic_percent']}%", "yes" if row["on_disk"] else "MISSING",
+                          row["server_state"] or ("-" if server["up"] else "not running"),
+                          row["pushed_by_run"] or "-")
+        console.print(table)
+        console.print(f"server {server['url']}: {'up' if server['up'] else 'not running'};  "
+                      f"stable history: {' -> '.join(map(str, model['stable_history'])) or '-'}")
+
+
+def cmd_status(args) -> int:
+    import json
+
+    from pipelines.release_commands import status
+    from pipelines.spec import load_spec
+
+    report = status(load_spec(args.spec), args.model, args.url)
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    else:
+        _print_status(report)
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from pipelines.release_commands import PROMOTE, change_release
+    from pipelines.spec import load_spec
+
+    release = change_release(load_spec(args.spec), args.model, PROMOTE, weight=args.weight, reason=args.reason)
+    print(f"conveyor: {args.model}: labels {release.labels}, traffic {release.weights}")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from pipelines.release_commands import ROLLBACK, change_release
+    from pipelines.spec import load_spec
+
+    release = change_release(load_spec(args.spec), args.model, ROLLBACK, to_version=args.to, reason=args.reason)
+    print(f"conveyor: {args.model}: stable is now version {release.labels['stable']} (100%), canary removed")
+    return 0
+
+
+def cmd_deploy_render(args) -> int:
+    from pathlib import Path
+
+    from pipelines.spec import load_spec
+    from serving import manifests
+    from serving import release as releases
+
+    spec = load_spec(args.spec)
+    pusher = spec.components.serving_pusher
+    if pusher is None:
+        raise ConveyorError(f"{args.spec}: no components.serving_pusher, so there is nothing to deploy")
+    names = releases.known_models(pusher.base_path)
+    if not names:
+        raise ConveyorError(f"nothing pushed under {pusher.base_path} yet: run `make pipeline` first")
+    state = [releases.read_release(pusher.base_path, name) for name in names]
+    out_dir = Path(args.output or spec.workspace / "deploy" / args.target)
+    if args.target == "compose":
+        written = manifests.render_compose(state, pusher.base_path, pusher.batching, out_dir)
+    else:
+        written = manifests.render_k8s(state, pusher.batching, pusher.autoscaling, out_dir)
+    for path in written:
+        print(f"conveyor: wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="conveyor", description="Declarative TFX pipelines from training to serving.")
@@ -93,6 +173,35 @@ def build_parser() -> argparse.ArgumentParser:
     init = data.add_parser("init", help="write span-1 from the spec's data source (no-op if spans exist)")
     init.add_argument("--spec", default=DEFAULT_SPEC)
     init.set_defaults(handler=cmd_data_init)
+    status = commands.add_parser("status", help="versions on disk, labels, traffic, server state, producing runs")
+    status.add_argument("model", nargs="?", help="one model (default: all in models.config)")
+    status.add_argument("--spec", default=DEFAULT_SPEC)
+    status.add_argument("--url", default="http://127.0.0.1:8501", help="a running server's REST address")
+    status.add_argument("--format", choices=("table", "json"), default="table")
+    status.set_defaults(handler=cmd_status)
+
+    promote = commands.add_parser("promote", help="canary -> stable at 100%% (or --weight N: canary at N%%)")
+    promote.add_argument("model")
+    promote.add_argument("--weight", type=int, help="step the canary's share to N%% instead of promoting")
+    promote.add_argument("--spec", default=DEFAULT_SPEC)
+    promote.add_argument("--reason", default="", help="recorded with the change in ML Metadata")
+    promote.set_defaults(handler=cmd_promote)
+
+    rollback = commands.add_parser("rollback", help="stable back to the previous stable (or --to VERSION)")
+    rollback.add_argument("model")
+    rollback.add_argument("--to", type=int, help="the version to make stable")
+    rollback.add_argument("--spec", default=DEFAULT_SPEC)
+    rollback.add_argument("--reason", default="")
+    rollback.set_defaults(handler=cmd_rollback)
+
+    deploy = commands.add_parser("deploy", help="production manifests for TensorFlow Serving").add_subparsers(
+        dest="deploy_command", metavar="ACTION", required=True)
+    render = deploy.add_parser("render", help="write docker-compose or Kubernetes/Istio manifests")
+    render.add_argument("--target", choices=("compose", "k8s"), required=True)
+    render.add_argument("-o", "--output", help="directory to write (default workspace/deploy/<target>)")
+    render.add_argument("--spec", default=DEFAULT_SPEC)
+    render.set_defaults(handler=cmd_deploy_render)
+
     serve = commands.add_parser("serve", help="serve models over TF Serving's REST and gRPC APIs")
     from serving.server import add_arguments
 

@@ -259,6 +259,20 @@ def rollback(release: ModelRelease, to_version: int | None = None) -> int:
     return to_version
 
 
+def snapshot(before: dict[str, int], after: ModelRelease) -> list[dict]:
+    """The release state after a change, one row per version it concerns: every labelled version with its
+    traffic share, and as `retired` each version that lost its label in this change."""
+    rows = []
+    for label, version in sorted(after.labels.items()):
+        rows.append({"version": version, "label": label, "traffic_percent": after.weights.get(label, 0),
+                     "release_state": "canary" if label == CANARY else "live"})
+    for label, version in sorted(before.items()):
+        if version not in after.labels.values():
+            rows.append({"version": version, "label": "", "traffic_percent": 0, "release_state": "retired",
+                         "previous_label": label})
+    return rows
+
+
 def _labels_text(release: ModelRelease) -> str:
     return ", ".join(f"{label}={version}" for label, version in sorted(release.labels.items())) or "none"
 

@@ -5,7 +5,7 @@ import os
 
 # Before anything imports TensorFlow (Keras 3 cannot write the SavedModel TFX 1.16 needs).
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402

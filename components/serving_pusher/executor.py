@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,7 @@ from tfx.proto.orchestration import execution_result_pb2
 from tfx.types import artifact_utils
 from tfx.utils import path_utils
 
-from components.artifacts import set_custom_properties
+from components.artifacts import deployment, set_custom_properties
 from serving import release as releases
 
 TFLITE_DIR = "tflite"
@@ -38,20 +37,20 @@ class Executor(base_executor.BaseExecutor):
            exec_properties: dict[str, Any]) -> execution_result_pb2.ExecutorOutput:
         model = artifact_utils.get_single_instance(input_dict["model"])
         pushed_model = artifact_utils.get_single_instance(output_dict["pushed_model"])
-        deployment = artifact_utils.get_single_instance(output_dict["deployment"])
         model_name = exec_properties["model_name"]
 
         reason = skip_reason(input_dict)
         if reason:
             set_custom_properties(pushed_model, {"pushed": 0, "skip_reason": reason})
             print(f"    not pushed: {reason}", flush=True)
-            return _executor_output(pushed_model, None)
+            return _executor_output(pushed_model, [])
 
         base = Path(exec_properties["base_path"])
         variants = blessed_variants(input_dict.get("quantized_models") or [])
         batching = json.loads(exec_properties.get("batching") or "{}")
         with releases.locked(base):
             release = releases.read_release(base, model_name)
+            labels_before = dict(release.labels)
             for leftover in releases.clean_leftovers(release.model_dir):
                 print(f"    removed an interrupted push: {leftover}", flush=True)
             version = releases.next_version(release)
@@ -69,15 +68,16 @@ class Executor(base_executor.BaseExecutor):
         set_custom_properties(pushed_model, {"pushed": 1, "pushed_version": str(version),
                                              "pushed_destination": str(version_dir),
                                              "tflite_variants": ",".join(q.variant for q in variants)})
-        deployment.uri = str(version_dir)
-        for key, value in {"target": "local", "model_name": model_name, "version": str(version), "label": label,
-                           "traffic_percent": traffic, "base_path": str(base.resolve()),
-                           "pushed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           "state": "canary" if label == releases.CANARY else "live"}.items():
-            setattr(deployment, key, value)
+        # The whole release state after this push, so MLMD can answer "what was live at time T".
+        # TFX wants several artifacts of one output under the output's own directory.
+        record_dir = Path(artifact_utils.get_single_uri(output_dict["deployment"]))
+        deployments = [
+            deployment(row, model_name=model_name, base_path=str(base.resolve()),
+                       uri=str(record_dir / f"version-{row['version']}"))
+            for row in releases.snapshot(labels_before, release)]
         print(f"    pushed version {version} of {model_name} as {label} ({traffic}% of unversioned traffic)"
               + (f"; retired versions {removed}" if removed else ""), flush=True)
-        return _executor_output(pushed_model, deployment)
+        return _executor_output(pushed_model, deployments)
 
 
 def _tflite_sources(variants: list, scratch: str) -> dict[str, Path]:
@@ -101,11 +101,9 @@ def _tflite_sources(variants: list, scratch: str) -> dict[str, Path]:
     return sources
 
 
-def _executor_output(pushed_model, deployment) -> execution_result_pb2.ExecutorOutput:
-    """Publishes the PushedModel always, the Deployment only when a version was actually pushed."""
+def _executor_output(pushed_model, deployments: list) -> execution_result_pb2.ExecutorOutput:
+    """Publishes the PushedModel always, Deployments only when a version was actually pushed."""
     output = execution_result_pb2.ExecutorOutput()
     output.output_artifacts["pushed_model"].artifacts.append(pushed_model.mlmd_artifact)
-    deployments = output.output_artifacts["deployment"].artifacts
-    if deployment is not None:
-        deployments.append(deployment.mlmd_artifact)
+    output.output_artifacts["deployment"].artifacts.extend(d.mlmd_artifact for d in deployments)
     return output

@@ -50,3 +50,21 @@ def digits_eval():
 
     digits = embedded_digits()
     return digits.take(list(range(len(digits) - 64, len(digits))))
+
+
+@pytest.fixture(scope="session")
+def canary_pipeline(tmp_path_factory) -> PipelineRun:
+    """Two pipeline runs in canary mode, the second with changed training parameters:
+    version 1 is stable, version 2 the canary at 10%."""
+    directory = tmp_path_factory.mktemp("canary-pipeline")
+    spec = write_spec(directory, **{"components.serving_pusher.release": "canary",
+                                    "components.serving_pusher.canary_weight": 10,
+                                    "components.trainer.train_steps": 500})
+    outputs = []
+    for steps in (500, 550):
+        text = spec.read_text().replace("train_steps: 500", f"train_steps: {steps}")
+        spec.write_text(text)
+        result = run_conveyor("run", spec)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        outputs.append(result.stdout)
+    return PipelineRun(spec, directory / "workspace", "\n".join(outputs), "")
