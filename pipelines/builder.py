@@ -22,6 +22,7 @@ WARM_START_RESOLVER = "WarmStartModelResolver"
 BASELINE_RESOLVER = "BaselineModelResolver"
 EVALUATOR = "Evaluator"
 INFRA_VALIDATOR = "InfraValidator"
+QUANTIZER = "Quantizer"
 SERVING_PUSHER = "ServingPusher"
 
 
@@ -123,12 +124,27 @@ def build_components(spec: PipelineSpec) -> list:
         nodes.append(infra_validator)
         infra_blessing = infra_validator.outputs["blessing"]
 
+    quantized = None
+    if components.quantizer:
+        from components.quantizer.component import Quantizer
+
+        quantizer_spec = components.quantizer
+        quantizer = Quantizer(
+            model=model, examples=examples, model_blessing=blessing, image_shape=spec.data.image_shape,
+            variants=quantizer_spec.variants, required_variants=quantizer_spec.required_variants,
+            representative_examples=quantizer_spec.representative_examples,
+            max_accuracy_drop_points=quantizer_spec.max_accuracy_drop_points, threads=quantizer_spec.threads,
+            latency_runs=quantizer_spec.latency_runs, throughput_batch_size=quantizer_spec.throughput_batch_size,
+        ).with_id(QUANTIZER)
+        nodes.append(quantizer)
+        quantized = quantizer.outputs["quantized_models"]
+
     if components.serving_pusher:
         from components.serving_pusher.component import ServingPusher
 
         pusher_spec = components.serving_pusher
         pusher = ServingPusher(
-            model=model, model_blessing=blessing, infra_blessing=infra_blessing,
+            model=model, model_blessing=blessing, infra_blessing=infra_blessing, quantized_models=quantized,
             model_name=pusher_spec.model_name, base_path=str(pusher_spec.base_path.resolve()),
             release=pusher_spec.release, canary_weight=pusher_spec.canary_weight,
             keep_versions=pusher_spec.keep_versions, batching=asdict(pusher_spec.batching),

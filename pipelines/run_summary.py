@@ -1,6 +1,8 @@
 """The summary printed after `conveyor run`: what was trained, evaluated, pushed, and where to look."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from pipelines import metadata
 from pipelines.runner import RunResult
 from pipelines.spec import PipelineSpec
@@ -64,6 +66,11 @@ def summary_lines(spec: PipelineSpec, result: RunResult) -> list[str]:
         if accuracy is not None and evaluator:
             lines.append(f"  evaluated: accuracy {accuracy:.4f} (threshold {evaluator.min_accuracy}) -> "
                          f"{'blessed' if blessed else 'NOT blessed'}")
+    for quantization in artifacts.get("conveyor.QuantizationReport", [])[-1:]:
+        table = Path(quantization.uri) / "report.md"
+        if table.is_file():
+            lines.append("  quantized:")
+            lines += ["    " + line for line in table.read_text().splitlines() if line.startswith("|")]
     pushes = artifacts.get("PushedModel", [])
     if pushes:
         push = pushes[-1]

@@ -1,0 +1,151 @@
+"""Quantizer executor: convert each variant, measure it on the eval split, bless it or not, write the report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tfx.dsl.components.base import base_executor
+from tfx.proto.orchestration import execution_result_pb2
+from tfx.types import artifact_utils
+from tfx.utils import path_utils
+
+from components.artifacts import QuantizedModel, set_custom_properties
+from components.quantizer import report
+from components.quantizer.tflite_variants import (
+    VARIANTS,
+    convert,
+    converter_message,
+    measure,
+    saved_model_accuracy,
+)
+from pipelines.datasets import read_tfrecords
+from pipelines.errors import ConveyorError
+
+MODEL_FILE = "model.tflite"
+
+
+def check_parameters(variants: list[str], required: list[str], representative_examples: int) -> None:
+    unknown = [v for v in variants + required if v not in VARIANTS]
+    if unknown:
+        raise ConveyorError(f"quantizer.variants: unknown variant {unknown[0]!r} (use {', '.join(VARIANTS)})")
+    if representative_examples < 1 and "int8" in variants:
+        raise ConveyorError("quantizer.representative_examples: int8 needs at least 1 example")
+
+
+def is_blessed(accuracy_delta_points: float, max_drop_points: float) -> bool:
+    """A variant is blessed when it loses at most `max_drop_points` accuracy points against the SavedModel."""
+    return -accuracy_delta_points <= max_drop_points + 1e-9
+
+
+def _split_images(examples, split: str, image_shape: tuple[int, int]):
+    split_dir = Path(artifact_utils.get_split_uri([examples], split))
+    files = sorted(str(p) for p in split_dir.iterdir() if p.is_file()) if split_dir.is_dir() else []
+    return read_tfrecords(files, image_shape) if files else None
+
+
+class Executor(base_executor.BaseExecutor):
+    def Do(self, input_dict: dict[str, list], output_dict: dict[str, list],
+           exec_properties: dict[str, Any]) -> execution_result_pb2.ExecutorOutput:
+        variants = json.loads(exec_properties["variants"])
+        required = json.loads(exec_properties.get("required_variants") or "[]")
+        representative_count = int(exec_properties.get("representative_examples", 200))
+        check_parameters(variants, required, representative_count)
+        image_shape = tuple(json.loads(exec_properties["image_shape"]))
+        tolerance = float(exec_properties.get("max_accuracy_drop_points") or 1.0)
+        report_artifact = artifact_utils.get_single_instance(output_dict["report"])
+        variants_dir = Path(artifact_utils.get_single_uri(output_dict["quantized_models"]))
+
+        blessing = artifact_utils.get_single_instance(input_dict["model_blessing"])
+        if blessing.get_int_custom_property("blessed") != 1:
+            self._write_report(report_artifact, [], "the model was not blessed by the Evaluator: nothing quantized")
+            return _executor_output([], report_artifact)
+
+        examples = artifact_utils.get_single_instance(input_dict["examples"])
+        evaluation = _split_images(examples, "eval", image_shape)
+        training = _split_images(examples, "train", image_shape)
+        if evaluation is None or len(evaluation) == 0:
+            raise ConveyorError("quantizer: the eval split is empty; nothing to measure accuracy on")
+        if "int8" in variants and (training is None or len(training) == 0):
+            raise ConveyorError("quantizer: the representative dataset is empty (no training examples for int8)")
+        representative = training.images[:representative_count] if training is not None else None
+
+        saved_model_dir = path_utils.serving_model_path(artifact_utils.get_single_instance(input_dict["model"]).uri)
+        float_accuracy = saved_model_accuracy(saved_model_dir, evaluation.images, evaluation.labels)
+        rows, artifacts = [], []
+        for variant in variants:
+            row = {"variant": variant, "status": "ok", "error": ""}
+            try:
+                content = convert(saved_model_dir, variant, representative)
+            except Exception as exc:  # the converter's own message goes to the report
+                row.update(status="failed", error=converter_message(exc))
+                rows.append(row)
+                print(f"    {variant}: conversion failed: {row['error']}", flush=True)
+                continue
+            result = measure(content, evaluation.images, evaluation.labels,
+                             threads=int(exec_properties.get("threads") or 2),
+                             latency_runs=int(exec_properties.get("latency_runs") or 200),
+                             throughput_batch=int(exec_properties.get("throughput_batch_size") or 64))
+            delta_points = (result.accuracy - float_accuracy) * 100
+            row.update(size_bytes=len(content), accuracy=result.accuracy, accuracy_delta_points=delta_points,
+                       latency_p50_ms=result.latency_p50_ms, latency_p95_ms=result.latency_p95_ms,
+                       throughput_per_s=result.throughput_per_s, blessed=is_blessed(delta_points, tolerance),
+                       input_dtype=result.input_dtype, input_scale=result.input_scale,
+                       input_zero_point=result.input_zero_point, output_quantization=result.output_quantization)
+            rows.append(row)
+            artifacts.append(self._variant_artifact(variants_dir / variant, content, row))
+        report.complete_rows(rows)
+        for artifact, row in zip(artifacts, [r for r in rows if r["status"] == "ok"]):
+            set_custom_properties(artifact, {"size_vs_f32": row.get("size_vs_f32"),
+                                             "speed_vs_f32": row.get("speed_vs_f32")})
+        self._write_report(report_artifact, rows, "", float_accuracy=float_accuracy, tolerance=tolerance)
+        failed_required = [r["variant"] for r in rows if r["status"] != "ok" and r["variant"] in required]
+        if failed_required:
+            raise ConveyorError(f"quantizer: required variant {failed_required[0]} failed: "
+                                f"{next(r['error'] for r in rows if r['variant'] == failed_required[0])}")
+        return _executor_output(artifacts, report_artifact)
+
+    @staticmethod
+    def _variant_artifact(directory: Path, content: bytes, row: dict) -> QuantizedModel:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / MODEL_FILE).write_bytes(content)
+        artifact = QuantizedModel()
+        artifact.uri = str(directory)
+        artifact.variant = row["variant"]
+        artifact.size_bytes = row["size_bytes"]
+        artifact.accuracy = row["accuracy"]
+        artifact.accuracy_delta = row["accuracy_delta_points"]
+        artifact.latency_p50_ms = row["latency_p50_ms"]
+        artifact.latency_p95_ms = row["latency_p95_ms"]
+        artifact.throughput_per_s = row["throughput_per_s"]
+        artifact.blessed = int(row["blessed"])
+        set_custom_properties(artifact, {"input_dtype": row["input_dtype"], "input_scale": row["input_scale"],
+                                         "input_zero_point": row["input_zero_point"],
+                                         "output_quantization": json.dumps(row["output_quantization"])})
+        return artifact
+
+    @staticmethod
+    def _write_report(artifact, rows: list[dict], note: str, **extra) -> None:
+        directory = Path(artifact.uri)
+        directory.mkdir(parents=True, exist_ok=True)
+        document = {"note": note, **extra, "variants": rows}
+        (directory / "report.json").write_text(json.dumps(document, indent=2, default=float) + "\n")
+        table = report.markdown(rows, "TFLite variants (eval split, LiteRT)") if rows else f"{note}\n"
+        (directory / "report.md").write_text(table)
+        for row in rows:
+            if row["status"] == "ok":
+                print(f"    {row['variant']}: {row['size_bytes'] / 1024:.1f} KiB, accuracy {row['accuracy']:.4f} "
+                      f"({row['accuracy_delta_points']:+.2f} pts), p50 {row['latency_p50_ms'] * 1000:.0f} µs, "
+                      f"{'blessed' if row['blessed'] else 'NOT blessed'}", flush=True)
+        if note:
+            print(f"    {note}", flush=True)
+        set_custom_properties(artifact, {"variants": len(rows),
+                                         "blessed": sum(1 for r in rows if r.get("blessed")),
+                                         "float_accuracy": extra.get("float_accuracy"), "note": note})
+
+
+def _executor_output(variants: list, report_artifact) -> execution_result_pb2.ExecutorOutput:
+    output = execution_result_pb2.ExecutorOutput()
+    output.output_artifacts["quantized_models"].artifacts.extend(v.mlmd_artifact for v in variants)
+    output.output_artifacts["report"].artifacts.append(report_artifact.mlmd_artifact)
+    return output
