@@ -14,6 +14,8 @@ import numpy as np
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
+from pipelines.native_output import native_stderr_discarded
+
 VARIANTS = ("float32", "float16", "dynamic_range", "int8")
 SIGNATURE = "serving_default"
 INPUT = "images"
@@ -38,7 +40,8 @@ def convert(saved_model_dir: str, variant: str, representative: np.ndarray | Non
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         converter.inference_input_type = tf.int8
         converter.inference_output_type = tf.int8
-    return converter.convert()
+    with native_stderr_discarded():
+        return converter.convert()
 
 
 def converter_message(error: Exception) -> str:
@@ -68,9 +71,11 @@ class TfliteModel:
     """A converted variant, run through LiteRT's signature runner; quantizes raw pixels for int8 inputs."""
 
     def __init__(self, content: bytes, threads: int):
-        self.interpreter = Interpreter(model_content=content, num_threads=threads)
-        self.runner = self.interpreter.get_signature_runner(SIGNATURE)
-        details = self.runner.get_input_details()[INPUT]
+        with native_stderr_discarded():  # LiteRT announces its XNNPACK delegate on the first invocation
+            self.interpreter = Interpreter(model_content=content, num_threads=threads)
+            self.runner = self.interpreter.get_signature_runner(SIGNATURE)
+            details = self.runner.get_input_details()[INPUT]
+            self.runner(**{INPUT: np.zeros([1, *details["shape"][1:]], dtype=details["dtype"])})
         self.input_dtype = np.dtype(details["dtype"])
         self.input_scale, self.input_zero_point = details["quantization"]
         self.output_details = self.runner.get_output_details()

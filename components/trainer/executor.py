@@ -20,6 +20,7 @@ from components.artifacts import set_custom_properties, span_of
 from components.trainer.training import ERROR_PREFIX, STRATEGIES, TrainingJob, parse_tf_config
 from pipelines.datasets import IMAGE_KEY, LABEL_KEY
 from pipelines.errors import ConveyorError
+from pipelines.native_output import is_native_noise
 
 
 class Executor(base_executor.BaseExecutor):
@@ -162,7 +163,7 @@ class _ChildProcess:
         for line in self.process.stdout:
             line = line.rstrip()
             self.tail.append(line)
-            if not line.startswith(ERROR_PREFIX):
+            if not line.startswith(ERROR_PREFIX) and not is_native_noise(line):
                 print(f"    [{self.name}] {line}", flush=True)
 
     @property
