@@ -24,6 +24,7 @@ EVALUATOR = "Evaluator"
 INFRA_VALIDATOR = "InfraValidator"
 QUANTIZER = "Quantizer"
 SERVING_PUSHER = "ServingPusher"
+GCP_PUSHER = "GcpPusher"
 
 
 def example_gen_input_config() -> example_gen_pb2.Input:
@@ -150,6 +151,14 @@ def build_components(spec: PipelineSpec) -> list:
             keep_versions=pusher_spec.keep_versions, batching=asdict(pusher_spec.batching),
         ).with_id(SERVING_PUSHER)
         nodes.append(pusher)
+
+    if components.gcp_pusher:
+        from components.gcp_pusher.component import GcpPusher
+
+        nodes.append(GcpPusher(
+            model=model, model_blessing=blessing, infra_blessing=infra_blessing, quantized_models=quantized,
+            model_name=spec.gcp_model_name, pipeline_name=spec.name, settings=components.gcp_pusher,
+        ).with_id(GCP_PUSHER))
     return nodes
 
 

@@ -44,6 +44,13 @@ def cmd_run(args) -> int:
     from pipelines.spec import load_spec
 
     spec = load_spec(args.spec)
+    if args.gcp_dry_run:
+        from dataclasses import replace
+
+        if spec.components.gcp_pusher is None:
+            raise ConveyorError(f"{spec.source_file}: --gcp-dry-run needs a components.gcp_pusher section")
+        spec = replace(spec, components=replace(spec.components,
+                                                gcp_pusher=replace(spec.components.gcp_pusher, dry_run=True)))
     _quiet_libraries()
     from pipelines.workspace import check_workspace, prepare_data
 
@@ -112,19 +119,39 @@ def cmd_status(args) -> int:
     return 0
 
 
+def _print_vertex_rows(rows: list[dict]) -> None:
+    for row in rows:
+        print(f"  version {row['version']}: {row['label'] or row['release_state']} {row['traffic_percent']}% "
+              f"(deployed model {row['deployed_model_id']})")
+
+
 def cmd_promote(args) -> int:
-    from pipelines.release_commands import PROMOTE, change_release
+    from pipelines.release_commands import PROMOTE, change_release, change_vertex_release
     from pipelines.spec import load_spec
 
+    if args.target == "gcp":
+        rows = change_vertex_release(load_spec(args.spec), args.model, PROMOTE, weight=args.weight, reason=args.reason,
+                                     dry_run=args.dry_run)
+        print(f"conveyor: Vertex AI endpoint traffic{' (dry run: unchanged)' if args.dry_run else ''}:")
+        _print_vertex_rows(rows)
+        return 0
     release = change_release(load_spec(args.spec), args.model, PROMOTE, weight=args.weight, reason=args.reason)
     print(f"conveyor: {args.model}: labels {release.labels}, traffic {release.weights}")
     return 0
 
 
 def cmd_rollback(args) -> int:
-    from pipelines.release_commands import ROLLBACK, change_release
+    from pipelines.release_commands import ROLLBACK, change_release, change_vertex_release
     from pipelines.spec import load_spec
 
+    if args.target == "gcp":
+        if args.to is not None:
+            raise ConveyorError("rollback --target gcp: --to is for local versions; on Vertex AI a rollback "
+                                "drops the canary (push an older model with canary_weight 100 to go further back)")
+        rows = change_vertex_release(load_spec(args.spec), args.model, ROLLBACK, reason=args.reason, dry_run=args.dry_run)
+        print(f"conveyor: Vertex AI endpoint traffic{' (dry run: unchanged)' if args.dry_run else ''}:")
+        _print_vertex_rows(rows)
+        return 0
     release = change_release(load_spec(args.spec), args.model, ROLLBACK, to_version=args.to, reason=args.reason)
     print(f"conveyor: {args.model}: stable is now version {release.labels['stable']} (100%), canary removed")
     return 0
@@ -162,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a pipeline spec end to end")
     run.add_argument("spec", nargs="?", default=DEFAULT_SPEC, help=f"pipeline YAML (default {DEFAULT_SPEC})")
+    run.add_argument("--gcp-dry-run", action="store_true",
+                     help="the GcpPusher prints every Cloud Storage and Vertex AI call it would make, and makes none")
     run.set_defaults(handler=cmd_run)
 
     validate = commands.add_parser("validate", help="check a spec against the schema; build nothing")
@@ -185,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--weight", type=int, help="step the canary's share to N%% instead of promoting")
     promote.add_argument("--spec", default=DEFAULT_SPEC)
     promote.add_argument("--reason", default="", help="recorded with the change in ML Metadata")
+    promote.add_argument("--target", choices=("local", "gcp"), default="local",
+                         help="the local serving base path, or the spec's Vertex AI endpoint")
+    promote.add_argument("--dry-run", action="store_true", help="gcp: read the endpoint, print the changes, send none")
     promote.set_defaults(handler=cmd_promote)
 
     rollback = commands.add_parser("rollback", help="stable back to the previous stable (or --to VERSION)")
@@ -192,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--to", type=int, help="the version to make stable")
     rollback.add_argument("--spec", default=DEFAULT_SPEC)
     rollback.add_argument("--reason", default="")
+    rollback.add_argument("--target", choices=("local", "gcp"), default="local")
+    rollback.add_argument("--dry-run", action="store_true", help="gcp: read the endpoint, print the changes, send none")
     rollback.set_defaults(handler=cmd_rollback)
 
     deploy = commands.add_parser("deploy", help="production manifests for TensorFlow Serving").add_subparsers(

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ml_metadata import errors
 from ml_metadata.proto import metadata_store_pb2
 
 DEPLOYMENT_TYPE = "conveyor.Deployment"
@@ -41,7 +42,11 @@ def _type_names(store) -> dict[int, str]:
 
 
 def run_of_execution(store, execution_id: int) -> str | None:
-    for context in store.get_contexts_by_execution(execution_id):
+    try:
+        contexts = store.get_contexts_by_execution(execution_id)
+    except errors.NotFoundError:  # recorded outside any pipeline (a release command before the first run)
+        return None
+    for context in contexts:
         if context.type == PIPELINE_RUN_CONTEXT or _context_type(store, context) == PIPELINE_RUN_CONTEXT:
             return context.name
     return None

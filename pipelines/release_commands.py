@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ml_metadata.proto import metadata_store_pb2
 
-from components.artifacts import Deployment, deployment
+from components.artifacts import Deployment, deployment, set_custom_properties
 from pipelines import metadata
 from pipelines.errors import ConveyorError
 from pipelines.mlmd_queries import PIPELINE_CONTEXT, deployment_snapshots, props, pushing_runs
@@ -104,33 +104,40 @@ def change_release(spec: PipelineSpec, model: str, kind: str, *, weight: int | N
 
 def record_change(spec: PipelineSpec, kind: str, before: releases.ModelRelease, after: releases.ModelRelease,
                   reason: str) -> int:
-    """An MLMD execution consuming the Deployments that were current and producing the new state."""
+    """A local release change in MLMD: the Deployments that were current in, the new state out."""
+    details = {"labels_before": json.dumps(before.labels, sort_keys=True),
+               "labels_after": json.dumps(after.labels, sort_keys=True),
+               "weights_after": json.dumps(after.weights, sort_keys=True)}
+    return record_release_execution(spec, kind, after.name, "local", releases.snapshot(before.labels, after),
+                                    base_path=str(after.base_path.resolve()), reason=reason, details=details)
+
+
+def record_release_execution(spec: PipelineSpec, kind: str, model_name: str, target: str, rows: list[dict], *,
+                             base_path: str, reason: str, details: dict, endpoint: str = "") -> int:
+    """An MLMD execution consuming the model's Deployments on `target` that were current and producing one
+    Deployment per row of the new state, in the pipeline's context."""
     store = metadata.open_store(spec.metadata)
     deployment_type_id = store.put_artifact_type(Deployment().artifact_type, can_add_fields=True)
     execution_type_id = store.put_execution_type(metadata_store_pb2.ExecutionType(name=kind), can_add_fields=True)
-    history = deployment_snapshots(store, after.name, target="local")
+    history = deployment_snapshots(store, model_name, target=target)
     previous = history[-1].deployments if history else []
 
     execution = metadata_store_pb2.Execution(type_id=execution_type_id,
                                              last_known_state=metadata_store_pb2.Execution.COMPLETE)
-    details = {"model_name": after.name, "user": getpass.getuser(), "host": socket.gethostname(),
-               "reason": reason, "labels_before": json.dumps(before.labels, sort_keys=True),
-               "labels_after": json.dumps(after.labels, sort_keys=True),
-               "weights_after": json.dumps(after.weights, sort_keys=True),
-               "changed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    details = {"model_name": model_name, "target": target, "user": getpass.getuser(), "host": socket.gethostname(),
+               "reason": reason, "changed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **details}
     for key, value in details.items():
         execution.custom_properties[key].string_value = value
 
-    artifact_and_events = []
-    for artifact in previous:
-        event = metadata_store_pb2.Event(type=metadata_store_pb2.Event.INPUT)
-        artifact_and_events.append((artifact, event))
-    base_path = str(after.base_path.resolve())
+    artifact_and_events = [(artifact, metadata_store_pb2.Event(type=metadata_store_pb2.Event.INPUT))
+                           for artifact in previous]
     record_dir = (spec.pipeline_root / "_releases" / kind.split(".")[-1] /
                   time.strftime("%Y%m%d-%H%M%S", time.gmtime())).resolve()
-    for row in releases.snapshot(before.labels, after):
-        new = deployment(row, model_name=after.name, base_path=base_path,
-                         uri=str(record_dir / f"version-{row['version']}")).mlmd_artifact
+    for row in rows:
+        new = deployment(row, model_name=model_name, base_path=base_path, target=target, endpoint=endpoint,
+                         uri=str(record_dir / f"{target}-version-{row['version']}"))
+        set_custom_properties(new, {k: row[k] for k in ("model_resource", "deployed_model_id") if k in row})
+        new = new.mlmd_artifact
         new.type_id = deployment_type_id
         new.state = metadata_store_pb2.Artifact.LIVE
         artifact_and_events.append((new, metadata_store_pb2.Event(type=metadata_store_pb2.Event.OUTPUT)))
@@ -142,6 +149,37 @@ def record_change(spec: PipelineSpec, kind: str, before: releases.ModelRelease, 
     execution_id, _, _ = store.put_execution(execution, artifact_and_events, contexts,
                                              reuse_context_if_already_exist=True)
     return execution_id
+
+
+def change_vertex_release(spec: PipelineSpec, model: str, kind: str, *, weight: int | None = None,
+                          reason: str = "", dry_run: bool = False, say=print) -> list[dict]:
+    """`promote|rollback --target gcp`: moves the Vertex AI endpoint's traffic, records it like a local change.
+    A dry run reads the endpoint and prints the changes it would send."""
+    from components.gcp_pusher import traffic
+    from components.gcp_pusher.vertex import VertexApi, VertexError
+
+    settings = spec.components.gcp_pusher
+    if settings is None:
+        raise ConveyorError(f"{spec.source_file}: no components.gcp_pusher, so there is no Vertex AI endpoint")
+    model_name = spec.gcp_model_name
+    if model != model_name:
+        raise ConveyorError(f"unknown model {model!r} on Google Cloud: the spec's gcp_pusher pushes {model_name!r}")
+    try:
+        vertex = VertexApi(settings, model_name, say=say, dry_run="writes" if dry_run else False)
+        endpoint = vertex.find_endpoint()
+        deployed = vertex.deployed(endpoint)
+        change = (traffic.for_promotion(deployed, weight, endpoint) if kind == PROMOTE
+                  else traffic.for_rollback(deployed, endpoint))
+        vertex.apply(endpoint, change)
+        stable = next(d for d in deployed if d.id == change.stable)
+        vertex.move_alias(stable.model, stable.version, "stable")
+    except VertexError as exc:
+        raise ConveyorError(f"gcp: {exc}") from None
+    rows = traffic.rows_after(deployed, change)
+    if not dry_run:
+        record_release_execution(spec, kind, model_name, "vertex", rows, base_path="", endpoint=endpoint,
+                                 reason=reason, details={"traffic_split": json.dumps(change.split, sort_keys=True)})
+    return rows
 
 
 def release_history(spec: PipelineSpec, model: str) -> list[dict]:

@@ -134,6 +134,9 @@ class GcpPusherSpec:
     serving_image: str = "us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-16:latest"
     credentials: str | None = None
     dry_run: bool = False
+    retry_seconds: float = 300.0
+    upload_workers: int = 8
+    # Emulators and fakes (tests, local trials); unset means Google's own endpoints.
     storage_endpoint: str | None = None
     vertex_endpoint: str | None = None
 
@@ -187,6 +190,14 @@ class PipelineSpec:
     kubeflow: KubeflowSpec = field(default_factory=KubeflowSpec)
 
     @property
+    def gcp_model_name(self) -> str:
+        """The model's name on Google Cloud: the gcp section's display name, else the serving model's name."""
+        gcp = self.components.gcp_pusher
+        serving = self.components.serving_pusher
+        return (gcp.model_display_name if gcp and gcp.model_display_name else None) or \
+            (serving.model_name if serving else self.name)
+
+    @property
     def data_root(self) -> Path:
         return self.workspace / "data"
 
@@ -208,9 +219,16 @@ def _validator() -> jsonschema.Draft202012Validator:
 def load_spec(path: str | os.PathLike) -> PipelineSpec:
     """Reads and validates a spec file; raises ConveyorError listing every problem found."""
     spec_path = Path(path)
+    return parse_spec(_read_document(spec_path), spec_path)
+
+
+def _read_document(spec_path: Path, extended_by: tuple[Path, ...] = ()) -> Any:
+    """The YAML document, with `extends: other.yaml` (relative to this file) merged under it: mappings
+    merge key by key, anything else is replaced, and `key: null` removes a key of the base."""
     if not spec_path.is_file():
+        referrer = f" (extended by {extended_by[-1]})" if extended_by else ""
         raise ConveyorError(
-            f"spec file not found: {spec_path} (pass a pipeline YAML, e.g. pipelines/mnist.yaml)")
+            f"spec file not found: {spec_path}{referrer} (pass a pipeline YAML, e.g. pipelines/mnist.yaml)")
     try:
         document = yaml.safe_load(spec_path.read_text())
     except yaml.YAMLError as exc:
@@ -220,7 +238,24 @@ def load_spec(path: str | os.PathLike) -> PipelineSpec:
         raise ConveyorError(f"{where}: YAML syntax error: {problem}") from None
     except UnicodeDecodeError:
         raise ConveyorError(f"{spec_path}: not a text file; a spec is UTF-8 YAML") from None
-    return parse_spec(document, spec_path)
+    if not isinstance(document, dict) or "extends" not in document:
+        return document
+    base_path = (spec_path.parent / str(document.pop("extends"))).resolve()
+    if base_path in extended_by or base_path == spec_path.resolve():
+        raise ConveyorError(f"{spec_path}: extends {base_path}, which extends it back (a cycle)")
+    return _merged(_read_document(base_path, (*extended_by, spec_path.resolve())), document)
+
+
+def _merged(base: Any, override: Any) -> Any:
+    if not (isinstance(base, dict) and isinstance(override, dict)):
+        return override
+    merged = dict(base)
+    for key, value in override.items():
+        if value is None:
+            merged.pop(key, None)
+        else:
+            merged[key] = _merged(base.get(key), value)
+    return merged
 
 
 def parse_spec(document: Any, source_file: Path) -> PipelineSpec:

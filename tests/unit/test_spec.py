@@ -58,6 +58,13 @@ def test_defaults_fill_what_the_spec_leaves_out():
     (lambda d: d["components"].pop("trainer"), "components.evaluator: needs components.trainer"),
     (lambda d: d["components"].update(quantizer={"variants": ["int8"], "required_variants": ["float16"]}),
      "components.quantizer.required_variants: float16 is not among"),
+    (lambda d: d["components"].update(gcp_pusher={"project": "p", "region": "europe-west4", "bucket": "b1"}),
+     "components.gcp_pusher.project: 'p' is not a valid value (must match"),
+    (lambda d: d["components"].update(gcp_pusher={"project": "my-project", "region": "europe-west4",
+                                                  "bucket": "models", "min_replicas": 3, "max_replicas": 2}),
+     "components.gcp_pusher.min_replicas: must be <= max_replicas (2)"),
+    (lambda d: d["components"].update(gcp_pusher={"project": "my-project", "region": "europe-west4"}),
+     "components.gcp_pusher.bucket: required key is missing"),
 ])
 def test_each_class_of_mistake_names_its_yaml_path(change, expected):
     problems = problems_after(change)
@@ -114,3 +121,22 @@ def test_schema_file_is_valid_json_schema():
 
     schema = json.loads((ROOT / "schemas" / "pipeline.schema.json").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
+
+
+def test_extends_merges_mappings_replaces_values_and_removes_nulls(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(DEFAULT_SPEC.read_text().replace("schemas/mnist/schema.pbtxt",
+                                                     str(DEFAULT_SPEC.parent.parent / "schemas/mnist/schema.pbtxt")))
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: base.yaml\nname: child\ncomponents:\n  trainer: {train_steps: 7}\n"
+                     "  quantizer: null\n")
+    spec = load_spec(child)
+    assert spec.name == "child" and spec.components.trainer.train_steps == 7
+    assert spec.components.trainer.learning_rate == 0.003  # merged, not replaced
+    assert spec.components.quantizer is None
+    (tmp_path / "loop.yaml").write_text("extends: loop.yaml\n")
+    with pytest.raises(ConveyorError, match="a cycle"):
+        load_spec(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConveyorError, match=r"spec file not found: .*nowhere.yaml \(extended by"):
+        load_spec(tmp_path / "orphan.yaml")

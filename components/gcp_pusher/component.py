@@ -1,0 +1,45 @@
+"""GcpPusher: blessed models to Cloud Storage and a Vertex AI model version, endpoint and canary split."""
+from __future__ import annotations
+
+from tfx import types
+from tfx.dsl.components.base import base_component, executor_spec
+from tfx.types import standard_artifacts
+from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
+
+from components.artifacts import Deployment, QuantizedModel
+from components.gcp_pusher import executor
+from components.gcp_pusher.settings import settings_to_json
+from pipelines.spec import GcpPusherSpec
+
+
+class GcpPusherComponentSpec(ComponentSpec):
+    PARAMETERS = {
+        "model_name": ExecutionParameter(type=str),
+        "pipeline_name": ExecutionParameter(type=str),  # a label on the Vertex AI model version
+        "gcp": ExecutionParameter(type=str),  # JSON of pipelines.spec.GcpPusherSpec (a key file's path, never its content)
+    }
+    INPUTS = {
+        "model": ChannelParameter(type=standard_artifacts.Model),
+        "model_blessing": ChannelParameter(type=standard_artifacts.ModelBlessing),
+        "infra_blessing": ChannelParameter(type=standard_artifacts.InfraBlessing, optional=True),
+        "quantized_models": ChannelParameter(type=QuantizedModel, optional=True),
+    }
+    OUTPUTS = {
+        "pushed_model": ChannelParameter(type=standard_artifacts.PushedModel),
+        "deployment": ChannelParameter(type=Deployment),
+    }
+
+
+class GcpPusher(base_component.BaseComponent):
+    SPEC_CLASS = GcpPusherComponentSpec
+    EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(executor.Executor)
+
+    def __init__(self, model: types.BaseChannel, model_blessing: types.BaseChannel, *, model_name: str,
+                 pipeline_name: str, settings: GcpPusherSpec, infra_blessing: types.BaseChannel | None = None,
+                 quantized_models: types.BaseChannel | None = None):
+        super().__init__(spec=GcpPusherComponentSpec(
+            model=model, model_blessing=model_blessing, infra_blessing=infra_blessing,
+            quantized_models=quantized_models, model_name=model_name, pipeline_name=pipeline_name,
+            gcp=settings_to_json(settings),
+            pushed_model=types.Channel(type=standard_artifacts.PushedModel),
+            deployment=types.Channel(type=Deployment)))

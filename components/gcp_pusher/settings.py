@@ -1,0 +1,81 @@
+"""The gcp_pusher section of a spec as the executor sees it, and the Google clients it builds from it."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, fields
+
+from pipelines.errors import ConveyorError
+from pipelines.spec import GcpPusherSpec
+
+
+def settings_from_json(text: str) -> GcpPusherSpec:
+    document = json.loads(text)
+    known = {f.name for f in fields(GcpPusherSpec)}
+    return GcpPusherSpec(**{k: v for k, v in document.items() if k in known})
+
+
+def settings_to_json(settings: GcpPusherSpec) -> str:
+    return json.dumps(asdict(settings), sort_keys=True)
+
+
+def display_name(settings: GcpPusherSpec, model_name: str) -> str:
+    return settings.model_display_name or model_name
+
+
+def endpoint_display_name(settings: GcpPusherSpec, model_name: str) -> str:
+    return settings.endpoint or f"{display_name(settings, model_name)}-endpoint"
+
+
+def location(settings: GcpPusherSpec) -> str:
+    return f"projects/{settings.project}/locations/{settings.region}"
+
+
+def credentials(settings: GcpPusherSpec):
+    """A key file named in the spec, anonymous credentials for an emulator, else Application Default
+    Credentials. The key file's content is read by google-auth only: never printed or copied."""
+    from google.auth import credentials as auth_credentials
+    from google.auth import default as default_credentials
+    from google.auth.exceptions import DefaultCredentialsError
+
+    if settings.credentials:
+        from google.oauth2 import service_account
+
+        try:
+            return service_account.Credentials.from_service_account_file(
+                settings.credentials, scopes=["https://www.googleapis.com/auth/cloud-platform"])
+        except (OSError, ValueError) as exc:
+            raise ConveyorError(f"gcp_pusher.credentials: cannot use the key file {settings.credentials} "
+                                f"({type(exc).__name__}); name a service-account JSON key or leave it out for "
+                                "Application Default Credentials") from None
+    if settings.storage_endpoint or settings.vertex_endpoint:
+        return auth_credentials.AnonymousCredentials()
+    try:
+        found, _ = default_credentials(scopes=["https://www.googleapis.com/auth/cloud-platform"])
+        return found
+    except DefaultCredentialsError:
+        raise ConveyorError("gcp_pusher: no Google credentials found; run `gcloud auth application-default login`, "
+                            "name a key file in gcp_pusher.credentials, or set gcp_pusher.dry_run") from None
+
+
+def storage_client(settings: GcpPusherSpec):
+    from google.cloud import storage
+
+    options = {"api_endpoint": settings.storage_endpoint} if settings.storage_endpoint else None
+    return storage.Client(project=settings.project, credentials=credentials(settings), client_options=options)
+
+
+def vertex_clients(settings: GcpPusherSpec):
+    """(ModelServiceClient, EndpointServiceClient) over REST, regional as Vertex AI requires."""
+    from google.cloud import aiplatform_v1
+
+    endpoint = settings.vertex_endpoint or f"https://{settings.region}-aiplatform.googleapis.com"
+    options = {"api_endpoint": endpoint}
+    creds = credentials(settings)
+    return (aiplatform_v1.ModelServiceClient(credentials=creds, transport="rest", client_options=options),
+            aiplatform_v1.EndpointServiceClient(credentials=creds, transport="rest", client_options=options))
+
+
+def label_value(text: str) -> str:
+    """Vertex AI labels: lowercase letters, digits, '-' and '_', at most 63 characters."""
+    return re.sub(r"[^a-z0-9_-]", "-", text.lower())[:63]

@@ -1,0 +1,68 @@
+"""What both pushers share: whether they may push, which files make up a release, and what they publish."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tfx.proto.orchestration import execution_result_pb2
+from tfx.utils import path_utils
+
+TFLITE_DIR = "tflite"
+
+
+def skip_reason(input_dict: dict[str, list]) -> str | None:
+    """Why this model must not be pushed, or None when every blessing wired in says yes."""
+    for key, what in (("model_blessing", "the Evaluator"), ("infra_blessing", "the InfraValidator")):
+        for blessing in input_dict.get(key) or []:
+            if blessing.get_int_custom_property("blessed") != 1:
+                detail = (blessing.get_string_custom_property("reason")
+                          if blessing.has_custom_property("reason") else "")
+                return f"not blessed by {what}" + (f": {detail}" if detail else "")
+    return None
+
+
+def blessed_variants(quantized_models: list) -> list:
+    return [q for q in quantized_models if q.blessed == 1]
+
+
+def release_sources(model, variants: list, scratch: str) -> dict[str, Path]:
+    """{relative destination: local source} for one release: the SavedModel at the root ("") and the
+    blessed TFLite variants under tflite/ with a manifest clients can read."""
+    sources = {"": Path(path_utils.serving_model_path(model.uri))}
+    if not variants:
+        return sources
+    manifest = {"variants": []}
+    for variant in variants:
+        name = variant.variant
+        sources[f"{TFLITE_DIR}/{name}.tflite"] = Path(variant.uri) / "model.tflite"
+        entry = {"variant": name, "file": f"{name}.tflite", "size_bytes": variant.size_bytes,
+                 "accuracy": variant.accuracy, "accuracy_delta": variant.accuracy_delta,
+                 "latency_p50_ms": variant.latency_p50_ms}
+        for key in ("input_scale", "input_zero_point"):
+            if variant.has_custom_property(key):
+                entry[key] = variant.get_custom_property(key)
+        manifest["variants"].append(entry)
+    manifest_path = Path(scratch) / "manifest.json"
+    manifest_path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    sources[f"{TFLITE_DIR}/manifest.json"] = manifest_path
+    return sources
+
+
+def files_of(sources: dict[str, Path]) -> list[tuple[Path, str]]:
+    """Every (local file, relative name) of a release, directories expanded, in a stable order."""
+    files = []
+    for destination, source in sources.items():
+        if source.is_dir():
+            for path in sorted(p for p in source.rglob("*") if p.is_file()):
+                files.append((path, "/".join(filter(None, [destination, path.relative_to(source).as_posix()]))))
+        else:
+            files.append((source, destination))
+    return files
+
+
+def pusher_output(pushed_model, deployments: list) -> execution_result_pb2.ExecutorOutput:
+    """Publishes the PushedModel always, Deployments only when a version was actually pushed."""
+    output = execution_result_pb2.ExecutorOutput()
+    output.output_artifacts["pushed_model"].artifacts.append(pushed_model.mlmd_artifact)
+    output.output_artifacts["deployment"].artifacts.extend(d.mlmd_artifact for d in deployments)
+    return output

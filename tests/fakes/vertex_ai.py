@@ -1,0 +1,257 @@
+"""A fake of the few Vertex AI REST methods Conveyor calls, on 127.0.0.1, for the real client to talk to.
+
+It answers with the documented JSON shapes (long-running operations included), enforces the rules the real
+service enforces that our code relies on (a traffic split sums to 100; a model with traffic cannot be
+undeployed; an alias lives on one version of a model), records every request, and can be told to fail.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+STATUS_NAMES = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND", 409: "ALREADY_EXISTS",
+                429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}
+TYPE = "type.googleapis.com/google.cloud.aiplatform.v1."
+
+
+@dataclass
+class Failure:
+    path_contains: str
+    status: int
+    times: int | None  # None: every time
+
+
+@dataclass
+class Recorded:
+    method: str
+    path: str
+    body: dict
+    status: int = 0
+
+
+@dataclass
+class FakeVertexState:
+    models: dict = field(default_factory=dict)  # model name -> {"displayName", "versions": [model json]}
+    endpoints: dict = field(default_factory=dict)  # endpoint name -> endpoint json
+    operations: dict = field(default_factory=dict)
+    requests: list[Recorded] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+
+
+class VertexError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class FakeVertexAI:
+    def __init__(self):
+        self.state = FakeVertexState()
+        self.ids = itertools.count(1001)
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> FakeVertexAI:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def fail(self, path_contains: str, status: int, times: int | None = None) -> None:
+        self.state.failures.append(Failure(path_contains, status, times))
+
+    def calls(self, contains: str = "") -> list[Recorded]:
+        return [r for r in self.state.requests if contains in r.path]
+
+    def endpoint(self, display_name: str) -> dict | None:
+        return next((e for e in self.state.endpoints.values() if e["displayName"] == display_name), None)
+
+    def model(self, display_name: str) -> dict | None:
+        return next((m for m in self.state.models.values() if m["displayName"] == display_name), None)
+
+    # -- request handling ------------------------------------------------------------------------------
+    def _handler(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def _serve(self, method: str):
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                body = json.loads(raw) if raw else {}
+                parts = urlsplit(self.path)
+                record = Recorded(method, unquote(parts.path), body)
+                with fake.lock:
+                    fake.state.requests.append(record)
+                    try:
+                        status, answer = 200, fake._route(method, record.path, parse_qs(parts.query), body)
+                    except VertexError as exc:
+                        status = exc.status
+                        answer = {"error": {"code": exc.status, "message": exc.message,
+                                            "status": STATUS_NAMES.get(exc.status, "UNKNOWN")}}
+                record.status = status
+                payload = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def do_GET(self):
+                self._serve("GET")
+
+            def do_POST(self):
+                self._serve("POST")
+
+            def do_PATCH(self):
+                self._serve("PATCH")
+
+        return Handler
+
+    def _injected_failure(self, path: str) -> None:
+        for failure in self.state.failures:
+            if failure.path_contains in path and failure.times != 0:
+                if failure.times is not None:
+                    failure.times -= 1
+                raise VertexError(failure.status, f"injected {failure.status} for {path}")
+
+    def _route(self, method: str, path: str, query: dict, body: dict) -> dict:
+        self._injected_failure(path)
+        if not path.startswith("/v1/projects/"):
+            raise VertexError(404, f"unknown path {path}")
+        resource, _, verb = path[len("/v1/"):].partition(":")
+        pieces = resource.split("/")
+        location = "/".join(pieces[:4])
+        if pieces[4:5] == ["operations"] and method == "GET":
+            return self.state.operations[resource]
+        if pieces[4:] == ["models"] and method == "GET":
+            return {"models": self._filtered(self._latest_models(), query)}
+        if pieces[4:] == ["models"] and verb == "upload":
+            return self._upload(location, body)
+        if pieces[4:5] == ["models"] and verb == "mergeVersionAliases":
+            return self._merge_aliases(resource, body)
+        if pieces[4:] == ["endpoints"] and method == "GET":
+            return {"endpoints": self._filtered(list(self.state.endpoints.values()), query)}
+        if pieces[4:] == ["endpoints"] and method == "POST":
+            name = f"{location}/endpoints/{next(self.ids)}"
+            endpoint = {"name": name, "displayName": body["displayName"], "labels": body.get("labels", {}),
+                        "deployedModels": [], "trafficSplit": {}}
+            self.state.endpoints[name] = endpoint
+            return self._operation(location, "Endpoint", endpoint)
+        if pieces[4:5] == ["endpoints"] and len(pieces) == 6:
+            endpoint = self.state.endpoints.get(resource)
+            if endpoint is None:
+                raise VertexError(404, f"Endpoint {resource} not found")
+            if method == "GET" and not verb:
+                return endpoint
+            if method == "PATCH":
+                self._check_split(endpoint, body.get("trafficSplit", {}))
+                endpoint["trafficSplit"] = {k: v for k, v in body["trafficSplit"].items() if v}
+                return endpoint
+            if verb == "deployModel":
+                return self._deploy(location, endpoint, body)
+            if verb == "undeployModel":
+                return self._undeploy(location, endpoint, body)
+        raise VertexError(404, f"no fake for {method} {path}")
+
+    @staticmethod
+    def _filtered(items: list[dict], query: dict) -> list[dict]:
+        wanted = (query.get("filter") or [""])[0]
+        if wanted.startswith("display_name="):
+            name = wanted.split("=", 1)[1].strip('"')
+            return [item for item in items if item["displayName"] == name]
+        return items
+
+    def _latest_models(self) -> list[dict]:
+        return [entry["versions"][-1] for entry in self.state.models.values()]
+
+    def _operation(self, location: str, response_type: str, response: dict) -> dict:
+        name = f"{location}/operations/{next(self.ids)}"
+        operation = {"name": name, "done": True, "response": {"@type": TYPE + response_type, **response}}
+        self.state.operations[name] = operation
+        return operation
+
+    def _upload(self, location: str, body: dict) -> dict:
+        model = body["model"]
+        if not model.get("artifactUri", "").startswith("gs://"):
+            raise VertexError(400, "artifactUri must be a gs:// URI")
+        parent = body.get("parentModel")
+        if parent:
+            if parent not in self.state.models:
+                raise VertexError(404, f"Model {parent} not found")
+            name = parent
+        else:
+            name = f"{location}/models/{next(self.ids)}"
+            self.state.models[name] = {"displayName": model["displayName"], "versions": []}
+        versions = self.state.models[name]["versions"]
+        version_id = str(len(versions) + 1)
+        versions.append({**model, "name": name, "versionId": version_id, "versionAliases": [],
+                         "versionCreateTime": _now()})
+        return self._operation(location, "UploadModelResponse", {"model": name, "modelVersionId": version_id})
+
+    def _merge_aliases(self, resource: str, body: dict) -> dict:
+        name, _, version_id = resource.partition("@")
+        versions = self.state.models[name]["versions"]
+        target = next((v for v in versions if v["versionId"] == version_id), None)
+        if target is None:
+            raise VertexError(404, f"Model version {resource} not found")
+        for alias in body.get("versionAliases", []):
+            for version in versions:
+                if alias in version["versionAliases"]:
+                    version["versionAliases"].remove(alias)
+            target["versionAliases"].append(alias)
+        return target
+
+    @staticmethod
+    def _check_split(endpoint: dict, split: dict, new_id: str | None = None) -> None:
+        known = {d["id"] for d in endpoint["deployedModels"]} | ({"0"} if new_id else set())
+        unknown = set(split) - known
+        if unknown:
+            raise VertexError(400, f"traffic split names unknown deployed models {sorted(unknown)}")
+        if split and sum(split.values()) != 100:
+            raise VertexError(400, f"traffic split must sum to 100, not {sum(split.values())}")
+
+    def _deploy(self, location: str, endpoint: dict, body: dict) -> dict:
+        deployed = body["deployedModel"]
+        model_name, _, version_id = deployed["model"].partition("@")
+        if model_name not in self.state.models:
+            raise VertexError(404, f"Model {model_name} not found")
+        split = body.get("trafficSplit") or ({"0": 100} if not endpoint["deployedModels"] else {})
+        self._check_split(endpoint, split, new_id="0")
+        new_id = str(next(self.ids))
+        record = {**deployed, "id": new_id, "model": model_name, "modelVersionId": version_id or "1",
+                  "createTime": _now()}
+        endpoint["deployedModels"].append(record)
+        if split:
+            endpoint["trafficSplit"] = {(new_id if k == "0" else k): v for k, v in split.items() if v}
+        return self._operation(location, "DeployModelResponse", {"deployedModel": record})
+
+    def _undeploy(self, location: str, endpoint: dict, body: dict) -> dict:
+        deployed_id = body["deployedModelId"]
+        if deployed_id not in {d["id"] for d in endpoint["deployedModels"]}:
+            raise VertexError(404, f"deployed model {deployed_id} not found")
+        if endpoint["trafficSplit"].get(deployed_id, 0) > 0 and len(endpoint["deployedModels"]) > 1:
+            raise VertexError(400, f"deployed model {deployed_id} still receives traffic")
+        endpoint["deployedModels"] = [d for d in endpoint["deployedModels"] if d["id"] != deployed_id]
+        endpoint["trafficSplit"].pop(deployed_id, None)
+        return self._operation(location, "UndeployModelResponse", {})
+
+
+def _now() -> str:
+    now = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1e6):06d}Z"

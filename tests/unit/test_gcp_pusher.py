@@ -1,0 +1,237 @@
+"""The GcpPusher executor against a Cloud Storage emulator and a Vertex AI fake, both on 127.0.0.1, through
+the real google-cloud-storage and google-cloud-aiplatform clients."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+from google.auth.credentials import AnonymousCredentials
+from google.cloud import storage
+from tfx.types import standard_artifacts
+
+from components.artifacts import Deployment
+from components.gcp_pusher import executor, traffic
+from components.gcp_pusher.settings import settings_to_json
+from pipelines import metadata
+from pipelines.errors import ConveyorError
+from pipelines.mlmd_queries import deployment_snapshots, props
+from pipelines.spec import GcpPusherSpec, load_spec
+from tests.artifacts import output
+from tests.fakes.gcs_emulator import FaultyProxy, StorageEmulator
+from tests.fakes.vertex_ai import FakeVertexAI
+from tests.tiny_models import write_tiny_model
+
+BUCKET = "conveyor-models"
+
+
+@pytest.fixture(scope="module")
+def emulator():
+    with StorageEmulator() as running:
+        client = storage.Client(project="test-project", credentials=AnonymousCredentials(),
+                                client_options={"api_endpoint": running.url})
+        client.create_bucket(BUCKET)
+        yield running
+
+
+@pytest.fixture
+def vertex():
+    with FakeVertexAI() as fake:
+        yield fake
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model")
+    model = output(standard_artifacts.Model, root / "model")
+    write_tiny_model(root / "model" / "Format-Serving")
+    return model
+
+
+def settings(emulator, vertex, **overrides) -> GcpPusherSpec:
+    base = GcpPusherSpec(project="test-project", region="europe-west4", bucket=BUCKET, prefix="models",
+                         model_display_name="digits", canary_weight=10, retry_seconds=3,
+                         storage_endpoint=emulator.url if emulator else None,
+                         vertex_endpoint=vertex.url if vertex else None)
+    return replace(base, **overrides)
+
+
+def push(model, spec: GcpPusherSpec, tmp_path, *, blessed: int = 1):
+    blessing = output(standard_artifacts.ModelBlessing, tmp_path / f"blessing-{blessed}")
+    blessing.set_int_custom_property("blessed", blessed)
+    outputs = {"pushed_model": [output(standard_artifacts.PushedModel, tmp_path / "pushed")],
+               "deployment": [output(Deployment, tmp_path / "deployment")]}
+    result = executor.Executor().Do({"model": [model], "model_blessing": [blessing]}, outputs,
+                                    {"model_name": "digits", "pipeline_name": "digits-ct", "gcp": settings_to_json(spec)})
+    rows = [json.loads((tmp_path / "deployment" / f"version-{a.properties['version'].string_value}"
+                        / "deployment.json").read_text())
+            for a in result.output_artifacts["deployment"].artifacts]
+    return outputs["pushed_model"][0], rows
+
+
+def objects(emulator, prefix: str) -> dict[str, storage.Blob]:
+    client = storage.Client(project="test-project", credentials=AnonymousCredentials(),
+                            client_options={"api_endpoint": emulator.url})
+    return {blob.name: blob for blob in client.list_blobs(BUCKET, prefix=prefix)}
+
+
+def test_first_push_uploads_registers_and_deploys_at_full_traffic(emulator, vertex, tiny_model, tmp_path):
+    pushed, rows = push(tiny_model, settings(emulator, vertex), tmp_path)
+    prefix = f"models/digits/{tiny_model.id}/"
+    uploaded = objects(emulator, prefix)
+    assert f"{prefix}saved_model.pb" in uploaded and f"{prefix}conveyor-push.json" in uploaded
+    assert any(name.startswith(f"{prefix}variables/") for name in uploaded)
+    assert pushed.get_string_custom_property("pushed_destination") == f"gs://{BUCKET}/{prefix.rstrip('/')}"
+
+    upload = vertex.calls("models:upload")[0].body
+    assert upload["model"]["artifactUri"] == f"gs://{BUCKET}/{prefix.rstrip('/')}"
+    assert upload["model"]["containerSpec"]["imageUri"].startswith("us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu")
+    assert upload["model"]["labels"]["mlmd_model_id"] == str(tiny_model.id)
+    assert upload["model"]["labels"]["conveyor_pipeline"] == "digits-ct"
+    assert "parentModel" not in upload or not upload["parentModel"]
+    deploy = vertex.calls(":deployModel")[0].body
+    assert deploy["trafficSplit"] == {"0": 100}
+    assert deploy["deployedModel"]["dedicatedResources"]["machineSpec"]["machineType"] == "n1-standard-2"
+    endpoint = vertex.endpoint("digits-endpoint")
+    assert list(endpoint["trafficSplit"].values()) == [100]
+    assert [(r["label"], r["traffic_percent"], r["target"]) for r in rows] == [("stable", 100, "vertex")]
+    assert vertex.model("digits")["versions"][0]["versionAliases"] == ["stable"]
+
+
+def test_second_push_is_a_canary_version_of_the_same_model(emulator, vertex, tiny_model, tmp_path):
+    spec = settings(emulator, vertex)
+    push(tiny_model, spec, tmp_path / "one")
+    uploads_before = len(objects(emulator, "models/"))
+    _, rows = push(tiny_model, spec, tmp_path / "two")
+    assert len(objects(emulator, "models/")) == uploads_before  # same model re-pushed: nothing uploaded again
+    second_upload = vertex.calls("models:upload")[1].body
+    assert second_upload["parentModel"] == vertex.model("digits")["versions"][0]["name"]
+    endpoint = vertex.endpoint("digits-endpoint")
+    assert sorted(endpoint["trafficSplit"].values()) == [10, 90]
+    assert {(r["version"], r["label"], r["traffic_percent"]) for r in rows} == {("1", "stable", 90),
+                                                                                  ("2", "canary", 10)}
+    versions = vertex.model("digits")["versions"]
+    assert versions[0]["versionAliases"] == ["stable"] and versions[1]["versionAliases"] == ["canary"]
+
+    # A third push replaces the canary; the old canary is undeployed once it has no traffic.
+    _, rows = push(tiny_model, spec, tmp_path / "three")
+    endpoint = vertex.endpoint("digits-endpoint")
+    assert len(endpoint["deployedModels"]) == 2
+    assert {(r["version"], r["release_state"]) for r in rows} == {("1", "live"), ("2", "retired"), ("3", "canary")}
+
+
+def test_unblessed_model_is_not_pushed(emulator, vertex, tiny_model, tmp_path):
+    pushed, rows = push(tiny_model, settings(emulator, vertex), tmp_path, blessed=0)
+    assert pushed.get_int_custom_property("pushed") == 0 and rows == []
+    assert vertex.calls() == []
+
+
+def test_dry_run_prints_every_call_and_makes_none(tiny_model, tmp_path, capsys):
+    spec = settings(None, None, dry_run=True, storage_endpoint="http://127.0.0.1:9", vertex_endpoint="http://127.0.0.1:9")
+    pushed, rows = push(tiny_model, spec, tmp_path)
+    printed = capsys.readouterr().out
+    assert rows == [] and pushed.get_int_custom_property("pushed") == 0
+    assert f"gs://{BUCKET}/models/digits/{tiny_model.id}/saved_model.pb" in printed
+    for method in ("ModelService.ListModels", "ModelService.UploadModel", "EndpointService.CreateEndpoint",
+                   "EndpointService.DeployModel"):
+        assert f"would call {method}" in printed
+    assert '"artifactUri": "gs://conveyor-models/models/digits/' in printed
+
+
+def test_permission_denied_fails_with_one_line_naming_the_resource(emulator, vertex, tiny_model, tmp_path):
+    vertex.fail("models:upload", 403)
+    with pytest.raises(ConveyorError) as error:
+        push(tiny_model, settings(emulator, vertex), tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and "UploadModel" in message and "403" in message
+    assert "roles/aiplatform.user" in message
+    assert vertex.calls(":deployModel") == []
+
+
+def test_unavailable_is_retried_with_backoff_then_succeeds(emulator, vertex, tiny_model, tmp_path):
+    vertex.fail(":deployModel", 503, times=2)
+    _, rows = push(tiny_model, settings(emulator, vertex), tmp_path)
+    assert [r.status for r in vertex.calls(":deployModel")] == [503, 503, 200]
+    assert rows[0]["traffic_percent"] == 100
+
+
+def test_quota_exhausted_for_good_fails_after_the_retry_budget(emulator, vertex, tiny_model, tmp_path):
+    vertex.fail("models:upload", 429)
+    with pytest.raises(ConveyorError, match=r"429 .*quota exhausted"):
+        push(tiny_model, settings(emulator, vertex, retry_seconds=2), tmp_path)
+    assert len(vertex.calls("models:upload")) >= 2
+
+
+def test_missing_bucket_is_named(emulator, vertex, tiny_model, tmp_path):
+    with pytest.raises(ConveyorError, match="bucket gs://no-such-bucket does not exist"):
+        push(tiny_model, settings(emulator, vertex, bucket="no-such-bucket"), tmp_path)
+    assert vertex.calls() == []
+
+
+def test_interrupted_uploads_are_retried(emulator, vertex, tiny_model, tmp_path):
+    with FaultyProxy(emulator.port) as proxy:
+        proxy.fail("PUT", "upload", 503, times=2)
+        proxy.fail("POST", "upload", 503, times=1)
+        spec = settings(emulator, vertex, storage_endpoint=proxy.url, prefix="retried")
+        push(tiny_model, spec, tmp_path)
+    assert proxy.failed >= 1
+    uploaded = objects(emulator, f"retried/digits/{tiny_model.id}/")
+    assert f"retried/digits/{tiny_model.id}/saved_model.pb" in uploaded
+
+
+def test_upload_failing_for_good_is_reported_and_nothing_is_registered(emulator, vertex, tiny_model, tmp_path):
+    with FaultyProxy(emulator.port) as proxy:
+        proxy.fail("POST", "upload", 503)
+        proxy.fail("PUT", "upload", 503)
+        with pytest.raises(ConveyorError, match="gs://conveyor-models/broken/digits/"):
+            push(tiny_model, settings(emulator, vertex, storage_endpoint=proxy.url, prefix="broken", retry_seconds=2),
+                 tmp_path)
+    assert f"broken/digits/{tiny_model.id}/conveyor-push.json" not in objects(emulator, "broken/")
+    assert vertex.calls() == []
+
+
+def deployed(*rows):
+    return [traffic.Deployed(id=i, model="projects/p/locations/r/models/1", version=v, created=c, traffic=t)
+            for i, v, c, t in rows]
+
+
+def test_traffic_rules_for_push_promotion_and_rollback():
+    assert traffic.for_push([], 10) == traffic.TrafficChange({"0": 100}, [], "0")
+    one = deployed(("a", "1", 1.0, 100))
+    assert traffic.for_push(one, 10) == traffic.TrafficChange({"0": 10, "a": 90}, [], "a")
+    assert traffic.for_push(one, 100) == traffic.TrafficChange({"0": 100}, ["a"], "0")
+    two = deployed(("a", "1", 1.0, 90), ("b", "2", 2.0, 10))
+    assert traffic.for_push(two, 20) == traffic.TrafficChange({"0": 20, "a": 80}, ["b"], "a")
+    assert traffic.for_promotion(two, None, "e") == traffic.TrafficChange({"b": 100}, ["a"], "b")
+    assert traffic.for_promotion(two, 50, "e") == traffic.TrafficChange({"b": 50, "a": 50}, [], "a")
+    assert traffic.for_rollback(two, "e") == traffic.TrafficChange({"a": 100}, ["b"], "a")
+    with pytest.raises(ConveyorError, match="no canary to promote"):
+        traffic.for_promotion(one, None, "e")
+    with pytest.raises(ConveyorError, match="no canary to roll back"):
+        traffic.for_rollback(one, "e")
+    rows = traffic.rows_after(two, traffic.for_rollback(two, "e"))
+    assert [(r["version"], r["label"], r["traffic_percent"], r["release_state"]) for r in rows] == \
+        [("1", "stable", 100, "live"), ("2", "", 0, "retired")]
+
+
+def test_rollback_on_vertex_drops_the_canary_and_records_it(emulator, vertex, tiny_model, tmp_path):
+    from pipelines.release_commands import ROLLBACK, change_vertex_release
+    from tests.conftest import write_spec
+
+    gcp_section = {"project": "test-project", "region": "europe-west4", "bucket": BUCKET, "prefix": "models",
+                   "model_display_name": "digits", "retry_seconds": 3, "storage_endpoint": emulator.url,
+                   "vertex_endpoint": vertex.url}
+    spec = load_spec(write_spec(tmp_path, **{"components.gcp_pusher": gcp_section}))
+    spec.workspace.mkdir()
+    push(tiny_model, spec.components.gcp_pusher, tmp_path / "one")
+    push(tiny_model, spec.components.gcp_pusher, tmp_path / "two")
+    rows = change_vertex_release(spec, "digits", ROLLBACK, reason="canary errors")
+    endpoint = vertex.endpoint("digits-endpoint")
+    assert list(endpoint["trafficSplit"].values()) == [100] and len(endpoint["deployedModels"]) == 1
+    assert endpoint["deployedModels"][0]["modelVersionId"] == "1"
+    assert {(r["version"], r["release_state"]) for r in rows} == {("1", "live"), ("2", "retired")}
+    [snapshot] = deployment_snapshots(metadata.open_store(spec.metadata), "digits", target="vertex")
+    assert snapshot.kind == "conveyor.Rollback"
+    assert props(snapshot.execution)["reason"] == "canary errors"
+    with pytest.raises(ConveyorError, match="unknown model 'mnist' on Google Cloud"):
+        change_vertex_release(spec, "mnist", ROLLBACK)
