@@ -38,6 +38,7 @@ schedule: setup
 	$(CONVEYOR) schedule $(SPEC) --on-new-data --every 30m
 
 bench: setup
+	@scripts/install_bench_tools.sh
 	$(PYTHON) -m benchmarks.run_all
 
 lint: setup

@@ -1,9 +1,13 @@
-"""TF Serving's gRPC services (PredictionService, ModelService) on the official tensorflow-serving-api protos."""
+"""TF Serving's gRPC services (PredictionService, ModelService) on the official tensorflow-serving-api protos.
+
+Served by grpc.aio on the REST server's event loop: a request waiting for its batch costs a coroutine, not
+a blocked thread (a thread per request capped gRPC at ~40 % of REST's throughput under load).
+"""
 from __future__ import annotations
 
+import asyncio
 import time
-from concurrent import futures
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 
 import grpc
 import tensorflow as tf
@@ -48,24 +52,27 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, server: ModelServer):
         self.server = server
 
-    @contextmanager
-    def _call(self, model_spec, api: str, context):
-        """Resolves the servable and turns a ServingError into the matching gRPC status."""
+    async def _handle(self, model_spec, api: str, context, work: Callable[..., Awaitable]):
+        """Resolves the servable, runs `work(servable)`, turns a ServingError into the matching gRPC status."""
         started = time.perf_counter()
-        state = {"version": None}
+        version = None
         try:
             if not model_spec.name:
                 raise invalid_argument("Missing ModelSpec")
-            version = model_spec.version.value if model_spec.HasField("version") else None
-            label = model_spec.version_label or None
-            servable = self.server.resolve(model_spec.name, version, label)
-            state["version"] = servable.version
-            yield servable
+            servable = self.server.resolve(model_spec.name,
+                                           model_spec.version.value if model_spec.HasField("version") else None,
+                                           model_spec.version_label or None)
+            version = servable.version
+            response = await work(servable)
         except ServingError as exc:
-            self.server.observe(model_spec.name, state["version"], api, "grpc", exc, time.perf_counter() - started)
-            context.abort(exc.code, exc.message)
-        else:
-            self.server.observe(model_spec.name, state["version"], api, "grpc", None, time.perf_counter() - started)
+            self.server.observe(model_spec.name, version, api, "grpc", exc, time.perf_counter() - started)
+            await context.abort(exc.code, exc.message)
+        self.server.observe(model_spec.name, version, api, "grpc", None, time.perf_counter() - started)
+        return response
+
+    def _off_loop(self, function, *args) -> Awaitable:
+        """Model work that does not go through the batcher runs on the server's executor, not the event loop."""
+        return asyncio.get_running_loop().run_in_executor(self.server.executor, function, *args)
 
     @staticmethod
     def _fill_spec(target, servable, signature_name: str) -> None:
@@ -73,31 +80,38 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         target.version.value = servable.version
         target.signature_name = signature_name
 
-    def Predict(self, request, context):
-        with self._call(request.model_spec, "predict", context) as servable:
+    async def Predict(self, request, context):
+        async def work(servable):
             try:
                 inputs = {key: tf.make_ndarray(proto) for key, proto in request.inputs.items()}
             except (TypeError, ValueError) as exc:
                 raise invalid_argument(f"cannot read the input tensors: {exc}") from None
             signature, _ = servable.signature(request.model_spec.signature_name)
-            outputs = self.server.predict_future(servable, signature, inputs, tuple(request.output_filter)).result()
+            outputs = await asyncio.wrap_future(
+                self.server.predict_future(servable, signature, inputs, tuple(request.output_filter)))
             response = predict_pb2.PredictResponse()
             self._fill_spec(response.model_spec, servable, signature)
             for key, value in outputs.items():
                 response.outputs[key].CopyFrom(tf.make_tensor_proto(value))
             return response
 
-    def Classify(self, request, context):
-        with self._call(request.model_spec, "classify", context) as servable:
+        return await self._handle(request.model_spec, "predict", context, work)
+
+    async def Classify(self, request, context):
+        def work(servable):
             response = classification_pb2.ClassificationResponse()
             self._classify_into(servable, request.model_spec.signature_name, request.input, response)
             return response
 
-    def Regress(self, request, context):
-        with self._call(request.model_spec, "regress", context) as servable:
+        return await self._handle(request.model_spec, "classify", context, lambda s: self._off_loop(work, s))
+
+    async def Regress(self, request, context):
+        def work(servable):
             response = regression_pb2.RegressionResponse()
             self._regress_into(servable, request.model_spec.signature_name, request.input, response)
             return response
+
+        return await self._handle(request.model_spec, "regress", context, lambda s: self._off_loop(work, s))
 
     def _classify_into(self, servable, signature_name: str, model_input, response) -> None:
         examples = _serialized_examples(model_input)
@@ -122,28 +136,33 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         for value in values:
             response.result.regressions.add().value = float(value)
 
-    def MultiInference(self, request, context):
+    async def MultiInference(self, request, context):
         if not request.tasks:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Tasks field is empty")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Tasks field is empty")
         response = inference_pb2.MultiInferenceResponse()
         for task in request.tasks:
-            with self._call(task.model_spec, "multi_inference", context) as servable:
-                result = response.results.add()
+            def work(servable, task=task):
                 if task.method_name == CLASSIFY_METHOD:
                     holder = classification_pb2.ClassificationResponse()
                     self._classify_into(servable, task.model_spec.signature_name, request.input, holder)
-                    result.classification_result.CopyFrom(holder.result)
                 elif task.method_name == REGRESS_METHOD:
                     holder = regression_pb2.RegressionResponse()
                     self._regress_into(servable, task.model_spec.signature_name, request.input, holder)
-                    result.regression_result.CopyFrom(holder.result)
                 else:
                     raise invalid_argument(f"Unsupported signature method_name: {task.method_name}")
-                result.model_spec.CopyFrom(holder.model_spec)
+                return holder
+
+            holder = await self._handle(task.model_spec, "multi_inference", context, lambda s, w=work: self._off_loop(w, s))
+            result = response.results.add()
+            if isinstance(holder, classification_pb2.ClassificationResponse):
+                result.classification_result.CopyFrom(holder.result)
+            else:
+                result.regression_result.CopyFrom(holder.result)
+            result.model_spec.CopyFrom(holder.model_spec)
         return response
 
-    def GetModelMetadata(self, request, context):
-        with self._call(request.model_spec, "metadata", context) as servable:
+    async def GetModelMetadata(self, request, context):
+        async def work(servable):
             unsupported = [field for field in request.metadata_field if field != "signature_def"]
             if unsupported or not request.metadata_field:
                 raise invalid_argument(f"Metadata field {(unsupported or [''])[0]} is not supported")
@@ -157,19 +176,21 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             response.metadata["signature_def"].CopyFrom(packed)
             return response
 
+        return await self._handle(request.model_spec, "metadata", context, work)
+
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
     def __init__(self, server: ModelServer):
         self.server = server
 
-    def GetModelStatus(self, request, context):
+    async def GetModelStatus(self, request, context):
         spec = request.model_spec
         try:
             model = self.server.model(spec.name)
             version = spec.version.value if spec.HasField("version") else None
             statuses = model.statuses(version, spec.version_label or None)
         except ServingError as exc:
-            context.abort(exc.code, exc.message)
+            await context.abort(exc.code, exc.message)
         response = get_model_status_pb2.GetModelStatusResponse()
         for status in statuses:
             entry = response.model_version_status.add()
@@ -179,14 +200,14 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
             entry.status.error_message = status.error
         return response
 
-    def HandleReloadConfigRequest(self, request, context):
-        self.server.apply_config(request.config)
+    async def HandleReloadConfigRequest(self, request, context):
+        await asyncio.get_running_loop().run_in_executor(self.server.executor, self.server.apply_config, request.config)
         return model_management_pb2.ReloadConfigResponse(status=status_pb2.StatusProto(error_code=0))
 
 
-def build_grpc_server(server: ModelServer) -> grpc.Server:
-    grpc_server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=server.options.grpc_max_workers, thread_name_prefix="grpc"),
+def build_grpc_server(server: ModelServer) -> grpc.aio.Server:
+    """Must be called on the running event loop that will serve it."""
+    grpc_server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                  ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(server), grpc_server)

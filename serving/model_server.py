@@ -39,7 +39,6 @@ class ServerOptions:
     prometheus_path: str | None = None
     max_request_body_bytes: int = 16 * 1024 * 1024
     traffic_file: str | None = None
-    grpc_max_workers: int = 64
 
 
 class ModelServer:

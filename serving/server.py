@@ -110,12 +110,12 @@ async def _serve(server, stop: asyncio.Event) -> None:
         await runner.cleanup()
         raise ConveyorError(f"cannot listen on {server.options.rest_api_host}:{server.options.rest_api_port} "
                             f"(REST): {exc.strerror}") from None
-    grpc_server.start()
+    await grpc_server.start()
     models = ", ".join(f"{m.name} {m.available_versions() or '(no version yet)'}" for m in server.registry.models())
     print(f"conveyor serve: REST http://{server.options.rest_api_host}:{server.options.rest_api_port}  "
           f"gRPC {server.options.grpc_host}:{server.options.port}  models: {models}", flush=True)
     await stop.wait()
-    grpc_server.stop(grace=2).wait()
+    await grpc_server.stop(grace=2)
     await runner.cleanup()
 
 

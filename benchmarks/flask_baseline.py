@@ -1,0 +1,34 @@
+"""The "custom Flask service" users start with: one SavedModel behind a JSON endpoint, Flask's threaded server.
+
+Run by benchmarks/serving.py as the baseline: python -m benchmarks.flask_baseline SAVED_MODEL_DIR PORT
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from flask import Flask, jsonify, request  # noqa: E402
+
+
+def create_app(saved_model_dir: str) -> Flask:
+    model = tf.saved_model.load(saved_model_dir)
+    predict = model.signatures["serving_default"]
+    input_name = next(iter(predict.structured_input_signature[1]))
+    app = Flask(__name__)
+
+    @app.post("/predict")
+    def handle():
+        images = np.asarray(request.get_json()["instances"], dtype=np.float32)
+        outputs = predict(**{input_name: tf.constant(images)})
+        return jsonify({"predictions": outputs["class_ids"].numpy().tolist()})
+
+    return app
+
+
+if __name__ == "__main__":
+    create_app(sys.argv[1]).run(host="127.0.0.1", port=int(sys.argv[2]), threaded=True)
