@@ -98,7 +98,8 @@ def build_components(spec: PipelineSpec) -> list:
     model = trainer.outputs["model"]
     baseline = tfx.dsl.Resolver(
         strategy_class=PreviousBlessedModelStrategy,
-        model=model,
+        candidate=model,
+        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
         model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
     ).with_id(BASELINE_RESOLVER)
     nodes += [trainer, baseline]

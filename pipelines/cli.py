@@ -157,6 +157,28 @@ def cmd_rollback(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    from pipelines.lineage_commands import models
+    from pipelines.spec import load_spec
+
+    return models(load_spec(args.spec), args.model, args.format, args.output)
+
+
+def cmd_lineage(args) -> int:
+    from pipelines.lineage_commands import lineage
+    from pipelines.spec import load_spec
+
+    return lineage(load_spec(args.spec), args.model, version=args.version, label=args.label, run_id=args.run_id,
+                   fmt=args.format, output=args.output)
+
+
+def cmd_runs(args) -> int:
+    from pipelines.lineage_commands import runs
+    from pipelines.spec import load_spec
+
+    return runs(load_spec(args.spec), args.format, args.limit)
+
+
 def cmd_deploy_render(args) -> int:
     from pathlib import Path
 
@@ -208,6 +230,31 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--url", default="http://127.0.0.1:8501", help="a running server's REST address")
     status.add_argument("--format", choices=("table", "json"), default="table")
     status.set_defaults(handler=cmd_status)
+
+    formats = ("table", "json", "dot", "html")
+    models = commands.add_parser("models", help="every version of a model: data, accuracy, deployments, state")
+    models.add_argument("model", nargs="?", help="default: the spec's serving model")
+    models.add_argument("--spec", default=DEFAULT_SPEC)
+    models.add_argument("--format", choices=formats, default="table")
+    models.add_argument("-o", "--output", help="write to this file instead of stdout")
+    models.set_defaults(handler=cmd_models)
+
+    lineage = commands.add_parser("lineage", help="one version from its data to live traffic")
+    lineage.add_argument("model", nargs="?", help="default: the spec's serving model")
+    which = lineage.add_mutually_exclusive_group()
+    which.add_argument("--version", help="a pushed version (local or Vertex AI)")
+    which.add_argument("--label", help="the version a label (stable, canary) points to now")
+    which.add_argument("--run", dest="run_id", help="the model a pipeline run trained")
+    lineage.add_argument("--spec", default=DEFAULT_SPEC)
+    lineage.add_argument("--format", choices=formats, default="table")
+    lineage.add_argument("-o", "--output", help="write to this file instead of stdout")
+    lineage.set_defaults(handler=cmd_lineage)
+
+    runs = commands.add_parser("runs", help="pipeline runs: status, duration, cached components, outputs")
+    runs.add_argument("--spec", default=DEFAULT_SPEC)
+    runs.add_argument("--format", choices=("table", "json"), default="table")
+    runs.add_argument("--limit", type=int, help="only the newest N runs")
+    runs.set_defaults(handler=cmd_runs)
 
     promote = commands.add_parser("promote", help="canary -> stable at 100%% (or --weight N: canary at N%%)")
     promote.add_argument("model")

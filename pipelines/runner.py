@@ -6,6 +6,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from ml_metadata import errors as mlmd_errors
 from tfx.dsl.compiler import constants
 from tfx.orchestration import metadata as tfx_metadata
 from tfx.orchestration.beam.beam_dag_runner import BeamDagRunner, PipelineNodeAsDoFn
@@ -134,7 +135,35 @@ def run_pipeline(spec: PipelineSpec, run_id: str | None = None) -> RunResult:
     finally:
         _active_outcomes = None
         result.seconds = time.perf_counter() - started
+        record_headline_metrics(spec, run_id)
     return result
+
+
+def record_headline_metrics(spec: PipelineSpec, run_id: str) -> None:
+    """Copies the Evaluator's overall accuracy onto its ModelEvaluation artifact as a custom property, so
+    lineage queries answer from MLMD alone instead of loading TFMA to parse metrics files."""
+    from pipelines import metadata
+    from pipelines.run_summary import evaluation_accuracy
+
+    if not metadata.store_exists(spec.metadata):
+        return
+    store = metadata.open_store(spec.metadata)
+    context = store.get_context_by_type_and_name("pipeline_run", run_id)
+    try:
+        evaluation_type = store.get_artifact_type("ModelEvaluation")
+    except mlmd_errors.NotFoundError:  # no Evaluator in this pipeline
+        return
+    if context is None:
+        return
+    updated = []
+    for artifact in store.get_artifacts_by_context(context.id):
+        if artifact.type_id == evaluation_type.id and "accuracy" not in artifact.custom_properties:
+            accuracy = evaluation_accuracy(artifact.uri)
+            if accuracy is not None:
+                artifact.custom_properties["accuracy"].double_value = accuracy
+                updated.append(artifact)
+    if updated:
+        store.put_artifacts(updated)
 
 
 def _find_conveyor_error(exc: BaseException) -> str | None:

@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import jsonschema
-import yaml
+# jsonschema imports rfc3987_syntax when installed (Jupyter, a TFX dependency, pulls it in), which builds
+# a grammar for 1.3 s at import; our schema checks no IRI formats, so every command is spared the wait.
+sys.modules.setdefault("rfc3987_syntax", None)
+import jsonschema  # noqa: E402
+import yaml  # noqa: E402
 
-from pipelines.errors import ConveyorError
+from pipelines.errors import ConveyorError  # noqa: E402
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SCHEMA_PATH = PROJECT_ROOT / "schemas" / "pipeline.schema.json"
