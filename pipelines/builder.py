@@ -9,7 +9,11 @@ from tfx.proto import example_gen_pb2
 
 from pipelines.datasets import LABEL_KEY
 from pipelines.metadata import connection_config
-from pipelines.resolvers import PreviousBlessedModelStrategy
+from pipelines.resolvers import (
+    PreviousBlessedModelStrategy,
+    PreviousSpanStatisticsStrategy,
+    SpanWindowStrategy,
+)
 from pipelines.spec import PipelineSpec
 
 # Node ids, also the names progress lines and `conveyor runs` show.
@@ -23,6 +27,9 @@ BASELINE_RESOLVER = "BaselineModelResolver"
 EVALUATOR = "Evaluator"
 INFRA_VALIDATOR = "InfraValidator"
 QUANTIZER = "Quantizer"
+SPAN_WINDOW = "SpanWindowResolver"
+PREVIOUS_STATISTICS = "PreviousSpanStatisticsResolver"
+DRIFT_GATE = "DriftGate"
 SERVING_PUSHER = "ServingPusher"
 GCP_PUSHER = "GcpPusher"
 
@@ -63,10 +70,12 @@ def build_components(spec: PipelineSpec) -> list:
     nodes = [example_gen, schema_gen]
     examples, schema = example_gen.outputs["examples"], schema_gen.outputs["schema"]
 
-    anomalies = None
+    anomalies = drift_report = None
     if components.statistics_gen:
-        statistics_gen = tfx.components.StatisticsGen(examples=examples).with_id(STATISTICS_GEN)
+        # With the schema, the label is summarised as categorical, which the drift gate's L-infinity needs.
+        statistics_gen = tfx.components.StatisticsGen(examples=examples, schema=schema).with_id(STATISTICS_GEN)
         nodes.append(statistics_gen)
+        drift_report = _drift_gate(spec, nodes, examples, statistics_gen.outputs["statistics"], schema)
         if components.example_validator:
             validator = tfx.components.ExampleValidator(
                 statistics=statistics_gen.outputs["statistics"], schema=schema).with_id(EXAMPLE_VALIDATOR)
@@ -75,6 +84,15 @@ def build_components(spec: PipelineSpec) -> list:
 
     if not components.trainer:
         return nodes
+    if spec.data.window_spans > 1:
+        window = tfx.dsl.Resolver(
+            strategy_class=SpanWindowStrategy, config={"window": spec.data.window_spans},
+            newest=examples, examples=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Examples),
+        ).with_id(SPAN_WINDOW)
+        nodes.append(window)
+        training_examples = window.outputs["examples"]
+    else:
+        training_examples = examples
     from components.trainer.component import Trainer
 
     trainer_spec = components.trainer
@@ -88,7 +106,8 @@ def build_components(spec: PipelineSpec) -> list:
         nodes.append(warm_start)
         warm_start_model = warm_start.outputs["model"]
     trainer = Trainer(
-        examples=examples, schema=schema, example_anomalies=anomalies, base_model=warm_start_model,
+        examples=training_examples, schema=schema, example_anomalies=anomalies, drift_report=drift_report,
+        base_model=warm_start_model,
         image_shape=spec.data.image_shape, strategy=trainer_spec.strategy,
         cpu_replicas=trainer_spec.cpu_replicas, num_workers=trainer_spec.num_workers,
         train_steps=trainer_spec.train_steps, batch_size=trainer_spec.batch_size,
@@ -161,6 +180,23 @@ def build_components(spec: PipelineSpec) -> list:
             model_name=spec.gcp_model_name, pipeline_name=spec.name, settings=components.gcp_pusher,
         ).with_id(GCP_PUSHER))
     return nodes
+
+
+def _drift_gate(spec: PipelineSpec, nodes: list, examples, statistics, schema):
+    """The newest span's statistics against the previous span's (resolved from MLMD), with the spec's policy."""
+    from components.drift_gate.component import DriftGate
+
+    previous = tfx.dsl.Resolver(
+        strategy_class=PreviousSpanStatisticsStrategy,
+        newest=statistics, statistics=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ExampleStatistics),
+    ).with_id(PREVIOUS_STATISTICS)
+    drift = spec.data.drift
+    gate = DriftGate(examples=examples, statistics=statistics, schema=schema,
+                     baseline_statistics=previous.outputs["statistics"], policy=drift.policy,
+                     label_linf_threshold=drift.label_linf_threshold,
+                     pixel_js_threshold=drift.pixel_js_threshold).with_id(DRIFT_GATE)
+    nodes += [previous, gate]
+    return gate.outputs["drift_report"]
 
 
 def build_pipeline(spec: PipelineSpec) -> tfx.dsl.Pipeline:

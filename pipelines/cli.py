@@ -77,6 +77,32 @@ def cmd_data_init(args) -> int:
     return 0
 
 
+def cmd_data_add_span(args) -> int:
+    from pipelines import datasets
+    from pipelines.spec import load_spec
+
+    spec = load_spec(args.spec)
+    imbalance = None
+    if args.imbalance:
+        try:
+            label, fraction = args.imbalance.split(":")
+            imbalance = (int(label), float(fraction))
+        except ValueError:
+            raise ConveyorError(f"--imbalance {args.imbalance!r}: expected CLASS:FRACTION, e.g. 3:0.5") from None
+        if not 0 < imbalance[1] < 1:
+            raise ConveyorError(f"--imbalance: the fraction must be between 0 and 1, not {imbalance[1]}")
+    if args.brightness is not None and args.brightness <= 0:
+        raise ConveyorError(f"--brightness must be > 0, not {args.brightness}")
+    _quiet_libraries()
+    span, manifest = datasets.add_span(spec.data_root, image_shape=spec.data.image_shape,
+                                       eval_fraction=spec.data.eval_fraction, files=args.from_files,
+                                       brightness=args.brightness, imbalance=imbalance)
+    shift = f", shift {manifest['shift']}" if "shift" in manifest else ""
+    print(f"conveyor: wrote span-{span} ({manifest['examples']['train']} train, {manifest['examples']['eval']} eval "
+          f"examples from {manifest['source']}{shift}) to {datasets.span_dir(spec.data_root, span)}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     _quiet_libraries()
     from serving.server import run
@@ -224,6 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     init = data.add_parser("init", help="write span-1 from the spec's data source (no-op if spans exist)")
     init.add_argument("--spec", default=DEFAULT_SPEC)
     init.set_defaults(handler=cmd_data_init)
+    add_span = data.add_parser("add-span", help="write the next span (new data) from files or the embedded digits")
+    add_span.add_argument("--spec", default=DEFAULT_SPEC)
+    origin = add_span.add_mutually_exclusive_group()
+    origin.add_argument("--from", dest="from_files", nargs="+", metavar="FILE",
+                        help=".tfrecord(.gz) files, one .csv file, or a directory of MNIST IDX files")
+    origin.add_argument("--embedded", action="store_true", help="the embedded digits' held-back part (default)")
+    add_span.add_argument("--brightness", type=float, help="shift: multiply every pixel (e.g. 0.5), to show drift")
+    add_span.add_argument("--imbalance", metavar="CLASS:FRACTION", help="shift: resample so CLASS is FRACTION of the span")
+    add_span.set_defaults(handler=cmd_data_add_span)
+
     status = commands.add_parser("status", help="versions on disk, labels, traffic, server state, producing runs")
     status.add_argument("model", nargs="?", help="one model (default: all in models.config)")
     status.add_argument("--spec", default=DEFAULT_SPEC)

@@ -270,3 +270,72 @@ def init_data(source: str, path: str | None, image_shape: tuple[int, int], data_
         provenance["embedded_range"] = [0, EMBEDDED_INITIAL_EXAMPLES]
     write_span(data_root, 1, data, eval_fraction, provenance)
     return 1, True
+
+
+def embedded_held_back(span: int) -> tuple[ImageSet, dict]:
+    """Span N >= 2 of the embedded digits: the next unseen chunk of the held-back examples; once they are
+    used up, a fresh sample of all digits (said so in the provenance)."""
+    digits = embedded_digits()
+    start = EMBEDDED_INITIAL_EXAMPLES + (span - 2) * EMBEDDED_CHUNK
+    if start + EMBEDDED_CHUNK // 2 <= len(digits):
+        end = min(start + EMBEDDED_CHUNK, len(digits))
+        return digits.take(np.arange(start, end)), {"embedded_range": [start, end]}
+    order = np.random.default_rng(span).permutation(len(digits))[:EMBEDDED_CHUNK]
+    return digits.take(order), {"embedded_resampled": True, "seed": span}
+
+
+def shifted(data: ImageSet, *, brightness: float | None = None, imbalance: tuple[int, float] | None = None,
+            seed: int = 0) -> ImageSet:
+    """A controlled shift, so drift can be shown: pixels scaled by `brightness` (clipped to 0..255), and/or
+    the data resampled so class `imbalance[0]` makes up `imbalance[1]` of it."""
+    images, labels = data.images, data.labels
+    if brightness is not None:
+        images = np.clip(images * brightness, 0, 255).astype(np.float32)
+    result = ImageSet(images, labels)
+    if imbalance is not None:
+        label, fraction = imbalance
+        rng = np.random.default_rng(seed)
+        chosen = np.flatnonzero(labels == label)
+        others = np.flatnonzero(labels != label)
+        if len(chosen) == 0:
+            raise ConveyorError(f"--imbalance: class {label} does not occur in the new data")
+        wanted = int(round(len(labels) * fraction))
+        index = np.concatenate([rng.choice(chosen, wanted, replace=True),
+                                rng.choice(others, len(labels) - wanted, replace=False)])
+        result = result.take(rng.permutation(index))
+    return result
+
+
+def source_of_files(paths: list[str]) -> tuple[str, str]:
+    """(source kind, path or glob) for `data add-span --from`: by extension, or a directory of IDX files."""
+    if len(paths) == 1 and Path(paths[0]).is_dir():
+        return "mnist-idx", paths[0]
+    kinds = {"csv" if p.endswith(".csv") else "tfrecord" if ".tfrecord" in p or p.endswith(".gz") else "?" for p in paths}
+    if kinds == {"csv"} and len(paths) == 1:
+        return "csv", paths[0]
+    if kinds == {"tfrecord"}:
+        return "tfrecord", paths[0] if len(paths) == 1 else "{" + ",".join(paths) + "}"
+    raise ConveyorError(f"--from: cannot tell the format of {', '.join(paths)}; give one .csv file, .tfrecord(.gz) "
+                        "files, or a directory with MNIST IDX files")
+
+
+def add_span(data_root: Path, *, image_shape: tuple[int, int], eval_fraction: float, files: list[str] | None = None,
+             brightness: float | None = None, imbalance: tuple[int, float] | None = None) -> tuple[int, dict]:
+    """Writes the next span (from files, or from the embedded digits' held-back part); returns (span, manifest)."""
+    existing = span_numbers(data_root)
+    if not existing:
+        raise ConveyorError(f"no span-1 under {data_root} yet; run `make pipeline` (or `conveyor data init`) first")
+    span = existing[-1] + 1
+    if files:
+        source, path = source_of_files(files)
+        data = (read_tfrecords([str(_existing(f)) for f in files], image_shape) if source == "tfrecord"
+                else read_source(source, path, image_shape))
+        provenance = {"source": source, "path": ",".join(files)}
+    else:
+        data, provenance = embedded_held_back(span)
+        provenance = {"source": "sklearn-digits", **provenance}
+    if brightness is not None or imbalance is not None:
+        data = shifted(data, brightness=brightness, imbalance=imbalance, seed=span)
+        provenance["shift"] = {k: v for k, v in (("brightness", brightness), ("imbalance", imbalance)) if v is not None}
+    write_span(data_root, span, data, eval_fraction, provenance)
+    return span, read_manifest(data_root, span)

@@ -326,7 +326,7 @@ class Lineage:
             ended = max((v.execution.last_update_time_since_epoch for v in views), default=started)
             produced = []
             for v in views:
-                if v.did_work:
+                if v.did_work and not v.type_name.endswith("Resolver"):  # resolvers pass artifacts on, make none
                     for key, ids in v.outputs.items():
                         if key in ("model", "pushed_model", "deployment", "drift_report"):
                             produced += [f"{index.type_of(i)}#{i}" for i in ids]
@@ -337,7 +337,7 @@ class Lineage:
                 "complete": [v.node for v in views if v.state == "complete"],
                 "cached": [v.node for v in views if v.state == "cached"],
                 "produced": produced,
-                "drift": [_clean({k: d.get(k) for k in ("verdict", "policy", "label_linf", "pixel_jsd_max")})
+                "drift": [_clean({k: d.get(k) for k in ("verdict", "policy", "label_linf", "pixel_js", "reason")})
                           for d in drift]}))
         rows.sort(key=lambda r: r["started"])
         return rows[-limit:] if limit else rows

@@ -292,7 +292,7 @@ def runs_table(rows: list[dict]):
     for column in ("run", "started", "duration", "status", "ran", "cached", "produced", "drift"):
         table.add_column(column)
     for row in rows:
-        drift = ", ".join(f"{d.get('verdict')} (label L∞ {d.get('label_linf', 0):.3f})" for d in row.get("drift", []))
+        drift = ", ".join(f"{d.get('verdict')} ({d.get('reason', '')})" for d in row.get("drift", []))
         table.add_row(row["run_id"], row.get("started", ""), f"{row.get('duration_s', 0)} s", row["status"],
                       str(len(row.get("complete", []))), str(len(row.get("cached", []))),
                       ", ".join(row.get("produced", [])) or "-", drift or "-")

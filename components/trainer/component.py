@@ -8,6 +8,7 @@ from tfx.dsl.components.base import base_component, executor_spec
 from tfx.types import standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
 
+from components.artifacts import DataDriftReport
 from components.trainer import executor
 
 
@@ -29,6 +30,7 @@ class ConveyorTrainerSpec(ComponentSpec):
         "schema": ChannelParameter(type=standard_artifacts.Schema),
         "base_model": ChannelParameter(type=standard_artifacts.Model, optional=True),
         "example_anomalies": ChannelParameter(type=standard_artifacts.ExampleAnomalies, optional=True),
+        "drift_report": ChannelParameter(type=DataDriftReport, optional=True),
     }
     OUTPUTS = {
         "model": ChannelParameter(type=standard_artifacts.Model),
@@ -51,9 +53,11 @@ class Trainer(base_component.BaseComponent):
                  learning_rate: float = 0.003, scale_learning_rate: bool = False,
                  architecture: dict | None = None, warm_start: bool = False,
                  base_model: types.BaseChannel | None = None,
-                 example_anomalies: types.BaseChannel | None = None):
+                 example_anomalies: types.BaseChannel | None = None,
+                 drift_report: types.BaseChannel | None = None):
         spec = ConveyorTrainerSpec(
             examples=examples, schema=schema, base_model=base_model, example_anomalies=example_anomalies,
+            drift_report=drift_report,
             image_shape=json.dumps(list(image_shape)), strategy=strategy, cpu_replicas=cpu_replicas,
             num_workers=num_workers, train_steps=train_steps, batch_size=batch_size,
             learning_rate=learning_rate, scale_learning_rate=int(scale_learning_rate),

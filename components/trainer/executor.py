@@ -27,6 +27,7 @@ class Executor(base_executor.BaseExecutor):
     def Do(self, input_dict: dict[str, list], output_dict: dict[str, list], exec_properties: dict[str, Any]) -> None:
         examples = sorted(input_dict["examples"], key=lambda a: (span_of(a), a.id or 0))
         refuse_anomalous_data(input_dict.get("example_anomalies") or [], span_of(examples[-1]))
+        refuse_blocked_drift(input_dict.get("drift_report") or [])
         check_parameters(exec_properties)
         check_schema(input_dict["schema"])
         model = artifact_utils.get_single_instance(output_dict["model"])
@@ -71,6 +72,15 @@ def refuse_anomalous_data(anomalies: list, span: int) -> None:
             raise ConveyorError(
                 f"data anomalies in span {span} (split {', '.join(flagged)}): {'; '.join(found)}. "
                 f"The run stops before training; details in {artifact.uri}")
+
+
+def refuse_blocked_drift(reports: list) -> None:
+    """The drift gate's `block` policy: the run stops here, before any training."""
+    for report in reports:
+        if report.get_string_custom_property("verdict") == "blocked":
+            raise ConveyorError(f"data drift in span {report.span} ({report.get_string_custom_property('reason')}): "
+                                f"data.drift.policy is block, so the run stops before training; "
+                                f"details in {report.uri}")
 
 
 def anomaly_descriptions(anomalies_artifact, split: str) -> list[str]:

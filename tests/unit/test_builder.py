@@ -3,7 +3,7 @@ from pathlib import Path
 
 from pipelines import builder
 from pipelines.spec import load_spec
-from tests.conftest import DEFAULT_SPEC, ROOT
+from tests.conftest import DEFAULT_SPEC, ROOT, write_spec
 
 
 def upstream_ids(component) -> set[str]:
@@ -19,17 +19,30 @@ def test_default_spec_builds_the_full_dag():
     nodes = by_id(load_spec(DEFAULT_SPEC))
     assert set(nodes) >= {builder.STATISTICS_GEN, builder.EXAMPLE_VALIDATOR, builder.TRAINER,
                           builder.BASELINE_RESOLVER, builder.EVALUATOR}
-    assert upstream_ids(nodes[builder.STATISTICS_GEN]) == {builder.EXAMPLE_GEN}
+    assert upstream_ids(nodes[builder.STATISTICS_GEN]) == {builder.EXAMPLE_GEN, builder.SCHEMA_GEN}
     assert upstream_ids(nodes[builder.EXAMPLE_VALIDATOR]) == {builder.STATISTICS_GEN, builder.SCHEMA_GEN}
-    # The trainer refuses anomalous data, so it waits for the validator.
+    # The previous span's statistics are resolved after this span's, then the drift gate compares them.
+    assert upstream_ids(nodes[builder.PREVIOUS_STATISTICS]) == {builder.STATISTICS_GEN}
+    assert upstream_ids(nodes[builder.DRIFT_GATE]) == {builder.EXAMPLE_GEN, builder.STATISTICS_GEN,
+                                                       builder.SCHEMA_GEN, builder.PREVIOUS_STATISTICS}
+    assert nodes[builder.DRIFT_GATE].exec_properties["policy"] == "retrain"
+    # The trainer refuses anomalous data and blocked drift, so it waits for the validator and the gate.
     assert upstream_ids(nodes[builder.TRAINER]) == {builder.EXAMPLE_GEN, builder.SCHEMA_GEN,
-                                                    builder.EXAMPLE_VALIDATOR}
+                                                    builder.EXAMPLE_VALIDATOR, builder.DRIFT_GATE}
     assert upstream_ids(nodes[builder.BASELINE_RESOLVER]) == {builder.TRAINER}
     assert upstream_ids(nodes[builder.EVALUATOR]) == {builder.EXAMPLE_GEN, builder.TRAINER,
                                                       builder.BASELINE_RESOLVER}
     trainer = nodes[builder.TRAINER]
     assert trainer.exec_properties["image_shape"] == "[8, 8]"
     assert trainer.exec_properties["strategy"] == "mirrored"
+
+
+def test_window_of_spans_feeds_the_trainer_through_a_resolver(tmp_path):
+    spec = load_spec(write_spec(tmp_path, **{"data.window_spans": 3}))
+    nodes = by_id(spec)
+    assert upstream_ids(nodes[builder.SPAN_WINDOW]) == {builder.EXAMPLE_GEN}
+    assert builder.SPAN_WINDOW in upstream_ids(nodes[builder.TRAINER])
+    assert builder.EXAMPLE_GEN in upstream_ids(nodes[builder.EVALUATOR])  # evaluated on the newest span only
 
 
 def test_csv_spec_builds_a_smaller_dag_with_its_own_parameters(monkeypatch):
