@@ -103,6 +103,25 @@ def cmd_data_add_span(args) -> int:
     return 0
 
 
+def cmd_schedule(args) -> int:
+    from pathlib import Path
+
+    from pipelines.scheduler import Scheduler, cron_line, parse_interval
+    from pipelines.spec import load_spec
+
+    spec = load_spec(args.spec)
+    every = parse_interval(args.every) if args.every else None
+    if args.print_cron:
+        print(cron_line(Path(args.spec).resolve(), every, spec.schedule_cron, Path.cwd(), spec.workspace))
+        return 0
+    if args.max_runs is not None and args.max_runs < 1:
+        raise ConveyorError("--max-runs must be at least 1")
+    scheduler = Scheduler(spec, Path(args.spec).resolve(), every=every, on_new_data=args.on_new_data,
+                          max_runs=args.max_runs, retries=args.retries, backoff=parse_interval(args.retry_backoff),
+                          poll=parse_interval(args.poll))
+    return scheduler.loop()
+
+
 def cmd_serve(args) -> int:
     _quiet_libraries()
     from serving.server import run
@@ -259,6 +278,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_span.add_argument("--brightness", type=float, help="shift: multiply every pixel (e.g. 0.5), to show drift")
     add_span.add_argument("--imbalance", metavar="CLASS:FRACTION", help="shift: resample so CLASS is FRACTION of the span")
     add_span.set_defaults(handler=cmd_data_add_span)
+
+    schedule = commands.add_parser("schedule", help="run the pipeline on new data and/or on an interval")
+    schedule.add_argument("spec", nargs="?", default=DEFAULT_SPEC)
+    schedule.add_argument("--every", help="interval between runs, e.g. 30m, 6h")
+    schedule.add_argument("--on-new-data", action="store_true", help="run when a new span appears (and only then)")
+    schedule.add_argument("--max-runs", type=int, help="exit after this many triggers")
+    schedule.add_argument("--retries", type=int, default=2, help="retries of a failed run (default 2)")
+    schedule.add_argument("--retry-backoff", default="60s", help="first retry delay, doubling (default 60s)")
+    schedule.add_argument("--poll", default="10s", help="how often to look for a new span (default 10s)")
+    schedule.add_argument("--print-cron", action="store_true", help="print an equivalent crontab line and exit")
+    schedule.set_defaults(handler=cmd_schedule)
 
     status = commands.add_parser("status", help="versions on disk, labels, traffic, server state, producing runs")
     status.add_argument("model", nargs="?", help="one model (default: all in models.config)")

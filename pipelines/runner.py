@@ -111,8 +111,15 @@ def new_run_id() -> str:
 
 def run_pipeline(spec: PipelineSpec, run_id: str | None = None) -> RunResult:
     """Runs the whole DAG once; raises ConveyorError naming the component that failed on a user problem."""
-    global _active_outcomes
+    from pipelines.run_lock import RunLock
+
     check_workspace(spec)
+    with RunLock(spec.workspace):
+        return _run_locked(spec, run_id)
+
+
+def _run_locked(spec: PipelineSpec, run_id: str | None) -> RunResult:
+    global _active_outcomes
     latest_span = prepare_data(spec)
     run_id = run_id or new_run_id()
     pipeline = build_pipeline(spec)

@@ -1,0 +1,150 @@
+"""`conveyor schedule`: runs a pipeline when a new span lands and/or every interval, one run at a time,
+retrying failures with backoff, and logging each trigger and outcome as one line.
+
+Each run is a child `conveyor run` process: a crash or a leak in one run cannot take the scheduler down,
+and SIGTERM can be passed on to it. The run lock (pipelines/run_lock.py) keeps a manual `conveyor run`
+and the scheduler from running the same pipeline at once."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipelines import datasets
+from pipelines.errors import ConveyorError
+from pipelines.spec import PipelineSpec
+
+UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_interval(text: str) -> float:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
+    if not match or float(match.group(1)) <= 0:
+        raise ConveyorError(f"--every {text!r}: expected a duration such as 90s, 30m, 6h or 1d")
+    return float(match.group(1)) * UNITS[match.group(2)]
+
+
+def cron_line(spec_file: Path, every: float | None, cron: str | None, project: Path, workspace: Path) -> str:
+    """A crontab line for the same job, for users who prefer cron to a long-running process."""
+    if cron is None:
+        minutes = max(1, int(round((every or 1800) / 60)))
+        cron = f"*/{minutes} * * * *" if minutes < 60 else f"0 */{max(1, minutes // 60)} * * *"
+    log = (project / workspace).resolve() / ".conveyor" / "cron.log"
+    return (f"{cron} cd {project} && .venv/bin/conveyor run {spec_file} >> {log} 2>&1"
+            "  # the run lock skips a tick while a run is still going")
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    code: int
+    last_line: str
+
+
+class Scheduler:
+    def __init__(self, spec: PipelineSpec, spec_file: Path, *, every: float | None, on_new_data: bool,
+                 max_runs: int | None, retries: int, backoff: float, poll: float, term_grace: float = 60.0):
+        if every is None and not on_new_data:
+            raise ConveyorError("schedule: give --every, --on-new-data, or both")
+        self.spec, self.spec_file = spec, spec_file
+        self.every, self.on_new_data, self.max_runs = every, on_new_data, max_runs
+        self.retries, self.backoff, self.poll, self.term_grace = retries, backoff, poll, term_grace
+        self.log_path = spec.workspace / ".conveyor" / "schedule.log"
+        self.stopping = False
+        self.child: subprocess.Popen | None = None
+        self.runs_started = 0
+
+    def log(self, message: str) -> None:
+        line = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} conveyor schedule: {message}"
+        print(line, flush=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("a") as stream:
+            stream.write(line + "\n")
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stopping = True
+        if self.child and self.child.poll() is None:
+            self.log(f"SIGTERM: asking run (pid {self.child.pid}) to stop, then exiting")
+            self.child.send_signal(signal.SIGTERM)
+        else:
+            self.log("SIGTERM: exiting")
+
+    def latest_span(self) -> int:
+        spans = datasets.span_numbers(self.spec.data_root)
+        return spans[-1] if spans else 0
+
+    def run_once(self) -> Outcome:
+        self.child = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(self.spec_file)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        last = ""
+        for line in self.child.stdout:
+            line = line.rstrip()
+            if line.startswith("conveyor:"):
+                last = line
+        try:
+            code = self.child.wait(timeout=self.term_grace if self.stopping else None)
+        except subprocess.TimeoutExpired:
+            self.child.kill()
+            code = self.child.wait()
+        self.child = None
+        return Outcome(code == 0, code, last)
+
+    def trigger(self, reason: str) -> None:
+        self.runs_started += 1
+        self.log(f"trigger {self.runs_started}: {reason}")
+        for attempt in range(1, self.retries + 2):
+            started = time.monotonic()
+            outcome = self.run_once()
+            seconds = time.monotonic() - started
+            if outcome.ok:
+                self.log(f"run succeeded in {seconds:.1f}s: {outcome.last_line}")
+                return
+            if self.stopping:
+                self.log(f"run abandoned on SIGTERM (exit {outcome.code}); its pushes are atomic, nothing half-written")
+                return
+            self.log(f"run failed (exit {outcome.code}) after {seconds:.1f}s: {outcome.last_line}")
+            if attempt <= self.retries:
+                delay = self.backoff * 2 ** (attempt - 1)
+                self.log(f"retry {attempt}/{self.retries} in {delay:g}s")
+                self._sleep(delay)
+                if self.stopping:
+                    return
+        self.log("giving up on this trigger; waiting for the next one")
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def loop(self) -> int:
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            seen_span = self.latest_span() if self.on_new_data else None
+            next_tick = time.monotonic() + self.every if self.every else None
+            modes = ", ".join(filter(None, [f"every {self.every:g}s" if self.every else "",
+                                            "on new data" if self.on_new_data else ""]))
+            self.log(f"watching {self.spec.data_root} for pipeline '{self.spec.name}' ({modes}); latest span "
+                     f"{self.latest_span()}" + (f"; at most {self.max_runs} runs" if self.max_runs else ""))
+            while not self.stopping and (self.max_runs is None or self.runs_started < self.max_runs):
+                reason = None
+                if self.on_new_data and self.latest_span() > (seen_span or 0):
+                    seen_span = self.latest_span()
+                    reason = f"new span {seen_span}"
+                elif next_tick is not None and time.monotonic() >= next_tick:
+                    reason = "interval"
+                if reason is None:
+                    self._sleep(self.poll)
+                    continue
+                self.trigger(reason)
+                if next_tick is not None:
+                    next_tick = time.monotonic() + self.every
+            self.log(f"stopped after {self.runs_started} runs")
+            return 0
+        finally:
+            signal.signal(signal.SIGTERM, previous)
