@@ -1,21 +1,15 @@
-"""Conveyor's own MLMD artifact types; standard TFX types are used wherever one fits."""
-from tfx.types.artifact import Artifact, Property, PropertyType
+"""Conveyor's own MLMD artifact types; standard TFX types are used wherever one fits.
+
+Their values are custom properties, not declared PROPERTIES: Kubeflow Pipelines v2 (and Vertex AI
+Pipelines) compile custom artifact types only as the generic schema, which declares none.
+"""
+from tfx.types.artifact import Artifact
 
 
 class QuantizedModel(Artifact):
     """One TFLite variant of a trained model, measured on the eval split and blessed or rejected."""
 
     TYPE_NAME = "conveyor.QuantizedModel"
-    PROPERTIES = {
-        "variant": Property(type=PropertyType.STRING),
-        "size_bytes": Property(type=PropertyType.INT),
-        "accuracy": Property(type=PropertyType.FLOAT),
-        "accuracy_delta": Property(type=PropertyType.FLOAT),
-        "latency_p50_ms": Property(type=PropertyType.FLOAT),
-        "latency_p95_ms": Property(type=PropertyType.FLOAT),
-        "throughput_per_s": Property(type=PropertyType.FLOAT),
-        "blessed": Property(type=PropertyType.INT),
-    }
 
 
 class QuantizationReport(Artifact):
@@ -28,30 +22,12 @@ class Deployment(Artifact):
     """Where a model version is live: a local serving label or a Vertex AI endpoint, with its traffic share."""
 
     TYPE_NAME = "conveyor.Deployment"
-    PROPERTIES = {
-        "target": Property(type=PropertyType.STRING),  # local | vertex
-        "model_name": Property(type=PropertyType.STRING),
-        "version": Property(type=PropertyType.STRING),
-        "label": Property(type=PropertyType.STRING),
-        "traffic_percent": Property(type=PropertyType.INT),
-        "base_path": Property(type=PropertyType.STRING),
-        "endpoint": Property(type=PropertyType.STRING),
-        "pushed_at": Property(type=PropertyType.STRING),
-        # live | canary | retired ("state" itself is TFX's own artifact state)
-        "release_state": Property(type=PropertyType.STRING),
-    }
 
 
 class DataDriftReport(Artifact):
     """Drift of the newest span against the previous one, with the policy's verdict."""
 
     TYPE_NAME = "conveyor.DataDriftReport"
-    PROPERTIES = {
-        "span": Property(type=PropertyType.INT),
-        "baseline_span": Property(type=PropertyType.INT),
-        "drift_detected": Property(type=PropertyType.INT),
-        "policy": Property(type=PropertyType.STRING),
-    }
 
 
 def set_custom_properties(artifact: Artifact, values: dict) -> None:
@@ -90,13 +66,9 @@ def deployment(row: dict, *, model_name: str, base_path: str, uri: str, target: 
         indent=2, default=str) + "\n")
     artifact = Deployment()
     artifact.uri = uri
-    artifact.target = target
-    artifact.model_name = model_name
-    artifact.version = str(row["version"])
-    artifact.label = row.get("label", "")
-    artifact.traffic_percent = int(row.get("traffic_percent", 0))
-    artifact.base_path = base_path
-    artifact.endpoint = endpoint
-    artifact.pushed_at = pushed_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    artifact.release_state = row["release_state"]
+    set_custom_properties(artifact, {
+        "target": target, "model_name": model_name, "version": str(row["version"]), "label": row.get("label", ""),
+        "traffic_percent": int(row.get("traffic_percent", 0)), "base_path": base_path, "endpoint": endpoint,
+        "pushed_at": pushed_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "release_state": row["release_state"]})
     return artifact

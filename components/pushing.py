@@ -22,7 +22,7 @@ def skip_reason(input_dict: dict[str, list]) -> str | None:
 
 
 def blessed_variants(quantized_models: list) -> list:
-    return [q for q in quantized_models if q.blessed == 1]
+    return [q for q in quantized_models if q.get_int_custom_property("blessed") == 1]
 
 
 def release_sources(model, variants: list, scratch: str) -> dict[str, Path]:
@@ -33,12 +33,10 @@ def release_sources(model, variants: list, scratch: str) -> dict[str, Path]:
         return sources
     manifest = {"variants": []}
     for variant in variants:
-        name = variant.variant
+        name = variant.get_string_custom_property("variant")
         sources[f"{TFLITE_DIR}/{name}.tflite"] = Path(variant.uri) / "model.tflite"
-        entry = {"variant": name, "file": f"{name}.tflite", "size_bytes": variant.size_bytes,
-                 "accuracy": variant.accuracy, "accuracy_delta": variant.accuracy_delta,
-                 "latency_p50_ms": variant.latency_p50_ms}
-        for key in ("input_scale", "input_zero_point"):
+        entry = {"variant": name, "file": f"{name}.tflite"}
+        for key in ("size_bytes", "accuracy", "accuracy_delta", "latency_p50_ms", "input_scale", "input_zero_point"):
             if variant.has_custom_property(key):
                 entry[key] = variant.get_custom_property(key)
         manifest["variants"].append(entry)

@@ -61,10 +61,16 @@ def eval_config(min_accuracy: float, max_accuracy_drop: float) -> tfma.EvalConfi
     )
 
 
-def build_components(spec: PipelineSpec) -> list:
-    """The TFX components for a spec, in topological order."""
+def build_components(spec: PipelineSpec, portable: bool = False) -> list:
+    """The TFX components for a spec, in topological order.
+
+    `portable` builds the DAG Kubeflow Pipelines v2 / Vertex AI Pipelines can run: their compiler accepts
+    only TFX's two stock resolver strategies, so the baseline model and the drift baseline are "the latest
+    blessed model" and "the latest statistics" before this run, the span window is the newest span, and
+    the nodes that need a local serving directory (InfraValidator, ServingPusher) are left to GcpPusher."""
     components = spec.components
-    example_gen = tfx.components.ImportExampleGen(input_base=str(spec.data_root.resolve()), input_config=example_gen_input_config())
+    data_root = spec.kubeflow.data_root if portable else str(spec.data_root.resolve())
+    example_gen = tfx.components.ImportExampleGen(input_base=data_root, input_config=example_gen_input_config())
     example_gen = example_gen.with_id(EXAMPLE_GEN)
     schema_gen = tfx.components.ImportSchemaGen(schema_file=str(spec.data.schema.resolve())).with_id(SCHEMA_GEN)
     nodes = [example_gen, schema_gen]
@@ -75,7 +81,7 @@ def build_components(spec: PipelineSpec) -> list:
         # With the schema, the label is summarised as categorical, which the drift gate's L-infinity needs.
         statistics_gen = tfx.components.StatisticsGen(examples=examples, schema=schema).with_id(STATISTICS_GEN)
         nodes.append(statistics_gen)
-        drift_report = _drift_gate(spec, nodes, examples, statistics_gen.outputs["statistics"], schema)
+        drift_report = _drift_gate(spec, nodes, examples, statistics_gen.outputs["statistics"], schema, portable)
         if components.example_validator:
             validator = tfx.components.ExampleValidator(
                 statistics=statistics_gen.outputs["statistics"], schema=schema).with_id(EXAMPLE_VALIDATOR)
@@ -84,7 +90,7 @@ def build_components(spec: PipelineSpec) -> list:
 
     if not components.trainer:
         return nodes
-    if spec.data.window_spans > 1:
+    if spec.data.window_spans > 1 and not portable:
         window = tfx.dsl.Resolver(
             strategy_class=SpanWindowStrategy, config={"window": spec.data.window_spans},
             newest=examples, examples=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Examples),
@@ -115,12 +121,14 @@ def build_components(spec: PipelineSpec) -> list:
         architecture=asdict(trainer_spec.model), warm_start=trainer_spec.warm_start,
     ).with_id(TRAINER)
     model = trainer.outputs["model"]
-    baseline = tfx.dsl.Resolver(
-        strategy_class=PreviousBlessedModelStrategy,
-        candidate=model,
-        model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
-        model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
-    ).with_id(BASELINE_RESOLVER)
+    all_models = tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model)
+    all_blessings = tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing)
+    if portable:
+        baseline = tfx.dsl.Resolver(strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+                                    model=all_models, model_blessing=all_blessings).with_id(BASELINE_RESOLVER)
+    else:
+        baseline = tfx.dsl.Resolver(strategy_class=PreviousBlessedModelStrategy, candidate=model, model=all_models,
+                                    model_blessing=all_blessings).with_id(BASELINE_RESOLVER)
     nodes += [trainer, baseline]
 
     blessing = None
@@ -134,7 +142,7 @@ def build_components(spec: PipelineSpec) -> list:
         blessing = evaluator.outputs["blessing"]
 
     infra_blessing = None
-    if components.infra_validator:
+    if components.infra_validator and not portable:
         from components.infra_validator.component import InfraValidator
 
         infra_validator = InfraValidator(
@@ -160,7 +168,7 @@ def build_components(spec: PipelineSpec) -> list:
         nodes.append(quantizer)
         quantized = quantizer.outputs["quantized_models"]
 
-    if components.serving_pusher:
+    if components.serving_pusher and not portable:
         from components.serving_pusher.component import ServingPusher
 
         pusher_spec = components.serving_pusher
@@ -182,14 +190,17 @@ def build_components(spec: PipelineSpec) -> list:
     return nodes
 
 
-def _drift_gate(spec: PipelineSpec, nodes: list, examples, statistics, schema):
+def _drift_gate(spec: PipelineSpec, nodes: list, examples, statistics, schema, portable: bool):
     """The newest span's statistics against the previous span's (resolved from MLMD), with the spec's policy."""
     from components.drift_gate.component import DriftGate
 
-    previous = tfx.dsl.Resolver(
-        strategy_class=PreviousSpanStatisticsStrategy,
-        newest=statistics, statistics=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ExampleStatistics),
-    ).with_id(PREVIOUS_STATISTICS)
+    all_statistics = tfx.dsl.Channel(type=tfx.types.standard_artifacts.ExampleStatistics)
+    if portable:
+        previous = tfx.dsl.Resolver(strategy_class=tfx.dsl.experimental.LatestArtifactStrategy,
+                                    statistics=all_statistics).with_id(PREVIOUS_STATISTICS)
+    else:
+        previous = tfx.dsl.Resolver(strategy_class=PreviousSpanStatisticsStrategy, newest=statistics,
+                                    statistics=all_statistics).with_id(PREVIOUS_STATISTICS)
     drift = spec.data.drift
     gate = DriftGate(examples=examples, statistics=statistics, schema=schema,
                      baseline_statistics=previous.outputs["statistics"], policy=drift.policy,

@@ -122,6 +122,26 @@ def cmd_schedule(args) -> int:
     return scheduler.loop()
 
 
+def cmd_compile(args) -> int:
+    from pathlib import Path
+
+    from pipelines.spec import load_spec
+
+    spec = load_spec(args.spec)
+    _quiet_libraries()
+    from pipelines.compile import compile_pipeline, schedule_hint
+
+    output = Path(args.output)
+    document = compile_pipeline(spec, output)
+    tasks = document["pipelineSpec"]["root"]["dag"]["tasks"]
+    print(f"conveyor: wrote {output}: {len(tasks)} steps for {args.target} "
+          f"(image {spec.kubeflow.image}, pipeline root {spec.kubeflow.pipeline_root})")
+    hint = schedule_hint(spec, output, args.target)
+    if hint:
+        print(f"conveyor: {hint}")
+    return 0
+
+
 def cmd_serve(args) -> int:
     _quiet_libraries()
     from serving.server import run
@@ -289,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--poll", default="10s", help="how often to look for a new span (default 10s)")
     schedule.add_argument("--print-cron", action="store_true", help="print an equivalent crontab line and exit")
     schedule.set_defaults(handler=cmd_schedule)
+
+    compile_ = commands.add_parser("compile", help="the DAG as a Kubeflow Pipelines v2 / Vertex AI Pipelines job")
+    compile_.add_argument("spec", nargs="?", default=DEFAULT_SPEC)
+    compile_.add_argument("--target", choices=("kubeflow", "vertex"), default="vertex")
+    compile_.add_argument("-o", "--output", default="pipeline.json")
+    compile_.set_defaults(handler=cmd_compile)
 
     status = commands.add_parser("status", help="versions on disk, labels, traffic, server state, producing runs")
     status.add_argument("model", nargs="?", help="one model (default: all in models.config)")

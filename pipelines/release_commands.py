@@ -117,7 +117,7 @@ def record_release_execution(spec: PipelineSpec, kind: str, model_name: str, tar
     """An MLMD execution consuming the model's Deployments on `target` that were current and producing one
     Deployment per row of the new state, in the pipeline's context."""
     store = metadata.open_store(spec.metadata)
-    deployment_type_id = store.put_artifact_type(Deployment().artifact_type, can_add_fields=True)
+    deployment_type_id = store.put_artifact_type(Deployment().artifact_type, can_add_fields=True, can_omit_fields=True)
     execution_type_id = store.put_execution_type(metadata_store_pb2.ExecutionType(name=kind), can_add_fields=True)
     history = deployment_snapshots(store, model_name, target=target)
     previous = history[-1].deployments if history else []

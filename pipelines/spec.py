@@ -178,7 +178,12 @@ class ComponentsSpec:
 @dataclass(frozen=True)
 class KubeflowSpec:
     image: str = "gcr.io/your-project/conveyor:latest"
-    pipeline_root: str | None = None
+    pipeline_root: str = "gs://your-bucket/conveyor"
+    data_root_override: str | None = None
+
+    @property
+    def data_root(self) -> str:
+        return self.data_root_override or f"{self.pipeline_root.rstrip('/')}/data"
 
 
 @dataclass(frozen=True)
@@ -391,7 +396,8 @@ def _build(doc: dict, source_file: Path) -> PipelineSpec:
         metadata=metadata,
         source_file=source_file,
         schedule_cron=doc.get("schedule", {}).get("cron"),
-        kubeflow=KubeflowSpec(**doc.get("kubeflow", {})),
+        kubeflow=KubeflowSpec(**{("data_root_override" if k == "data_root" else k): v
+                                 for k, v in doc.get("kubeflow", {}).items()}),
     )
 
 

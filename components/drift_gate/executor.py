@@ -57,24 +57,21 @@ class Executor(base_executor.BaseExecutor):
         examples = artifact_utils.get_single_instance(input_dict["examples"])
         statistics = artifact_utils.get_single_instance(input_dict["statistics"])
         baselines = input_dict.get("baseline_statistics") or []
-        report.span = span_of(examples)
-        report.policy = policy
-        values: dict[str, Any] = {"label_linf_threshold": thresholds["label_linf"],
+        span = span_of(examples)
+        values: dict[str, Any] = {"span": span, "policy": policy, "label_linf_threshold": thresholds["label_linf"],
                                   "pixel_js_threshold": thresholds["pixel_js"]}
         if not baselines:
-            report.drift_detected = 0
-            values.update(verdict="no baseline", reason="the first span: nothing to compare with")
+            values.update(drift_detected=0, verdict="no baseline", reason="the first span: nothing to compare with")
         else:
             schema_dir = Path(artifact_utils.get_single_uri(input_dict["schema"]))
             figures = drift_figures(statistics.uri, baselines[0].uri, str(schema_dir / "schema.pbtxt"),
                                     thresholds["label_linf"], thresholds["pixel_js"])
             over = [f"{name} {figures[name]:.4f} > {limit}" for name, limit in thresholds.items()
                     if figures.get(name, 0.0) > limit]
-            report.drift_detected = int(bool(over))
-            values.update(figures, verdict=verdict(policy, bool(over)), baseline_statistics_id=baselines[0].id,
+            values.update(figures, drift_detected=int(bool(over)), verdict=verdict(policy, bool(over)), baseline_statistics_id=baselines[0].id,
                           reason="; ".join(over) or "within thresholds")
         set_custom_properties(report, values)
         Path(report.uri).mkdir(parents=True, exist_ok=True)
         (Path(report.uri) / "drift.json").write_text(json.dumps(
-            {"span": report.span, "policy": policy, **values}, indent=2, default=float) + "\n")
+            values, indent=2, default=float) + "\n")
         print(f"    drift vs the previous span: {values['verdict']} ({values['reason']})", flush=True)

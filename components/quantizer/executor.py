@@ -111,14 +111,11 @@ class Executor(base_executor.BaseExecutor):
         (directory / MODEL_FILE).write_bytes(content)
         artifact = QuantizedModel()
         artifact.uri = str(directory)
-        artifact.variant = row["variant"]
-        artifact.size_bytes = row["size_bytes"]
-        artifact.accuracy = row["accuracy"]
-        artifact.accuracy_delta = row["accuracy_delta_points"]
-        artifact.latency_p50_ms = row["latency_p50_ms"]
-        artifact.latency_p95_ms = row["latency_p95_ms"]
-        artifact.throughput_per_s = row["throughput_per_s"]
-        artifact.blessed = int(row["blessed"])
+        set_custom_properties(artifact, {
+            "variant": row["variant"], "size_bytes": row["size_bytes"], "accuracy": row["accuracy"],
+            "accuracy_delta": row["accuracy_delta_points"], "latency_p50_ms": row["latency_p50_ms"],
+            "latency_p95_ms": row["latency_p95_ms"], "throughput_per_s": row["throughput_per_s"],
+            "blessed": int(row["blessed"])})
         set_custom_properties(artifact, {"input_dtype": row["input_dtype"], "input_scale": row["input_scale"],
                                          "input_zero_point": row["input_zero_point"],
                                          "output_quantization": json.dumps(row["output_quantization"])})

@@ -78,7 +78,7 @@ def refuse_blocked_drift(reports: list) -> None:
     """The drift gate's `block` policy: the run stops here, before any training."""
     for report in reports:
         if report.get_string_custom_property("verdict") == "blocked":
-            raise ConveyorError(f"data drift in span {report.span} ({report.get_string_custom_property('reason')}): "
+            raise ConveyorError(f"data drift in span {report.get_int_custom_property('span')} ({report.get_string_custom_property('reason')}): "
                                 f"data.drift.policy is block, so the run stops before training; "
                                 f"details in {report.uri}")
 

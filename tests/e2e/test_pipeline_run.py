@@ -82,8 +82,8 @@ def test_mlmd_links_data_to_the_pushed_model(default_pipeline_run):
     assert version_dir == default_pipeline_run.workspace / "serving" / "mnist" / "1"
     assert (version_dir / "saved_model.pb").is_file()
     [deployment] = pusher["outputs"]["conveyor.Deployment"]
-    assert deployment.properties["label"].string_value == "stable"
-    assert deployment.properties["traffic_percent"].int_value == 100
+    assert deployment.custom_properties["label"].string_value == "stable"
+    assert deployment.custom_properties["traffic_percent"].int_value == 100
 
 
 def test_trainer_facts_are_recorded_on_the_model(default_pipeline_run):
@@ -167,3 +167,13 @@ def test_csv_spec_runs_end_to_end(tmp_path):
     manifest = json.loads((tmp_path / "workspace" / "data" / "span-1" / "span.json").read_text())
     assert manifest["image_shape"] == [6, 6]
     assert "strategy one_device" in result.stdout
+
+
+def test_beam_multi_processing_runner_with_two_workers(tmp_path):
+    spec = write_spec(tmp_path, base=Path(__file__).resolve().parents[2] / "tests" / "specs" / "csv_6x6.yaml",
+                      **{"data.path": str(Path(__file__).resolve().parents[1] / "fixtures" / "digits_6x6.csv"),
+                         "beam.args": ["--direct_running_mode=multi_processing", "--direct_num_workers=2"],
+                         "components.statistics_gen": {}, "components.trainer.train_steps": 50})
+    result = run_conveyor("run", spec)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "✓ StatisticsGen  complete" in result.stdout and "✓ Evaluator  complete" in result.stdout

@@ -63,7 +63,7 @@ def push(model, spec: GcpPusherSpec, tmp_path, *, blessed: int = 1):
                "deployment": [output(Deployment, tmp_path / "deployment")]}
     result = executor.Executor().Do({"model": [model], "model_blessing": [blessing]}, outputs,
                                     {"model_name": "digits", "pipeline_name": "digits-ct", "gcp": settings_to_json(spec)})
-    rows = [json.loads((tmp_path / "deployment" / f"version-{a.properties['version'].string_value}"
+    rows = [json.loads((tmp_path / "deployment" / f"version-{a.custom_properties['version'].string_value}"
                         / "deployment.json").read_text())
             for a in result.output_artifacts["deployment"].artifacts]
     return outputs["pushed_model"][0], rows

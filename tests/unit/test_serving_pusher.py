@@ -12,7 +12,7 @@ import pytest
 from tensorflow_serving.config import model_server_config_pb2
 from tfx.types import standard_artifacts
 
-from components.artifacts import Deployment, QuantizedModel
+from components.artifacts import Deployment, QuantizedModel, set_custom_properties
 from components.serving_pusher import executor
 from serving import release as releases
 from serving.version_manager import ModelVersions, versions_on_disk
@@ -68,7 +68,7 @@ def test_pushes_count_up_write_labels_batching_and_deployments(tiny_model_artifa
     state = releases.read_release(base, "tiny")
     assert state.labels == {"stable": 1, "canary": 2} and state.weights == {"stable": 80, "canary": 20}
     assert "max_batch_size" in (base / "batching.config").read_text()
-    rows = {a.properties["version"].string_value: a.properties for a in result.output_artifacts["deployment"].artifacts}
+    rows = {a.custom_properties["version"].string_value: a.custom_properties for a in result.output_artifacts["deployment"].artifacts}
     assert rows["1"]["label"].string_value == "stable" and rows["1"]["traffic_percent"].int_value == 80
     assert rows["2"]["release_state"].string_value == "canary"
 
@@ -86,8 +86,8 @@ def test_blessed_tflite_variants_are_published_beside_the_model(tiny_model_artif
     for name, blessed in (("float16", 1), ("int8", 0)):
         variant = output(QuantizedModel, tmp_path / name)
         (Path(variant.uri) / "model.tflite").write_bytes(b"TFL3" + name.encode())
-        variant.variant, variant.blessed, variant.size_bytes = name, blessed, 10
-        variant.accuracy, variant.accuracy_delta, variant.latency_p50_ms = 0.97, -0.001, 0.05
+        set_custom_properties(variant, {"variant": name, "blessed": blessed, "size_bytes": 10, "accuracy": 0.97,
+                                        "accuracy_delta": -0.001, "latency_p50_ms": 0.05})
         variants.append(variant)
     push(tiny_model_artifact, tmp_path / "serving", tmp_path, quantized=variants)
     tflite = tmp_path / "serving" / "tiny" / "1" / "tflite"

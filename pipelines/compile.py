@@ -1,0 +1,40 @@
+"""`conveyor compile`: the same DAG as a Kubeflow Pipelines v2 / Vertex AI Pipelines job spec."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipelines.errors import ConveyorError
+from pipelines.spec import PipelineSpec
+
+
+def compile_pipeline(spec: PipelineSpec, output: Path) -> dict:
+    from tfx import v1 as tfx
+    from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner
+
+    from pipelines.builder import build_components
+
+    if output.suffix != ".json":
+        raise ConveyorError(f"-o {output}: the compiled pipeline is JSON; name a .json file")
+    pipeline = tfx.dsl.Pipeline(pipeline_name=spec.name, pipeline_root=spec.kubeflow.pipeline_root,
+                                components=build_components(spec, portable=True),
+                                beam_pipeline_args=list(spec.beam_args), enable_cache=True)
+    config = kubeflow_v2_dag_runner.KubeflowV2DagRunnerConfig(display_name=spec.name,
+                                                                default_image=spec.kubeflow.image)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    runner = kubeflow_v2_dag_runner.KubeflowV2DagRunner(config=config, output_dir=str(output.parent),
+                                                        output_filename=output.name)
+    runner.run(pipeline, write_out=True)
+    return json.loads(output.read_text())
+
+
+def schedule_hint(spec: PipelineSpec, output: Path, target: str) -> str | None:
+    if not spec.schedule_cron:
+        return None
+    if target == "vertex":
+        return ("schedule it on Vertex AI Pipelines:\n  python -c \"from google.cloud import aiplatform; "
+                f"aiplatform.init(project='PROJECT', location='REGION'); aiplatform.PipelineJob("
+                f"display_name='{spec.name}', template_path='{output}', pipeline_root='{spec.kubeflow.pipeline_root}')"
+                f".create_schedule(cron='{spec.schedule_cron}', display_name='{spec.name}-schedule')\"")
+    return (f"schedule it on Kubeflow Pipelines: kfp recurring-run create --experiment-name {spec.name} "
+            f"--job-name {spec.name} --cron-expression '0 {spec.schedule_cron}' --pipeline-package-path {output}")
