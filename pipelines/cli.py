@@ -142,6 +142,17 @@ def cmd_compile(args) -> int:
     return 0
 
 
+def cmd_monitor(args) -> int:
+    from pathlib import Path
+
+    from pipelines.monitor import monitor
+    from pipelines.spec import load_spec
+
+    spec = load_spec(args.spec) if Path(args.spec).is_file() else None
+    return monitor(args.url, args.model, spec, once=args.once, fmt=args.format, interval=args.interval,
+                   drift_threshold=args.drift_threshold)
+
+
 def cmd_serve(args) -> int:
     _quiet_libraries()
     from serving.server import run
@@ -309,6 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--poll", default="10s", help="how often to look for a new span (default 10s)")
     schedule.add_argument("--print-cron", action="store_true", help="print an equivalent crontab line and exit")
     schedule.set_defaults(handler=cmd_schedule)
+
+    monitor = commands.add_parser("monitor", help="live view of a running server: QPS, latency, drift, accuracy")
+    monitor.add_argument("model", nargs="?", help="one model (default: every model the server reports)")
+    monitor.add_argument("--url", default="http://127.0.0.1:8501", help="the server's REST address")
+    monitor.add_argument("--spec", default=DEFAULT_SPEC, help="for the training label distribution (MLMD)")
+    monitor.add_argument("--once", action="store_true", help="one snapshot, then exit")
+    monitor.add_argument("--format", choices=("table", "json"), default="table")
+    monitor.add_argument("--interval", type=float, default=2.0, help="seconds between the two scrapes of a snapshot")
+    monitor.add_argument("--drift-threshold", type=float, default=0.15,
+                         help="L-infinity distance between predicted and training class shares that flags drift")
+    monitor.set_defaults(handler=cmd_monitor)
 
     compile_ = commands.add_parser("compile", help="the DAG as a Kubeflow Pipelines v2 / Vertex AI Pipelines job")
     compile_.add_argument("spec", nargs="?", default=DEFAULT_SPEC)

@@ -87,8 +87,12 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             except (TypeError, ValueError) as exc:
                 raise invalid_argument(f"cannot read the input tensors: {exc}") from None
             signature, _ = servable.signature(request.model_spec.signature_name)
+            self.server.quality.check_inputs(servable.model_name, inputs)
             outputs = await asyncio.wrap_future(
                 self.server.predict_future(servable, signature, inputs, tuple(request.output_filter)))
+            prediction_id = self.server.quality.record_predictions(servable.model_name, servable.version, outputs)
+            if prediction_id:
+                context.set_trailing_metadata((("x-prediction-id", prediction_id),))
             response = predict_pb2.PredictResponse()
             self._fill_spec(response.model_spec, servable, signature)
             for key, value in outputs.items():

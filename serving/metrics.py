@@ -90,6 +90,15 @@ class ServingMetrics:
                                       registry=self.registry)
         self.versions_loaded = Gauge("conveyor_model_versions_loaded", "Versions currently available.",
                                      ["model"], registry=self.registry)
+        self.input_anomalies = Counter("conveyor_input_anomalies", "Request inputs outside the data schema, by feature "
+                                       "and kind (below_min, above_max, nan, shape).", ["model", "feature", "kind"],
+                                       registry=self.registry)
+        self.predicted_class = Counter("conveyor_predicted_class", "Predicted classes, per model version.",
+                                       ["model", "version", "class"], registry=self.registry)
+        self.feedback = Counter("conveyor_feedback", "Ground-truth labels received for logged predictions.",
+                                ["model", "version", "outcome"], registry=self.registry)
+        self.live_accuracy = Gauge("conveyor_live_accuracy", "Accuracy on the labels received so far, per version.",
+                                   ["model", "version"], registry=self.registry)
         self._versions_loaded_source = versions_loaded
         self._tf_serving = _TfServingSeries()
         self.registry.register(self._tf_serving)

@@ -15,6 +15,7 @@ from serving import config as serving_config
 from serving.batcher import Batcher
 from serving.errors import ServingError
 from serving.metrics import ServingMetrics
+from serving.model_quality import ModelQuality
 from serving.servable import Servable
 from serving.version_manager import ModelRegistry, ModelVersions
 
@@ -39,6 +40,8 @@ class ServerOptions:
     prometheus_path: str | None = None
     max_request_body_bytes: int = 16 * 1024 * 1024
     traffic_file: str | None = None
+    input_schema: str | None = None  # a TFDV schema: inputs outside its domains are counted (and maybe rejected)
+    reject_anomalous_inputs: bool = False
 
 
 class ModelServer:
@@ -46,6 +49,8 @@ class ModelServer:
         self.options = options
         self.metrics = ServingMetrics(versions_loaded=self._versions_loaded)
         self.registry = ModelRegistry(Servable, on_load=self.metrics.observe_load)
+        self.quality = ModelQuality(self.metrics, schema_file=options.input_schema,
+                                    reject_anomalous=options.reject_anomalous_inputs)
         self.traffic = serving_config.TrafficWeights()
         self._traffic_path = self._traffic_file()
         self._config_mtime = 0.0

@@ -12,6 +12,7 @@ from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2
 
 from serving import json_codec
 from serving.errors import ServingError, invalid_argument, not_found
+from serving.model_quality import parse_feedback
 from serving.model_server import ModelServer
 
 # TF Serving's own URL grammar (http_rest_api_handler.cc), so a malformed path fails the same way.
@@ -20,12 +21,15 @@ MODEL_PATH = re.compile(
     r"(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
     r"(?P<action>/metadata|:predict|:classify|:regress)?$")
 VERSION_HEADER = "X-Model-Version"
+PREDICTION_ID_HEADER = "X-Prediction-Id"  # our extension: the id to send ground truth for (feedback)
 JSON = "application/json"
 
 
-def _json(body: bytes, status: int = 200, version: int | None = None) -> web.Response:
-    headers = {VERSION_HEADER: str(version)} if version is not None else None
-    return web.Response(body=body, status=status, content_type=JSON, headers=headers)
+def _json(body: bytes, status: int = 200, version: int | None = None, prediction_id: str | None = None) -> web.Response:
+    headers = {VERSION_HEADER: str(version)} if version is not None else {}
+    if prediction_id:
+        headers[PREDICTION_ID_HEADER] = prediction_id
+    return web.Response(body=body, status=status, content_type=JSON, headers=headers or None)
 
 
 def error_response(error: ServingError) -> web.Response:
@@ -44,6 +48,9 @@ class RestApi:
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.server.options.max_request_body_bytes,
                               middlewares=[self._errors])
+        # Our extensions first: the generic route below would take their paths.
+        app.router.add_post("/v1/models/{name}/feedback", self.feedback)
+        app.router.add_get("/v1/models/{name}/monitoring", self.monitoring)
         app.router.add_route("GET", "/v1/models/{tail:.*}", self.handle_model)
         app.router.add_route("POST", "/v1/models/{tail:.*}", self.handle_model)
         app.router.add_get("/healthz", self.healthz)
@@ -99,11 +106,12 @@ class RestApi:
             document = json_codec.parse_body(body)
             servable = self.server.resolve(name, version, label)
             served_version = servable.version
+            prediction_id = None
             if api == "predict":
-                payload = await self._predict(servable, document)
+                payload, prediction_id = await self._predict(servable, document)
             else:
                 payload = await self._classify_or_regress(servable, document, api)
-            return _json(payload, version=served_version)
+            return _json(payload, version=served_version, prediction_id=prediction_id)
         except ServingError as exc:
             error = exc
             return error_response(exc)
@@ -133,11 +141,41 @@ class RestApi:
         }
         return orjson.dumps(response)
 
-    async def _predict(self, servable, document: dict) -> bytes:
+    async def _predict(self, servable, document: dict) -> tuple[bytes, str | None]:
         signature = json_codec.signature_name(document)
         inputs, request_format = json_codec.decode_predict(document, servable.input_dtypes(signature))
+        self.server.quality.check_inputs(servable.model_name, inputs)
         outputs = await asyncio.wrap_future(self.server.predict_future(servable, signature, inputs))
-        return json_codec.encode_predict(outputs, request_format)
+        prediction_id = self.server.quality.record_predictions(servable.model_name, servable.version, outputs)
+        return json_codec.encode_predict(outputs, request_format), prediction_id
+
+    async def feedback(self, request: web.Request) -> web.Response:
+        """Ground-truth labels for logged predictions (our extension; TF Serving has no such API)."""
+        name = request.match_info["name"]
+        try:
+            self.server.model(name)
+            entries = parse_feedback(json_codec.parse_body(await request.read()))
+            return _json(orjson.dumps(self.server.quality.feedback(name, entries)))
+        except ServingError as exc:
+            return error_response(exc)
+
+    async def monitoring(self, request: web.Request) -> web.Response:
+        """Per version: labels, the rolling predicted-class histogram and live accuracy (our extension)."""
+        name = request.match_info["name"]
+        try:
+            model = self.server.model(name)
+        except ServingError as exc:
+            return error_response(exc)
+        labels: dict[str, list[str]] = {}
+        for label, version in model.labels().items():
+            labels.setdefault(str(version), []).append(label)
+        versions = self.server.quality.snapshot(name)
+        for version in model.available_versions():
+            versions.setdefault(str(version), self.server.quality.empty_version())
+        for version, entry in versions.items():
+            entry["labels"] = sorted(labels.get(version, []))
+        return _json(orjson.dumps({"model": name, "versions": versions,
+                                   "traffic": self.server.traffic.for_model(name) or {}}))
 
     async def _classify_or_regress(self, servable, document: dict, api: str) -> bytes:
         signature = json_codec.signature_name(document)

@@ -34,6 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="expose Prometheus metrics at /monitoring/prometheus/metrics")
     parser.add_argument("--max_request_body_bytes", type=int, default=16 * 1024 * 1024,
                         help="REST requests larger than this get 413 (default 16 MiB)")
+    parser.add_argument("--input_schema", help="TFDV schema (pbtxt): count request values outside its domains "
+                        "(--spec uses the spec's data.schema)")
+    parser.add_argument("--reject_anomalous_inputs", action="store_true",
+                        help="answer 400 to requests whose inputs break the schema, instead of only counting them")
     parser.add_argument("--traffic_file", help="weights per label for unversioned requests "
                                                 "(default: traffic.json beside --model_config_file)")
 
@@ -46,8 +50,12 @@ def options_from_args(args: argparse.Namespace):
     enable_batching, batching_file = args.enable_batching, args.batching_parameters_file
     config_poll = args.model_config_file_poll_wait_seconds
     prometheus_path = serving_config.DEFAULT_PROMETHEUS_PATH if args.enable_prometheus else None
+    input_schema = args.input_schema
     if args.spec:
         model_config_file, model_name, base_path, batching_file = _from_spec(args.spec)
+        from pipelines.spec import load_spec
+
+        input_schema = input_schema or str(load_spec(args.spec).data.schema)
         enable_batching = enable_batching or batching_file is not None
         config_poll = config_poll or 1.0
         prometheus_path = serving_config.DEFAULT_PROMETHEUS_PATH
@@ -60,6 +68,8 @@ def options_from_args(args: argparse.Namespace):
                             "or --spec pipelines/mnist.yaml after `make pipeline`")
     if model_config_file and not Path(model_config_file).is_file():
         raise ConveyorError(f"--model_config_file: no such file: {model_config_file}")
+    if args.input_schema and not Path(args.input_schema).is_file():
+        raise ConveyorError(f"--input_schema: no such file: {args.input_schema}")
     if batching_file and not Path(batching_file).is_file():
         raise ConveyorError(f"--batching_parameters_file: no such file: {batching_file}")
     return ServerOptions(
@@ -69,7 +79,8 @@ def options_from_args(args: argparse.Namespace):
         model_config_file=model_config_file, model_config_file_poll_wait_seconds=config_poll,
         file_system_poll_wait_seconds=args.file_system_poll_wait_seconds, enable_batching=enable_batching,
         batching_parameters_file=batching_file, prometheus_path=prometheus_path,
-        max_request_body_bytes=args.max_request_body_bytes, traffic_file=args.traffic_file)
+        max_request_body_bytes=args.max_request_body_bytes, traffic_file=args.traffic_file,
+        input_schema=input_schema, reject_anomalous_inputs=args.reject_anomalous_inputs)
 
 
 def _from_spec(spec_path: str):

@@ -137,6 +137,10 @@ class ModelVersions:
         with self._lock:
             return sorted(self._servables)
 
+    def labels(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.config.version_labels)
+
     def label_version(self, label: str) -> int:
         with self._lock:
             if label not in self.config.version_labels:

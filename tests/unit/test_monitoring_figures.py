@@ -1,0 +1,45 @@
+"""The arithmetic behind `conveyor monitor` and the server's feedback accounting, on known inputs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.monitor import _quantile, prediction_drift, traffic_figures
+from serving.errors import ServingError
+from serving.metrics import ServingMetrics
+from serving.model_quality import ModelQuality
+
+
+def test_histogram_quantiles_interpolate_like_prometheus():
+    buckets = [(0.001, 10.0), (0.002, 60.0), (0.005, 100.0), (float("inf"), 100.0)]
+    assert _quantile(buckets, 0.5) == pytest.approx(0.001 + 0.001 * (40 / 50))
+    assert _quantile(buckets, 0.99) == pytest.approx(0.002 + 0.003 * (39 / 40))
+    assert _quantile([], 0.5) is None
+
+
+def test_traffic_figures_from_two_scrapes():
+    labels = (("api", "predict"), ("model", "m"), ("protocol", "rest"), ("version", "2"))
+    before = {("conveyor_requests_total", labels + (("status", "OK"),)): 10.0}
+    after = {("conveyor_requests_total", labels + (("status", "OK"),)): 40.0,
+             ("conveyor_requests_total", labels + (("status", "INVALID_ARGUMENT"),)): 10.0}
+    figures = traffic_figures(before, after, 2.0, "m")
+    [row] = figures["versions"]
+    assert row["qps"] == 20.0 and row["error_rate"] == 0.25
+
+
+def test_prediction_drift_flags_a_skewed_stream_only():
+    uniform = [0.1] * 10
+    assert prediction_drift([10] * 10, uniform, 0.15)["status"] == "ok"
+    skewed = prediction_drift([90] + [1] * 9, uniform, 0.15)
+    assert skewed["status"] == "DRIFT" and skewed["linf"] == pytest.approx(90 / 99 - 0.1, abs=1e-3)
+    assert prediction_drift([0] * 10, uniform, 0.15)["status"] == "no predictions yet"
+
+
+def test_feedback_accuracy_on_a_known_sequence():
+    quality = ModelQuality(ServingMetrics())
+    ids = [quality.record_predictions("m", 3, {"class_ids": np.array([c])}) for c in (1, 2, 3, 4)]
+    result = quality.feedback("m", [{"prediction_id": i, "labels": [label]} for i, label in zip(ids, (1, 2, 0, 0))])
+    assert result == {"accepted": 4, "unknown_prediction_ids": [], "live_accuracy": {"3": 0.5}}
+    assert quality.snapshot("m")["3"]["class_histogram"][1:5] == [1, 1, 1, 1]
+    with pytest.raises(ServingError):
+        quality.feedback("m", [{"prediction_id": ids[0], "labels": "one"}])
