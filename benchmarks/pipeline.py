@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     def row(label: str, f: dict) -> str:
         return f"| {label} | {f['median']:.1f} s | {f['min']:.1f}–{f['max']:.1f} s |"
 
-    markdown = ("# Pipeline benchmark\n\nThe default pipeline (`pipelines/mnist.yaml`: 10 components, 600 training "
-                f"steps), {args.cold} cold runs in fresh workspaces and {args.cached} cached re-runs. Wall time is the "
+    markdown = ("# Pipeline benchmark\n\nThe default pipeline (`pipelines/mnist.yaml`: "
+                f"{len(components)} nodes, 600 training steps), {args.cold} cold runs in fresh workspaces and {args.cached} cached re-runs. Wall time is the "
                 "whole `conveyor run` process (Python and TensorFlow start-up included); pipeline time is the "
                 "runner's; overhead is pipeline time minus the sum of the components' own times.\n\n"
                 "| figure | median | min–max |\n|---|---|---|\n" + "\n".join([

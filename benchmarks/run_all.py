@@ -67,12 +67,20 @@ def plots() -> list[str]:
     return made
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", nargs="+", choices=[name for name, _ in STEPS],
+                        help="run these benchmarks; the README still summarises every result file")
+    args = parser.parse_args(argv)
     started = time.perf_counter()
     if not (ROOT / "workspace" / "serving" / "mnist").is_dir():
         subprocess.run([sys.executable, "-m", "pipelines.cli", "run"], cwd=ROOT, check=True)
     durations = {}
     for name, arguments in STEPS:
+        if args.only and name not in args.only:
+            continue
         print(f"== benchmark {name}", flush=True)
         step_started = time.perf_counter()
         result = subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *arguments], cwd=ROOT)
@@ -86,12 +94,13 @@ def main() -> int:
     sections = []
     for name, _ in STEPS:
         text = (RESULTS / f"{name}.md").read_text().split("\n", 1)[1].strip()
-        sections.append(f"## {name.replace('_', ' ').capitalize()} ([{name}.md]({name}.md), {durations[name]:.0f} s)\n\n{text}")
+        took = f"{durations[name]:.0f} s" if name in durations else "from an earlier run"
+        sections.append(f"## {name.replace('_', ' ').capitalize()} ([{name}.md]({name}.md), {took})\n\n{text}")
     readme = (
         "# Benchmark results\n\n"
         f"`make bench` on {info['date']}: {info['cores']} cores ({info['cpu']}), {info['system']}, Python "
         f"{info['python']}; " + ", ".join(f"{k} {v}" for k, v in info["packages"].items()) +
-        f". The whole run took {total / 60:.1f} minutes. Figures are medians with min–max over repeated runs.\n\n"
+        f". This run took {total / 60:.1f} minutes. Figures are medians with min–max over repeated runs.\n\n"
         + "".join(f"![{image}]({image})\n\n" for image in images) + "\n\n".join(sections) + "\n")
     (RESULTS / "README.md").write_text(readme)
     print(f"wrote {RESULTS / 'README.md'} ({total / 60:.1f} minutes)")

@@ -5,9 +5,25 @@ import json
 from pathlib import Path
 
 from tfx.proto.orchestration import execution_result_pb2
+from tfx.types import standard_artifacts
+from tfx.types.component_spec import ChannelParameter
 from tfx.utils import path_utils
 
+from components.artifacts import Deployment, QuantizedModel
+
 TFLITE_DIR = "tflite"
+
+# Both pushers take the same inputs and publish the same outputs, so lineage reads them alike.
+PUSHER_INPUTS = {
+    "model": ChannelParameter(type=standard_artifacts.Model),
+    "model_blessing": ChannelParameter(type=standard_artifacts.ModelBlessing),
+    "infra_blessing": ChannelParameter(type=standard_artifacts.InfraBlessing, optional=True),
+    "quantized_models": ChannelParameter(type=QuantizedModel, optional=True),
+}
+PUSHER_OUTPUTS = {
+    "pushed_model": ChannelParameter(type=standard_artifacts.PushedModel),
+    "deployment": ChannelParameter(type=Deployment),
+}
 
 
 def skip_reason(input_dict: dict[str, list]) -> str | None:

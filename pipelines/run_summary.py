@@ -53,6 +53,8 @@ def summary_lines(spec: PipelineSpec, result: RunResult) -> list[str]:
     store = metadata.open_store(spec.metadata)
     artifacts = run_artifacts(store, result.run_id)
 
+    for report in artifacts.get("conveyor.DataDriftReport", [])[-1:]:
+        lines.append(f"  drift:     {_custom(report, 'verdict')} ({_custom(report, 'reason')})")
     for model in artifacts.get("Model", [])[-1:]:
         facts = {k: _custom(model, k) for k in ("strategy", "replicas", "steps", "examples_per_second")}
         if facts["steps"]:

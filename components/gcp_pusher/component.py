@@ -4,11 +4,12 @@ from __future__ import annotations
 from tfx import types
 from tfx.dsl.components.base import base_component, executor_spec
 from tfx.types import standard_artifacts
-from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
+from tfx.types.component_spec import ComponentSpec, ExecutionParameter
 
-from components.artifacts import Deployment, QuantizedModel
+from components.artifacts import Deployment
 from components.gcp_pusher import executor
 from components.gcp_pusher.settings import settings_to_json
+from components.pushing import PUSHER_INPUTS, PUSHER_OUTPUTS
 from pipelines.spec import GcpPusherSpec
 
 
@@ -18,16 +19,8 @@ class GcpPusherComponentSpec(ComponentSpec):
         "pipeline_name": ExecutionParameter(type=str),  # a label on the Vertex AI model version
         "gcp": ExecutionParameter(type=str),  # JSON of pipelines.spec.GcpPusherSpec (a key file's path, never its content)
     }
-    INPUTS = {
-        "model": ChannelParameter(type=standard_artifacts.Model),
-        "model_blessing": ChannelParameter(type=standard_artifacts.ModelBlessing),
-        "infra_blessing": ChannelParameter(type=standard_artifacts.InfraBlessing, optional=True),
-        "quantized_models": ChannelParameter(type=QuantizedModel, optional=True),
-    }
-    OUTPUTS = {
-        "pushed_model": ChannelParameter(type=standard_artifacts.PushedModel),
-        "deployment": ChannelParameter(type=Deployment),
-    }
+    INPUTS = PUSHER_INPUTS
+    OUTPUTS = PUSHER_OUTPUTS
 
 
 class GcpPusher(base_component.BaseComponent):

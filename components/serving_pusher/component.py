@@ -6,9 +6,10 @@ import json
 from tfx import types
 from tfx.dsl.components.base import base_component, executor_spec
 from tfx.types import standard_artifacts
-from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
+from tfx.types.component_spec import ComponentSpec, ExecutionParameter
 
-from components.artifacts import Deployment, QuantizedModel
+from components.artifacts import Deployment
+from components.pushing import PUSHER_INPUTS, PUSHER_OUTPUTS
 from components.serving_pusher import executor
 
 
@@ -21,16 +22,8 @@ class ServingPusherSpec(ComponentSpec):
         "keep_versions": ExecutionParameter(type=int),
         "batching": ExecutionParameter(type=str),  # JSON of pipelines.spec.BatchingSpec
     }
-    INPUTS = {
-        "model": ChannelParameter(type=standard_artifacts.Model),
-        "model_blessing": ChannelParameter(type=standard_artifacts.ModelBlessing),
-        "infra_blessing": ChannelParameter(type=standard_artifacts.InfraBlessing, optional=True),
-        "quantized_models": ChannelParameter(type=QuantizedModel, optional=True),
-    }
-    OUTPUTS = {
-        "pushed_model": ChannelParameter(type=standard_artifacts.PushedModel),
-        "deployment": ChannelParameter(type=Deployment),
-    }
+    INPUTS = PUSHER_INPUTS
+    OUTPUTS = PUSHER_OUTPUTS
 
 
 class ServingPusher(base_component.BaseComponent):
