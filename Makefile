@@ -39,7 +39,7 @@ schedule: setup
 
 bench: setup
 	@scripts/install_bench_tools.sh
-	$(PYTHON) -m benchmarks.run_all
+	PYTHONWARNINGS=ignore::FutureWarning $(PYTHON) -m benchmarks.run_all
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from serving.config import BatchingOptions
-from serving.errors import ServingError, invalid_argument, unavailable
+from serving.errors import invalid_argument, unavailable
 from serving.servable import Servable
 
 
@@ -127,22 +127,26 @@ class Batcher:
             self._run(batch)
 
     def _run(self, batch: _Batch) -> None:
+        # A client that went away cancels its future; claiming each future first means a cancelled one is
+        # skipped and a claimed one can no longer be cancelled, so setting results below cannot fail (an
+        # unclaimed cancelled future made set_result raise and killed the worker: every later batch hung).
+        live = [task.future.set_running_or_notify_cancel() for task in batch.tasks]
+        if not any(live):
+            return
         if self._on_batch:
             self._on_batch(batch.servable.model_name, batch.size, self.queue_depth())
         try:
             outputs = batch.servable.predict(batch.signature, self._merge(batch))
-        except ServingError as exc:
-            for task in batch.tasks:
-                task.future.set_exception(exc)
-            return
-        except Exception as exc:  # a bug in one batch must not kill the worker
-            for task in batch.tasks:
-                task.future.set_exception(exc)
+        except Exception as exc:  # a ServingError for the client, or a bug: either way the worker lives on
+            for task, claimed in zip(batch.tasks, live):
+                if claimed:
+                    task.future.set_exception(exc)
             return
         offset = 0
-        for task in batch.tasks:
-            task.future.set_result({name: value[offset:offset + task.size] if np.ndim(value) else value
-                                    for name, value in outputs.items()})
+        for task, claimed in zip(batch.tasks, live):
+            if claimed:
+                task.future.set_result({name: value[offset:offset + task.size] if np.ndim(value) else value
+                                        for name, value in outputs.items()})
             offset += task.size
 
     def _merge(self, batch: _Batch) -> dict[str, np.ndarray]:

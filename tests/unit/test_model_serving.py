@@ -133,6 +133,22 @@ def test_batcher_merges_concurrent_requests_and_splits_results(servable):
         batcher.stop()
 
 
+def test_batcher_survives_clients_that_went_away(servable):
+    """A cancelled request (its client disconnected) is skipped; the worker keeps serving the others."""
+    batcher = Batcher(BatchingOptions(max_batch_size=64, batch_timeout_micros=50000, max_enqueued_batches=10,
+                                      num_batch_threads=1))
+    try:
+        gone = batcher.submit(servable, "serving_default", {"x": np.ones((1, 3), np.float32)})
+        kept = batcher.submit(servable, "serving_default", {"x": np.full((1, 3), 2.0, np.float32)})
+        assert gone.cancel()
+        np.testing.assert_array_equal(kept.result(timeout=10)["y"], np.full((1, 3), 4.0))
+        for _ in range(3):  # later batches are still served
+            later = batcher.submit(servable, "serving_default", {"x": np.ones((1, 3), np.float32)})
+            np.testing.assert_array_equal(later.result(timeout=10)["y"], np.full((1, 3), 2.0))
+    finally:
+        batcher.stop()
+
+
 def test_batcher_pads_to_allowed_sizes(servable):
     sizes = []
     batcher = Batcher(BatchingOptions(max_batch_size=8, batch_timeout_micros=0, max_enqueued_batches=4,
