@@ -111,7 +111,8 @@ def test_second_run_without_new_data_is_cached_and_pushes_nothing(default_pipeli
 
 
 def test_anomalous_span_stops_the_run_before_training(tmp_path):
-    spec = write_spec(tmp_path, **{"components.evaluator": None, "components.serving_pusher": None})
+    spec = write_spec(tmp_path, **{"components.evaluator": None, "components.serving_pusher": None,
+                                   "components.quantizer": None, "components.infra_validator": None})
     corrupt = embedded_digits().take(list(range(200)))
     corrupt.images[:, 3, 3] = 300.0  # pixels above the schema's 0..255 domain
     write_span(tmp_path / "workspace" / "data", 1, corrupt, 0.2, {"source": "test"})
