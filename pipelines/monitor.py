@@ -147,10 +147,17 @@ def training_label_distribution(spec, model: str, version: str) -> list[float] |
     return [c / total for c in counts] if total else None
 
 
+MIN_PREDICTIONS = 50  # below this, class shares say more about chance than about drift
+
+
 def prediction_drift(histogram: list[int], training: list[float] | None, threshold: float) -> dict:
     total = sum(histogram)
-    if not total or training is None:
-        return {"status": "no predictions yet" if not total else "no training distribution in MLMD"}
+    if not total:
+        return {"status": "no predictions yet"}
+    if total < MIN_PREDICTIONS:
+        return {"status": f"too few predictions ({total} < {MIN_PREDICTIONS})"}
+    if training is None:
+        return {"status": "no training distribution in MLMD"}
     predicted = [h / total for h in histogram]
     distance = max(abs(p - t) for p, t in zip(predicted, training))
     return {"status": "DRIFT" if distance > threshold else "ok", "linf": round(distance, 4), "threshold": threshold,

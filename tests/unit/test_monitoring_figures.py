@@ -33,6 +33,7 @@ def test_prediction_drift_flags_a_skewed_stream_only():
     skewed = prediction_drift([90] + [1] * 9, uniform, 0.15)
     assert skewed["status"] == "DRIFT" and skewed["linf"] == pytest.approx(90 / 99 - 0.1, abs=1e-3)
     assert prediction_drift([0] * 10, uniform, 0.15)["status"] == "no predictions yet"
+    assert prediction_drift([9] + [0] * 9, uniform, 0.15)["status"] == "too few predictions (9 < 50)"
 
 
 def test_feedback_accuracy_on_a_known_sequence():
