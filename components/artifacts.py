@@ -30,6 +30,17 @@ class DataDriftReport(Artifact):
     TYPE_NAME = "conveyor.DataDriftReport"
 
 
+def recorded_value(artifact: Artifact, key: str):
+    """A value this project records, read as a custom property, or as a declared property where a store
+    written before the types dropped their PROPERTIES holds it that way."""
+    mlmd = artifact.mlmd_artifact
+    for source in (mlmd.custom_properties, mlmd.properties):
+        if key in source:
+            value = source[key]
+            return getattr(value, value.WhichOneof("value")) if value.WhichOneof("value") else None
+    return None
+
+
 def set_custom_properties(artifact: Artifact, values: dict) -> None:
     """Records plain values as typed MLMD custom properties (bools as 0/1, None skipped)."""
     for key, value in values.items():

@@ -9,7 +9,7 @@ from tfx.types import standard_artifacts
 from tfx.types.component_spec import ChannelParameter
 from tfx.utils import path_utils
 
-from components.artifacts import Deployment, QuantizedModel
+from components.artifacts import Deployment, QuantizedModel, recorded_value
 
 TFLITE_DIR = "tflite"
 
@@ -38,7 +38,7 @@ def skip_reason(input_dict: dict[str, list]) -> str | None:
 
 
 def blessed_variants(quantized_models: list) -> list:
-    return [q for q in quantized_models if q.get_int_custom_property("blessed") == 1]
+    return [q for q in quantized_models if recorded_value(q, "blessed") == 1]
 
 
 def release_sources(model, variants: list, scratch: str) -> dict[str, Path]:
@@ -49,12 +49,12 @@ def release_sources(model, variants: list, scratch: str) -> dict[str, Path]:
         return sources
     manifest = {"variants": []}
     for variant in variants:
-        name = variant.get_string_custom_property("variant")
+        name = recorded_value(variant, "variant")
         sources[f"{TFLITE_DIR}/{name}.tflite"] = Path(variant.uri) / "model.tflite"
         entry = {"variant": name, "file": f"{name}.tflite"}
         for key in ("size_bytes", "accuracy", "accuracy_delta", "latency_p50_ms", "input_scale", "input_zero_point"):
-            if variant.has_custom_property(key):
-                entry[key] = variant.get_custom_property(key)
+            if recorded_value(variant, key) is not None:
+                entry[key] = recorded_value(variant, key)
         manifest["variants"].append(entry)
     manifest_path = Path(scratch) / "manifest.json"
     manifest_path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")

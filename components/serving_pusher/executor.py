@@ -10,7 +10,7 @@ from tfx.dsl.components.base import base_executor
 from tfx.proto.orchestration import execution_result_pb2
 from tfx.types import artifact_utils
 
-from components.artifacts import deployment, set_custom_properties
+from components.artifacts import deployment, recorded_value, set_custom_properties
 from components.pushing import blessed_variants, pusher_output, release_sources, skip_reason
 from serving import release as releases
 
@@ -50,7 +50,7 @@ class Executor(base_executor.BaseExecutor):
         traffic = release.weights.get(label, 0)
         set_custom_properties(pushed_model, {"pushed": 1, "pushed_version": str(version),
                                              "pushed_destination": str(version_dir),
-                                             "tflite_variants": ",".join(q.get_string_custom_property("variant") for q in variants)})
+                                             "tflite_variants": ",".join(recorded_value(q, "variant") for q in variants)})
         # The whole release state after this push, so MLMD can answer "what was live at time T".
         # TFX wants several artifacts of one output under the output's own directory.
         record_dir = Path(artifact_utils.get_single_uri(output_dict["deployment"]))

@@ -16,7 +16,7 @@ from tfx.dsl.components.base import base_executor
 from tfx.types import artifact_utils
 from tfx.utils import io_utils, path_utils
 
-from components.artifacts import set_custom_properties, span_of
+from components.artifacts import recorded_value, set_custom_properties, span_of
 from components.trainer.training import ERROR_PREFIX, STRATEGIES, TrainingJob, parse_tf_config
 from pipelines.datasets import IMAGE_KEY, LABEL_KEY
 from pipelines.errors import ConveyorError
@@ -77,8 +77,8 @@ def refuse_anomalous_data(anomalies: list, span: int) -> None:
 def refuse_blocked_drift(reports: list) -> None:
     """The drift gate's `block` policy: the run stops here, before any training."""
     for report in reports:
-        if report.get_string_custom_property("verdict") == "blocked":
-            raise ConveyorError(f"data drift in span {report.get_int_custom_property('span')} ({report.get_string_custom_property('reason')}): "
+        if recorded_value(report, "verdict") == "blocked":
+            raise ConveyorError(f"data drift in span {recorded_value(report, 'span')} ({recorded_value(report, 'reason')}): "
                                 f"data.drift.policy is block, so the run stops before training; "
                                 f"details in {report.uri}")
 
