@@ -345,24 +345,21 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--format", choices=("table", "json"), default="table")
     status.set_defaults(handler=cmd_status)
 
-    formats = ("table", "json", "dot", "html")
-    models = commands.add_parser("models", help="every version of a model: data, accuracy, deployments, state")
-    models.add_argument("model", nargs="?", help="default: the spec's serving model")
-    models.add_argument("--spec", default=DEFAULT_SPEC)
-    models.add_argument("--format", choices=formats, default="table")
-    models.add_argument("-o", "--output", help="write to this file instead of stdout")
-    models.set_defaults(handler=cmd_models)
+    def lineage_command(name: str, help_text: str, handler):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("model", nargs="?", help="default: the spec's serving model")
+        command.add_argument("--spec", default=DEFAULT_SPEC)
+        command.add_argument("--format", choices=("table", "json", "dot", "html"), default="table")
+        command.add_argument("-o", "--output", help="write to this file instead of stdout")
+        command.set_defaults(handler=handler)
+        return command
 
-    lineage = commands.add_parser("lineage", help="one version from its data to live traffic")
-    lineage.add_argument("model", nargs="?", help="default: the spec's serving model")
-    which = lineage.add_mutually_exclusive_group()
+    lineage_command("models", "every version of a model: data, accuracy, deployments, state", cmd_models)
+    which = lineage_command("lineage", "one version from its data to live traffic",
+                            cmd_lineage).add_mutually_exclusive_group()
     which.add_argument("--version", help="a pushed version (local or Vertex AI)")
     which.add_argument("--label", help="the version a label (stable, canary) points to now")
     which.add_argument("--run", dest="run_id", help="the model a pipeline run trained")
-    lineage.add_argument("--spec", default=DEFAULT_SPEC)
-    lineage.add_argument("--format", choices=formats, default="table")
-    lineage.add_argument("-o", "--output", help="write to this file instead of stdout")
-    lineage.set_defaults(handler=cmd_lineage)
 
     runs = commands.add_parser("runs", help="pipeline runs: status, duration, cached components, outputs")
     runs.add_argument("--spec", default=DEFAULT_SPEC)

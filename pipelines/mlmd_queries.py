@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ml_metadata import errors
 from ml_metadata.proto import metadata_store_pb2
 
 DEPLOYMENT_TYPE = "conveyor.Deployment"
@@ -37,50 +36,16 @@ class Snapshot:
     run_id: str | None
 
 
-def _type_names(store) -> dict[int, str]:
-    return {t.id: t.name for t in store.get_execution_types()}
-
-
-def run_of_execution(store, execution_id: int) -> str | None:
-    try:
-        contexts = store.get_contexts_by_execution(execution_id)
-    except errors.NotFoundError:  # recorded outside any pipeline (a release command before the first run)
-        return None
-    for context in contexts:
-        if context.type == PIPELINE_RUN_CONTEXT or _context_type(store, context) == PIPELINE_RUN_CONTEXT:
-            return context.name
-    return None
-
-
-_context_types: dict[int, str] = {}
-
-
-def _context_type(store, context) -> str:
-    if context.type_id not in _context_types:
-        [context_type] = store.get_context_types_by_id([context.type_id])
-        _context_types[context.type_id] = context_type.name
-    return _context_types[context.type_id]
-
-
 def deployment_snapshots(store, model_name: str, target: str | None = None) -> list[Snapshot]:
-    """Every release change of a model, oldest first."""
-    try:
-        deployments = store.get_artifacts_by_type(DEPLOYMENT_TYPE)
-    except Exception:  # the type is not registered: nothing was ever deployed
-        return []
-    mine = {a.id: a for a in deployments if props(a).get("model_name") == model_name
-            and (target is None or props(a).get("target") == target)}
-    if not mine:
-        return []
-    by_execution: dict[int, list] = {}
-    for event in store.get_events_by_artifact_ids(list(mine)):
-        if event.type == metadata_store_pb2.Event.OUTPUT:
-            by_execution.setdefault(event.execution_id, []).append(mine[event.artifact_id])
-    executions = store.get_executions_by_id(list(by_execution))
-    names = _type_names(store)
-    snapshots = [Snapshot(e, names.get(e.type_id, "?"), sorted(by_execution[e.id], key=lambda a: a.id),
-                          run_of_execution(store, e.id))
-                 for e in sorted(executions, key=lambda e: (e.create_time_since_epoch, e.id))]
+    """Every release change of a model (push, promote, rollback), oldest first, with the state it left;
+    read through the lineage index, which skips cached re-runs that produced nothing new."""
+    from pipelines.lineage import MetadataIndex
+
+    snapshots = []
+    for view, deployments in MetadataIndex(store).release_changes(model_name):
+        mine = [a for a in deployments if target is None or props(a).get("target") == target]
+        if mine:
+            snapshots.append(Snapshot(view.execution, view.type_name, mine, view.run_id))
     return snapshots
 
 

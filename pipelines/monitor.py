@@ -112,9 +112,20 @@ def gpus() -> list[dict] | str:
         pynvml.nvmlShutdown()
 
 
+_TRAINING_DISTRIBUTIONS: dict[tuple[str, str, str], list[float] | None] = {}
+
+
 def training_label_distribution(spec, model: str, version: str) -> list[float] | None:
-    """The label distribution of the training split the version was trained on, from the StatisticsGen
-    statistics MLMD links to it (None when the store does not know the version)."""
+    """The label distribution the version was trained on; read once per version, as the live view asks
+    for it on every refresh and a version's training data never changes."""
+    key = (str(spec.source_file), model, str(version))
+    if key not in _TRAINING_DISTRIBUTIONS:
+        _TRAINING_DISTRIBUTIONS[key] = _read_training_label_distribution(spec, model, version)
+    return _TRAINING_DISTRIBUTIONS[key]
+
+
+def _read_training_label_distribution(spec, model: str, version: str) -> list[float] | None:
+    """From the StatisticsGen statistics MLMD links to the version (None when the store does not know it)."""
     from pathlib import Path
 
     from tensorflow_metadata.proto.v0 import statistics_pb2

@@ -62,7 +62,11 @@ def summary_lines(spec: PipelineSpec, result: RunResult) -> list[str]:
                          f"replicas, {facts['examples_per_second']} examples/s")
     evaluator = spec.components.evaluator
     for evaluation in artifacts.get("ModelEvaluation", [])[-1:]:
-        accuracy = evaluation_accuracy(evaluation.uri)
+        # The runner copied the headline metric onto the artifact (record_headline_metrics); parse TFMA only
+        # for an evaluation that missed that.
+        accuracy = _custom(evaluation, "accuracy")
+        if accuracy is None:
+            accuracy = evaluation_accuracy(evaluation.uri)
         blessings = artifacts.get("ModelBlessing", [])
         blessed = bool(blessings and _custom(blessings[-1], "blessed"))
         if accuracy is not None and evaluator:

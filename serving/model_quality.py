@@ -117,8 +117,8 @@ class ModelQuality:
             self._predictions[prediction_id] = (model, version, classes)
             while len(self._predictions) > self.remembered:
                 self._predictions.popitem(last=False)
-        for value in classes:
-            self.metrics.predicted_class.labels(model, str(version), str(value)).inc()
+        for value, count in zip(*np.unique(classes, return_counts=True)):
+            self.metrics.predicted_class.labels(model, str(version), str(value)).inc(int(count))
         return prediction_id
 
     def feedback(self, model: str, entries: list[dict]) -> dict:

@@ -20,7 +20,6 @@ from pipelines.spec import GcpPusherSpec, load_spec
 from tests.artifacts import output
 from tests.fakes.gcs_emulator import FaultyProxy, StorageEmulator
 from tests.fakes.vertex_ai import FakeVertexAI
-from tests.tiny_models import write_tiny_model
 
 BUCKET = "conveyor-models"
 
@@ -38,14 +37,6 @@ def emulator():
 def vertex():
     with FakeVertexAI() as fake:
         yield fake
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model")
-    model = output(standard_artifacts.Model, root / "model")
-    write_tiny_model(root / "model" / "Format-Serving")
-    return model
 
 
 def settings(emulator, vertex, **overrides) -> GcpPusherSpec:
@@ -75,9 +66,9 @@ def objects(emulator, prefix: str) -> dict[str, storage.Blob]:
     return {blob.name: blob for blob in client.list_blobs(BUCKET, prefix=prefix)}
 
 
-def test_first_push_uploads_registers_and_deploys_at_full_traffic(emulator, vertex, tiny_model, tmp_path):
-    pushed, rows = push(tiny_model, settings(emulator, vertex), tmp_path)
-    prefix = f"models/digits/{tiny_model.id}/"
+def test_first_push_uploads_registers_and_deploys_at_full_traffic(emulator, vertex, tiny_model_artifact, tmp_path):
+    pushed, rows = push(tiny_model_artifact, settings(emulator, vertex), tmp_path)
+    prefix = f"models/digits/{tiny_model_artifact.id}/"
     uploaded = objects(emulator, prefix)
     assert f"{prefix}saved_model.pb" in uploaded and f"{prefix}conveyor-push.json" in uploaded
     assert any(name.startswith(f"{prefix}variables/") for name in uploaded)
@@ -86,7 +77,7 @@ def test_first_push_uploads_registers_and_deploys_at_full_traffic(emulator, vert
     upload = vertex.calls("models:upload")[0].body
     assert upload["model"]["artifactUri"] == f"gs://{BUCKET}/{prefix.rstrip('/')}"
     assert upload["model"]["containerSpec"]["imageUri"].startswith("us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu")
-    assert upload["model"]["labels"]["mlmd_model_id"] == str(tiny_model.id)
+    assert upload["model"]["labels"]["mlmd_model_id"] == str(tiny_model_artifact.id)
     assert upload["model"]["labels"]["conveyor_pipeline"] == "digits-ct"
     assert "parentModel" not in upload or not upload["parentModel"]
     deploy = vertex.calls(":deployModel")[0].body
@@ -98,11 +89,11 @@ def test_first_push_uploads_registers_and_deploys_at_full_traffic(emulator, vert
     assert vertex.model("digits")["versions"][0]["versionAliases"] == ["stable"]
 
 
-def test_second_push_is_a_canary_version_of_the_same_model(emulator, vertex, tiny_model, tmp_path):
+def test_second_push_is_a_canary_version_of_the_same_model(emulator, vertex, tiny_model_artifact, tmp_path):
     spec = settings(emulator, vertex)
-    push(tiny_model, spec, tmp_path / "one")
+    push(tiny_model_artifact, spec, tmp_path / "one")
     uploads_before = len(objects(emulator, "models/"))
-    _, rows = push(tiny_model, spec, tmp_path / "two")
+    _, rows = push(tiny_model_artifact, spec, tmp_path / "two")
     assert len(objects(emulator, "models/")) == uploads_before  # same model re-pushed: nothing uploaded again
     second_upload = vertex.calls("models:upload")[1].body
     assert second_upload["parentModel"] == vertex.model("digits")["versions"][0]["name"]
@@ -114,79 +105,79 @@ def test_second_push_is_a_canary_version_of_the_same_model(emulator, vertex, tin
     assert versions[0]["versionAliases"] == ["stable"] and versions[1]["versionAliases"] == ["canary"]
 
     # A third push replaces the canary; the old canary is undeployed once it has no traffic.
-    _, rows = push(tiny_model, spec, tmp_path / "three")
+    _, rows = push(tiny_model_artifact, spec, tmp_path / "three")
     endpoint = vertex.endpoint("digits-endpoint")
     assert len(endpoint["deployedModels"]) == 2
     assert {(r["version"], r["release_state"]) for r in rows} == {("1", "live"), ("2", "retired"), ("3", "canary")}
 
 
-def test_unblessed_model_is_not_pushed(emulator, vertex, tiny_model, tmp_path):
-    pushed, rows = push(tiny_model, settings(emulator, vertex), tmp_path, blessed=0)
+def test_unblessed_model_is_not_pushed(emulator, vertex, tiny_model_artifact, tmp_path):
+    pushed, rows = push(tiny_model_artifact, settings(emulator, vertex), tmp_path, blessed=0)
     assert pushed.get_int_custom_property("pushed") == 0 and rows == []
     assert vertex.calls() == []
 
 
-def test_dry_run_prints_every_call_and_makes_none(tiny_model, tmp_path, capsys):
+def test_dry_run_prints_every_call_and_makes_none(tiny_model_artifact, tmp_path, capsys):
     spec = settings(None, None, dry_run=True, storage_endpoint="http://127.0.0.1:9", vertex_endpoint="http://127.0.0.1:9")
-    pushed, rows = push(tiny_model, spec, tmp_path)
+    pushed, rows = push(tiny_model_artifact, spec, tmp_path)
     printed = capsys.readouterr().out
     assert rows == [] and pushed.get_int_custom_property("pushed") == 0
-    assert f"gs://{BUCKET}/models/digits/{tiny_model.id}/saved_model.pb" in printed
+    assert f"gs://{BUCKET}/models/digits/{tiny_model_artifact.id}/saved_model.pb" in printed
     for method in ("ModelService.ListModels", "ModelService.UploadModel", "EndpointService.CreateEndpoint",
                    "EndpointService.DeployModel"):
         assert f"would call {method}" in printed
     assert '"artifactUri": "gs://conveyor-models/models/digits/' in printed
 
 
-def test_permission_denied_fails_with_one_line_naming_the_resource(emulator, vertex, tiny_model, tmp_path):
+def test_permission_denied_fails_with_one_line_naming_the_resource(emulator, vertex, tiny_model_artifact, tmp_path):
     vertex.fail("models:upload", 403)
     with pytest.raises(ConveyorError) as error:
-        push(tiny_model, settings(emulator, vertex), tmp_path)
+        push(tiny_model_artifact, settings(emulator, vertex), tmp_path)
     message = str(error.value)
     assert "\n" not in message and "UploadModel" in message and "403" in message
     assert "roles/aiplatform.user" in message
     assert vertex.calls(":deployModel") == []
 
 
-def test_unavailable_is_retried_with_backoff_then_succeeds(emulator, vertex, tiny_model, tmp_path):
+def test_unavailable_is_retried_with_backoff_then_succeeds(emulator, vertex, tiny_model_artifact, tmp_path):
     vertex.fail(":deployModel", 503, times=2)
-    _, rows = push(tiny_model, settings(emulator, vertex), tmp_path)
+    _, rows = push(tiny_model_artifact, settings(emulator, vertex), tmp_path)
     assert [r.status for r in vertex.calls(":deployModel")] == [503, 503, 200]
     assert rows[0]["traffic_percent"] == 100
 
 
-def test_quota_exhausted_for_good_fails_after_the_retry_budget(emulator, vertex, tiny_model, tmp_path):
+def test_quota_exhausted_for_good_fails_after_the_retry_budget(emulator, vertex, tiny_model_artifact, tmp_path):
     vertex.fail("models:upload", 429)
     with pytest.raises(ConveyorError, match=r"429 .*quota exhausted"):
-        push(tiny_model, settings(emulator, vertex, retry_seconds=2), tmp_path)
+        push(tiny_model_artifact, settings(emulator, vertex, retry_seconds=2), tmp_path)
     assert len(vertex.calls("models:upload")) >= 2
 
 
-def test_missing_bucket_is_named(emulator, vertex, tiny_model, tmp_path):
+def test_missing_bucket_is_named(emulator, vertex, tiny_model_artifact, tmp_path):
     with pytest.raises(ConveyorError, match="bucket gs://no-such-bucket does not exist"):
-        push(tiny_model, settings(emulator, vertex, bucket="no-such-bucket"), tmp_path)
+        push(tiny_model_artifact, settings(emulator, vertex, bucket="no-such-bucket"), tmp_path)
     assert vertex.calls() == []
 
 
-def test_interrupted_uploads_are_retried(emulator, vertex, tiny_model, tmp_path):
+def test_interrupted_uploads_are_retried(emulator, vertex, tiny_model_artifact, tmp_path):
     with FaultyProxy(emulator.port) as proxy:
         proxy.fail("PUT", "upload", 503, times=2)
         proxy.fail("POST", "upload", 503, times=1)
         spec = settings(emulator, vertex, storage_endpoint=proxy.url, prefix="retried")
-        push(tiny_model, spec, tmp_path)
+        push(tiny_model_artifact, spec, tmp_path)
     assert proxy.failed >= 1
-    uploaded = objects(emulator, f"retried/digits/{tiny_model.id}/")
-    assert f"retried/digits/{tiny_model.id}/saved_model.pb" in uploaded
+    uploaded = objects(emulator, f"retried/digits/{tiny_model_artifact.id}/")
+    assert f"retried/digits/{tiny_model_artifact.id}/saved_model.pb" in uploaded
 
 
-def test_upload_failing_for_good_is_reported_and_nothing_is_registered(emulator, vertex, tiny_model, tmp_path):
+def test_upload_failing_for_good_is_reported_and_nothing_is_registered(emulator, vertex, tiny_model_artifact, tmp_path):
     with FaultyProxy(emulator.port) as proxy:
         proxy.fail("POST", "upload", 503)
         proxy.fail("PUT", "upload", 503)
         with pytest.raises(ConveyorError, match="gs://conveyor-models/broken/digits/"):
-            push(tiny_model, settings(emulator, vertex, storage_endpoint=proxy.url, prefix="broken", retry_seconds=2),
+            push(tiny_model_artifact, settings(emulator, vertex, storage_endpoint=proxy.url, prefix="broken", retry_seconds=2),
                  tmp_path)
-    assert f"broken/digits/{tiny_model.id}/conveyor-push.json" not in objects(emulator, "broken/")
+    assert f"broken/digits/{tiny_model_artifact.id}/conveyor-push.json" not in objects(emulator, "broken/")
     assert vertex.calls() == []
 
 
@@ -214,7 +205,7 @@ def test_traffic_rules_for_push_promotion_and_rollback():
         [("1", "stable", 100, "live"), ("2", "", 0, "retired")]
 
 
-def test_rollback_on_vertex_drops_the_canary_and_records_it(emulator, vertex, tiny_model, tmp_path):
+def test_rollback_on_vertex_drops_the_canary_and_records_it(emulator, vertex, tiny_model_artifact, tmp_path):
     from pipelines.release_commands import ROLLBACK, change_vertex_release
     from tests.conftest import write_spec
 
@@ -223,8 +214,8 @@ def test_rollback_on_vertex_drops_the_canary_and_records_it(emulator, vertex, ti
                    "vertex_endpoint": vertex.url}
     spec = load_spec(write_spec(tmp_path, **{"components.gcp_pusher": gcp_section}))
     spec.workspace.mkdir()
-    push(tiny_model, spec.components.gcp_pusher, tmp_path / "one")
-    push(tiny_model, spec.components.gcp_pusher, tmp_path / "two")
+    push(tiny_model_artifact, spec.components.gcp_pusher, tmp_path / "one")
+    push(tiny_model_artifact, spec.components.gcp_pusher, tmp_path / "two")
     rows = change_vertex_release(spec, "digits", ROLLBACK, reason="canary errors")
     endpoint = vertex.endpoint("digits-endpoint")
     assert list(endpoint["trafficSplit"].values()) == [100] and len(endpoint["deployedModels"]) == 1

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from tensorflow_serving.config import model_server_config_pb2
 from tfx.types import standard_artifacts
 
@@ -18,14 +17,6 @@ from serving import release as releases
 from serving.version_manager import ModelVersions, versions_on_disk
 from tests.artifacts import output
 from tests.tiny_models import write_tiny_model
-
-
-@pytest.fixture(scope="module")
-def tiny_model_artifact(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model")
-    model = output(standard_artifacts.Model, root / "model")
-    write_tiny_model(root / "model" / "Format-Serving")
-    return model
 
 
 def blessing(kind, blessed: int, tmp: Path, reason: str = ""):
