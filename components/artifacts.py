@@ -33,12 +33,9 @@ class DataDriftReport(Artifact):
 def recorded_value(artifact: Artifact, key: str):
     """A value this project records, read as a custom property, or as a declared property where a store
     written before the types dropped their PROPERTIES holds it that way."""
-    mlmd = artifact.mlmd_artifact
-    for source in (mlmd.custom_properties, mlmd.properties):
-        if key in source:
-            value = source[key]
-            return getattr(value, value.WhichOneof("value")) if value.WhichOneof("value") else None
-    return None
+    from pipelines.mlmd_queries import props
+
+    return props(artifact.mlmd_artifact).get(key)
 
 
 def set_custom_properties(artifact: Artifact, values: dict) -> None:
