@@ -2,14 +2,20 @@
 from setuptools import find_packages, setup
 
 setup(
-    name="conveyor",
+    name="conveyor-ml",
     version="0.1.0",
     description="Declarative TFX pipelines from training to production serving",
     python_requires=">=3.10,<3.11",
-    packages=find_packages(include=["pipelines*", "components*", "serving*"]),
+    # One import root, conveyor_ml (`conveyor` is taken by other distributions). The repository's
+    # components/ and pipelines/ folders are its sub-packages conveyor_ml.components and conveyor_ml.pipelines.
+    packages=["conveyor_ml." + p for p in find_packages("conveyor_ml")] + ["conveyor_ml"]
+    + ["conveyor_ml.components." + p for p in find_packages("components")] + ["conveyor_ml.components"]
+    + ["conveyor_ml.pipelines." + p for p in find_packages("pipelines")] + ["conveyor_ml.pipelines"],
+    package_dir={"conveyor_ml": "conveyor_ml", "conveyor_ml.components": "components",
+                 "conveyor_ml.pipelines": "pipelines"},
     package_data={
-        "pipelines": ["*.yaml", "assets/*"],
-        "serving": ["protos/*.proto"],
+        "conveyor_ml.pipelines": ["*.yaml"],
+        "conveyor_ml.formats": ["protos/*.proto"],
     },
     # The exact versions live in requirements.txt (the lock); these are the direct needs.
     install_requires=[
@@ -26,5 +32,5 @@ setup(
         "prometheus-client",
         "grpcio-tools",
     ],
-    entry_points={"console_scripts": ["conveyor = pipelines.cli:main"]},
+    entry_points={"console_scripts": ["conveyor = conveyor_ml.cli:main"]},
 )

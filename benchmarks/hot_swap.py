@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import requests
 
-    from serving.process import ServerProcess
-    from serving.version_manager import versions_on_disk
+    from conveyor_ml.base.server_process import ServerProcess
+    from conveyor_ml.formats.release_state import versions_on_disk
 
     source_versions = versions_on_disk(Path(args.base_path) / args.model)
     if not source_versions:

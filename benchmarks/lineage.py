@@ -21,10 +21,9 @@ NODES = ["ImportExampleGen", "StatisticsGen", "ExampleValidator", "Trainer", "Ev
 
 
 def generate_store(path: Path, pipeline: str, runs: int) -> None:
+    from conveyor_ml.components.artifacts import Deployment, QuantizedModel
     from ml_metadata.metadata_store import metadata_store
     from ml_metadata.proto import metadata_store_pb2 as pb
-
-    from components.artifacts import Deployment, QuantizedModel
 
     config = pb.ConnectionConfig()
     config.sqlite.filename_uri = str(path)
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         spec.write_text(f"extends: {root / 'pipelines' / 'mnist.yaml'}\nworkspace: {scratch}\n"
                         f"data:\n  schema: {root / 'schemas' / 'mnist' / 'schema.pbtxt'}\n"
                         f"metadata:\n  sqlite: {store_path}\n")
-        cli = [sys.executable, "-m", "pipelines.cli"]
+        cli = [sys.executable, "-m", "conveyor_ml.cli"]
         figures = {
             "conveyor lineage mnist (newest version)": timed([*cli, "lineage", "mnist", "--spec", str(spec)], args.repeats),
             "conveyor lineage mnist --version 100 --format json": timed(

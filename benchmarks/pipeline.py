@@ -21,7 +21,7 @@ FINISHED_LINE = re.compile(r"finished in ([\d.]+)s")
 
 def run_once(spec: Path) -> dict:
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "run", str(spec)], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "conveyor_ml.cli", "run", str(spec)], cwd=ROOT,
                             capture_output=True, text=True)
     wall = time.perf_counter() - started
     if result.returncode != 0:

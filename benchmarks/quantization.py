@@ -17,7 +17,7 @@ def digits_28x28():
     import numpy as np
     import tensorflow as tf
 
-    from pipelines.datasets import embedded_digits
+    from conveyor_ml.data.datasets import embedded_digits
 
     digits = embedded_digits()
     images = tf.image.resize(digits.images[..., None], (28, 28)).numpy()[..., 0].astype(np.float32)
@@ -26,9 +26,9 @@ def digits_28x28():
 
 def train_model(images, labels, steps: int, export_dir: str) -> int:
     import tensorflow as tf
+    from conveyor_ml.components.trainer.model import build_model, serving_signatures
 
-    from components.trainer.model import build_model, serving_signatures
-    from pipelines.spec import ModelArchitecture
+    from conveyor_ml.base.spec import ModelArchitecture
 
     model = build_model((28, 28), ModelArchitecture(conv_filters=(32, 64, 128), dense_units=768, dropout=0.1))
     model.compile(optimizer=tf.keras.optimizers.Adam(1e-3),
@@ -46,8 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-runs", type=int, default=300)
     args = parser.parse_args(argv)
 
-    from components.quantizer import report
-    from components.quantizer.tflite_variants import VARIANTS, convert, measure, saved_model_accuracy
+    from conveyor_ml.components.quantizer import report
+    from conveyor_ml.components.quantizer.tflite_variants import (
+        VARIANTS,
+        convert,
+        measure,
+        saved_model_accuracy,
+    )
 
     images, labels = digits_28x28()
     train_images, train_labels = images[:1400], labels[:1400]

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
     if not (ROOT / "workspace" / "serving" / "mnist").is_dir():
-        subprocess.run([sys.executable, "-m", "pipelines.cli", "run"], cwd=ROOT, check=True)
+        subprocess.run([sys.executable, "-m", "conveyor_ml.cli", "run"], cwd=ROOT, check=True)
     durations = {}
     for name, arguments in STEPS:
         if args.only and name not in args.only:

@@ -148,8 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
 
-    from serving.process import ServerProcess, free_port
-    from serving.version_manager import versions_on_disk
+    from conveyor_ml.base.ports import free_port
+    from conveyor_ml.base.server_process import ServerProcess
+    from conveyor_ml.formats.release_state import versions_on_disk
 
     model_dir = Path(args.base_path) / args.model
     versions = versions_on_disk(model_dir) if model_dir.is_dir() else {}

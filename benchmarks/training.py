@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def train(data_root: Path, scratch: Path, replicas: int, steps: int, index: int) -> dict:
-    from components.trainer.training import TrainingJob
+    from conveyor_ml.components.trainer.training import TrainingJob
 
     work = scratch / f"r{replicas}-{index}"
     work.mkdir()
@@ -28,7 +28,7 @@ def train(data_root: Path, scratch: Path, replicas: int, steps: int, index: int)
                       image_shape=(8, 8), serving_model_dir=str(work / "model"), log_dir=str(work / "logs"),
                       facts_path=str(work / "facts.json"), cpu_replicas=replicas, train_steps=steps)
     job.save(work / "job.json")
-    result = subprocess.run([sys.executable, "-m", "components.trainer.training", str(work / "job.json")],
+    result = subprocess.run([sys.executable, "-m", "conveyor_ml.components.trainer.training", str(work / "job.json")],
                             cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(result.stdout[-2000:] + result.stderr[-2000:])
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=600)
     args = parser.parse_args(argv)
-    from pipelines.datasets import init_data
+    from conveyor_ml.data.datasets import init_data
 
     results: dict[int, list[dict]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as scratch:

@@ -1,4 +1,1 @@
-import os
-
-# Keras 3 cannot write the SavedModel TFX 1.16 needs; this must be set before TensorFlow is imported.
-os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+"""Conveyor's TFX components, one folder each (component.py, executor.py, README.md)."""

@@ -3,38 +3,48 @@
 Their values are custom properties, not declared PROPERTIES: Kubeflow Pipelines v2 (and Vertex AI
 Pipelines) compile custom artifact types only as the generic schema, which declares none.
 """
+import json
+from pathlib import Path
+
 from tfx.types.artifact import Artifact
+
+from conveyor_ml.base.clock import utc_now
+from conveyor_ml.base.names import (
+    DATA_DRIFT_REPORT_TYPE,
+    DEPLOYMENT_TYPE,
+    QUANTIZATION_REPORT_TYPE,
+    QUANTIZED_MODEL_TYPE,
+)
+from conveyor_ml.metadata.values import props
 
 
 class QuantizedModel(Artifact):
     """One TFLite variant of a trained model, measured on the eval split and blessed or rejected."""
 
-    TYPE_NAME = "conveyor.QuantizedModel"
+    TYPE_NAME = QUANTIZED_MODEL_TYPE
 
 
 class QuantizationReport(Artifact):
     """report.json and report.md comparing every variant with the float SavedModel."""
 
-    TYPE_NAME = "conveyor.QuantizationReport"
+    TYPE_NAME = QUANTIZATION_REPORT_TYPE
 
 
 class Deployment(Artifact):
     """Where a model version is live: a local serving label or a Vertex AI endpoint, with its traffic share."""
 
-    TYPE_NAME = "conveyor.Deployment"
+    TYPE_NAME = DEPLOYMENT_TYPE
 
 
 class DataDriftReport(Artifact):
     """Drift of the newest span against the previous one, with the policy's verdict."""
 
-    TYPE_NAME = "conveyor.DataDriftReport"
+    TYPE_NAME = DATA_DRIFT_REPORT_TYPE
 
 
 def recorded_value(artifact: Artifact, key: str):
     """A value this project records, read as a custom property, or as a declared property where a store
     written before the types dropped their PROPERTIES holds it that way."""
-    from pipelines.mlmd_queries import props
-
     return props(artifact.mlmd_artifact).get(key)
 
 
@@ -64,10 +74,6 @@ def deployment(row: dict, *, model_name: str, base_path: str, uri: str, target: 
                endpoint: str = "", pushed_at: str | None = None) -> Deployment:
     """A Deployment artifact for one row of a release snapshot (see serving.release.snapshot); `uri` is a
     record directory, where the row is also written as deployment.json for people and scripts."""
-    import json
-    import time
-    from pathlib import Path
-
     Path(uri).mkdir(parents=True, exist_ok=True)
     (Path(uri) / "deployment.json").write_text(json.dumps(
         {"model_name": model_name, "base_path": base_path, "target": target, "endpoint": endpoint, **row},
@@ -77,6 +83,6 @@ def deployment(row: dict, *, model_name: str, base_path: str, uri: str, target: 
     set_custom_properties(artifact, {
         "target": target, "model_name": model_name, "version": str(row["version"]), "label": row.get("label", ""),
         "traffic_percent": int(row.get("traffic_percent", 0)), "base_path": base_path, "endpoint": endpoint,
-        "pushed_at": pushed_at or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "pushed_at": pushed_at or utc_now(),
         "release_state": row["release_state"]})
     return artifact

@@ -4,12 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from conveyor_ml.components.artifacts import Deployment, QuantizedModel, recorded_value
 from tfx.proto.orchestration import execution_result_pb2
 from tfx.types import standard_artifacts
 from tfx.types.component_spec import ChannelParameter
 from tfx.utils import path_utils
-
-from components.artifacts import Deployment, QuantizedModel, recorded_value
 
 TFLITE_DIR = "tflite"
 

@@ -4,34 +4,34 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import tensorflow_model_analysis as tfma
-from tfx import v1 as tfx
-from tfx.proto import example_gen_pb2
-
-from pipelines.datasets import LABEL_KEY
-from pipelines.metadata import connection_config
-from pipelines.resolvers import (
+from conveyor_ml.pipelines.resolvers import (
     PreviousBlessedModelStrategy,
     PreviousSpanStatisticsStrategy,
     SpanWindowStrategy,
 )
-from pipelines.spec import PipelineSpec
+from tfx import v1 as tfx
+from tfx.proto import example_gen_pb2
 
-# Node ids, also the names progress lines and `conveyor runs` show.
-EXAMPLE_GEN = "ImportExampleGen"
-SCHEMA_GEN = "ImportSchemaGen"
-STATISTICS_GEN = "StatisticsGen"
-EXAMPLE_VALIDATOR = "ExampleValidator"
-TRAINER = "Trainer"
-WARM_START_RESOLVER = "WarmStartModelResolver"
-BASELINE_RESOLVER = "BaselineModelResolver"
-EVALUATOR = "Evaluator"
-INFRA_VALIDATOR = "InfraValidator"
-QUANTIZER = "Quantizer"
-SPAN_WINDOW = "SpanWindowResolver"
-PREVIOUS_STATISTICS = "PreviousSpanStatisticsResolver"
-DRIFT_GATE = "DriftGate"
-SERVING_PUSHER = "ServingPusher"
-GCP_PUSHER = "GcpPusher"
+from conveyor_ml.base.names import (
+    BASELINE_RESOLVER,
+    DRIFT_GATE,
+    EVALUATOR,
+    EXAMPLE_GEN,
+    EXAMPLE_VALIDATOR,
+    GCP_PUSHER,
+    INFRA_VALIDATOR,
+    LABEL_KEY,
+    PREVIOUS_STATISTICS,
+    QUANTIZER,
+    SCHEMA_GEN,
+    SERVING_PUSHER,
+    SPAN_WINDOW,
+    STATISTICS_GEN,
+    TRAINER,
+    WARM_START_RESOLVER,
+)
+from conveyor_ml.base.spec import PipelineSpec
+from conveyor_ml.metadata.store import connection_config
 
 
 def example_gen_input_config() -> example_gen_pb2.Input:
@@ -99,7 +99,7 @@ def build_components(spec: PipelineSpec, portable: bool = False) -> list:
         training_examples = window.outputs["examples"]
     else:
         training_examples = examples
-    from components.trainer.component import Trainer
+    from conveyor_ml.components.trainer.component import Trainer
 
     trainer_spec = components.trainer
     warm_start_model = None
@@ -143,7 +143,7 @@ def build_components(spec: PipelineSpec, portable: bool = False) -> list:
 
     infra_blessing = None
     if components.infra_validator and not portable:
-        from components.infra_validator.component import InfraValidator
+        from conveyor_ml.components.infra_validator.component import InfraValidator
 
         infra_validator = InfraValidator(
             model=model, examples=examples, image_shape=spec.data.image_shape,
@@ -155,7 +155,7 @@ def build_components(spec: PipelineSpec, portable: bool = False) -> list:
 
     quantized = None
     if components.quantizer:
-        from components.quantizer.component import Quantizer
+        from conveyor_ml.components.quantizer.component import Quantizer
 
         quantizer_spec = components.quantizer
         quantizer = Quantizer(
@@ -169,7 +169,7 @@ def build_components(spec: PipelineSpec, portable: bool = False) -> list:
         quantized = quantizer.outputs["quantized_models"]
 
     if components.serving_pusher and not portable:
-        from components.serving_pusher.component import ServingPusher
+        from conveyor_ml.components.serving_pusher.component import ServingPusher
 
         pusher_spec = components.serving_pusher
         pusher = ServingPusher(
@@ -181,7 +181,7 @@ def build_components(spec: PipelineSpec, portable: bool = False) -> list:
         nodes.append(pusher)
 
     if components.gcp_pusher:
-        from components.gcp_pusher.component import GcpPusher
+        from conveyor_ml.components.gcp_pusher.component import GcpPusher
 
         nodes.append(GcpPusher(
             model=model, model_blessing=blessing, infra_blessing=infra_blessing, quantized_models=quantized,
@@ -192,7 +192,7 @@ def build_components(spec: PipelineSpec, portable: bool = False) -> list:
 
 def _drift_gate(spec: PipelineSpec, nodes: list, examples, statistics, schema, portable: bool):
     """The newest span's statistics against the previous span's (resolved from MLMD), with the spec's policy."""
-    from components.drift_gate.component import DriftGate
+    from conveyor_ml.components.drift_gate.component import DriftGate
 
     all_statistics = tfx.dsl.Channel(type=tfx.types.standard_artifacts.ExampleStatistics)
     if portable:

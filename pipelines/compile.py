@@ -4,15 +4,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipelines.errors import ConveyorError
-from pipelines.spec import PipelineSpec
+from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.base.spec import PipelineSpec
 
 
 def compile_pipeline(spec: PipelineSpec, output: Path) -> dict:
+    from conveyor_ml.pipelines.builder import build_components
     from tfx import v1 as tfx
     from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner
-
-    from pipelines.builder import build_components
 
     if output.suffix != ".json":
         raise ConveyorError(f"-o {output}: the compiled pipeline is JSON; name a .json file")

@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from pipelines.errors import ConveyorError
+from conveyor_ml.base.errors import ConveyorError
 
 
 class RunLockHeld(ConveyorError):

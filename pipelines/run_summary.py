@@ -3,31 +3,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipelines import metadata
-from pipelines.runner import RunResult
-from pipelines.spec import PipelineSpec
-from pipelines.workspace import workspace_paths
+from conveyor_ml.pipelines.headline_metrics import evaluation_accuracy
+from conveyor_ml.pipelines.run_result import RunResult
+from conveyor_ml.pipelines.workspace import workspace_paths
 
-
-def evaluation_accuracy(evaluation_uri: str) -> float | None:
-    """Overall sparse categorical accuracy from a TFMA ModelEvaluation directory."""
-    import tensorflow_model_analysis as tfma
-
-    try:
-        for metrics_for_slice in tfma.load_metrics(evaluation_uri):
-            if metrics_for_slice.slice_key.single_slice_keys:
-                continue
-            for key_and_value in metrics_for_slice.metric_keys_and_values:
-                if key_and_value.key.name == "sparse_categorical_accuracy" and not key_and_value.key.is_diff:
-                    return key_and_value.value.double_value.value
-    except (OSError, ValueError):
-        return None
-    return None
+from conveyor_ml.base.names import DATA_DRIFT_REPORT_TYPE, PIPELINE_RUN_CONTEXT, QUANTIZATION_REPORT_TYPE
+from conveyor_ml.base.spec import PipelineSpec
+from conveyor_ml.metadata import store as metadata
+from conveyor_ml.metadata.values import props
 
 
 def run_artifacts(store, run_id: str) -> dict[str, list]:
     """Artifacts a run produced or reused (cached), keyed by type name."""
-    context = store.get_context_by_type_and_name("pipeline_run", run_id)
+    context = store.get_context_by_type_and_name(PIPELINE_RUN_CONTEXT, run_id)
     if context is None:
         return {}
     by_type: dict[str, list] = {}
@@ -35,13 +23,6 @@ def run_artifacts(store, run_id: str) -> dict[str, list]:
     for artifact in store.get_artifacts_by_context(context.id):
         by_type.setdefault(types.get(artifact.type_id, "?"), []).append(artifact)
     return by_type
-
-
-def _custom(artifact, key: str, default=None):
-    if key not in artifact.custom_properties:
-        return default
-    value = artifact.custom_properties[key]
-    return getattr(value, value.WhichOneof("value")) if value.WhichOneof("value") else default
 
 
 def summary_lines(spec: PipelineSpec, result: RunResult) -> list[str]:
@@ -53,10 +34,10 @@ def summary_lines(spec: PipelineSpec, result: RunResult) -> list[str]:
     store = metadata.open_store(spec.metadata)
     artifacts = run_artifacts(store, result.run_id)
 
-    for report in artifacts.get("conveyor.DataDriftReport", [])[-1:]:
-        lines.append(f"  drift:     {_custom(report, 'verdict')} ({_custom(report, 'reason')})")
+    for report in artifacts.get(DATA_DRIFT_REPORT_TYPE, [])[-1:]:
+        lines.append(f"  drift:     {props(report).get('verdict')} ({props(report).get('reason')})")
     for model in artifacts.get("Model", [])[-1:]:
-        facts = {k: _custom(model, k) for k in ("strategy", "replicas", "steps", "examples_per_second")}
+        facts = {k: props(model).get(k) for k in ("strategy", "replicas", "steps", "examples_per_second")}
         if facts["steps"]:
             lines.append(f"  trained:   {facts['steps']} steps, strategy {facts['strategy']} x{facts['replicas']} "
                          f"replicas, {facts['examples_per_second']} examples/s")
@@ -64,15 +45,15 @@ def summary_lines(spec: PipelineSpec, result: RunResult) -> list[str]:
     for evaluation in artifacts.get("ModelEvaluation", [])[-1:]:
         # The runner copied the headline metric onto the artifact (record_headline_metrics); parse TFMA only
         # for an evaluation that missed that.
-        accuracy = _custom(evaluation, "accuracy")
+        accuracy = props(evaluation).get("accuracy")
         if accuracy is None:
             accuracy = evaluation_accuracy(evaluation.uri)
         blessings = artifacts.get("ModelBlessing", [])
-        blessed = bool(blessings and _custom(blessings[-1], "blessed"))
+        blessed = bool(blessings and props(blessings[-1]).get("blessed"))
         if accuracy is not None and evaluator:
             lines.append(f"  evaluated: accuracy {accuracy:.4f} (threshold {evaluator.min_accuracy}) -> "
                          f"{'blessed' if blessed else 'NOT blessed'}")
-    for quantization in artifacts.get("conveyor.QuantizationReport", [])[-1:]:
+    for quantization in artifacts.get(QUANTIZATION_REPORT_TYPE, [])[-1:]:
         table = Path(quantization.uri) / "report.md"
         if table.is_file():
             lines.append("  quantized:")
@@ -80,9 +61,9 @@ def summary_lines(spec: PipelineSpec, result: RunResult) -> list[str]:
     pushes = artifacts.get("PushedModel", [])
     if pushes:
         push = pushes[-1]
-        if _custom(push, "pushed"):
-            lines.append(f"  pushed:    version {_custom(push, 'pushed_version')} -> "
-                         f"{_custom(push, 'pushed_destination')}")
+        if props(push).get("pushed"):
+            lines.append(f"  pushed:    version {props(push).get('pushed_version')} -> "
+                         f"{props(push).get('pushed_destination')}")
         else:
             lines.append("  pushed:    nothing (the model was not blessed, or this run reused a cached push)")
     for model_run in artifacts.get("ModelRun", [])[-1:]:

@@ -4,37 +4,18 @@ from __future__ import annotations
 import datetime
 import sys
 import time
-from dataclasses import dataclass, field
 
-from ml_metadata import errors as mlmd_errors
+from conveyor_ml.pipelines.builder import build_pipeline
+from conveyor_ml.pipelines.headline_metrics import record_headline_metrics
+from conveyor_ml.pipelines.run_result import NodeOutcome, RunResult
+from conveyor_ml.pipelines.workspace import check_workspace, prepare_data
 from tfx.dsl.compiler import constants
 from tfx.orchestration import metadata as tfx_metadata
 from tfx.orchestration.beam.beam_dag_runner import BeamDagRunner, PipelineNodeAsDoFn
 from tfx.orchestration.portable import launcher, runtime_parameter_utils
 
-from pipelines.builder import build_pipeline
-from pipelines.errors import ConveyorError
-from pipelines.spec import PipelineSpec
-from pipelines.workspace import check_workspace, prepare_data
-
-
-@dataclass
-class NodeOutcome:
-    node_id: str
-    state: str  # complete | cached | skipped | failed
-    seconds: float
-    error: str = ""
-
-
-@dataclass
-class RunResult:
-    run_id: str
-    seconds: float
-    outcomes: list[NodeOutcome] = field(default_factory=list)
-
-    def failed(self) -> NodeOutcome | None:
-        return next((o for o in self.outcomes if o.state == "failed"), None)
-
+from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.base.spec import PipelineSpec
 
 # The in-memory DirectRunner runs every DoFn in this process; progress reaches the active run through
 # this module-level slot (a DoFn is pickled, so it cannot hold a reference to the runner itself).
@@ -111,7 +92,7 @@ def new_run_id() -> str:
 
 def run_pipeline(spec: PipelineSpec, run_id: str | None = None) -> RunResult:
     """Runs the whole DAG once; raises ConveyorError naming the component that failed on a user problem."""
-    from pipelines.run_lock import RunLock
+    from conveyor_ml.pipelines.run_lock import RunLock
 
     check_workspace(spec)
     with RunLock(spec.workspace):
@@ -144,33 +125,6 @@ def _run_locked(spec: PipelineSpec, run_id: str | None) -> RunResult:
         result.seconds = time.perf_counter() - started
         record_headline_metrics(spec, run_id)
     return result
-
-
-def record_headline_metrics(spec: PipelineSpec, run_id: str) -> None:
-    """Copies the Evaluator's overall accuracy onto its ModelEvaluation artifact as a custom property, so
-    lineage queries answer from MLMD alone instead of loading TFMA to parse metrics files."""
-    from pipelines import metadata
-    from pipelines.run_summary import evaluation_accuracy
-
-    if not metadata.store_exists(spec.metadata):
-        return
-    store = metadata.open_store(spec.metadata)
-    context = store.get_context_by_type_and_name("pipeline_run", run_id)
-    try:
-        evaluation_type = store.get_artifact_type("ModelEvaluation")
-    except mlmd_errors.NotFoundError:  # no Evaluator in this pipeline
-        return
-    if context is None:
-        return
-    updated = []
-    for artifact in store.get_artifacts_by_context(context.id):
-        if artifact.type_id == evaluation_type.id and "accuracy" not in artifact.custom_properties:
-            accuracy = evaluation_accuracy(artifact.uri)
-            if accuracy is not None:
-                artifact.custom_properties["accuracy"].double_value = accuracy
-                updated.append(artifact)
-    if updated:
-        store.put_artifacts(updated)
 
 
 def _find_conveyor_error(exc: BaseException) -> str | None:

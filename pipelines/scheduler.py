@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines import datasets
-from pipelines.errors import ConveyorError
-from pipelines.spec import PipelineSpec
+from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.base.spec import PipelineSpec
+from conveyor_ml.data import datasets
 
 UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -79,7 +79,7 @@ class Scheduler:
         return spans[-1] if spans else 0
 
     def run_once(self) -> Outcome:
-        self.child = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "run", str(self.spec_file)],
+        self.child = subprocess.Popen([sys.executable, "-m", "conveyor_ml.cli", "run", str(self.spec_file)],
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
         last = ""

@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipelines import datasets
-from pipelines.errors import ConveyorError
-from pipelines.spec import PipelineSpec
+from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.base.spec import PipelineSpec
+from conveyor_ml.data import datasets
 
 
 def check_workspace(spec: PipelineSpec) -> None:

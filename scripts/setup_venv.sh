@@ -48,6 +48,8 @@ quiet_pip() {
 echo "conveyor: installing the locked stack into $venv (first time: ~3 minutes, ~3.5 GB)"
 quiet_pip install --upgrade pip
 quiet_pip install -r requirements.txt
+# Environments made before the project took its own import root hold the old distribution's name.
+if "$venv/bin/python" -m pip show conveyor >/dev/null 2>&1; then quiet_pip uninstall -y conveyor; fi
 quiet_pip install --no-deps -e .
 echo "$want" > "$stamp"
 echo "conveyor: environment ready"

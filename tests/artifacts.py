@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tfx.types import artifact_utils, standard_artifacts
 
-from pipelines.datasets import span_dir
+from conveyor_ml.formats.spans import span_dir
 
 _next_id = iter(range(1000, 10**6))
 

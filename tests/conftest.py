@@ -22,7 +22,7 @@ def run_conveyor(*args: str, cwd: Path | None = None, env: dict | None = None,
                  timeout: float = 600) -> subprocess.CompletedProcess:
     """Runs the real CLI in a child process, as a user would."""
     return subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", *map(str, args)],
+        [sys.executable, "-m", "conveyor_ml.cli", *map(str, args)],
         cwd=cwd or ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
         capture_output=True, text=True, timeout=timeout)
 

@@ -1,13 +1,12 @@
 """DriftGate: the newest span's statistics against the previous span's, with TFDV's drift comparators."""
 from __future__ import annotations
 
+from conveyor_ml.components.artifacts import DataDriftReport
+from conveyor_ml.components.drift_gate import executor
 from tfx import types
 from tfx.dsl.components.base import base_component, executor_spec
 from tfx.types import standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
-
-from components.artifacts import DataDriftReport
-from components.drift_gate import executor
 
 
 class DriftGateSpec(ComponentSpec):

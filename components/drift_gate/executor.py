@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from conveyor_ml.components.artifacts import set_custom_properties, span_of
 from tfx.dsl.components.base import base_executor
 from tfx.types import artifact_utils
 
-from components.artifacts import set_custom_properties, span_of
-from pipelines.datasets import IMAGE_KEY, LABEL_KEY
-from pipelines.errors import ConveyorError
+from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.base.names import IMAGE_KEY, LABEL_KEY
 
 POLICIES = ("retrain", "block", "ignore")
 STATISTICS_FILE = "Split-train/FeatureStats.pb"

@@ -1,16 +1,16 @@
 """GcpPusher: blessed models to Cloud Storage and a Vertex AI model version, endpoint and canary split."""
 from __future__ import annotations
 
+from conveyor_ml.components.artifacts import Deployment
+from conveyor_ml.components.gcp_pusher import executor
+from conveyor_ml.components.gcp_pusher.settings import settings_to_json
+from conveyor_ml.components.pushing import PUSHER_INPUTS, PUSHER_OUTPUTS
 from tfx import types
 from tfx.dsl.components.base import base_component, executor_spec
 from tfx.types import standard_artifacts
 from tfx.types.component_spec import ComponentSpec, ExecutionParameter
 
-from components.artifacts import Deployment
-from components.gcp_pusher import executor
-from components.gcp_pusher.settings import settings_to_json
-from components.pushing import PUSHER_INPUTS, PUSHER_OUTPUTS
-from pipelines.spec import GcpPusherSpec
+from conveyor_ml.base.spec import GcpPusherSpec
 
 
 class GcpPusherComponentSpec(ComponentSpec):

@@ -5,16 +5,22 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from conveyor_ml.components.artifacts import deployment, set_custom_properties
+from conveyor_ml.components.gcp_pusher import gcs_upload, traffic
+from conveyor_ml.components.gcp_pusher import settings as gcp
+from conveyor_ml.components.gcp_pusher.vertex import VertexApi, VertexError
+from conveyor_ml.components.pushing import (
+    blessed_variants,
+    files_of,
+    pusher_output,
+    release_sources,
+    skip_reason,
+)
 from tfx.dsl.components.base import base_executor
 from tfx.proto.orchestration import execution_result_pb2
 from tfx.types import artifact_utils
 
-from components.artifacts import deployment, set_custom_properties
-from components.gcp_pusher import gcs_upload, traffic
-from components.gcp_pusher import settings as gcp
-from components.gcp_pusher.vertex import VertexApi, VertexError
-from components.pushing import blessed_variants, files_of, pusher_output, release_sources, skip_reason
-from pipelines.errors import ConveyorError
+from conveyor_ml.base.errors import ConveyorError
 
 
 def say(line: str) -> None:

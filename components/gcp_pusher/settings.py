@@ -5,8 +5,8 @@ import json
 import re
 from dataclasses import asdict, fields
 
-from pipelines.errors import ConveyorError
-from pipelines.spec import GcpPusherSpec
+from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.base.spec import GcpPusherSpec
 
 
 def settings_from_json(text: str) -> GcpPusherSpec:

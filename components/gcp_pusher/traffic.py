@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipelines.errors import ConveyorError
+from conveyor_ml.base.errors import ConveyorError
 
 NEW = "0"  # Vertex AI's key for "the model this DeployModel request deploys" in a traffic split
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
-from components.gcp_pusher import settings as gcp
-from components.gcp_pusher.traffic import NEW, Deployed, TrafficChange
-from pipelines.spec import GcpPusherSpec
+from conveyor_ml.components.gcp_pusher import settings as gcp
+from conveyor_ml.components.gcp_pusher.traffic import NEW, Deployed, TrafficChange
+
+from conveyor_ml.base.spec import GcpPusherSpec
 
 PLACEHOLDER_VERSION = "<new version id>"
 

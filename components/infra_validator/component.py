@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import json
 
+from conveyor_ml.components.infra_validator import executor
 from tfx import types
 from tfx.dsl.components.base import base_component, executor_spec
 from tfx.types import standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
-
-from components.infra_validator import executor
 
 
 class InfraValidatorSpec(ComponentSpec):

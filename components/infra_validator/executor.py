@@ -13,14 +13,14 @@ from typing import Any
 import grpc
 import numpy as np
 import tensorflow as tf
+from conveyor_ml.components.artifacts import set_custom_properties
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tfx.dsl.components.base import base_executor
 from tfx.types import artifact_utils
 from tfx.utils import io_utils, path_utils
 
-from components.artifacts import set_custom_properties
-from pipelines.datasets import read_tfrecords
-from serving.process import ServerProcess, ServerStartError
+from conveyor_ml.base.server_process import ServerProcess, ServerStartError
+from conveyor_ml.formats.examples import read_tfrecords
 
 CANDIDATE = "candidate"
 BLESSED_FILE, NOT_BLESSED_FILE = "INFRA_BLESSED", "INFRA_NOT_BLESSED"

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 
+from conveyor_ml.components.artifacts import QuantizationReport, QuantizedModel
+from conveyor_ml.components.quantizer import executor
 from tfx import types
 from tfx.dsl.components.base import base_component, executor_spec
 from tfx.types import standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
-
-from components.artifacts import QuantizationReport, QuantizedModel
-from components.quantizer import executor
 
 
 class QuantizerSpec(ComponentSpec):

@@ -5,22 +5,22 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tfx.dsl.components.base import base_executor
-from tfx.proto.orchestration import execution_result_pb2
-from tfx.types import artifact_utils
-from tfx.utils import path_utils
-
-from components.artifacts import QuantizedModel, set_custom_properties
-from components.quantizer import report
-from components.quantizer.tflite_variants import (
+from conveyor_ml.components.artifacts import QuantizedModel, set_custom_properties
+from conveyor_ml.components.quantizer import report
+from conveyor_ml.components.quantizer.tflite_variants import (
     VARIANTS,
     convert,
     converter_message,
     measure,
     saved_model_accuracy,
 )
-from pipelines.datasets import read_tfrecords
-from pipelines.errors import ConveyorError
+from tfx.dsl.components.base import base_executor
+from tfx.proto.orchestration import execution_result_pb2
+from tfx.types import artifact_utils
+from tfx.utils import path_utils
+
+from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.formats.examples import read_tfrecords
 
 MODEL_FILE = "model.tflite"
 

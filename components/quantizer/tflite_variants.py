@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 
-from pipelines.native_output import native_stderr_discarded
+from conveyor_ml.base.native_output import native_stderr_discarded
 
 VARIANTS = ("float32", "float16", "dynamic_range", "int8")
 SIGNATURE = "serving_default"

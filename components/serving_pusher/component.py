@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 
+from conveyor_ml.components.artifacts import Deployment
+from conveyor_ml.components.pushing import PUSHER_INPUTS, PUSHER_OUTPUTS
+from conveyor_ml.components.serving_pusher import executor
 from tfx import types
 from tfx.dsl.components.base import base_component, executor_spec
 from tfx.types import standard_artifacts
 from tfx.types.component_spec import ComponentSpec, ExecutionParameter
-
-from components.artifacts import Deployment
-from components.pushing import PUSHER_INPUTS, PUSHER_OUTPUTS
-from components.serving_pusher import executor
 
 
 class ServingPusherSpec(ComponentSpec):

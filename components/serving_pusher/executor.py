@@ -6,13 +6,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from conveyor_ml.components.artifacts import deployment, recorded_value, set_custom_properties
+from conveyor_ml.components.pushing import blessed_variants, pusher_output, release_sources, skip_reason
 from tfx.dsl.components.base import base_executor
 from tfx.proto.orchestration import execution_result_pb2
 from tfx.types import artifact_utils
 
-from components.artifacts import deployment, recorded_value, set_custom_properties
-from components.pushing import blessed_variants, pusher_output, release_sources, skip_reason
-from serving import release as releases
+from conveyor_ml.formats import release_state as releases
 
 
 class Executor(base_executor.BaseExecutor):

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -12,15 +11,16 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+from conveyor_ml.components.artifacts import recorded_value, set_custom_properties, span_of
+from conveyor_ml.components.trainer.training import ERROR_PREFIX, STRATEGIES, TrainingJob, parse_tf_config
 from tfx.dsl.components.base import base_executor
 from tfx.types import artifact_utils
 from tfx.utils import io_utils, path_utils
 
-from components.artifacts import recorded_value, set_custom_properties, span_of
-from components.trainer.training import ERROR_PREFIX, STRATEGIES, TrainingJob, parse_tf_config
-from pipelines.datasets import IMAGE_KEY, LABEL_KEY
-from pipelines.errors import ConveyorError
-from pipelines.native_output import is_native_noise
+from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.base.names import IMAGE_KEY, LABEL_KEY
+from conveyor_ml.base.native_output import is_native_noise
+from conveyor_ml.base.ports import free_port
 
 
 class Executor(base_executor.BaseExecutor):
@@ -120,12 +120,6 @@ def split_files(examples, split: str) -> list[str]:
     return files
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def run_training(job: TrainingJob, num_workers: int = 2) -> list[dict]:
     """Runs training in child processes and returns each worker's facts, the chief's first.
 
@@ -134,7 +128,7 @@ def run_training(job: TrainingJob, num_workers: int = 2) -> list[dict]:
     """
     workdir = Path(tempfile.mkdtemp(prefix="conveyor-train-"))
     if job.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
-        cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in range(num_workers)]}
+        cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(num_workers)]}
         tf_configs = [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
                       for i in range(num_workers)]
     else:
@@ -148,7 +142,7 @@ def run_training(job: TrainingJob, num_workers: int = 2) -> list[dict]:
         if tf_config:
             env["TF_CONFIG"] = tf_config
         name = f"worker-{index}" if len(tf_configs) > 1 else "trainer"
-        processes.append(_ChildProcess(name, [sys.executable, "-m", "components.trainer.training", str(job_file)], env))
+        processes.append(_ChildProcess(name, [sys.executable, "-m", "conveyor_ml.components.trainer.training", str(job_file)], env))
     failed = _wait_all(processes)
     if failed:
         errors = [line[len(ERROR_PREFIX):] for line in failed.tail if line.startswith(ERROR_PREFIX)]

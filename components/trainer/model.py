@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from pipelines.datasets import IMAGE_KEY, LABEL_KEY, NUM_CLASSES
-from pipelines.spec import ModelArchitecture
+from conveyor_ml.base.names import IMAGE_KEY, LABEL_KEY, NUM_CLASSES
+from conveyor_ml.base.spec import ModelArchitecture
 
 PIXEL_CENTER = 127.5
 OUTPUT_KEYS = ("logits", "probabilities", "class_ids")

@@ -1,6 +1,6 @@
 """One training process: devices, distribution strategy, data, fit, export, facts.
 
-The Trainer executor runs this as a child process (`python -m components.trainer.training JOB.json`) so
+The Trainer executor runs this as a child process (`python -m conveyor_ml.components.trainer.training JOB.json`) so
 each training starts with a fresh TensorFlow runtime: logical CPU devices and GPU memory growth can only be
 configured before TensorFlow initialises, and a multi-worker job is simply several such processes.
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-from pipelines.errors import ConveyorError  # noqa: E402
+from conveyor_ml.base.errors import ConveyorError  # noqa: E402
 
 STRATEGIES = ("mirrored", "multi_worker", "one_device")
 ERROR_PREFIX = "conveyor-error: "
@@ -117,7 +117,7 @@ def make_strategy(tf, name: str, cpu_replicas: int, gpus: list):
 
 
 def _dataset(tf, files, image_shape, global_batch, shuffle_seed=None, repeat=True):
-    from components.trainer.model import parse_examples
+    from conveyor_ml.components.trainer.model import parse_examples
 
     dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").cache()
     if shuffle_seed is not None:
@@ -178,8 +178,9 @@ def train(job: TrainingJob) -> dict:
     strategy = make_strategy(tf, job.strategy, job.cpu_replicas, gpus)
     tf.keras.utils.set_random_seed(job.seed)
 
-    from components.trainer.model import build_model, finish_export, serving_signatures
-    from pipelines.spec import ModelArchitecture
+    from conveyor_ml.components.trainer.model import build_model, finish_export, serving_signatures
+
+    from conveyor_ml.base.spec import ModelArchitecture
 
     replicas = strategy.num_replicas_in_sync
     global_batch = job.batch_size * replicas
@@ -267,7 +268,7 @@ def _warm_start(tf, model, base_model_dir: str) -> None:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
-        print("usage: python -m components.trainer.training JOB.json", file=sys.stderr)
+        print("usage: python -m conveyor_ml.components.trainer.training JOB.json", file=sys.stderr)
         return 2
     try:
         train(TrainingJob.load(argv[1]))

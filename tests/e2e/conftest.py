@@ -46,7 +46,7 @@ def trained_export(default_pipeline_run) -> Path:
 @pytest.fixture(scope="session")
 def digits_eval():
     """The embedded digits' last 64 images: not in span 1, a fair sample for serving checks."""
-    from pipelines.datasets import embedded_digits
+    from conveyor_ml.data.datasets import embedded_digits
 
     digits = embedded_digits()
     return digits.take(list(range(len(digits) - 64, len(digits))))

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from serving import release as releases
+from conveyor_ml.formats import release_state as releases
 from tests.conftest import ROOT, run_conveyor, write_spec
 
 pytestmark = pytest.mark.slow
@@ -24,7 +24,7 @@ def small_spec(directory, **changes):
 
 
 def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "pipelines.cli", *map(str, args)], cwd=ROOT, text=True,
+    return subprocess.Popen([sys.executable, "-m", "conveyor_ml.cli", *map(str, args)], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"})
 
@@ -84,7 +84,7 @@ def test_scheduler_runs_on_new_spans_blocks_drift_and_idles_without_data(tmp_pat
 HOLD_LOCK = """
 import sys, time
 from pathlib import Path
-from pipelines.run_lock import RunLock
+from conveyor_ml.pipelines.run_lock import RunLock
 lock = RunLock(Path(sys.argv[1]))
 lock.acquire()
 print("holding", flush=True)
@@ -104,7 +104,7 @@ def test_run_lock_refuses_a_second_run_and_takes_over_a_dead_holders_lock(tmp_pa
     finally:
         holder.kill()  # SIGKILL: the lock file stays behind with a dead PID in it
         holder.wait()
-    from pipelines.run_lock import RunLock
+    from conveyor_ml.pipelines.run_lock import RunLock
 
     lock = RunLock(tmp_path / "workspace")
     note = lock.acquire()

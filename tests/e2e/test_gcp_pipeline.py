@@ -8,9 +8,10 @@ import pytest
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 
-from pipelines import metadata
-from pipelines.mlmd_queries import deployment_snapshots, props
-from pipelines.spec import load_spec
+from conveyor_ml.base.spec import load_spec
+from conveyor_ml.metadata import store as metadata
+from conveyor_ml.metadata.index import deployment_snapshots
+from conveyor_ml.metadata.values import props
 from tests.conftest import ROOT, run_conveyor, write_spec
 from tests.fakes.gcs_emulator import StorageEmulator
 from tests.fakes.vertex_ai import FakeVertexAI

@@ -5,10 +5,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conveyor_ml.components.infra_validator import executor
 from tfx.types import standard_artifacts
 
-from components.infra_validator import executor
-from pipelines.datasets import init_data
+from conveyor_ml.data.datasets import init_data
 from tests.artifacts import examples_from_span, output
 
 pytestmark = pytest.mark.slow

@@ -23,8 +23,8 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
-from pipelines.datasets import serialize_example
-from serving.process import ServerProcess
+from conveyor_ml.base.server_process import ServerProcess
+from conveyor_ml.formats.examples import serialize_example
 from tests.tiny_models import write_tiny_model
 from tests.unit.test_serving_files import REFERENCE_BATCHING
 

@@ -13,7 +13,7 @@ import requests
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from serving.process import ServerProcess
+from conveyor_ml.base.server_process import ServerProcess
 from tests.conftest import ROOT, run_conveyor
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from ml_metadata.proto import metadata_store_pb2
 
-from pipelines.datasets import embedded_digits, write_span
+from conveyor_ml.data.datasets import embedded_digits, write_span
 from tests.conftest import run_conveyor, write_spec
 
 pytestmark = pytest.mark.slow

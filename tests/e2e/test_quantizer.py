@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from conveyor_ml.components.artifacts import QuantizationReport, QuantizedModel
+from conveyor_ml.components.quantizer import executor
+from conveyor_ml.components.quantizer.tflite_variants import TfliteModel, measure, saved_model_accuracy
 from tfx.types import standard_artifacts
 
-from components.artifacts import QuantizationReport, QuantizedModel
-from components.quantizer import executor
-from components.quantizer.tflite_variants import TfliteModel, measure, saved_model_accuracy
-from pipelines.datasets import init_data, read_tfrecords
-from pipelines.errors import ConveyorError
+from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.data.datasets import init_data
+from conveyor_ml.formats.examples import read_tfrecords
 from tests.artifacts import examples_from_span, output
 
 pytestmark = pytest.mark.slow

@@ -9,8 +9,9 @@ import pytest
 import requests
 from ml_metadata.proto import metadata_store_pb2
 
-from pipelines.mlmd_queries import deployment_snapshots, props
-from serving.process import ServerProcess
+from conveyor_ml.base.server_process import ServerProcess
+from conveyor_ml.metadata.index import deployment_snapshots
+from conveyor_ml.metadata.values import props
 from tests.conftest import run_conveyor
 
 pytestmark = pytest.mark.slow

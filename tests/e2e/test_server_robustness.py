@@ -12,8 +12,8 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from serving import release as releases
-from serving.process import ServerProcess
+from conveyor_ml.base.server_process import ServerProcess
+from conveyor_ml.formats import release_state as releases
 
 pytestmark = pytest.mark.slow
 

@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
+from conveyor_ml.components.trainer import executor
+from conveyor_ml.components.trainer.model import OUTPUT_KEYS, SIGNATURES
 from tfx.types import standard_artifacts
 
-from components.trainer import executor
-from components.trainer.model import OUTPUT_KEYS, SIGNATURES
-from pipelines.datasets import init_data, read_tfrecords, serialize_example
+from conveyor_ml.data.datasets import init_data
+from conveyor_ml.formats.examples import read_tfrecords, serialize_example
 from tests.artifacts import examples_from_span, output, schema_from_file
 from tests.conftest import ROOT
 
@@ -127,9 +128,10 @@ def test_two_workers_on_localhost_train_the_same_steps(tmp_path, digits_data):
 
 
 def test_warm_start_copies_the_base_model_weights(two_replica_model):
-    from components.trainer.model import build_model
-    from components.trainer.training import _warm_start
-    from pipelines.spec import ModelArchitecture
+    from conveyor_ml.components.trainer.model import build_model
+    from conveyor_ml.components.trainer.training import _warm_start
+
+    from conveyor_ml.base.spec import ModelArchitecture
 
     base_dir = str(Path(two_replica_model[0].uri) / "Format-Serving")
     fresh = build_model((8, 8), ModelArchitecture())

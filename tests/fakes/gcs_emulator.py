@@ -12,7 +12,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from serving.process import free_port
+from conveyor_ml.base.ports import free_port
 
 
 class StorageEmulator:

@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from serving.process import free_port
+from conveyor_ml.base.ports import free_port
 from tests.system_packages import ensure_debian_packages
 
 

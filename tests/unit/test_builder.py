@@ -1,8 +1,9 @@
 """The builder derives the DAG from the spec: the component set and the wiring, for two different specs."""
 from pathlib import Path
 
-from pipelines import builder
-from pipelines.spec import load_spec
+from conveyor_ml.pipelines import builder
+
+from conveyor_ml.base.spec import load_spec
 from tests.conftest import DEFAULT_SPEC, ROOT, write_spec
 
 

@@ -6,8 +6,8 @@ import struct
 import numpy as np
 import pytest
 
-from pipelines import datasets
-from pipelines.errors import ConveyorError
+from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.data import datasets
 from tests.conftest import ROOT
 
 

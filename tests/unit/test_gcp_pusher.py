@@ -6,17 +6,18 @@ import json
 from dataclasses import replace
 
 import pytest
+from conveyor_ml.components.artifacts import Deployment
+from conveyor_ml.components.gcp_pusher import executor, traffic
+from conveyor_ml.components.gcp_pusher.settings import settings_to_json
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from tfx.types import standard_artifacts
 
-from components.artifacts import Deployment
-from components.gcp_pusher import executor, traffic
-from components.gcp_pusher.settings import settings_to_json
-from pipelines import metadata
-from pipelines.errors import ConveyorError
-from pipelines.mlmd_queries import deployment_snapshots, props
-from pipelines.spec import GcpPusherSpec, load_spec
+from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.base.spec import GcpPusherSpec, load_spec
+from conveyor_ml.metadata import store as metadata
+from conveyor_ml.metadata.index import deployment_snapshots
+from conveyor_ml.metadata.values import props
 from tests.artifacts import output
 from tests.fakes.gcs_emulator import FaultyProxy, StorageEmulator
 from tests.fakes.vertex_ai import FakeVertexAI
@@ -206,7 +207,7 @@ def test_traffic_rules_for_push_promotion_and_rollback():
 
 
 def test_rollback_on_vertex_drops_the_canary_and_records_it(emulator, vertex, tiny_model_artifact, tmp_path):
-    from pipelines.release_commands import ROLLBACK, change_vertex_release
+    from conveyor_ml.operations.release_commands import ROLLBACK, change_vertex_release
     from tests.conftest import write_spec
 
     gcp_section = {"project": "test-project", "region": "europe-west4", "bucket": BUCKET, "prefix": "models",

@@ -6,8 +6,8 @@ import re
 
 import numpy as np
 
-from serving.metrics import ServingMetrics
-from serving.model_quality import ModelQuality
+from conveyor_ml.serving.metrics import ServingMetrics
+from conveyor_ml.serving.model_quality import ModelQuality
 from tests.conftest import ROOT
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "conveyor-dashboard.json"

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from serving import json_codec
-from serving.errors import ServingError
+from conveyor_ml.serving import json_codec
+from conveyor_ml.serving.errors import ServingError
 
 ONE_INPUT = {"x": tf.float32}
 TWO_INPUTS = {"a": tf.float32, "b": tf.float32}

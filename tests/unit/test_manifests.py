@@ -8,9 +8,10 @@ import yaml
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from pipelines.spec import AutoscalingSpec, BatchingSpec
-from serving import config, manifests
-from serving.release import ModelRelease
+from conveyor_ml.base.spec import AutoscalingSpec, BatchingSpec
+from conveyor_ml.formats import serving_config as config
+from conveyor_ml.formats.release_state import ModelRelease
+from conveyor_ml.operations import manifests
 
 KUBERNETES_VERSION = "1.30"
 

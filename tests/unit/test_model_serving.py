@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.batcher import Batcher
-from serving.config import BatchingOptions
-from serving.errors import ServingError
-from serving.servable import Servable
-from serving.version_manager import AVAILABLE, END, START, ModelVersions, versions_on_disk
+from conveyor_ml.formats.release_state import versions_on_disk
+from conveyor_ml.formats.serving_config import BatchingOptions
+from conveyor_ml.serving.batcher import Batcher
+from conveyor_ml.serving.errors import ServingError
+from conveyor_ml.serving.servable import Servable
+from conveyor_ml.serving.version_manager import AVAILABLE, END, START, ModelVersions
 from tests.tiny_models import write_tiny_model
 
 

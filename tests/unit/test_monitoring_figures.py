@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.monitor import _quantile, prediction_drift, traffic_figures
-from serving.errors import ServingError
-from serving.metrics import ServingMetrics
-from serving.model_quality import ModelQuality
+from conveyor_ml.operations.monitor import _quantile, prediction_drift, traffic_figures
+from conveyor_ml.serving.errors import ServingError
+from conveyor_ml.serving.metrics import ServingMetrics
+from conveyor_ml.serving.model_quality import ModelQuality
 
 
 def test_histogram_quantiles_interpolate_like_prometheus():

@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from pipelines.errors import ConveyorError
-from serving import config
-from serving import release as releases
+from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.formats import release_state as releases
+from conveyor_ml.formats import serving_config as config
 
 
 def fake_model(path):

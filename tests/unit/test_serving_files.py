@@ -1,8 +1,8 @@
 """TF Serving's files: the reference batching config, monitoring config, models.config and traffic weights."""
 import pytest
 
-from pipelines.errors import ConveyorError
-from serving import config
+from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.formats import serving_config as config
 
 REFERENCE_BATCHING = """
 max_batch_size { value: 128 }

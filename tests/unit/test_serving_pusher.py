@@ -8,13 +8,14 @@ import sys
 import time
 from pathlib import Path
 
+from conveyor_ml.components.artifacts import Deployment, QuantizedModel, set_custom_properties
+from conveyor_ml.components.serving_pusher import executor
 from tensorflow_serving.config import model_server_config_pb2
 from tfx.types import standard_artifacts
 
-from components.artifacts import Deployment, QuantizedModel, set_custom_properties
-from components.serving_pusher import executor
-from serving import release as releases
-from serving.version_manager import ModelVersions, versions_on_disk
+from conveyor_ml.formats import release_state as releases
+from conveyor_ml.formats.release_state import versions_on_disk
+from conveyor_ml.serving.version_manager import ModelVersions
 from tests.artifacts import output
 from tests.tiny_models import write_tiny_model
 

@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipelines.errors import ConveyorError
-from pipelines.spec import load_spec, parse_spec, validation_problems
+from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.base.spec import load_spec, parse_spec, validation_problems
 from tests.conftest import DEFAULT_SPEC, ROOT, run_conveyor
 
 

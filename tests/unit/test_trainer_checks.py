@@ -3,18 +3,18 @@ import json
 from pathlib import Path
 
 import pytest
+from conveyor_ml.components.trainer import executor
+from conveyor_ml.components.trainer.training import is_chief, parse_tf_config
 from tfx.types import standard_artifacts
 
-from components.trainer import executor
-from components.trainer.training import is_chief, parse_tf_config
-from pipelines.errors import ConveyorError
+from conveyor_ml.base.errors import ConveyorError
 from tests.artifacts import examples_from_span, output, schema_from_file
 from tests.conftest import ROOT
 
 
 @pytest.fixture
 def trainer_inputs(tmp_path):
-    from pipelines.datasets import embedded_digits, write_span
+    from conveyor_ml.data.datasets import embedded_digits, write_span
 
     write_span(tmp_path / "data", 1, embedded_digits().take(list(range(40))), 0.25, {})
     return {

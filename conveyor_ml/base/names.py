@@ -1,0 +1,41 @@
+"""Names that several layers share, one place each: TFX node ids, ML Metadata type and context names, the
+examples' feature keys and the server's URL paths. Renaming one is one edit."""
+
+# TFX node ids: also the names progress lines, `conveyor runs` and lineage show.
+EXAMPLE_GEN = "ImportExampleGen"
+SCHEMA_GEN = "ImportSchemaGen"
+STATISTICS_GEN = "StatisticsGen"
+EXAMPLE_VALIDATOR = "ExampleValidator"
+SPAN_WINDOW = "SpanWindowResolver"
+PREVIOUS_STATISTICS = "PreviousSpanStatisticsResolver"
+DRIFT_GATE = "DriftGate"
+TRAINER = "Trainer"
+WARM_START_RESOLVER = "WarmStartModelResolver"
+BASELINE_RESOLVER = "BaselineModelResolver"
+EVALUATOR = "Evaluator"
+INFRA_VALIDATOR = "InfraValidator"
+QUANTIZER = "Quantizer"
+SERVING_PUSHER = "ServingPusher"
+GCP_PUSHER = "GcpPusher"
+# Which pusher node writes to which release target.
+PUSH_TARGETS = {SERVING_PUSHER: "local", GCP_PUSHER: "vertex"}
+
+# ML Metadata: context types TFX creates, and this project's own artifact and execution types.
+PIPELINE_CONTEXT = "pipeline"
+PIPELINE_RUN_CONTEXT = "pipeline_run"
+NODE_CONTEXT = "node"
+QUANTIZED_MODEL_TYPE = "conveyor.QuantizedModel"
+QUANTIZATION_REPORT_TYPE = "conveyor.QuantizationReport"
+DEPLOYMENT_TYPE = "conveyor.Deployment"
+DATA_DRIFT_REPORT_TYPE = "conveyor.DataDriftReport"
+PROMOTE_EXECUTION = "conveyor.Promote"
+ROLLBACK_EXECUTION = "conveyor.Rollback"
+
+# The examples every span holds (see formats/examples.py).
+IMAGE_KEY = "image"
+LABEL_KEY = "label"
+NUM_CLASSES = 10
+
+# The model server: TF Serving's Prometheus path, and our header for a prediction's id.
+PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
+PREDICTION_ID_HEADER = "X-Prediction-Id"

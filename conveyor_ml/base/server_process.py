@@ -1,0 +1,89 @@
+"""`conveyor serve` as a child process on free local ports: for the InfraValidator, tests and benchmarks."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from conveyor_ml.base.ports import free_port
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+class ServerProcess:
+    """Starts `conveyor serve <args>` on 127.0.0.1 with free REST and gRPC ports; stops it by PID."""
+
+    def __init__(self, *serve_args: str, env: dict | None = None):
+        self.rest_port, self.grpc_port = free_port(), free_port()
+        self.log_path = Path(tempfile.mkstemp(prefix="conveyor-serve-", suffix=".log")[1])
+        argv = [sys.executable, "-m", "conveyor_ml.cli", "serve", *serve_args,
+                "--port", str(self.grpc_port), "--rest_api_port", str(self.rest_port)]
+        self._log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore", **(env or {})})
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://127.0.0.1:{self.rest_port}"
+
+    @property
+    def grpc_target(self) -> str:
+        return f"127.0.0.1:{self.grpc_port}"
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def wait_available(self, model: str, timeout: float = 120.0, version: int | None = None) -> None:
+        """Until the model (or that version) reports AVAILABLE; raises with the server's log if it cannot."""
+        deadline = time.monotonic() + timeout
+        url = f"{self.rest_url}/v1/models/{model}"
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerStartError(f"the server exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    statuses = json.loads(response.read())["model_version_status"]
+                wanted = [s for s in statuses if version is None or int(s["version"]) == version]
+                if any(s["state"] == "AVAILABLE" for s in wanted):
+                    return
+                failed = [s["status"]["error_message"] for s in wanted
+                          if s["state"] == "END" and s["status"]["error_message"]]
+                if wanted and len(failed) == len(wanted):
+                    raise ServerStartError(f"model {model} failed to load: {failed[0]}")
+            except (urllib.error.URLError, ConnectionError, OSError, KeyError, ValueError):
+                pass
+            time.sleep(0.2)
+        raise ServerStartError(f"model {model} not AVAILABLE within {timeout:.0f}s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM (graceful), then SIGKILL; returns the exit code."""
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        self.log_path.unlink(missing_ok=True)

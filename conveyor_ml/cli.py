@@ -1,0 +1,418 @@
+"""`conveyor`: the command line. User mistakes print one line and exit 2; bugs keep their traceback."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+# TensorFlow's C++ start-up lines (CUDA factories, CPU features) say nothing a user can act on.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+warnings.filterwarnings("ignore", message=".*non-supported Python version.*", category=FutureWarning)
+
+from conveyor_ml.base.errors import ConveyorError  # noqa: E402
+
+DEFAULT_SPEC = "pipelines/mnist.yaml"
+
+
+def _quiet_libraries() -> None:
+    """TFX, Beam and Google client libraries warn about things users cannot act on."""
+    warnings.filterwarnings("ignore")
+    import logging
+
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    logging.getLogger().setLevel(logging.ERROR)
+    # A failing component is reported by the run's own progress line and error; bugs still raise
+    # with their traceback, so the libraries' own error logs would only repeat it.
+    for name in ("apache_beam", "absl"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def cmd_validate(args) -> int:
+    from conveyor_ml.base.spec import load_spec
+
+    spec = load_spec(args.spec)
+    names = [name for name, value in vars(spec.components).items() if value]
+    print(f"{args.spec}: valid pipeline '{spec.name}' with {', '.join(names)}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from conveyor_ml.base.spec import load_spec
+
+    spec = load_spec(args.spec)
+    if args.gcp_dry_run:
+        from dataclasses import replace
+
+        if spec.components.gcp_pusher is None:
+            raise ConveyorError(f"{spec.source_file}: --gcp-dry-run needs a components.gcp_pusher section")
+        spec = replace(spec, components=replace(spec.components,
+                                                gcp_pusher=replace(spec.components.gcp_pusher, dry_run=True)))
+    _quiet_libraries()
+    from conveyor_ml.pipelines.workspace import check_workspace, prepare_data
+
+    check_workspace(spec)
+    prepare_data(spec)
+    from conveyor_ml.pipelines.run_summary import print_summary
+    from conveyor_ml.pipelines.runner import run_pipeline
+
+    result = run_pipeline(spec)
+    print_summary(spec, result)
+    return 0
+
+
+def cmd_data_init(args) -> int:
+    from conveyor_ml.base.spec import load_spec
+
+    spec = load_spec(args.spec)
+    _quiet_libraries()
+    from conveyor_ml.pipelines.workspace import check_workspace, prepare_data
+
+    check_workspace(spec)
+    latest = prepare_data(spec)
+    print(f"conveyor: data ready under {spec.data_root} (latest span: {latest})")
+    return 0
+
+
+def cmd_data_add_span(args) -> int:
+    from conveyor_ml.base.spec import load_spec
+    from conveyor_ml.data import datasets
+
+    spec = load_spec(args.spec)
+    imbalance = None
+    if args.imbalance:
+        try:
+            label, fraction = args.imbalance.split(":")
+            imbalance = (int(label), float(fraction))
+        except ValueError:
+            raise ConveyorError(f"--imbalance {args.imbalance!r}: expected CLASS:FRACTION, e.g. 3:0.5") from None
+        if not 0 < imbalance[1] < 1:
+            raise ConveyorError(f"--imbalance: the fraction must be between 0 and 1, not {imbalance[1]}")
+    if args.brightness is not None and args.brightness <= 0:
+        raise ConveyorError(f"--brightness must be > 0, not {args.brightness}")
+    _quiet_libraries()
+    span, manifest = datasets.add_span(spec.data_root, image_shape=spec.data.image_shape,
+                                       eval_fraction=spec.data.eval_fraction, files=args.from_files,
+                                       brightness=args.brightness, imbalance=imbalance)
+    shift = f", shift {manifest['shift']}" if "shift" in manifest else ""
+    print(f"conveyor: wrote span-{span} ({manifest['examples']['train']} train, {manifest['examples']['eval']} eval "
+          f"examples from {manifest['source']}{shift}) to {datasets.span_dir(spec.data_root, span)}")
+    return 0
+
+
+def cmd_schedule(args) -> int:
+    from pathlib import Path
+
+    from conveyor_ml.base.spec import load_spec
+    from conveyor_ml.pipelines.scheduler import Scheduler, cron_line, parse_interval
+
+    spec = load_spec(args.spec)
+    every = parse_interval(args.every) if args.every else None
+    if args.print_cron:
+        print(cron_line(Path(args.spec).resolve(), every, spec.schedule_cron, Path.cwd(), spec.workspace))
+        return 0
+    if args.max_runs is not None and args.max_runs < 1:
+        raise ConveyorError("--max-runs must be at least 1")
+    scheduler = Scheduler(spec, Path(args.spec).resolve(), every=every, on_new_data=args.on_new_data,
+                          max_runs=args.max_runs, retries=args.retries, backoff=parse_interval(args.retry_backoff),
+                          poll=parse_interval(args.poll))
+    return scheduler.loop()
+
+
+def cmd_compile(args) -> int:
+    from pathlib import Path
+
+    from conveyor_ml.base.spec import load_spec
+
+    spec = load_spec(args.spec)
+    _quiet_libraries()
+    from conveyor_ml.pipelines.compile import compile_pipeline, schedule_hint
+
+    output = Path(args.output)
+    document = compile_pipeline(spec, output)
+    tasks = document["pipelineSpec"]["root"]["dag"]["tasks"]
+    print(f"conveyor: wrote {output}: {len(tasks)} steps for {args.target} "
+          f"(image {spec.kubeflow.image}, pipeline root {spec.kubeflow.pipeline_root})")
+    hint = schedule_hint(spec, output, args.target)
+    if hint:
+        print(f"conveyor: {hint}")
+    return 0
+
+
+def cmd_monitor(args) -> int:
+    from pathlib import Path
+
+    from conveyor_ml.base.spec import load_spec
+    from conveyor_ml.operations.monitor import monitor
+
+    spec = load_spec(args.spec) if Path(args.spec).is_file() else None
+    return monitor(args.url, args.model, spec, once=args.once, fmt=args.format, interval=args.interval,
+                   drift_threshold=args.drift_threshold)
+
+
+def cmd_serve(args) -> int:
+    _quiet_libraries()
+    from conveyor_ml.serving.server import run
+
+    return run(args)
+
+
+def _print_status(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"serving base path: {report['base_path']}")
+    for model in report["models"]:
+        server = model["server"]
+        table = Table(title=f"model {model['model']}", title_justify="left")
+        for column in ("version", "labels", "traffic", "on disk", "server", "pushed by run"):
+            table.add_column(column)
+        for row in model["versions"]:
+            table.add_row(str(row["version"]), ", ".join(row["labels"]) or "-",
+                          f"{row['traffic_percent']}%", "yes" if row["on_disk"] else "MISSING",
+                          row["server_state"] or ("-" if server["up"] else "not running"),
+                          row["pushed_by_run"] or "-")
+        console.print(table)
+        console.print(f"server {server['url']}: {'up' if server['up'] else 'not running'};  "
+                      f"stable history: {' -> '.join(map(str, model['stable_history'])) or '-'}")
+
+
+def cmd_status(args) -> int:
+    import json
+
+    from conveyor_ml.base.spec import load_spec
+    from conveyor_ml.operations.release_commands import status
+
+    report = status(load_spec(args.spec), args.model, args.url)
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    else:
+        _print_status(report)
+    return 0
+
+
+def _print_vertex_rows(rows: list[dict]) -> None:
+    for row in rows:
+        print(f"  version {row['version']}: {row['label'] or row['release_state']} {row['traffic_percent']}% "
+              f"(deployed model {row['deployed_model_id']})")
+
+
+def cmd_promote(args) -> int:
+    from conveyor_ml.base.spec import load_spec
+    from conveyor_ml.operations.release_commands import PROMOTE, change_release, change_vertex_release
+
+    if args.target == "gcp":
+        rows = change_vertex_release(load_spec(args.spec), args.model, PROMOTE, weight=args.weight, reason=args.reason,
+                                     dry_run=args.dry_run)
+        print(f"conveyor: Vertex AI endpoint traffic{' (dry run: unchanged)' if args.dry_run else ''}:")
+        _print_vertex_rows(rows)
+        return 0
+    release = change_release(load_spec(args.spec), args.model, PROMOTE, weight=args.weight, reason=args.reason)
+    print(f"conveyor: {args.model}: labels {release.labels}, traffic {release.weights}")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from conveyor_ml.base.spec import load_spec
+    from conveyor_ml.operations.release_commands import ROLLBACK, change_release, change_vertex_release
+
+    if args.target == "gcp":
+        if args.to is not None:
+            raise ConveyorError("rollback --target gcp: --to is for local versions; on Vertex AI a rollback "
+                                "drops the canary (push an older model with canary_weight 100 to go further back)")
+        rows = change_vertex_release(load_spec(args.spec), args.model, ROLLBACK, reason=args.reason, dry_run=args.dry_run)
+        print(f"conveyor: Vertex AI endpoint traffic{' (dry run: unchanged)' if args.dry_run else ''}:")
+        _print_vertex_rows(rows)
+        return 0
+    release = change_release(load_spec(args.spec), args.model, ROLLBACK, to_version=args.to, reason=args.reason)
+    print(f"conveyor: {args.model}: stable is now version {release.labels['stable']} (100%), canary removed")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from conveyor_ml.base.spec import load_spec
+    from conveyor_ml.operations.lineage_commands import models
+
+    return models(load_spec(args.spec), args.model, args.format, args.output)
+
+
+def cmd_lineage(args) -> int:
+    from conveyor_ml.base.spec import load_spec
+    from conveyor_ml.operations.lineage_commands import lineage
+
+    return lineage(load_spec(args.spec), args.model, version=args.version, label=args.label, run_id=args.run_id,
+                   fmt=args.format, output=args.output)
+
+
+def cmd_runs(args) -> int:
+    from conveyor_ml.base.spec import load_spec
+    from conveyor_ml.operations.lineage_commands import runs
+
+    return runs(load_spec(args.spec), args.format, args.limit)
+
+
+def cmd_deploy_render(args) -> int:
+    from pathlib import Path
+
+    from conveyor_ml.base.spec import load_spec
+    from conveyor_ml.formats import release_state as releases
+    from conveyor_ml.operations import manifests
+
+    spec = load_spec(args.spec)
+    pusher = spec.components.serving_pusher
+    if pusher is None:
+        raise ConveyorError(f"{args.spec}: no components.serving_pusher, so there is nothing to deploy")
+    names = releases.known_models(pusher.base_path)
+    if not names:
+        raise ConveyorError(f"nothing pushed under {pusher.base_path} yet: run `make pipeline` first")
+    state = [releases.read_release(pusher.base_path, name) for name in names]
+    out_dir = Path(args.output or spec.workspace / "deploy" / args.target)
+    if args.target == "compose":
+        written = manifests.render_compose(state, pusher.base_path, pusher.batching, out_dir)
+    else:
+        written = manifests.render_k8s(state, pusher.batching, pusher.autoscaling, out_dir)
+    for path in written:
+        print(f"conveyor: wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="conveyor", description="Declarative TFX pipelines from training to serving.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = commands.add_parser("run", help="run a pipeline spec end to end")
+    run.add_argument("spec", nargs="?", default=DEFAULT_SPEC, help=f"pipeline YAML (default {DEFAULT_SPEC})")
+    run.add_argument("--gcp-dry-run", action="store_true",
+                     help="the GcpPusher prints every Cloud Storage and Vertex AI call it would make, and makes none")
+    run.set_defaults(handler=cmd_run)
+
+    validate = commands.add_parser("validate", help="check a spec against the schema; build nothing")
+    validate.add_argument("spec", nargs="?", default=DEFAULT_SPEC)
+    validate.set_defaults(handler=cmd_validate)
+
+    data = commands.add_parser("data", help="manage data spans").add_subparsers(
+        dest="data_command", metavar="ACTION", required=True)
+    init = data.add_parser("init", help="write span-1 from the spec's data source (no-op if spans exist)")
+    init.add_argument("--spec", default=DEFAULT_SPEC)
+    init.set_defaults(handler=cmd_data_init)
+    add_span = data.add_parser("add-span", help="write the next span (new data) from files or the embedded digits")
+    add_span.add_argument("--spec", default=DEFAULT_SPEC)
+    origin = add_span.add_mutually_exclusive_group()
+    origin.add_argument("--from", dest="from_files", nargs="+", metavar="FILE",
+                        help=".tfrecord(.gz) files, one .csv file, or a directory of MNIST IDX files")
+    origin.add_argument("--embedded", action="store_true", help="the embedded digits' held-back part (default)")
+    add_span.add_argument("--brightness", type=float, help="shift: multiply every pixel (e.g. 0.5), to show drift")
+    add_span.add_argument("--imbalance", metavar="CLASS:FRACTION", help="shift: resample so CLASS is FRACTION of the span")
+    add_span.set_defaults(handler=cmd_data_add_span)
+
+    schedule = commands.add_parser("schedule", help="run the pipeline on new data and/or on an interval")
+    schedule.add_argument("spec", nargs="?", default=DEFAULT_SPEC)
+    schedule.add_argument("--every", help="interval between runs, e.g. 30m, 6h")
+    schedule.add_argument("--on-new-data", action="store_true", help="run when a new span appears (and only then)")
+    schedule.add_argument("--max-runs", type=int, help="exit after this many triggers")
+    schedule.add_argument("--retries", type=int, default=2, help="retries of a failed run (default 2)")
+    schedule.add_argument("--retry-backoff", default="60s", help="first retry delay, doubling (default 60s)")
+    schedule.add_argument("--poll", default="10s", help="how often to look for a new span (default 10s)")
+    schedule.add_argument("--print-cron", action="store_true", help="print an equivalent crontab line and exit")
+    schedule.set_defaults(handler=cmd_schedule)
+
+    monitor = commands.add_parser("monitor", help="live view of a running server: QPS, latency, drift, accuracy")
+    monitor.add_argument("model", nargs="?", help="one model (default: every model the server reports)")
+    monitor.add_argument("--url", default="http://127.0.0.1:8501", help="the server's REST address")
+    monitor.add_argument("--spec", default=DEFAULT_SPEC, help="for the training label distribution (MLMD)")
+    monitor.add_argument("--once", action="store_true", help="one snapshot, then exit")
+    monitor.add_argument("--format", choices=("table", "json"), default="table")
+    monitor.add_argument("--interval", type=float, default=2.0, help="seconds between the two scrapes of a snapshot")
+    monitor.add_argument("--drift-threshold", type=float, default=0.15,
+                         help="L-infinity distance between predicted and training class shares that flags drift")
+    monitor.set_defaults(handler=cmd_monitor)
+
+    compile_ = commands.add_parser("compile", help="the DAG as a Kubeflow Pipelines v2 / Vertex AI Pipelines job")
+    compile_.add_argument("spec", nargs="?", default=DEFAULT_SPEC)
+    compile_.add_argument("--target", choices=("kubeflow", "vertex"), default="vertex")
+    compile_.add_argument("-o", "--output", default="pipeline.json")
+    compile_.set_defaults(handler=cmd_compile)
+
+    status = commands.add_parser("status", help="versions on disk, labels, traffic, server state, producing runs")
+    status.add_argument("model", nargs="?", help="one model (default: all in models.config)")
+    status.add_argument("--spec", default=DEFAULT_SPEC)
+    status.add_argument("--url", default="http://127.0.0.1:8501", help="a running server's REST address")
+    status.add_argument("--format", choices=("table", "json"), default="table")
+    status.set_defaults(handler=cmd_status)
+
+    def lineage_command(name: str, help_text: str, handler):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("model", nargs="?", help="default: the spec's serving model")
+        command.add_argument("--spec", default=DEFAULT_SPEC)
+        command.add_argument("--format", choices=("table", "json", "dot", "html"), default="table")
+        command.add_argument("-o", "--output", help="write to this file instead of stdout")
+        command.set_defaults(handler=handler)
+        return command
+
+    lineage_command("models", "every version of a model: data, accuracy, deployments, state", cmd_models)
+    which = lineage_command("lineage", "one version from its data to live traffic",
+                            cmd_lineage).add_mutually_exclusive_group()
+    which.add_argument("--version", help="a pushed version (local or Vertex AI)")
+    which.add_argument("--label", help="the version a label (stable, canary) points to now")
+    which.add_argument("--run", dest="run_id", help="the model a pipeline run trained")
+
+    runs = commands.add_parser("runs", help="pipeline runs: status, duration, cached components, outputs")
+    runs.add_argument("--spec", default=DEFAULT_SPEC)
+    runs.add_argument("--format", choices=("table", "json"), default="table")
+    runs.add_argument("--limit", type=int, help="only the newest N runs")
+    runs.set_defaults(handler=cmd_runs)
+
+    promote = commands.add_parser("promote", help="canary -> stable at 100%% (or --weight N: canary at N%%)")
+    promote.add_argument("model")
+    promote.add_argument("--weight", type=int, help="step the canary's share to N%% instead of promoting")
+    promote.add_argument("--spec", default=DEFAULT_SPEC)
+    promote.add_argument("--reason", default="", help="recorded with the change in ML Metadata")
+    promote.add_argument("--target", choices=("local", "gcp"), default="local",
+                         help="the local serving base path, or the spec's Vertex AI endpoint")
+    promote.add_argument("--dry-run", action="store_true", help="gcp: read the endpoint, print the changes, send none")
+    promote.set_defaults(handler=cmd_promote)
+
+    rollback = commands.add_parser("rollback", help="stable back to the previous stable (or --to VERSION)")
+    rollback.add_argument("model")
+    rollback.add_argument("--to", type=int, help="the version to make stable")
+    rollback.add_argument("--spec", default=DEFAULT_SPEC)
+    rollback.add_argument("--reason", default="")
+    rollback.add_argument("--target", choices=("local", "gcp"), default="local")
+    rollback.add_argument("--dry-run", action="store_true", help="gcp: read the endpoint, print the changes, send none")
+    rollback.set_defaults(handler=cmd_rollback)
+
+    deploy = commands.add_parser("deploy", help="production manifests for TensorFlow Serving").add_subparsers(
+        dest="deploy_command", metavar="ACTION", required=True)
+    render = deploy.add_parser("render", help="write docker-compose or Kubernetes/Istio manifests")
+    render.add_argument("--target", choices=("compose", "k8s"), required=True)
+    render.add_argument("-o", "--output", help="directory to write (default workspace/deploy/<target>)")
+    render.add_argument("--spec", default=DEFAULT_SPEC)
+    render.set_defaults(handler=cmd_deploy_render)
+
+    serve = commands.add_parser("serve", help="serve models over TF Serving's REST and gRPC APIs")
+    from conveyor_ml.serving.server import add_arguments
+
+    add_arguments(serve)
+    serve.set_defaults(handler=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConveyorError as exc:
+        print(f"conveyor: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("conveyor: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The TF-Serving-compatible model server: REST and gRPC front ends over one core."""

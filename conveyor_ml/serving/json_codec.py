@@ -1,0 +1,294 @@
+"""TF Serving's REST JSON mapping: request bodies to input arrays, output arrays to response bodies.
+
+Follows tensorflow_serving/util/json_tensor.cc: row ("instances") and columnar ("inputs") formats,
+{"b64": ...} for binary strings, NaN/Infinity tokens, "predictions"/"outputs" shaped as TF Serving shapes
+them, and its error messages where a client might match on them.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any
+
+import numpy as np
+import orjson
+import tensorflow as tf
+
+from conveyor_ml.serving.errors import invalid_argument
+
+ROW, COLUMNAR = "row", "columnar"
+BYTES_SUFFIX = "_bytes"
+
+
+def parse_body(body: bytes) -> dict:
+    """The request object; orjson for speed, the json module for the NaN/Infinity tokens TF Serving accepts."""
+    if not body.strip():
+        raise invalid_argument("JSON Parse error: The document is empty")
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        try:
+            document = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            position = getattr(exc, "pos", getattr(exc, "start", 0))
+            reason = getattr(exc, "msg", str(exc))
+            raise invalid_argument(f"JSON Parse error: {reason} at offset: {position}") from None
+    if not isinstance(document, dict):
+        raise invalid_argument(f"JSON Value: {_short(document)} Is not object")
+    return document
+
+
+def signature_name(document: dict) -> str:
+    name = document.get("signature_name", "")
+    if not isinstance(name, str):
+        raise invalid_argument(f"JSON Value: {_short(document)} not formatted correctly. "
+                               "'signature_name' key must be a string value.")
+    return name
+
+
+def _short(value: Any, limit: int = 200) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_b64(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and isinstance(value.get("b64"), str)
+
+
+def _decode_strings(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode_strings(item) for item in value]
+    if _is_b64(value):
+        try:
+            return base64.b64decode(value["b64"], validate=True)
+        except (binascii.Error, ValueError):
+            raise invalid_argument("Unable to base64 decode") from None
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, dict):
+        raise invalid_argument(f"JSON Value: {_short(value)} not formatted correctly for base64 data")
+    raise invalid_argument(f"JSON Value: {_short(value)} Type: {_json_type(value)} is not of expected type: string")
+
+
+def _json_type(value: Any) -> str:
+    return {bool: "Bool", int: "Number", float: "Number", str: "String", list: "Array",
+            dict: "Object", type(None): "Null"}.get(type(value), type(value).__name__)
+
+
+def to_array(value: Any, dtype: tf.DType, name: str) -> np.ndarray:
+    """One JSON value (scalar or nested lists) as an array of the signature's dtype, strictly typed."""
+    if dtype == tf.string:
+        decoded = _decode_strings(value)
+        array = np.empty(_nested_shape(decoded, name), dtype=object)
+        _fill(array, decoded)
+        return array
+    try:
+        array = np.asarray(value)
+    except ValueError:
+        raise invalid_argument(f"input '{name}': lists of unequal length (a tensor must be rectangular)") from None
+    if array.dtype == object or array.dtype.kind in "OUS":
+        bad = _first_non_number(value)
+        raise invalid_argument(f"JSON Value: {_short(bad)} Type: {_json_type(bad)} is not of expected type: "
+                               f"{dtype.name}")
+    if array.dtype.kind == "b" and dtype != tf.bool:
+        raise invalid_argument(f"JSON Value: {'true' if array.flat[0] else 'false'} Type: Bool is not of "
+                               f"expected type: {dtype.name}")
+    if dtype.is_integer and array.dtype.kind == "f":
+        raise invalid_argument(f"input '{name}': expected integers of type {dtype.name}, got decimals")
+    try:
+        return array.astype(dtype.as_numpy_dtype, copy=False)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise invalid_argument(f"input '{name}': cannot convert to {dtype.name}: {exc}") from None
+
+
+def _first_non_number(value: Any) -> Any:
+    if isinstance(value, list):
+        for item in value:
+            found = _first_non_number(item)
+            if found is not None:
+                return found
+        return None
+    return None if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+
+def _nested_shape(value: Any, name: str) -> tuple[int, ...]:
+    shape = []
+    while isinstance(value, list):
+        shape.append(len(value))
+        if not value:
+            break
+        value = value[0]
+    return tuple(shape)
+
+
+def _fill(array: np.ndarray, value: Any, index: tuple = ()) -> None:
+    if isinstance(value, list):
+        if len(value) != array.shape[len(index)]:
+            raise invalid_argument(f"Encountered list at unexpected size: {len(value)} at level: {len(index)} "
+                                   f"expected size: {array.shape[len(index)]}")
+        for position, item in enumerate(value):
+            _fill(array, item, index + (position,))
+    elif len(index) != array.ndim:
+        raise invalid_argument(f"JSON Value: {_short(value)} found at incorrect level: {len(index) + 1} in the "
+                               f"JSON DOM. Expected at level: {array.ndim}")
+    else:
+        array[index] = value
+
+
+def decode_predict(document: dict, input_dtypes: dict[str, tf.DType]) -> tuple[dict[str, np.ndarray], str]:
+    """The input arrays and the request format ('row' or 'columnar')."""
+    has_instances, has_inputs = "instances" in document, "inputs" in document
+    if has_instances and has_inputs:
+        raise invalid_argument(f"JSON Value: {_short(document)} Not formatted correctly expecting only one of "
+                               "'inputs' or 'instances' keys to exist ")
+    if has_instances:
+        return _decode_rows(document["instances"], input_dtypes), ROW
+    if has_inputs:
+        return _decode_columns(document["inputs"], input_dtypes), COLUMNAR
+    raise invalid_argument("Missing 'inputs' or 'instances' key")
+
+
+def _decode_rows(instances: Any, input_dtypes: dict[str, tf.DType]) -> dict[str, np.ndarray]:
+    if not isinstance(instances, list):
+        raise invalid_argument("Excepting 'instances' to be an list/array")
+    if not instances:
+        raise invalid_argument("No values in 'instances' array")
+    named = isinstance(instances[0], dict) and not _is_b64(instances[0])
+    if not named:
+        if len(input_dtypes) > 1:
+            raise invalid_argument("instances is a plain list, but expecting list of objects as multiple input "
+                                   "tensors required as per tensorinfo_map")
+        [(name, dtype)] = input_dtypes.items()
+        if any(isinstance(item, dict) and not _is_b64(item) for item in instances):
+            raise invalid_argument("Expecting value/list but got object at item of input list")
+        return {name: to_array(instances, dtype, name)}
+    columns: dict[str, list] = {name: [] for name in input_dtypes}
+    for position, item in enumerate(instances):
+        if not isinstance(item, dict) or _is_b64(item):
+            raise invalid_argument(f"Expecting object but got list at item {position} of input list")
+        if set(item) != set(input_dtypes):
+            raise invalid_argument(
+                f"Failed to process element: {position} of 'instances' list. JSON object: {_short(item)} "
+                f"keys must be equal to: {','.join(sorted(input_dtypes))}")
+        for name in input_dtypes:
+            columns[name].append(item[name])
+    return {name: to_array(values, input_dtypes[name], name) for name, values in columns.items()}
+
+
+def _decode_columns(inputs: Any, input_dtypes: dict[str, tf.DType]) -> dict[str, np.ndarray]:
+    if not isinstance(inputs, dict) or _is_b64(inputs):
+        if len(input_dtypes) > 1:
+            raise invalid_argument("inputs is a plain value/list, but expecting an object as multiple input "
+                                   "tensors required as per tensorinfo_map")
+        [(name, dtype)] = input_dtypes.items()
+        return {name: to_array(inputs, dtype, name)}
+    arrays = {}
+    for name, dtype in input_dtypes.items():
+        if name not in inputs:
+            raise invalid_argument(f"Missing named input: {name} in 'inputs' object.")
+        arrays[name] = to_array(inputs[name], dtype, name)
+    extra = sorted(set(inputs) - set(input_dtypes))
+    if extra:
+        raise invalid_argument(f"input size does not match signature: {len(inputs)}!={len(input_dtypes)}. "
+                               f"Sent extra: {{{','.join(extra)}}}.")
+    return arrays
+
+
+def _jsonable(name: str, array: np.ndarray) -> Any:
+    if array.dtype == object or array.dtype.kind == "S":
+        as_b64 = name.endswith(BYTES_SUFFIX)
+        flat = [({"b64": base64.b64encode(v).decode()} if as_b64 else v.decode("utf-8", "replace"))
+                if isinstance(v, bytes) else v for v in array.reshape(-1).tolist()]
+        return np.array(flat, dtype=object).reshape(array.shape).tolist() if array.ndim else flat[0]
+    return array
+
+
+def _dumps(document: dict, outputs: dict[str, np.ndarray]) -> bytes:
+    finite = all(a.dtype.kind != "f" or np.isfinite(a).all() for a in outputs.values())
+    if finite:
+        return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    # orjson writes NaN as null; TF Serving writes the NaN/Infinity tokens.
+    return json.dumps(document, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else o.item()).encode()
+
+
+def encode_predict(outputs: dict[str, np.ndarray], request_format: str) -> bytes:
+    values = {name: _jsonable(name, np.asarray(array)) for name, array in outputs.items()}
+    single = len(values) == 1
+    if request_format == COLUMNAR:
+        body = {"outputs": next(iter(values.values())) if single else values}
+        return _dumps(body, outputs)
+    batch_sizes = {np.shape(v)[0] if np.ndim(v) else None for v in outputs.values()}
+    if None in batch_sizes:
+        raise invalid_argument("Tensor name: has no shape information ")
+    if len(batch_sizes) != 1:
+        raise invalid_argument(f"Tensor name: has inconsistent batch size: {sorted(batch_sizes)}")
+    rows = batch_sizes.pop()
+    if single:
+        [value] = values.values()
+        predictions = value if isinstance(value, list) else list(value)
+    else:
+        predictions = [{name: value[i] for name, value in values.items()} for i in range(rows)]
+    return _dumps({"predictions": predictions}, outputs)
+
+
+def example_from_json(value: Any) -> tf.train.Example:
+    """A JSON object of features as a tf.Example (TF Serving's classify/regress request mapping)."""
+    if not isinstance(value, dict):
+        raise invalid_argument(f"Example must be JSON object but got JSON {_json_type(value)}")
+    example = tf.train.Example()
+    for name, content in value.items():
+        items = content if isinstance(content, list) else [content]
+        feature = example.features.feature[name]
+        for item in items:
+            if isinstance(item, bool):
+                feature.int64_list.value.append(int(item))
+            elif isinstance(item, int):
+                feature.int64_list.value.append(item)
+            elif isinstance(item, float):
+                feature.float_list.value.append(item)
+            elif isinstance(item, str):
+                feature.bytes_list.value.append(item.encode())
+            elif _is_b64(item):
+                feature.bytes_list.value.append(_decode_strings(item))
+            else:
+                raise invalid_argument(f"Feature: {name} has element with unexpected JSON type: {_json_type(item)}")
+            if len([k for k in ("int64_list", "float_list", "bytes_list") if feature.HasField(k)]) > 1:
+                raise invalid_argument(f"Unexpected element type in feature: {name}")
+    return example
+
+
+def decode_examples(document: dict) -> list[bytes]:
+    """Serialized tf.Examples from a classify/regress body ({"examples": [...], "context": {...}})."""
+    if "examples" not in document:
+        raise invalid_argument("When method is classify, key 'examples' is expected and was not found")
+    examples = document["examples"]
+    if not isinstance(examples, list):
+        raise invalid_argument("Expecting 'examples' value to be an list/array")
+    if not examples:
+        raise invalid_argument("'examples' value is an empty array")
+    context = example_from_json(document["context"]) if "context" in document else None
+    serialized = []
+    for item in examples:
+        example = example_from_json(item)
+        if context is not None:
+            merged = tf.train.Example()
+            merged.CopyFrom(context)
+            merged.MergeFrom(example)
+            example = merged
+        serialized.append(example.SerializeToString())
+    return serialized
+
+
+def encode_classification(classes: np.ndarray | None, scores: np.ndarray | None, count: int) -> bytes:
+    results = []
+    for row in range(count):
+        labels = ([c.decode() if isinstance(c, bytes) else str(c) for c in classes[row]]
+                  if classes is not None else [""] * (scores.shape[1] if scores is not None else 0))
+        row_scores = list(scores[row]) if scores is not None else [0.0] * len(labels)
+        results.append([[label, score] for label, score in zip(labels, row_scores)])
+    return orjson.dumps({"results": results}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def encode_regression(values: np.ndarray) -> bytes:
+    return orjson.dumps({"results": np.asarray(values, dtype=np.float64).tolist()})

@@ -1,0 +1,190 @@
+"""TF Serving's REST API (same URLs, JSON and error bodies) on aiohttp, plus health and metrics endpoints."""
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import orjson
+from aiohttp import web
+from google.protobuf import json_format
+from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, status_pb2
+
+from conveyor_ml.serving import json_codec
+from conveyor_ml.serving.errors import ServingError, invalid_argument, not_found
+from conveyor_ml.serving.model_quality import parse_feedback
+from conveyor_ml.serving.model_server import ModelServer
+
+# TF Serving's own URL grammar (http_rest_api_handler.cc), so a malformed path fails the same way.
+MODEL_PATH = re.compile(
+    r"^/v1/models/(?P<name>[^/:]+)"
+    r"(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+    r"(?P<action>/metadata|:predict|:classify|:regress)?$")
+VERSION_HEADER = "X-Model-Version"
+PREDICTION_ID_HEADER = "X-Prediction-Id"  # our extension: the id to send ground truth for (feedback)
+JSON = "application/json"
+
+
+def _json(body: bytes, status: int = 200, version: int | None = None, prediction_id: str | None = None) -> web.Response:
+    headers = {VERSION_HEADER: str(version)} if version is not None else {}
+    if prediction_id:
+        headers[PREDICTION_ID_HEADER] = prediction_id
+    return web.Response(body=body, status=status, content_type=JSON, headers=headers or None)
+
+
+def error_response(error: ServingError) -> web.Response:
+    return _json(orjson.dumps({"error": error.message}), status=error.http_status)
+
+
+def proto_json(message) -> bytes:
+    return json_format.MessageToJson(message, including_default_value_fields=True,
+                                     preserving_proto_field_name=True).encode()
+
+
+class RestApi:
+    def __init__(self, server: ModelServer):
+        self.server = server
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.server.options.max_request_body_bytes,
+                              middlewares=[self._errors])
+        # Our extensions first: the generic route below would take their paths.
+        app.router.add_post("/v1/models/{name}/feedback", self.feedback)
+        app.router.add_get("/v1/models/{name}/monitoring", self.monitoring)
+        app.router.add_route("GET", "/v1/models/{tail:.*}", self.handle_model)
+        app.router.add_route("POST", "/v1/models/{tail:.*}", self.handle_model)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        if self.server.options.prometheus_path:
+            app.router.add_get(self.server.options.prometheus_path, self.metrics)
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            limit = self.server.options.max_request_body_bytes
+            return _json(orjson.dumps({"error": f"Request body too large: the limit is {limit} bytes "
+                                                "(--max_request_body_bytes)"}), status=413)
+        except web.HTTPException as exc:
+            if exc.status == 404:
+                return _json(orjson.dumps({"error": f"Malformed request: {request.method} {request.path}"}),
+                             status=404)
+            raise
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return _json(b'{"status": "alive"}')
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        ready = self.server.is_ready()
+        return _json(orjson.dumps({"ready": ready}), status=200 if ready else 503)
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.server.metrics.exposition(),
+                            content_type="text/plain", charset="utf-8")
+
+    async def handle_model(self, request: web.Request) -> web.Response:
+        match = MODEL_PATH.match(request.path)
+        action = match and (match.group("action") or "")
+        is_post = request.method == "POST"
+        if not match or is_post != action.startswith(":"):
+            return _json(orjson.dumps({"error": f"Malformed request: {request.method} {request.path}"}), status=404)
+        name, label = match.group("name"), match.group("label")
+        version = int(match.group("version")) if match.group("version") else None
+        api = action.lstrip(":/") or "status"
+        started = time.perf_counter()
+        served_version, error = None, None
+        try:
+            if action == "":
+                return _json(self._status(name, version, label))
+            if action == "/metadata":
+                servable = self.server.resolve(name, version, label)
+                served_version = servable.version
+                return _json(self._metadata(servable), version=served_version)
+            body = await request.read()
+            document = json_codec.parse_body(body)
+            servable = self.server.resolve(name, version, label)
+            served_version = servable.version
+            prediction_id = None
+            if api == "predict":
+                payload, prediction_id = await self._predict(servable, document)
+            else:
+                payload = await self._classify_or_regress(servable, document, api)
+            return _json(payload, version=served_version, prediction_id=prediction_id)
+        except ServingError as exc:
+            error = exc
+            return error_response(exc)
+        finally:
+            self.server.observe(name, served_version, api, "rest", error, time.perf_counter() - started)
+
+    def _status(self, name: str, version: int | None, label: str | None) -> bytes:
+        model = self.server.model(name)
+        response = get_model_status_pb2.GetModelStatusResponse()
+        for status in model.statuses(version, label):
+            entry = response.model_version_status.add()
+            entry.version = status.version
+            entry.state = get_model_status_pb2.ModelVersionStatus.State.Value(status.state)
+            entry.status.CopyFrom(status_pb2.StatusProto(error_code=0 if not status.error else 2,
+                                                         error_message=status.error))
+        if not response.model_version_status:
+            raise not_found(f"Could not find any versions of model {name}")
+        return proto_json(response)
+
+    def _metadata(self, servable) -> bytes:
+        signature_map = get_model_metadata_pb2.SignatureDefMap()
+        for key, signature in servable.signature_defs.items():
+            signature_map.signature_def[key].CopyFrom(signature)
+        response = {
+            "model_spec": {"name": servable.model_name, "signature_name": "", "version": str(servable.version)},
+            "metadata": {"signature_def": json_format.MessageToDict(signature_map, preserving_proto_field_name=True)},
+        }
+        return orjson.dumps(response)
+
+    async def _predict(self, servable, document: dict) -> tuple[bytes, str | None]:
+        signature = json_codec.signature_name(document)
+        inputs, request_format = json_codec.decode_predict(document, servable.input_dtypes(signature))
+        self.server.quality.check_inputs(servable.model_name, inputs)
+        outputs = await asyncio.wrap_future(self.server.predict_future(servable, signature, inputs))
+        prediction_id = self.server.quality.record_predictions(servable.model_name, servable.version, outputs)
+        return json_codec.encode_predict(outputs, request_format), prediction_id
+
+    async def feedback(self, request: web.Request) -> web.Response:
+        """Ground-truth labels for logged predictions (our extension; TF Serving has no such API)."""
+        name = request.match_info["name"]
+        try:
+            self.server.model(name)
+            entries = parse_feedback(json_codec.parse_body(await request.read()))
+            return _json(orjson.dumps(self.server.quality.feedback(name, entries)))
+        except ServingError as exc:
+            return error_response(exc)
+
+    async def monitoring(self, request: web.Request) -> web.Response:
+        """Per version: labels, the rolling predicted-class histogram and live accuracy (our extension)."""
+        name = request.match_info["name"]
+        try:
+            model = self.server.model(name)
+        except ServingError as exc:
+            return error_response(exc)
+        labels: dict[str, list[str]] = {}
+        for label, version in model.labels().items():
+            labels.setdefault(str(version), []).append(label)
+        versions = self.server.quality.snapshot(name)
+        for version in model.available_versions():
+            versions.setdefault(str(version), self.server.quality.empty_version())
+        for version, entry in versions.items():
+            entry["labels"] = sorted(labels.get(version, []))
+        return _json(orjson.dumps({"model": name, "versions": versions,
+                                   "traffic": self.server.traffic.for_model(name) or {}}))
+
+    async def _classify_or_regress(self, servable, document: dict, api: str) -> bytes:
+        signature = json_codec.signature_name(document)
+        examples = json_codec.decode_examples(document)
+        loop = asyncio.get_running_loop()
+        if api == "classify":
+            classes, scores = await loop.run_in_executor(self.server.executor, servable.classify, signature, examples)
+            return json_codec.encode_classification(classes, scores, len(examples))
+        if api == "regress":
+            values = await loop.run_in_executor(self.server.executor, servable.regress, signature, examples)
+            return json_codec.encode_regression(values)
+        raise invalid_argument(f"unknown method {api}")

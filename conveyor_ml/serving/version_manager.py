@@ -1,0 +1,215 @@
+"""Which versions of each model are served: disk polling, version policy, labels, hot swaps, traffic split.
+
+Mirrors TF Serving's source → loader → servable chain with its availability-preserving policy: a new
+version is loaded in the background and served only once fully loaded (and warmed up); an old version is
+unloaded only after its replacement serves; a version that fails to load never replaces a healthy one.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tensorflow_serving.config import model_server_config_pb2
+
+from conveyor_ml.formats.release_state import versions_on_disk
+from conveyor_ml.serving.errors import ServingError, invalid_argument, not_found, unavailable
+from conveyor_ml.serving.servable import IncompleteModelError, Servable
+
+log = logging.getLogger("conveyor.serving")
+
+START, LOADING, AVAILABLE, UNLOADING, END = "START", "LOADING", "AVAILABLE", "UNLOADING", "END"
+
+
+@dataclass
+class VersionStatus:
+    version: int
+    state: str
+    error: str = ""
+
+
+class ModelVersions:
+    """The versions of one model and the servables loaded for them."""
+
+    def __init__(self, config: model_server_config_pb2.ModelConfig,
+                 loader: Callable[[str, int, Path], Servable] = Servable,
+                 on_load: Callable[[str, int, float], None] | None = None):
+        self.config = config
+        self._loader = loader
+        self._on_load = on_load
+        self._lock = threading.RLock()
+        self._servables: dict[int, Servable] = {}
+        self._status: dict[int, VersionStatus] = {}
+        self._failures: dict[int, tuple[float, str]] = {}  # version -> (directory mtime, error)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def update_config(self, config: model_server_config_pb2.ModelConfig) -> None:
+        with self._lock:
+            self.config = config
+
+    def _wanted(self, on_disk: dict[int, Path]) -> set[int]:
+        healthy = sorted(v for v, path in on_disk.items() if not self._failed(v, path))
+        policy = self.config.model_version_policy
+        kind = policy.WhichOneof("policy_choice")
+        if kind == "all":
+            wanted = set(healthy)
+        elif kind == "specific":
+            wanted = set(policy.specific.versions) & set(healthy)
+        else:
+            wanted = set(healthy[-(policy.latest.num_versions or 1):])
+        return wanted | (set(self.config.version_labels.values()) & set(healthy))
+
+    def _failed(self, version: int, path: Path) -> bool:
+        failure = self._failures.get(version)
+        return failure is not None and failure[0] == _mtime(path)
+
+    def poll(self) -> None:
+        """One pass of the file-system source: load what the policy wants, then unload what it no longer does."""
+        on_disk = versions_on_disk(Path(self.config.base_path))
+        with self._lock:
+            wanted = self._wanted(on_disk)
+            to_load = sorted(v for v in wanted if v not in self._servables)
+        for version in reversed(to_load):  # newest first: it is usually the one clients wait for
+            self._load(version, on_disk[version])
+        with self._lock:
+            for version in on_disk:
+                if version not in wanted and version not in self._servables and version in self._failures:
+                    self._status[version] = VersionStatus(version, END, self._failures[version][1])
+            if any(v in self._servables for v in wanted):
+                for version in [v for v in self._servables if v not in wanted]:
+                    self._status[version] = VersionStatus(version, UNLOADING)
+                    del self._servables[version]  # requests holding it finish; the GC frees it after
+                    self._status[version] = VersionStatus(version, END)
+                    log.info("unloaded %s version %d", self.name, version)
+            for version in [v for v in self._status if v not in on_disk and v not in self._servables]:
+                self._status[version] = VersionStatus(version, END, self._status[version].error)
+
+    def _load(self, version: int, path: Path) -> None:
+        with self._lock:
+            self._status[version] = VersionStatus(version, LOADING)
+        started = time.perf_counter()
+        try:
+            servable = self._loader(self.name, version, path)
+            servable.warm_up()
+        except IncompleteModelError as exc:
+            with self._lock:  # maybe still being written by a non-atomic copy: look again next poll
+                self._status[version] = VersionStatus(version, START, str(exc))
+            return
+        except Exception as exc:  # a corrupt model must not take the server down
+            message = f"Loading servable: {{name: {self.name} version: {version}}} failed: {exc}"
+            log.error(message)
+            with self._lock:
+                self._failures[version] = (_mtime(path), message)
+                self._status[version] = VersionStatus(version, END, message)
+            return
+        seconds = time.perf_counter() - started
+        with self._lock:
+            self._servables[version] = servable
+            self._status[version] = VersionStatus(version, AVAILABLE)
+            self._failures.pop(version, None)
+        log.info("loaded %s version %d in %.2fs", self.name, version, seconds)
+        if self._on_load:
+            self._on_load(self.name, version, seconds)
+
+    def available_versions(self) -> list[int]:
+        with self._lock:
+            return sorted(self._servables)
+
+    def labels(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.config.version_labels)
+
+    def label_version(self, label: str) -> int:
+        with self._lock:
+            if label not in self.config.version_labels:
+                raise invalid_argument(f"Unrecognized servable version label: {label}")
+            return self.config.version_labels[label]
+
+    def resolve(self, version: int | None = None, label: str | None = None,
+                weights: dict[str, int] | None = None) -> Servable:
+        """The servable for a request: explicit version, label, else the weighted split, else the latest."""
+        if label:
+            version = self.label_version(label)
+        with self._lock:
+            if version is not None:
+                servable = self._servables.get(version)
+                if servable is None:
+                    raise not_found(f"Servable not found for request: Specific({self.name}, {version})")
+                return servable
+            if not self._servables:
+                raise unavailable(f"Servable not found for request: Latest({self.name}): "
+                                  "no version is loaded yet")
+            labels = self.config.version_labels
+            split = [(labels[label], weight) for label, weight in (weights or {}).items()
+                     if weight > 0 and labels.get(label) in self._servables]
+            if split:
+                versions, shares = zip(*split)
+                return self._servables[random.choices(versions, weights=shares)[0]]
+            return self._servables[max(self._servables)]
+
+    def statuses(self, version: int | None = None, label: str | None = None) -> list[VersionStatus]:
+        if label:
+            version = self.label_version(label)
+        with self._lock:
+            if version is not None:
+                if version not in self._status:
+                    raise not_found(f"Could not find version {version} of model {self.name}")
+                return [self._status[version]]
+            return [self._status[v] for v in sorted(self._status, reverse=True)]
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return max(path.stat().st_mtime, (path / "saved_model.pb").stat().st_mtime)
+    except OSError:
+        return 0.0
+
+
+class ModelRegistry:
+    """All configured models; applies a new ModelServerConfig without dropping models that stay."""
+
+    def __init__(self, loader: Callable[[str, int, Path], Servable] = Servable,
+                 on_load: Callable[[str, int, float], None] | None = None):
+        self._loader = loader
+        self._on_load = on_load
+        self._models: dict[str, ModelVersions] = {}
+        self._lock = threading.Lock()
+
+    def apply(self, config: model_server_config_pb2.ModelServerConfig) -> None:
+        with self._lock:
+            configured = {model.name: model for model in config.model_config_list.config}
+            for name in list(self._models):
+                if name not in configured:
+                    del self._models[name]
+            for name, model_config in configured.items():
+                if name in self._models:
+                    self._models[name].update_config(model_config)
+                else:
+                    self._models[name] = ModelVersions(model_config, self._loader, self._on_load)
+
+    def get(self, name: str) -> ModelVersions:
+        with self._lock:
+            model = self._models.get(name)
+        if model is None:
+            raise not_found(f"Servable not found for request: Latest({name})")
+        return model
+
+    def models(self) -> list[ModelVersions]:
+        with self._lock:
+            return list(self._models.values())
+
+    def poll_all(self) -> None:
+        for model in self.models():
+            try:
+                model.poll()
+            except ServingError:
+                raise
+            except Exception:  # keep polling the other models
+                log.exception("polling %s failed", model.name)
