@@ -15,7 +15,7 @@ import numpy as np
 
 from conveyor_ml.serving.errors import ServingError, invalid_argument
 
-log = logging.getLogger("conveyor.serve")
+log = logging.getLogger("conveyor.serving")
 NUM_CLASSES = 10
 
 
