@@ -12,7 +12,7 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 3
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup pipeline test test-fast serve lineage schedule bench lint clean lock
+.PHONY: setup pipeline test test-fast serve lineage schedule bench lint spec-reference clean lock
 
 setup: $(VENV)/.installed
 
@@ -43,6 +43,10 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# The JSON Schema and the README's option table, from the spec model (conveyor_ml/base/spec.py).
+spec-reference: setup
+	$(PYTHON) -m conveyor_ml.base.spec_reference
 
 # Re-resolves the lock from requirements.in in a scratch venv (needs the package registry).
 lock:

@@ -112,7 +112,7 @@ def cmd_schedule(args) -> int:
     spec = load_spec(args.spec)
     every = parse_interval(args.every) if args.every else None
     if args.print_cron:
-        print(cron_line(Path(args.spec).resolve(), every, spec.schedule_cron, Path.cwd(), spec.workspace))
+        print(cron_line(Path(args.spec).resolve(), every, spec.schedule.cron, Path.cwd(), spec.workspace))
         return 0
     if args.max_runs is not None and args.max_runs < 1:
         raise ConveyorError("--max-runs must be at least 1")

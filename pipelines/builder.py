@@ -69,7 +69,7 @@ def build_components(spec: PipelineSpec, portable: bool = False) -> list:
     blessed model" and "the latest statistics" before this run, the span window is the newest span, and
     the nodes that need a local serving directory (InfraValidator, ServingPusher) are left to GcpPusher."""
     components = spec.components
-    data_root = spec.kubeflow.data_root if portable else str(spec.data_root.resolve())
+    data_root = spec.kubeflow.data_root_uri if portable else str(spec.data_root.resolve())
     example_gen = tfx.components.ImportExampleGen(input_base=data_root, input_config=example_gen_input_config())
     example_gen = example_gen.with_id(EXAMPLE_GEN)
     schema_gen = tfx.components.ImportSchemaGen(schema_file=str(spec.data.schema.resolve())).with_id(SCHEMA_GEN)
@@ -217,5 +217,5 @@ def build_pipeline(spec: PipelineSpec) -> tfx.dsl.Pipeline:
         components=build_components(spec),
         enable_cache=True,
         metadata_connection_config=connection_config(spec.metadata),
-        beam_pipeline_args=list(spec.beam_args),
+        beam_pipeline_args=list(spec.beam.args),
     )

@@ -17,7 +17,7 @@ def compile_pipeline(spec: PipelineSpec, output: Path) -> dict:
         raise ConveyorError(f"-o {output}: the compiled pipeline is JSON; name a .json file")
     pipeline = tfx.dsl.Pipeline(pipeline_name=spec.name, pipeline_root=spec.kubeflow.pipeline_root,
                                 components=build_components(spec, portable=True),
-                                beam_pipeline_args=list(spec.beam_args), enable_cache=True)
+                                beam_pipeline_args=list(spec.beam.args), enable_cache=True)
     config = kubeflow_v2_dag_runner.KubeflowV2DagRunnerConfig(display_name=spec.name,
                                                                 default_image=spec.kubeflow.image)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -28,12 +28,12 @@ def compile_pipeline(spec: PipelineSpec, output: Path) -> dict:
 
 
 def schedule_hint(spec: PipelineSpec, output: Path, target: str) -> str | None:
-    if not spec.schedule_cron:
+    if not spec.schedule.cron:
         return None
     if target == "vertex":
         return ("schedule it on Vertex AI Pipelines:\n  python -c \"from google.cloud import aiplatform; "
                 f"aiplatform.init(project='PROJECT', location='REGION'); aiplatform.PipelineJob("
                 f"display_name='{spec.name}', template_path='{output}', pipeline_root='{spec.kubeflow.pipeline_root}')"
-                f".create_schedule(cron='{spec.schedule_cron}', display_name='{spec.name}-schedule')\"")
+                f".create_schedule(cron='{spec.schedule.cron}', display_name='{spec.name}-schedule')\"")
     return (f"schedule it on Kubeflow Pipelines: kfp recurring-run create --experiment-name {spec.name} "
-            f"--job-name {spec.name} --cron-expression '0 {spec.schedule_cron}' --pipeline-package-path {output}")
+            f"--job-name {spec.name} --cron-expression '0 {spec.schedule.cron}' --pipeline-package-path {output}")

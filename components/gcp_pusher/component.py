@@ -10,27 +10,27 @@ from tfx.dsl.components.base import base_component, executor_spec
 from tfx.types import standard_artifacts
 from tfx.types.component_spec import ComponentSpec, ExecutionParameter
 
-from conveyor_ml.base.spec import GcpPusherSpec
+from conveyor_ml.base.spec import GcpPusherSettings
 
 
-class GcpPusherComponentSpec(ComponentSpec):
+class GcpPusherSpec(ComponentSpec):
     PARAMETERS = {
         "model_name": ExecutionParameter(type=str),
         "pipeline_name": ExecutionParameter(type=str),  # a label on the Vertex AI model version
-        "gcp": ExecutionParameter(type=str),  # JSON of pipelines.spec.GcpPusherSpec (a key file's path, never its content)
+        "gcp": ExecutionParameter(type=str),  # JSON of pipelines.spec.GcpPusherSettings (a key file's path, never its content)
     }
     INPUTS = PUSHER_INPUTS
     OUTPUTS = PUSHER_OUTPUTS
 
 
 class GcpPusher(base_component.BaseComponent):
-    SPEC_CLASS = GcpPusherComponentSpec
+    SPEC_CLASS = GcpPusherSpec
     EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(executor.Executor)
 
     def __init__(self, model: types.BaseChannel, model_blessing: types.BaseChannel, *, model_name: str,
-                 pipeline_name: str, settings: GcpPusherSpec, infra_blessing: types.BaseChannel | None = None,
+                 pipeline_name: str, settings: GcpPusherSettings, infra_blessing: types.BaseChannel | None = None,
                  quantized_models: types.BaseChannel | None = None):
-        super().__init__(spec=GcpPusherComponentSpec(
+        super().__init__(spec=GcpPusherSpec(
             model=model, model_blessing=model_blessing, infra_blessing=infra_blessing,
             quantized_models=quantized_models, model_name=model_name, pipeline_name=pipeline_name,
             gcp=settings_to_json(settings),

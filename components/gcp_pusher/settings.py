@@ -6,32 +6,32 @@ import re
 from dataclasses import asdict, fields
 
 from conveyor_ml.base.errors import ConveyorError
-from conveyor_ml.base.spec import GcpPusherSpec
+from conveyor_ml.base.spec import GcpPusherSettings
 
 
-def settings_from_json(text: str) -> GcpPusherSpec:
+def settings_from_json(text: str) -> GcpPusherSettings:
     document = json.loads(text)
-    known = {f.name for f in fields(GcpPusherSpec)}
-    return GcpPusherSpec(**{k: v for k, v in document.items() if k in known})
+    known = {f.name for f in fields(GcpPusherSettings)}
+    return GcpPusherSettings(**{k: v for k, v in document.items() if k in known})
 
 
-def settings_to_json(settings: GcpPusherSpec) -> str:
+def settings_to_json(settings: GcpPusherSettings) -> str:
     return json.dumps(asdict(settings), sort_keys=True)
 
 
-def display_name(settings: GcpPusherSpec, model_name: str) -> str:
+def display_name(settings: GcpPusherSettings, model_name: str) -> str:
     return settings.model_display_name or model_name
 
 
-def endpoint_display_name(settings: GcpPusherSpec, model_name: str) -> str:
+def endpoint_display_name(settings: GcpPusherSettings, model_name: str) -> str:
     return settings.endpoint or f"{display_name(settings, model_name)}-endpoint"
 
 
-def location(settings: GcpPusherSpec) -> str:
+def location(settings: GcpPusherSettings) -> str:
     return f"projects/{settings.project}/locations/{settings.region}"
 
 
-def credentials(settings: GcpPusherSpec):
+def credentials(settings: GcpPusherSettings):
     """A key file named in the spec, anonymous credentials for an emulator, else Application Default
     Credentials. The key file's content is read by google-auth only: never printed or copied."""
     from google.auth import credentials as auth_credentials
@@ -58,14 +58,14 @@ def credentials(settings: GcpPusherSpec):
                             "name a key file in gcp_pusher.credentials, or set gcp_pusher.dry_run") from None
 
 
-def storage_client(settings: GcpPusherSpec):
+def storage_client(settings: GcpPusherSettings):
     from google.cloud import storage
 
     options = {"api_endpoint": settings.storage_endpoint} if settings.storage_endpoint else None
     return storage.Client(project=settings.project, credentials=credentials(settings), client_options=options)
 
 
-def vertex_clients(settings: GcpPusherSpec):
+def vertex_clients(settings: GcpPusherSettings):
     """(ModelServiceClient, EndpointServiceClient) over REST, regional as Vertex AI requires."""
     from google.cloud import aiplatform_v1
 

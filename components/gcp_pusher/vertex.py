@@ -12,7 +12,7 @@ from collections.abc import Callable
 from conveyor_ml.components.gcp_pusher import settings as gcp
 from conveyor_ml.components.gcp_pusher.traffic import NEW, Deployed, TrafficChange
 
-from conveyor_ml.base.spec import GcpPusherSpec
+from conveyor_ml.base.spec import GcpPusherSettings
 
 PLACEHOLDER_VERSION = "<new version id>"
 
@@ -30,7 +30,7 @@ HINTS = {
 
 
 class VertexApi:
-    def __init__(self, settings: GcpPusherSpec, model_name: str, *, say: Callable[[str], None],
+    def __init__(self, settings: GcpPusherSettings, model_name: str, *, say: Callable[[str], None],
                  dry_run: bool | str):
         self.settings = settings
         self.display_name = gcp.display_name(settings, model_name)

@@ -19,7 +19,7 @@ class ServingPusherSpec(ComponentSpec):
         "release": ExecutionParameter(type=str),  # direct | canary
         "canary_weight": ExecutionParameter(type=int),
         "keep_versions": ExecutionParameter(type=int),
-        "batching": ExecutionParameter(type=str),  # JSON of pipelines.spec.BatchingSpec
+        "batching": ExecutionParameter(type=str),  # JSON of pipelines.spec.BatchingSettings
     }
     INPUTS = PUSHER_INPUTS
     OUTPUTS = PUSHER_OUTPUTS

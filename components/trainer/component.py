@@ -11,7 +11,7 @@ from tfx.types import standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
 
 
-class ConveyorTrainerSpec(ComponentSpec):
+class TrainerSpec(ComponentSpec):
     PARAMETERS = {
         "image_shape": ExecutionParameter(type=str),  # JSON [H, W]
         "strategy": ExecutionParameter(type=str),
@@ -43,7 +43,7 @@ class Trainer(base_component.BaseComponent):
     Refuses to train on data ExampleValidator flagged (when `example_anomalies` is wired).
     """
 
-    SPEC_CLASS = ConveyorTrainerSpec
+    SPEC_CLASS = TrainerSpec
     EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(executor.Executor)
 
     def __init__(self, examples: types.BaseChannel, schema: types.BaseChannel, *,
@@ -54,7 +54,7 @@ class Trainer(base_component.BaseComponent):
                  base_model: types.BaseChannel | None = None,
                  example_anomalies: types.BaseChannel | None = None,
                  drift_report: types.BaseChannel | None = None):
-        spec = ConveyorTrainerSpec(
+        spec = TrainerSpec(
             examples=examples, schema=schema, base_model=base_model, example_anomalies=example_anomalies,
             drift_report=drift_report,
             image_shape=json.dumps(list(image_shape)), strategy=strategy, cpu_replicas=cpu_replicas,

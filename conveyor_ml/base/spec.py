@@ -1,17 +1,20 @@
-"""Loads a pipeline YAML, validates all of it against schemas/pipeline.schema.json, returns typed specs.
+"""The pipeline spec: one YAML file declares the data, the components with their options, the runner and the
+metadata store. This module is the one source of every option and its default: the JSON Schema
+(schemas/pipeline.schema.json), the README's reference table and the values the components receive are all
+derived from the classes below (`make spec-reference` rewrites the two files; a test checks they are current).
 
-Nothing here imports TensorFlow or TFX: `conveyor validate` stays fast and a bad spec is rejected
+"Settings" classes are what the YAML says; the TFX ComponentSpecs the components declare are named "...Spec" in
+components/. Nothing here imports TensorFlow or TFX: `conveyor validate` stays fast and a bad spec is rejected
 before any TFX object is built.
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 # jsonschema imports rfc3987_syntax when installed (Jupyter, a TFX dependency, pulls it in), which builds
 # a grammar for 1.3 s at import; our schema checks no IRI formats, so every command is spared the wait.
@@ -19,11 +22,13 @@ sys.modules.setdefault("rfc3987_syntax", None)
 import jsonschema  # noqa: E402
 import yaml  # noqa: E402
 
+from conveyor_ml.base.dataclass_schema import document_schema, from_document, option  # noqa: E402
 from conveyor_ml.base.errors import ConveyorError  # noqa: E402
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_PATH = PROJECT_ROOT / "schemas" / "pipeline.schema.json"
 QUANTIZATION_VARIANTS = ("float32", "float16", "dynamic_range", "int8")
+Variant = Literal["float32", "float16", "dynamic_range", "int8"]
+POSITIVE = {"minimum": 1}
+FRACTION = {"exclusiveMinimum": 0, "exclusiveMaximum": 1}
 
 # A component needs the ones it names here; the builder wires them, the user only lists components.
 COMPONENT_NEEDS = {
@@ -37,166 +42,258 @@ COMPONENT_NEEDS = {
 
 
 @dataclass(frozen=True)
-class DriftSpec:
-    policy: str = "retrain"
-    label_linf_threshold: float = 0.1
-    pixel_js_threshold: float = 0.1
+class DriftSettings:
+    """How the newest span is compared with the previous one, and what drift does to the run."""
+
+    policy: Literal["retrain", "block", "ignore"] = option(
+        "retrain", doc="What drift does: retrain (train anyway, recorded), block (stop before training), ignore.")
+    label_linf_threshold: float = option(
+        0.1, doc="L-infinity distance between the spans' label distributions above which they drift.",
+        exclusiveMinimum=0, maximum=1)
+    pixel_js_threshold: float = option(
+        0.1, doc="Jensen-Shannon divergence between the spans' pixel distributions above which they drift.",
+        exclusiveMinimum=0, maximum=1)
 
 
 @dataclass(frozen=True)
-class DataSpec:
-    source: str
-    image_shape: tuple[int, int]
-    schema: Path
-    path: str | None = None
-    eval_fraction: float = 0.2
-    window_spans: int = 1
-    drift: DriftSpec = field(default_factory=DriftSpec)
+class DataSettings:
+    """Where the examples come from and how spans are used."""
+
+    SCHEMA_EXTRA = {"if": {"properties": {"source": {"const": "sklearn-digits"}}}, "else": {"required": ["path"]}}
+
+    source: Literal["sklearn-digits", "tfrecord", "csv", "mnist-idx"] = option(
+        doc="sklearn-digits (embedded, 1,797 8x8 digits), tfrecord, csv or mnist-idx.")
+    image_shape: tuple[int, ...] = option(
+        doc="Height and width of the images the model takes.",
+        items={"type": "integer", "minimum": 2, "maximum": 512}, minItems=2, maxItems=2)
+    schema: Path = option(doc="The TFDV schema (pbtxt) every span is validated against.", minLength=1)
+    path: str | None = option(
+        None, doc="File source: a .tfrecord(.gz) file or glob, a .csv file, or a directory holding MNIST IDX "
+                  "files. Required unless the source is sklearn-digits.", minLength=1)
+    eval_fraction: float = option(0.2, doc="Share of each span held out as its eval split.", **FRACTION)
+    window_spans: int = option(1, doc="Train on the latest K spans.", **POSITIVE)
+    drift: DriftSettings = option(default_factory=DriftSettings, doc="Drift between consecutive spans.")
 
 
 @dataclass(frozen=True)
 class ModelArchitecture:
-    conv_filters: tuple[int, ...] = (16, 32)
-    dense_units: int = 64
-    dropout: float = 0.1
+    """The digit CNN's shape."""
+
+    conv_filters: tuple[int, ...] = option((16, 32), doc="Filters of each 3x3 convolution layer.",
+                                           items=POSITIVE | {"type": "integer"}, minItems=1, maxItems=4)
+    dense_units: int = option(64, doc="Units of the dense layer before the logits.", **POSITIVE)
+    dropout: float = option(0.1, doc="Dropout rate before the logits.", minimum=0, exclusiveMaximum=1)
 
 
 @dataclass(frozen=True)
-class TrainerSpec:
-    strategy: str = "mirrored"
-    cpu_replicas: int = 1
-    num_workers: int = 2
-    train_steps: int = 600
-    batch_size: int = 32
-    learning_rate: float = 0.003
-    scale_learning_rate: bool = False
-    warm_start: bool = False
-    model: ModelArchitecture = field(default_factory=ModelArchitecture)
+class TrainerSettings:
+    """Training under a tf.distribute strategy."""
+
+    strategy: Literal["mirrored", "multi_worker", "one_device"] = option(
+        "mirrored", doc="mirrored (all GPUs, else CPU replicas), multi_worker (MultiWorkerMirroredStrategy), "
+                        "one_device.")
+    cpu_replicas: int = option(1, doc="Without GPUs: split the CPU into N logical devices (N replicas).",
+                               **POSITIVE)
+    num_workers: int = option(2, doc="multi_worker without TF_CONFIG: how many local worker processes to start.",
+                              **POSITIVE)
+    train_steps: int = option(600, doc="Training steps.", **POSITIVE)
+    batch_size: int = option(32, doc="Per-replica batch; the global batch is batch_size x replicas.", **POSITIVE)
+    learning_rate: float = option(0.003, doc="Adam's learning rate.", exclusiveMinimum=0, maximum=10)
+    scale_learning_rate: bool = option(False, doc="Multiply the learning rate by the number of replicas.")
+    warm_start: bool = option(False, doc="Start from the weights of the latest blessed model.")
+    model: ModelArchitecture = option(default_factory=ModelArchitecture, doc="The model's architecture.")
 
 
 @dataclass(frozen=True)
-class EvaluatorSpec:
-    min_accuracy: float = 0.9
-    max_accuracy_drop: float = 0.01
+class EvaluatorSettings:
+    """TFMA's blessing thresholds."""
+
+    min_accuracy: float = option(0.9, doc="Sparse categorical accuracy the eval split must reach.",
+                                 minimum=0, maximum=1)
+    max_accuracy_drop: float = option(0.01, doc="Allowed accuracy drop against the latest blessed model.",
+                                      minimum=0, maximum=1)
 
 
 @dataclass(frozen=True)
-class InfraValidatorSpec:
-    num_examples: int = 10
-    timeout_seconds: float = 120.0
+class InfraValidatorSettings:
+    """A real `conveyor serve` on the candidate before it may be pushed."""
+
+    num_examples: int = option(10, doc="Eval images sent over REST and gRPC.", **POSITIVE)
+    timeout_seconds: float = option(120.0, doc="How long the server may take to load the model.",
+                                    exclusiveMinimum=0, maximum=3600)
 
 
 @dataclass(frozen=True)
-class QuantizerSpec:
-    variants: tuple[str, ...] = QUANTIZATION_VARIANTS
-    required_variants: tuple[str, ...] = ()
-    representative_examples: int = 200
-    max_accuracy_drop_points: float = 1.0
-    threads: int = 2
-    latency_runs: int = 200
-    throughput_batch_size: int = 64
+class QuantizerSettings:
+    """TFLite variants, each measured on the eval split and blessed or not."""
+
+    variants: tuple[Variant, ...] = option(QUANTIZATION_VARIANTS, doc="The variants to convert and measure.",
+                                           minItems=1, uniqueItems=True)
+    required_variants: tuple[Variant, ...] = option((), doc="Variants whose failed conversion fails the run.",
+                                                    uniqueItems=True)
+    representative_examples: int = option(200, doc="int8 calibration images from the training split.",
+                                          **POSITIVE)
+    max_accuracy_drop_points: float = option(
+        1.0, doc="A variant more than this many accuracy points below the SavedModel is not blessed.",
+        minimum=0, maximum=100)
+    threads: int = option(2, doc="LiteRT interpreter threads for the measurements.", **POSITIVE)
+    latency_runs: int = option(200, doc="Single-image runs timed for the latency percentiles.", **POSITIVE)
+    throughput_batch_size: int = option(64, doc="Batch size of the throughput measurement.", **POSITIVE)
 
 
 @dataclass(frozen=True)
-class BatchingSpec:
-    max_batch_size: int = 128
-    batch_timeout_micros: int = 5000
-    max_enqueued_batches: int = 10
-    num_batch_threads: int = 2
+class BatchingSettings:
+    """The batching.config the ServingPusher writes (TF Serving's BatchingParameters)."""
+
+    max_batch_size: int = option(128, doc="Largest batch the server forms.", **POSITIVE)
+    batch_timeout_micros: int = option(5000, doc="How long a batch waits for more requests.", minimum=0)
+    max_enqueued_batches: int = option(10, doc="Batches waiting per queue before requests are refused.",
+                                       **POSITIVE)
+    num_batch_threads: int = option(2, doc="Threads running batches.", **POSITIVE)
 
 
 @dataclass(frozen=True)
-class AutoscalingSpec:
-    min_replicas: int = 2
-    max_replicas: int = 10
-    target_cpu_utilization: int = 70
+class AutoscalingSettings:
+    """The rendered Kubernetes HorizontalPodAutoscaler."""
+
+    min_replicas: int = option(2, doc="Fewest serving pods.", **POSITIVE)
+    max_replicas: int = option(10, doc="Most serving pods.", **POSITIVE)
+    target_cpu_utilization: int = option(70, doc="CPU percentage the autoscaler aims at.", minimum=1, maximum=100)
 
 
 @dataclass(frozen=True)
-class ServingPusherSpec:
-    model_name: str
-    base_path: Path
-    release: str = "direct"
-    canary_weight: int = 10
-    keep_versions: int = 5
-    batching: BatchingSpec = field(default_factory=BatchingSpec)
-    autoscaling: AutoscalingSpec = field(default_factory=AutoscalingSpec)
+class ServingPusherSettings:
+    """Blessed models into a TF Serving base path, as atomic integer versions with release labels."""
+
+    model_name: str = option(doc="The served model's name.", pattern="^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    base_path: Path | None = option(None, doc="The serving base path.", default_text="`<workspace>/serving`",
+                                    minLength=1)
+    release: Literal["direct", "canary"] = option(
+        "direct", doc="direct: a new version becomes stable (100%); canary: it becomes canary at canary_weight %.")
+    canary_weight: int = option(10, doc="Percent of unversioned traffic a new canary takes.", minimum=1, maximum=99)
+    keep_versions: int = option(5, doc="Versions kept on disk (labelled ones are always kept).", **POSITIVE)
+    batching: BatchingSettings = option(default_factory=BatchingSettings, doc="batching.config.")
+    autoscaling: AutoscalingSettings = option(default_factory=AutoscalingSettings,
+                                              doc="Rendered Kubernetes autoscaling.")
 
 
 @dataclass(frozen=True)
-class GcpPusherSpec:
-    project: str
-    region: str
-    bucket: str
-    prefix: str = "conveyor"
-    model_display_name: str | None = None
-    endpoint: str | None = None
-    machine_type: str = "n1-standard-2"
-    min_replicas: int = 1
-    max_replicas: int = 2
-    canary_weight: int = 10
-    serving_image: str = "us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-16:latest"
-    credentials: str | None = None
-    dry_run: bool = False
-    retry_seconds: float = 300.0
-    upload_workers: int = 8
+class GcpPusherSettings:
+    """Blessed models to Cloud Storage and a Vertex AI model version, endpoint and canary split."""
+
+    project: str = option(doc="Google Cloud project id.", pattern="^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+    region: str = option(doc="Vertex AI region, e.g. europe-west4.", pattern="^[a-z]+-[a-z]+[0-9]+$")
+    bucket: str = option(doc="Cloud Storage bucket for the model files.",
+                         pattern="^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$")
+    prefix: str = option("conveyor", doc="Object prefix inside the bucket.")
+    model_display_name: str | None = option(None, doc="Vertex AI model name.", default_text="the serving model's name",
+                                            minLength=1, maxLength=128)
+    endpoint: str | None = option(None, doc="Vertex AI endpoint display name.",
+                                  default_text="`<model>-endpoint`", minLength=1, maxLength=128)
+    machine_type: str = option("n1-standard-2", doc="Machine type of the deployed model.", minLength=1)
+    min_replicas: int = option(1, doc="Fewest serving nodes.", **POSITIVE)
+    max_replicas: int = option(2, doc="Most serving nodes.", **POSITIVE)
+    canary_weight: int = option(10, doc="Percent of the endpoint's traffic a new version takes (100: replace).",
+                                minimum=0, maximum=100)
+    serving_image: str = option("us-docker.pkg.dev/vertex-ai/prediction/tf2-cpu.2-16:latest",
+                                doc="Prebuilt TF Serving container of the model version.", minLength=1)
+    credentials: str | None = option(None, doc="Service-account key file; default: Application Default "
+                                               "Credentials.", minLength=1)
+    dry_run: bool = option(False, doc="Print every Cloud Storage and Vertex AI call with its request, make none.")
+    retry_seconds: float = option(300.0, doc="How long 429/503 answers are retried with backoff before the push "
+                                             "fails.", exclusiveMinimum=0, maximum=3600)
+    upload_workers: int = option(8, doc="Parallel uploads.", minimum=1, maximum=64)
     # Emulators and fakes (tests, local trials); unset means Google's own endpoints.
-    storage_endpoint: str | None = None
-    vertex_endpoint: str | None = None
+    storage_endpoint: str | None = option(None, doc="Cloud Storage endpoint (an emulator).", pattern="^https?://")
+    vertex_endpoint: str | None = option(None, doc="Vertex AI endpoint (a fake).", pattern="^https?://")
 
 
 @dataclass(frozen=True)
-class MysqlSpec:
-    host: str
-    database: str
-    user: str
-    port: int = 3306
-    password_env: str | None = None
+class ComponentsSettings:
+    """The components in the DAG; a component left out is left out of the DAG, the wiring is derived."""
+
+    statistics_gen: bool = option(False, presence=True, doc="TFDV statistics of every span.")
+    example_validator: bool = option(False, presence=True, doc="Checks every span against the schema.")
+    trainer: TrainerSettings | None = option(None, doc="The Trainer.")
+    evaluator: EvaluatorSettings | None = option(None, doc="The Evaluator.")
+    infra_validator: InfraValidatorSettings | None = option(None, doc="The InfraValidator.")
+    quantizer: QuantizerSettings | None = option(None, doc="The Quantizer.")
+    serving_pusher: ServingPusherSettings | None = option(None, doc="The ServingPusher.")
+    gcp_pusher: GcpPusherSettings | None = option(None, doc="The GcpPusher.")
+
+
+@dataclass(frozen=True)
+class BeamSettings:
+    """Apache Beam, which runs every data component."""
+
+    args: tuple[str, ...] = option(("--direct_running_mode=in_memory",), doc="Beam pipeline arguments (the "
+                                   "runner and its options).", items={"type": "string", "pattern": "^--"})
+
+
+@dataclass(frozen=True)
+class MysqlSettings:
+    """A MySQL/MariaDB metadata store."""
+
+    host: str = option(doc="Server host.", minLength=1)
+    database: str = option(doc="Database name.", pattern="^[A-Za-z0-9_]+$")
+    user: str = option(doc="User name.", minLength=1)
+    port: int = option(3306, doc="Server port.", minimum=1, maximum=65535)
+    password_env: str | None = option(None, doc="Environment variable holding the password.",
+                                      pattern="^[A-Za-z_][A-Za-z0-9_]*$")
 
     def password(self) -> str:
         return os.environ.get(self.password_env, "") if self.password_env else ""
 
 
 @dataclass(frozen=True)
-class MetadataSpec:
-    sqlite: Path | None = None
-    mysql: MysqlSpec | None = None
+class MetadataSettings:
+    """The ML Metadata store: a SQLite file or a MySQL database (one of the two)."""
+
+    SCHEMA_EXTRA = {"minProperties": 1, "maxProperties": 1}
+
+    sqlite: Path | None = option(None, doc="SQLite file.", default_text="`<workspace>/metadata.sqlite`",
+                                 minLength=1)
+    mysql: MysqlSettings | None = option(None, doc="MySQL/MariaDB instead of SQLite.")
 
 
 @dataclass(frozen=True)
-class ComponentsSpec:
-    statistics_gen: bool = False
-    example_validator: bool = False
-    trainer: TrainerSpec | None = None
-    evaluator: EvaluatorSpec | None = None
-    infra_validator: InfraValidatorSpec | None = None
-    quantizer: QuantizerSpec | None = None
-    serving_pusher: ServingPusherSpec | None = None
-    gcp_pusher: GcpPusherSpec | None = None
+class ScheduleSettings:
+    """When the pipeline runs by itself."""
+
+    cron: str | None = option(None, doc="Cron expression for `conveyor schedule --print-cron` and the compiled "
+                                        "pipeline's schedule.", minLength=9)
 
 
 @dataclass(frozen=True)
-class KubeflowSpec:
-    image: str = "gcr.io/your-project/conveyor:latest"
-    pipeline_root: str = "gs://your-bucket/conveyor"
-    data_root_override: str | None = None
+class KubeflowSettings:
+    """`conveyor compile`: the pipeline on Kubeflow Pipelines v2 / Vertex AI Pipelines."""
+
+    image: str = option("gcr.io/your-project/conveyor:latest",
+                        doc="Container image with Conveyor installed, for every step.", minLength=1)
+    pipeline_root: str = option("gs://your-bucket/conveyor", doc="Where the steps write artifacts.",
+                                pattern="^(gs|s3|minio)://")
+    data_root: str | None = option(None, doc="The span-N directories, as the workers see them.",
+                                   default_text="`<pipeline_root>/data`", pattern="^(gs|s3|minio)://")
 
     @property
-    def data_root(self) -> str:
-        return self.data_root_override or f"{self.pipeline_root.rstrip('/')}/data"
+    def data_root_uri(self) -> str:
+        return self.data_root or f"{self.pipeline_root.rstrip('/')}/data"
 
 
 @dataclass(frozen=True)
 class PipelineSpec:
-    name: str
-    workspace: Path
-    data: DataSpec
-    components: ComponentsSpec
-    beam_args: tuple[str, ...]
-    metadata: MetadataSpec
-    source_file: Path
-    schedule_cron: str | None = None
-    kubeflow: KubeflowSpec = field(default_factory=KubeflowSpec)
+    """One YAML file declares a TFX pipeline: data, components and their parameters, runner and metadata store.
+    Components left out are left out of the DAG; the wiring is derived."""
+
+    name: str = option(doc="Pipeline name (letters, digits, '-' and '_').", pattern="^[A-Za-z][A-Za-z0-9_-]{0,62}$")
+    data: DataSettings = option(doc="The data.")
+    components: ComponentsSettings = option(doc="The components.")
+    workspace: Path = option(Path("workspace"), doc="Directory for everything a run writes.", minLength=1)
+    beam: BeamSettings = option(default_factory=BeamSettings, doc="Apache Beam.")
+    metadata: MetadataSettings = option(default_factory=MetadataSettings, doc="The ML Metadata store.")
+    schedule: ScheduleSettings = option(default_factory=ScheduleSettings, doc="Scheduling.")
+    kubeflow: KubeflowSettings = option(default_factory=KubeflowSettings, doc="Kubeflow / Vertex AI Pipelines.")
+    source_file: Path = Path("")  # where the spec was read from; not an option
 
     @property
     def gcp_model_name(self) -> str:
@@ -220,9 +317,17 @@ class PipelineSpec:
         return pusher.base_path if pusher else None
 
 
+SCHEMA_ID = "https://conveyor.dev/schemas/pipeline.schema.json"
+
+
+def pipeline_schema() -> dict:
+    """The JSON Schema of a spec, derived from the classes above (schemas/pipeline.schema.json is its copy)."""
+    return document_schema(PipelineSpec, "Conveyor pipeline spec", SCHEMA_ID)
+
+
 @lru_cache(maxsize=1)
 def _validator() -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
+    return jsonschema.Draft202012Validator(pipeline_schema())
 
 
 def load_spec(path: str | os.PathLike) -> PipelineSpec:
@@ -364,66 +469,14 @@ def _json_type(value: Any) -> str:
             dict: "object"}.get(type(value), type(value).__name__)
 
 
-def _build(doc: dict, source_file: Path) -> PipelineSpec:
-    workspace = Path(doc.get("workspace", "workspace"))
-    data = dict(doc["data"])
-    data["image_shape"] = tuple(data["image_shape"])
-    data["schema"] = Path(data["schema"])
-    data["drift"] = DriftSpec(**data.get("drift", {}))
-    components_doc = doc["components"]
-    components = ComponentsSpec(
-        statistics_gen="statistics_gen" in components_doc,
-        example_validator="example_validator" in components_doc,
-        trainer=_trainer(components_doc["trainer"]) if "trainer" in components_doc else None,
-        evaluator=_optional(EvaluatorSpec, components_doc, "evaluator"),
-        infra_validator=_optional(InfraValidatorSpec, components_doc, "infra_validator"),
-        quantizer=_quantizer(components_doc["quantizer"]) if "quantizer" in components_doc else None,
-        serving_pusher=(_serving_pusher(components_doc["serving_pusher"], workspace)
-                        if "serving_pusher" in components_doc else None),
-        gcp_pusher=_optional(GcpPusherSpec, components_doc, "gcp_pusher"),
-    )
-    metadata_doc = doc.get("metadata", {"sqlite": str(workspace / "metadata.sqlite")})
-    metadata = MetadataSpec(
-        sqlite=Path(metadata_doc["sqlite"]) if "sqlite" in metadata_doc else None,
-        mysql=MysqlSpec(**metadata_doc["mysql"]) if "mysql" in metadata_doc else None,
-    )
-    return PipelineSpec(
-        name=doc["name"],
-        workspace=workspace,
-        data=DataSpec(**data),
-        components=components,
-        beam_args=tuple(doc.get("beam", {}).get("args", ("--direct_running_mode=in_memory",))),
-        metadata=metadata,
-        source_file=source_file,
-        schedule_cron=doc.get("schedule", {}).get("cron"),
-        kubeflow=KubeflowSpec(**{("data_root_override" if k == "data_root" else k): v
-                                 for k, v in doc.get("kubeflow", {}).items()}),
-    )
-
-
-def _optional(cls, components_doc: dict, key: str):
-    return cls(**components_doc[key]) if key in components_doc else None
-
-
-def _trainer(doc: dict) -> TrainerSpec:
-    doc = dict(doc)
-    model = dict(doc.pop("model", {}))
-    if "conv_filters" in model:
-        model["conv_filters"] = tuple(model["conv_filters"])
-    return TrainerSpec(model=ModelArchitecture(**model), **doc)
-
-
-def _quantizer(doc: dict) -> QuantizerSpec:
-    doc = dict(doc)
-    for key in ("variants", "required_variants"):
-        if key in doc:
-            doc[key] = tuple(doc[key])
-    return QuantizerSpec(**doc)
-
-
-def _serving_pusher(doc: dict, workspace: Path) -> ServingPusherSpec:
-    doc = dict(doc)
-    doc["base_path"] = Path(doc.get("base_path", workspace / "serving"))
-    doc["batching"] = BatchingSpec(**doc.get("batching", {}))
-    doc["autoscaling"] = AutoscalingSpec(**doc.get("autoscaling", {}))
-    return ServingPusherSpec(**doc)
+def _build(document: dict, source_file: Path) -> PipelineSpec:
+    """The typed spec, with the defaults that depend on the workspace filled in."""
+    spec = replace(from_document(PipelineSpec, document), source_file=source_file)
+    metadata = spec.metadata
+    if metadata.sqlite is None and metadata.mysql is None:
+        metadata = replace(metadata, sqlite=spec.workspace / "metadata.sqlite")
+    components = spec.components
+    if components.serving_pusher and components.serving_pusher.base_path is None:
+        components = replace(components, serving_pusher=replace(components.serving_pusher,
+                                                                base_path=spec.workspace / "serving"))
+    return replace(spec, metadata=metadata, components=components)

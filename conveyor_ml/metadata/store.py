@@ -9,10 +9,10 @@ from ml_metadata.proto import metadata_store_pb2
 
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.native_output import native_stderr_discarded
-from conveyor_ml.base.spec import MetadataSpec
+from conveyor_ml.base.spec import MetadataSettings
 
 
-def connection_config(spec: MetadataSpec, read_only: bool = False) -> metadata_store_pb2.ConnectionConfig:
+def connection_config(spec: MetadataSettings, read_only: bool = False) -> metadata_store_pb2.ConnectionConfig:
     config = metadata_store_pb2.ConnectionConfig()
     if spec.mysql:
         mysql = spec.mysql
@@ -29,7 +29,7 @@ def connection_config(spec: MetadataSpec, read_only: bool = False) -> metadata_s
     return config
 
 
-def _mysql_reason(spec: MetadataSpec, message: str) -> str:
+def _mysql_reason(spec: MetadataSettings, message: str) -> str:
     """MLMD reports every MySQL failure as an empty `mysql_real_connect failed`; tell the two apart."""
     import socket
 
@@ -43,17 +43,17 @@ def _mysql_reason(spec: MetadataSpec, message: str) -> str:
     return f"the server refused the login or the database; check the user, the password in {where} and the grants"
 
 
-def describe(spec: MetadataSpec) -> str:
+def describe(spec: MetadataSettings) -> str:
     if spec.mysql:
         return f"mysql://{spec.mysql.user}@{spec.mysql.host}:{spec.mysql.port}/{spec.mysql.database}"
     return str(spec.sqlite)
 
 
-def store_exists(spec: MetadataSpec) -> bool:
+def store_exists(spec: MetadataSettings) -> bool:
     return bool(spec.mysql) or Path(spec.sqlite).is_file()
 
 
-def open_store(spec: MetadataSpec, *, retries: int = 20, read_only: bool = False) -> metadata_store.MetadataStore:
+def open_store(spec: MetadataSettings, *, retries: int = 20, read_only: bool = False) -> metadata_store.MetadataStore:
     """Connects, retrying while another process (a pipeline run) holds the SQLite write lock. Read-only
     connections (lineage queries) never take that lock."""
     config = connection_config(spec, read_only)

@@ -18,7 +18,7 @@ from google.protobuf import text_format
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.files import write_atomically
 from conveyor_ml.base.names import PROMETHEUS_PATH
-from conveyor_ml.base.spec import AutoscalingSpec, BatchingSpec
+from conveyor_ml.base.spec import AutoscalingSettings, BatchingSettings
 from conveyor_ml.formats import serving_config
 from conveyor_ml.formats.release_state import ModelRelease
 
@@ -67,12 +67,12 @@ def _server_args(config_dir: str) -> list[str]:
             f"--monitoring_config_file={config_dir}/monitoring.config"]
 
 
-def _batching_text(batching: BatchingSpec) -> str:
+def _batching_text(batching: BatchingSettings) -> str:
     return serving_config.batching_parameters_text(batching.max_batch_size, batching.batch_timeout_micros,
                                                    batching.max_enqueued_batches, batching.num_batch_threads)
 
 
-def render_compose(releases: list[ModelRelease], base_path: Path, batching: BatchingSpec, out_dir: Path) -> list[Path]:
+def render_compose(releases: list[ModelRelease], base_path: Path, batching: BatchingSettings, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "models.config": container_models_config(releases),
@@ -99,7 +99,7 @@ def _labels(model: str, track: str | None = None) -> dict:
     return labels
 
 
-def k8s_objects(release: ModelRelease, batching: BatchingSpec, autoscaling: AutoscalingSpec,
+def k8s_objects(release: ModelRelease, batching: BatchingSettings, autoscaling: AutoscalingSettings,
                 models_claim: str | None = None) -> list[dict]:
     """Every Kubernetes and Istio object for one model's release tracks, in apply order."""
     model = release.name
@@ -189,7 +189,7 @@ def k8s_objects(release: ModelRelease, batching: BatchingSpec, autoscaling: Auto
     return objects
 
 
-def render_k8s(releases: list[ModelRelease], batching: BatchingSpec, autoscaling: AutoscalingSpec,
+def render_k8s(releases: list[ModelRelease], batching: BatchingSettings, autoscaling: AutoscalingSettings,
                out_dir: Path) -> list[Path]:
     files = {}
     for release in releases:

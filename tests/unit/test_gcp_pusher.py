@@ -14,7 +14,7 @@ from google.cloud import storage
 from tfx.types import standard_artifacts
 
 from conveyor_ml.base.errors import ConveyorError
-from conveyor_ml.base.spec import GcpPusherSpec, load_spec
+from conveyor_ml.base.spec import GcpPusherSettings, load_spec
 from conveyor_ml.metadata import store as metadata
 from conveyor_ml.metadata.index import deployment_snapshots
 from conveyor_ml.metadata.values import props
@@ -40,15 +40,15 @@ def vertex():
         yield fake
 
 
-def settings(emulator, vertex, **overrides) -> GcpPusherSpec:
-    base = GcpPusherSpec(project="test-project", region="europe-west4", bucket=BUCKET, prefix="models",
+def settings(emulator, vertex, **overrides) -> GcpPusherSettings:
+    base = GcpPusherSettings(project="test-project", region="europe-west4", bucket=BUCKET, prefix="models",
                          model_display_name="digits", canary_weight=10, retry_seconds=3,
                          storage_endpoint=emulator.url if emulator else None,
                          vertex_endpoint=vertex.url if vertex else None)
     return replace(base, **overrides)
 
 
-def push(model, spec: GcpPusherSpec, tmp_path, *, blessed: int = 1):
+def push(model, spec: GcpPusherSettings, tmp_path, *, blessed: int = 1):
     blessing = output(standard_artifacts.ModelBlessing, tmp_path / f"blessing-{blessed}")
     blessing.set_int_custom_property("blessed", blessed)
     outputs = {"pushed_model": [output(standard_artifacts.PushedModel, tmp_path / "pushed")],

@@ -8,7 +8,7 @@ import yaml
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from conveyor_ml.base.spec import AutoscalingSpec, BatchingSpec
+from conveyor_ml.base.spec import AutoscalingSettings, BatchingSettings
 from conveyor_ml.formats import serving_config as config
 from conveyor_ml.formats.release_state import ModelRelease
 from conveyor_ml.operations import manifests
@@ -23,7 +23,7 @@ def canary_release(tmp_path):
 
 
 def test_k8s_objects_are_valid_and_route_by_the_traffic_file(canary_release, tmp_path):
-    [path] = manifests.render_k8s([canary_release], BatchingSpec(), AutoscalingSpec(2, 6, 60), tmp_path / "k8s")
+    [path] = manifests.render_k8s([canary_release], BatchingSettings(), AutoscalingSettings(2, 6, 60), tmp_path / "k8s")
     objects = list(yaml.safe_load_all(path.read_text()))
     kinds = [o["kind"] for o in objects]
     assert kinds.count("Deployment") == 2 and kinds.count("HorizontalPodAutoscaler") == 2
@@ -62,7 +62,7 @@ def test_k8s_objects_are_valid_and_route_by_the_traffic_file(canary_release, tmp
 
 
 def test_compose_runs_tf_serving_on_the_same_files(canary_release, tmp_path):
-    written = manifests.render_compose([canary_release], canary_release.base_path, BatchingSpec(),
+    written = manifests.render_compose([canary_release], canary_release.base_path, BatchingSettings(),
                                        tmp_path / "compose")
     compose = yaml.safe_load((tmp_path / "compose" / "docker-compose.yml").read_text())
     service = compose["services"]["tensorflow-serving"]

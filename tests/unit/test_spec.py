@@ -28,13 +28,13 @@ def test_default_spec_is_valid_and_typed():
     assert spec.components.serving_pusher.model_name == "mnist"
     assert spec.components.serving_pusher.base_path == Path("workspace/serving")
     assert spec.metadata.sqlite == Path("workspace/metadata.sqlite")
-    assert spec.beam_args[0].startswith("--direct")
+    assert spec.beam.args[0].startswith("--direct")
 
 
 def test_defaults_fill_what_the_spec_leaves_out():
     document = default_document()
-    del document["components"]["trainer"]["learning_rate"]
-    del document["metadata"]
+    document["components"]["trainer"].pop("learning_rate", None)
+    document.pop("metadata", None)
     spec = parse_spec(document, Path("x.yaml"))
     assert spec.components.trainer.learning_rate == pytest.approx(0.003)
     assert spec.metadata.sqlite == Path("workspace/metadata.sqlite")
