@@ -21,9 +21,10 @@ NODES = ["ImportExampleGen", "StatisticsGen", "ExampleValidator", "Trainer", "Ev
 
 
 def generate_store(path: Path, pipeline: str, runs: int) -> None:
-    from conveyor_ml.components.artifacts import Deployment, QuantizedModel
     from ml_metadata.metadata_store import metadata_store
     from ml_metadata.proto import metadata_store_pb2 as pb
+
+    from conveyor_ml.components.artifacts import Deployment, QuantizedModel
 
     config = pb.ConnectionConfig()
     config.sqlite.filename_uri = str(path)

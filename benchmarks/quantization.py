@@ -26,9 +26,9 @@ def digits_28x28():
 
 def train_model(images, labels, steps: int, export_dir: str) -> int:
     import tensorflow as tf
-    from conveyor_ml.components.trainer.model import build_model, serving_signatures
 
     from conveyor_ml.base.spec import ModelArchitecture
+    from conveyor_ml.components.trainer.model import build_model, serving_signatures
 
     model = build_model((28, 28), ModelArchitecture(conv_filters=(32, 64, 128), dense_units=768, dropout=0.1))
     model.compile(optimizer=tf.keras.optimizers.Adam(1e-3),

@@ -1,14 +1,15 @@
-"""What both pushers share: whether they may push, which files make up a release, and what they publish."""
+"""What both pushers share: TFX's Pusher executor, the files that make up a release, and what they publish."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from conveyor_ml.components.artifacts import Deployment, QuantizedModel, recorded_value
+from tfx.components.pusher import executor as tfx_pusher
 from tfx.proto.orchestration import execution_result_pb2
 from tfx.types import standard_artifacts
 from tfx.types.component_spec import ChannelParameter
-from tfx.utils import path_utils
+
+from conveyor_ml.components.artifacts import Deployment, QuantizedModel, recorded_value, set_custom_properties
 
 TFLITE_DIR = "tflite"
 
@@ -25,40 +26,54 @@ PUSHER_OUTPUTS = {
 }
 
 
-def skip_reason(input_dict: dict[str, list]) -> str | None:
-    """Why this model must not be pushed, or None when every blessing wired in says yes."""
-    for key, what in (("model_blessing", "the Evaluator"), ("infra_blessing", "the InfraValidator")):
-        for blessing in input_dict.get(key) or []:
-            if blessing.get_int_custom_property("blessed") != 1:
-                detail = (blessing.get_string_custom_property("reason")
-                          if blessing.has_custom_property("reason") else "")
-                return f"not blessed by {what}" + (f": {detail}" if detail else "")
-    return None
+class BlessedModelPusher(tfx_pusher.Executor):
+    """TFX's Pusher executor, which both our pushers extend as tfx-addons' pushers do: its blessing check
+    (`CheckBlessing`), model path (`GetModelPath`) and pushed / not-pushed marks; our destinations on top."""
+
+    def skip_reason(self, input_dict: dict[str, list]) -> str | None:
+        """Why this model must not be pushed (TFX's blessing check, with the validator's own reason), or None."""
+        if self.CheckBlessing(input_dict):
+            return None
+        for key, what in (("model_blessing", "the Evaluator"), ("infra_blessing", "the InfraValidator")):
+            for blessing in input_dict.get(key) or []:
+                if blessing.get_int_custom_property("blessed") != 1:
+                    detail = (blessing.get_string_custom_property("reason")
+                              if blessing.has_custom_property("reason") else "")
+                    return f"not blessed by {what}" + (f": {detail}" if detail else "")
+        return "not blessed"
+
+    def mark_not_pushed(self, pushed_model, reason: str) -> None:
+        self._MarkNotPushed(pushed_model)
+        pushed_model.set_string_custom_property("skip_reason", reason)
+
+    def mark_pushed(self, pushed_model, destination: str, version: str, **details) -> None:
+        self._MarkPushed(pushed_model, pushed_destination=destination, pushed_version=version)
+        set_custom_properties(pushed_model, details)
+
+    def release_sources(self, input_dict: dict[str, list], variants: list, scratch: str) -> dict[str, Path]:
+        """{relative destination: local source} for one release: the SavedModel at the root ("") and the
+        blessed TFLite variants under tflite/ with a manifest clients can read."""
+        sources = {"": Path(self.GetModelPath(input_dict))}
+        if not variants:
+            return sources
+        manifest = {"variants": []}
+        for variant in variants:
+            name = recorded_value(variant, "variant")
+            sources[f"{TFLITE_DIR}/{name}.tflite"] = Path(variant.uri) / "model.tflite"
+            entry = {"variant": name, "file": f"{name}.tflite"}
+            for key in ("size_bytes", "accuracy", "accuracy_delta", "latency_p50_ms", "input_scale",
+                        "input_zero_point"):
+                if recorded_value(variant, key) is not None:
+                    entry[key] = recorded_value(variant, key)
+            manifest["variants"].append(entry)
+        manifest_path = Path(scratch) / "manifest.json"
+        manifest_path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        sources[f"{TFLITE_DIR}/manifest.json"] = manifest_path
+        return sources
 
 
 def blessed_variants(quantized_models: list) -> list:
     return [q for q in quantized_models if recorded_value(q, "blessed") == 1]
-
-
-def release_sources(model, variants: list, scratch: str) -> dict[str, Path]:
-    """{relative destination: local source} for one release: the SavedModel at the root ("") and the
-    blessed TFLite variants under tflite/ with a manifest clients can read."""
-    sources = {"": Path(path_utils.serving_model_path(model.uri))}
-    if not variants:
-        return sources
-    manifest = {"variants": []}
-    for variant in variants:
-        name = recorded_value(variant, "variant")
-        sources[f"{TFLITE_DIR}/{name}.tflite"] = Path(variant.uri) / "model.tflite"
-        entry = {"variant": name, "file": f"{name}.tflite"}
-        for key in ("size_bytes", "accuracy", "accuracy_delta", "latency_p50_ms", "input_scale", "input_zero_point"):
-            if recorded_value(variant, key) is not None:
-                entry[key] = recorded_value(variant, key)
-        manifest["variants"].append(entry)
-    manifest_path = Path(scratch) / "manifest.json"
-    manifest_path.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
-    sources[f"{TFLITE_DIR}/manifest.json"] = manifest_path
-    return sources
 
 
 def files_of(sources: dict[str, Path]) -> list[tuple[Path, str]]:

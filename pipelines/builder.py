@@ -1,14 +1,9 @@
 """Builds the TFX pipeline a spec declares. The spec names components; the wiring is derived here."""
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import replace
 
 import tensorflow_model_analysis as tfma
-from conveyor_ml.pipelines.resolvers import (
-    PreviousBlessedModelStrategy,
-    PreviousSpanStatisticsStrategy,
-    SpanWindowStrategy,
-)
 from tfx import v1 as tfx
 from tfx.proto import example_gen_pb2
 
@@ -32,6 +27,11 @@ from conveyor_ml.base.names import (
 )
 from conveyor_ml.base.spec import PipelineSpec
 from conveyor_ml.metadata.store import connection_config
+from conveyor_ml.pipelines.resolvers import (
+    PreviousBlessedModelStrategy,
+    PreviousSpanStatisticsStrategy,
+    SpanWindowStrategy,
+)
 
 
 def example_gen_input_config() -> example_gen_pb2.Input:
@@ -101,9 +101,9 @@ def build_components(spec: PipelineSpec, portable: bool = False) -> list:
         training_examples = examples
     from conveyor_ml.components.trainer.component import Trainer
 
-    trainer_spec = components.trainer
+    trainer_settings = components.trainer
     warm_start_model = None
-    if trainer_spec.warm_start:
+    if trainer_settings.warm_start:
         warm_start = tfx.dsl.Resolver(
             strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
             model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
@@ -113,12 +113,7 @@ def build_components(spec: PipelineSpec, portable: bool = False) -> list:
         warm_start_model = warm_start.outputs["model"]
     trainer = Trainer(
         examples=training_examples, schema=schema, example_anomalies=anomalies, drift_report=drift_report,
-        base_model=warm_start_model,
-        image_shape=spec.data.image_shape, strategy=trainer_spec.strategy,
-        cpu_replicas=trainer_spec.cpu_replicas, num_workers=trainer_spec.num_workers,
-        train_steps=trainer_spec.train_steps, batch_size=trainer_spec.batch_size,
-        learning_rate=trainer_spec.learning_rate, scale_learning_rate=trainer_spec.scale_learning_rate,
-        architecture=asdict(trainer_spec.model), warm_start=trainer_spec.warm_start,
+        base_model=warm_start_model, image_shape=spec.data.image_shape, settings=trainer_settings,
     ).with_id(TRAINER)
     model = trainer.outputs["model"]
     all_models = tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model)
@@ -146,9 +141,7 @@ def build_components(spec: PipelineSpec, portable: bool = False) -> list:
         from conveyor_ml.components.infra_validator.component import InfraValidator
 
         infra_validator = InfraValidator(
-            model=model, examples=examples, image_shape=spec.data.image_shape,
-            num_examples=components.infra_validator.num_examples,
-            timeout_seconds=components.infra_validator.timeout_seconds,
+            model=model, examples=examples, image_shape=spec.data.image_shape, settings=components.infra_validator,
         ).with_id(INFRA_VALIDATOR)
         nodes.append(infra_validator)
         infra_blessing = infra_validator.outputs["blessing"]
@@ -157,13 +150,9 @@ def build_components(spec: PipelineSpec, portable: bool = False) -> list:
     if components.quantizer:
         from conveyor_ml.components.quantizer.component import Quantizer
 
-        quantizer_spec = components.quantizer
         quantizer = Quantizer(
             model=model, examples=examples, model_blessing=blessing, image_shape=spec.data.image_shape,
-            variants=quantizer_spec.variants, required_variants=quantizer_spec.required_variants,
-            representative_examples=quantizer_spec.representative_examples,
-            max_accuracy_drop_points=quantizer_spec.max_accuracy_drop_points, threads=quantizer_spec.threads,
-            latency_runs=quantizer_spec.latency_runs, throughput_batch_size=quantizer_spec.throughput_batch_size,
+            settings=components.quantizer,
         ).with_id(QUANTIZER)
         nodes.append(quantizer)
         quantized = quantizer.outputs["quantized_models"]
@@ -171,12 +160,10 @@ def build_components(spec: PipelineSpec, portable: bool = False) -> list:
     if components.serving_pusher and not portable:
         from conveyor_ml.components.serving_pusher.component import ServingPusher
 
-        pusher_spec = components.serving_pusher
+        settings = components.serving_pusher
         pusher = ServingPusher(
             model=model, model_blessing=blessing, infra_blessing=infra_blessing, quantized_models=quantized,
-            model_name=pusher_spec.model_name, base_path=str(pusher_spec.base_path.resolve()),
-            release=pusher_spec.release, canary_weight=pusher_spec.canary_weight,
-            keep_versions=pusher_spec.keep_versions, batching=asdict(pusher_spec.batching),
+            settings=replace(settings, base_path=settings.base_path.resolve()),
         ).with_id(SERVING_PUSHER)
         nodes.append(pusher)
 
@@ -201,11 +188,8 @@ def _drift_gate(spec: PipelineSpec, nodes: list, examples, statistics, schema, p
     else:
         previous = tfx.dsl.Resolver(strategy_class=PreviousSpanStatisticsStrategy, newest=statistics,
                                     statistics=all_statistics).with_id(PREVIOUS_STATISTICS)
-    drift = spec.data.drift
     gate = DriftGate(examples=examples, statistics=statistics, schema=schema,
-                     baseline_statistics=previous.outputs["statistics"], policy=drift.policy,
-                     label_linf_threshold=drift.label_linf_threshold,
-                     pixel_js_threshold=drift.pixel_js_threshold).with_id(DRIFT_GATE)
+                     baseline_statistics=previous.outputs["statistics"], settings=spec.data.drift).with_id(DRIFT_GATE)
     nodes += [previous, gate]
     return gate.outputs["drift_report"]
 

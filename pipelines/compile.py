@@ -9,9 +9,10 @@ from conveyor_ml.base.spec import PipelineSpec
 
 
 def compile_pipeline(spec: PipelineSpec, output: Path) -> dict:
-    from conveyor_ml.pipelines.builder import build_components
     from tfx import v1 as tfx
     from tfx.orchestration.kubeflow.v2 import kubeflow_v2_dag_runner
+
+    from conveyor_ml.pipelines.builder import build_components
 
     if output.suffix != ".json":
         raise ConveyorError(f"-o {output}: the compiled pipeline is JSON; name a .json file")

@@ -3,14 +3,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from conveyor_ml.pipelines.headline_metrics import evaluation_accuracy
-from conveyor_ml.pipelines.run_result import RunResult
-from conveyor_ml.pipelines.workspace import workspace_paths
-
 from conveyor_ml.base.names import DATA_DRIFT_REPORT_TYPE, PIPELINE_RUN_CONTEXT, QUANTIZATION_REPORT_TYPE
 from conveyor_ml.base.spec import PipelineSpec
 from conveyor_ml.metadata import store as metadata
 from conveyor_ml.metadata.values import props
+from conveyor_ml.pipelines.headline_metrics import evaluation_accuracy
+from conveyor_ml.pipelines.run_result import RunResult
+from conveyor_ml.pipelines.workspace import workspace_paths
 
 
 def run_artifacts(store, run_id: str) -> dict[str, list]:

@@ -2,13 +2,10 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import sys
 import time
 
-from conveyor_ml.pipelines.builder import build_pipeline
-from conveyor_ml.pipelines.headline_metrics import record_headline_metrics
-from conveyor_ml.pipelines.run_result import NodeOutcome, RunResult
-from conveyor_ml.pipelines.workspace import check_workspace, prepare_data
 from tfx.dsl.compiler import constants
 from tfx.orchestration import metadata as tfx_metadata
 from tfx.orchestration.beam.beam_dag_runner import BeamDagRunner, PipelineNodeAsDoFn
@@ -16,20 +13,44 @@ from tfx.orchestration.portable import launcher, runtime_parameter_utils
 
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.spec import PipelineSpec
+from conveyor_ml.pipelines.builder import build_pipeline
+from conveyor_ml.pipelines.headline_metrics import record_headline_metrics
+from conveyor_ml.pipelines.run_result import NodeOutcome, RunResult
+from conveyor_ml.pipelines.workspace import check_workspace, prepare_data
 
 # The in-memory DirectRunner runs every DoFn in this process; progress reaches the active run through
 # this module-level slot (a DoFn is pickled, so it cannot hold a reference to the runner itself).
 _active_outcomes: list[NodeOutcome] | None = None
 
 
+# Components log what they do (logging.getLogger(__name__) under conveyor_ml.components); the runner shows
+# those records as progress lines under the component's own line.
+COMPONENT_LOGGER = "conveyor_ml.components"
+
+
 def _say(line: str) -> None:
     print(line, flush=True)
 
 
+def show_component_progress() -> None:
+    """Prints components' INFO records indented under their node's line. Idempotent; called in every process
+    that runs nodes (Beam's multi-processing workers run the DoFn in their own processes)."""
+    logger = logging.getLogger(COMPONENT_LOGGER)
+    if any(getattr(h, "conveyor_progress", False) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("    %(message)s"))
+    handler.conveyor_progress = True
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 class _ReportingNodeDoFn(PipelineNodeAsDoFn):
-    """TFX's node DoFn, plus a line per node with its outcome and time."""
+    """TFX's node DoFn, plus a line per node with its outcome and time, and the component's progress under it."""
 
     def process(self, element, *signals):
+        show_component_progress()
         for signal in signals:
             assert not list(signal), "Signal PCollection should be empty."
         started = time.perf_counter()

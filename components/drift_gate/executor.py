@@ -3,18 +3,22 @@ between two spans' training statistics, and the policy's verdict, recorded as a 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
-from conveyor_ml.components.artifacts import set_custom_properties, span_of
 from tfx.dsl.components.base import base_executor
 from tfx.types import artifact_utils
 
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.names import IMAGE_KEY, LABEL_KEY
+from conveyor_ml.base.spec import DRIFT_POLICIES, DriftSettings
+from conveyor_ml.components.artifacts import set_custom_properties, span_of
+from conveyor_ml.components.parameters import settings_from
 
-POLICIES = ("retrain", "block", "ignore")
 STATISTICS_FILE = "Split-train/FeatureStats.pb"
+
+log = logging.getLogger(__name__)
 
 
 def verdict(policy: str, drifted: bool) -> str:
@@ -48,11 +52,11 @@ def drift_figures(current_stats_dir: str, baseline_stats_dir: str, schema_file: 
 
 class Executor(base_executor.BaseExecutor):
     def Do(self, input_dict: dict[str, list], output_dict: dict[str, list], exec_properties: dict[str, Any]) -> None:
-        policy = exec_properties.get("policy") or "retrain"
-        if policy not in POLICIES:
-            raise ConveyorError(f"data.drift.policy: {policy!r} is not one of {', '.join(POLICIES)}")
-        thresholds = {"label_linf": float(exec_properties.get("label_linf_threshold") or 0.1),
-                      "pixel_js": float(exec_properties.get("pixel_js_threshold") or 0.1)}
+        settings = settings_from(DriftSettings, exec_properties)
+        policy = settings.policy
+        if policy not in DRIFT_POLICIES:
+            raise ConveyorError(f"data.drift.policy: {policy!r} is not one of {', '.join(DRIFT_POLICIES)}")
+        thresholds = {"label_linf": settings.label_linf_threshold, "pixel_js": settings.pixel_js_threshold}
         report = artifact_utils.get_single_instance(output_dict["drift_report"])
         examples = artifact_utils.get_single_instance(input_dict["examples"])
         statistics = artifact_utils.get_single_instance(input_dict["statistics"])
@@ -74,4 +78,4 @@ class Executor(base_executor.BaseExecutor):
         Path(report.uri).mkdir(parents=True, exist_ok=True)
         (Path(report.uri) / "drift.json").write_text(json.dumps(
             values, indent=2, default=float) + "\n")
-        print(f"    drift vs the previous span: {values['verdict']} ({values['reason']})", flush=True)
+        log.info("drift vs the previous span: %s (%s)", values["verdict"], values["reason"])

@@ -1,23 +1,24 @@
 """GcpPusher: blessed models to Cloud Storage and a Vertex AI model version, endpoint and canary split."""
 from __future__ import annotations
 
-from conveyor_ml.components.artifacts import Deployment
-from conveyor_ml.components.gcp_pusher import executor
-from conveyor_ml.components.gcp_pusher.settings import settings_to_json
-from conveyor_ml.components.pushing import PUSHER_INPUTS, PUSHER_OUTPUTS
 from tfx import types
 from tfx.dsl.components.base import base_component, executor_spec
 from tfx.types import standard_artifacts
 from tfx.types.component_spec import ComponentSpec, ExecutionParameter
 
 from conveyor_ml.base.spec import GcpPusherSettings
+from conveyor_ml.components.artifacts import Deployment
+from conveyor_ml.components.gcp_pusher import executor
+from conveyor_ml.components.parameters import execution_parameters, parameter_values
+from conveyor_ml.components.pushing import PUSHER_INPUTS, PUSHER_OUTPUTS
 
 
 class GcpPusherSpec(ComponentSpec):
     PARAMETERS = {
         "model_name": ExecutionParameter(type=str),
         "pipeline_name": ExecutionParameter(type=str),  # a label on the Vertex AI model version
-        "gcp": ExecutionParameter(type=str),  # JSON of pipelines.spec.GcpPusherSettings (a key file's path, never its content)
+        # The gcp_pusher section; `credentials` is a key file's path, never its content.
+        **execution_parameters(GcpPusherSettings),
     }
     INPUTS = PUSHER_INPUTS
     OUTPUTS = PUSHER_OUTPUTS
@@ -33,6 +34,6 @@ class GcpPusher(base_component.BaseComponent):
         super().__init__(spec=GcpPusherSpec(
             model=model, model_blessing=model_blessing, infra_blessing=infra_blessing,
             quantized_models=quantized_models, model_name=model_name, pipeline_name=pipeline_name,
-            gcp=settings_to_json(settings),
+            **parameter_values(settings),
             pushed_model=types.Channel(type=standard_artifacts.PushedModel),
             deployment=types.Channel(type=Deployment)))

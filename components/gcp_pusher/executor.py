@@ -1,43 +1,42 @@
 """GcpPusher executor: upload to Cloud Storage, register a Vertex AI model version, deploy with a canary split."""
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from conveyor_ml.components.artifacts import deployment, set_custom_properties
-from conveyor_ml.components.gcp_pusher import gcs_upload, traffic
-from conveyor_ml.components.gcp_pusher import settings as gcp
-from conveyor_ml.components.gcp_pusher.vertex import VertexApi, VertexError
-from conveyor_ml.components.pushing import (
-    blessed_variants,
-    files_of,
-    pusher_output,
-    release_sources,
-    skip_reason,
-)
-from tfx.dsl.components.base import base_executor
 from tfx.proto.orchestration import execution_result_pb2
 from tfx.types import artifact_utils
 
 from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.base.spec import GcpPusherSettings
+from conveyor_ml.components.artifacts import deployment, set_custom_properties
+from conveyor_ml.components.gcp_pusher import gcs_upload, traffic
+from conveyor_ml.components.gcp_pusher import settings as gcp
+from conveyor_ml.components.gcp_pusher.vertex import VertexApi, VertexError
+from conveyor_ml.components.parameters import settings_from
+from conveyor_ml.components.pushing import BlessedModelPusher, blessed_variants, files_of, pusher_output
+
+log = logging.getLogger(__name__)
 
 
 def say(line: str) -> None:
-    print(f"    {line}", flush=True)
+    """Progress of the push, one line per call or upload (the runner prints it under the component)."""
+    log.info("%s", line)
 
 
-class Executor(base_executor.BaseExecutor):
+class Executor(BlessedModelPusher):
     def Do(self, input_dict: dict[str, list], output_dict: dict[str, list],
            exec_properties: dict[str, Any]) -> execution_result_pb2.ExecutorOutput:
-        settings = gcp.settings_from_json(exec_properties["gcp"])
+        settings = settings_from(GcpPusherSettings, exec_properties)
         model_name = exec_properties["model_name"]
         model = artifact_utils.get_single_instance(input_dict["model"])
         pushed_model = artifact_utils.get_single_instance(output_dict["pushed_model"])
 
-        reason = skip_reason(input_dict)
+        reason = self.skip_reason(input_dict)
         if reason:
-            set_custom_properties(pushed_model, {"pushed": 0, "skip_reason": reason})
+            self.mark_not_pushed(pushed_model, reason)
             say(f"not pushed to Google Cloud: {reason}")
             return pusher_output(pushed_model, [])
 
@@ -52,7 +51,7 @@ class Executor(base_executor.BaseExecutor):
         try:
             with tempfile.TemporaryDirectory() as scratch:
                 variants = blessed_variants(input_dict.get("quantized_models") or [])
-                files = gcs_upload.plan(files_of(release_sources(model, variants, scratch)), version_dir)
+                files = gcs_upload.plan(files_of(self.release_sources(input_dict, variants, scratch)), version_dir)
                 if settings.dry_run:
                     return self._dry_run(settings, model_name, files, artifact_uri, labels, pushed_model)
                 uploader = gcs_upload.GcsUploader(gcp.storage_client(settings), settings.bucket,
@@ -74,9 +73,8 @@ class Executor(base_executor.BaseExecutor):
                                              "deployed_model_id": row["deployed_model_id"]})
             deployments.append(artifact)
         new_row = rows[-1]
-        set_custom_properties(pushed_model, {"pushed": 1, "pushed_version": new_row["version"],
-                                             "pushed_destination": artifact_uri, "model_resource": model_resource,
-                                             "endpoint": endpoint})
+        self.mark_pushed(pushed_model, artifact_uri, str(new_row["version"]), model_resource=model_resource,
+                         endpoint=endpoint)
         say(f"Vertex AI: {model_resource} version {new_row['version']} on {endpoint} at "
             f"{new_row['traffic_percent']}% ({new_row['label'] or new_row['release_state']})")
         return pusher_output(pushed_model, deployments)
@@ -89,8 +87,8 @@ class Executor(base_executor.BaseExecutor):
                 f"({item.size} bytes, md5 {item.md5})")
         say(f"would upload gs://{settings.bucket}/{artifact_uri.split('/', 3)[3]}/{gcs_upload.MARKER} last")
         _release(VertexApi(settings, model_name, say=say, dry_run=True), settings, artifact_uri, labels)
-        set_custom_properties(pushed_model, {"pushed": 0, "skip_reason": "gcp_pusher.dry_run",
-                                             "pushed_destination": artifact_uri})
+        self.mark_not_pushed(pushed_model, "gcp_pusher.dry_run")
+        pushed_model.set_string_custom_property("pushed_destination", artifact_uri)
         return pusher_output(pushed_model, [])
 
 

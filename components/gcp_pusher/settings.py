@@ -1,22 +1,10 @@
-"""The gcp_pusher section of a spec as the executor sees it, and the Google clients it builds from it."""
+"""Names and Google clients derived from the gcp_pusher section of a spec."""
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict, fields
 
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.spec import GcpPusherSettings
-
-
-def settings_from_json(text: str) -> GcpPusherSettings:
-    document = json.loads(text)
-    known = {f.name for f in fields(GcpPusherSettings)}
-    return GcpPusherSettings(**{k: v for k, v in document.items() if k in known})
-
-
-def settings_to_json(settings: GcpPusherSettings) -> str:
-    return json.dumps(asdict(settings), sort_keys=True)
 
 
 def display_name(settings: GcpPusherSettings, model_name: str) -> str:

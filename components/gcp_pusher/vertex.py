@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 
+from conveyor_ml.base.spec import GcpPusherSettings
 from conveyor_ml.components.gcp_pusher import settings as gcp
 from conveyor_ml.components.gcp_pusher.traffic import NEW, Deployed, TrafficChange
-
-from conveyor_ml.base.spec import GcpPusherSettings
 
 PLACEHOLDER_VERSION = "<new version id>"
 

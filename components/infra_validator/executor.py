@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import tempfile
 import time
 import urllib.error
@@ -13,17 +14,21 @@ from typing import Any
 import grpc
 import numpy as np
 import tensorflow as tf
-from conveyor_ml.components.artifacts import set_custom_properties
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from tfx.dsl.components.base import base_executor
 from tfx.types import artifact_utils
 from tfx.utils import io_utils, path_utils
 
 from conveyor_ml.base.server_process import ServerProcess, ServerStartError
+from conveyor_ml.base.spec import InfraValidatorSettings
+from conveyor_ml.components.artifacts import set_custom_properties
+from conveyor_ml.components.parameters import list_parameter, settings_from
 from conveyor_ml.formats.examples import read_tfrecords
 
 CANDIDATE = "candidate"
 BLESSED_FILE, NOT_BLESSED_FILE = "INFRA_BLESSED", "INFRA_NOT_BLESSED"
+
+log = logging.getLogger(__name__)
 
 
 class InfraCheckFailed(Exception):
@@ -35,9 +40,9 @@ class Executor(base_executor.BaseExecutor):
         model = artifact_utils.get_single_instance(input_dict["model"])
         examples = artifact_utils.get_single_instance(input_dict["examples"])
         blessing = artifact_utils.get_single_instance(output_dict["blessing"])
-        num_examples = int(exec_properties.get("num_examples") or 10)
-        timeout = float(exec_properties.get("timeout_seconds") or 120.0)
-        image_shape = tuple(json.loads(exec_properties["image_shape"]))
+        settings = settings_from(InfraValidatorSettings, exec_properties)
+        num_examples, timeout = settings.num_examples, settings.timeout_seconds
+        image_shape = tuple(list_parameter(exec_properties, "image_shape"))
 
         eval_dir = Path(artifact_utils.get_split_uri([examples], "eval"))
         files = sorted(str(p) for p in eval_dir.iterdir() if p.is_file())
@@ -49,8 +54,8 @@ class Executor(base_executor.BaseExecutor):
                                          "requests": result["requests"],
                                          "rest_latency_ms": result.get("rest_latency_ms"),
                                          "grpc_latency_ms": result.get("grpc_latency_ms")})
-        print(f"    infra validation: {'blessed' if blessed else 'NOT blessed: ' + result['error']} "
-              f"({result['requests']} requests)", flush=True)
+        log.info("infra validation: %s (%d requests)", "blessed" if blessed else "NOT blessed: " + result["error"],
+                 result["requests"])
 
 
 def validate(export_dir: str, images: np.ndarray, timeout: float) -> dict:

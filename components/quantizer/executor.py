@@ -2,10 +2,19 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
+from tfx.dsl.components.base import base_executor
+from tfx.proto.orchestration import execution_result_pb2
+from tfx.types import artifact_utils
+from tfx.utils import path_utils
+
+from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.base.spec import QuantizerSettings
 from conveyor_ml.components.artifacts import QuantizedModel, set_custom_properties
+from conveyor_ml.components.parameters import list_parameter, settings_from
 from conveyor_ml.components.quantizer import report
 from conveyor_ml.components.quantizer.tflite_variants import (
     VARIANTS,
@@ -14,15 +23,11 @@ from conveyor_ml.components.quantizer.tflite_variants import (
     measure,
     saved_model_accuracy,
 )
-from tfx.dsl.components.base import base_executor
-from tfx.proto.orchestration import execution_result_pb2
-from tfx.types import artifact_utils
-from tfx.utils import path_utils
-
-from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.formats.examples import read_tfrecords
 
 MODEL_FILE = "model.tflite"
+
+log = logging.getLogger(__name__)
 
 
 def check_parameters(variants: list[str], required: list[str], representative_examples: int) -> None:
@@ -47,12 +52,12 @@ def _split_images(examples, split: str, image_shape: tuple[int, int]):
 class Executor(base_executor.BaseExecutor):
     def Do(self, input_dict: dict[str, list], output_dict: dict[str, list],
            exec_properties: dict[str, Any]) -> execution_result_pb2.ExecutorOutput:
-        variants = json.loads(exec_properties["variants"])
-        required = json.loads(exec_properties.get("required_variants") or "[]")
-        representative_count = int(exec_properties.get("representative_examples", 200))
+        settings = settings_from(QuantizerSettings, exec_properties)
+        variants, required = list(settings.variants), list(settings.required_variants)
+        representative_count = settings.representative_examples
         check_parameters(variants, required, representative_count)
-        image_shape = tuple(json.loads(exec_properties["image_shape"]))
-        tolerance = float(exec_properties.get("max_accuracy_drop_points") or 1.0)
+        image_shape = tuple(list_parameter(exec_properties, "image_shape"))
+        tolerance = settings.max_accuracy_drop_points
         report_artifact = artifact_utils.get_single_instance(output_dict["report"])
         variants_dir = Path(artifact_utils.get_single_uri(output_dict["quantized_models"]))
 
@@ -80,12 +85,11 @@ class Executor(base_executor.BaseExecutor):
             except Exception as exc:  # the converter's own message goes to the report
                 row.update(status="failed", error=converter_message(exc))
                 rows.append(row)
-                print(f"    {variant}: conversion failed: {row['error']}", flush=True)
+                log.info("%s: conversion failed: %s", variant, row["error"])
                 continue
             result = measure(content, evaluation.images, evaluation.labels,
-                             threads=int(exec_properties.get("threads") or 2),
-                             latency_runs=int(exec_properties.get("latency_runs") or 200),
-                             throughput_batch=int(exec_properties.get("throughput_batch_size") or 64))
+                             threads=settings.threads, latency_runs=settings.latency_runs,
+                             throughput_batch=settings.throughput_batch_size)
             delta_points = (result.accuracy - float_accuracy) * 100
             row.update(size_bytes=len(content), accuracy=result.accuracy, accuracy_delta_points=delta_points,
                        latency_p50_ms=result.latency_p50_ms, latency_p95_ms=result.latency_p95_ms,
@@ -131,11 +135,11 @@ class Executor(base_executor.BaseExecutor):
         (directory / "report.md").write_text(table)
         for row in rows:
             if row["status"] == "ok":
-                print(f"    {row['variant']}: {row['size_bytes'] / 1024:.1f} KiB, accuracy {row['accuracy']:.4f} "
-                      f"({row['accuracy_delta_points']:+.2f} pts), p50 {row['latency_p50_ms'] * 1000:.0f} µs, "
-                      f"{'blessed' if row['blessed'] else 'NOT blessed'}", flush=True)
+                log.info("%s: %.1f KiB, accuracy %.4f (%+.2f pts), p50 %.0f µs, %s", row["variant"],
+                         row["size_bytes"] / 1024, row["accuracy"], row["accuracy_delta_points"],
+                         row["latency_p50_ms"] * 1000, "blessed" if row["blessed"] else "NOT blessed")
         if note:
-            print(f"    {note}", flush=True)
+            log.info("%s", note)
         set_custom_properties(artifact, {"variants": len(rows),
                                          "blessed": sum(1 for r in rows if r.get("blessed")),
                                          "float_accuracy": extra.get("float_accuracy"), "note": note})

@@ -1,56 +1,56 @@
 """ServingPusher executor: checks blessings, writes the next version atomically, updates labels and traffic."""
 from __future__ import annotations
 
-import json
+import logging
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from conveyor_ml.components.artifacts import deployment, recorded_value, set_custom_properties
-from conveyor_ml.components.pushing import blessed_variants, pusher_output, release_sources, skip_reason
-from tfx.dsl.components.base import base_executor
 from tfx.proto.orchestration import execution_result_pb2
 from tfx.types import artifact_utils
 
+from conveyor_ml.base.spec import ServingPusherSettings
+from conveyor_ml.components.artifacts import deployment, recorded_value
+from conveyor_ml.components.parameters import settings_from
+from conveyor_ml.components.pushing import BlessedModelPusher, blessed_variants, pusher_output
 from conveyor_ml.formats import release_state as releases
 
+log = logging.getLogger(__name__)
 
-class Executor(base_executor.BaseExecutor):
+
+class Executor(BlessedModelPusher):
     def Do(self, input_dict: dict[str, list], output_dict: dict[str, list],
            exec_properties: dict[str, Any]) -> execution_result_pb2.ExecutorOutput:
-        model = artifact_utils.get_single_instance(input_dict["model"])
+        settings = settings_from(ServingPusherSettings, exec_properties)
         pushed_model = artifact_utils.get_single_instance(output_dict["pushed_model"])
-        model_name = exec_properties["model_name"]
+        model_name = settings.model_name
 
-        reason = skip_reason(input_dict)
+        reason = self.skip_reason(input_dict)
         if reason:
-            set_custom_properties(pushed_model, {"pushed": 0, "skip_reason": reason})
-            print(f"    not pushed: {reason}", flush=True)
+            self.mark_not_pushed(pushed_model, reason)
+            log.info("not pushed: %s", reason)
             return pusher_output(pushed_model, [])
 
-        base = Path(exec_properties["base_path"])
+        base = Path(settings.base_path)
         variants = blessed_variants(input_dict.get("quantized_models") or [])
-        batching = json.loads(exec_properties.get("batching") or "{}")
         with releases.locked(base):
             release = releases.read_release(base, model_name)
             labels_before = dict(release.labels)
             for leftover in releases.clean_leftovers(release.model_dir):
-                print(f"    removed an interrupted push: {leftover}", flush=True)
+                log.info("removed an interrupted push: %s", leftover)
             version = releases.next_version(release)
             with tempfile.TemporaryDirectory() as scratch:
-                sources = release_sources(model, variants, scratch)
+                sources = self.release_sources(input_dict, variants, scratch)
                 version_dir = releases.write_version_atomically(release.model_dir, version, sources)
-            releases.release_new_version(release, version, exec_properties.get("release") or "direct",
-                                         int(exec_properties.get("canary_weight") or 10))
-            removed = releases.apply_retention(release, int(exec_properties.get("keep_versions") or 5))
+            releases.release_new_version(release, version, settings.release, settings.canary_weight)
+            removed = releases.apply_retention(release, settings.keep_versions)
             releases.write_release(release)
-            if batching:
-                releases.write_batching_config(base, **batching)
+            releases.write_batching_config(base, **asdict(settings.batching))
         label = next((name for name, v in release.labels.items() if v == version), "")
         traffic = release.weights.get(label, 0)
-        set_custom_properties(pushed_model, {"pushed": 1, "pushed_version": str(version),
-                                             "pushed_destination": str(version_dir),
-                                             "tflite_variants": ",".join(recorded_value(q, "variant") for q in variants)})
+        self.mark_pushed(pushed_model, str(version_dir), str(version),
+                         tflite_variants=",".join(recorded_value(q, "variant") for q in variants))
         # The whole release state after this push, so MLMD can answer "what was live at time T".
         # TFX wants several artifacts of one output under the output's own directory.
         record_dir = Path(artifact_utils.get_single_uri(output_dict["deployment"]))
@@ -58,6 +58,6 @@ class Executor(base_executor.BaseExecutor):
             deployment(row, model_name=model_name, base_path=str(base.resolve()),
                        uri=str(record_dir / f"version-{row['version']}"))
             for row in releases.snapshot(labels_before, release)]
-        print(f"    pushed version {version} of {model_name} as {label} ({traffic}% of unversioned traffic)"
-              + (f"; retired versions {removed}" if removed else ""), flush=True)
+        log.info("pushed version %d of %s as %s (%d%% of unversioned traffic)%s", version, model_name, label, traffic,
+                 f"; retired versions {removed}" if removed else "")
         return pusher_output(pushed_model, deployments)

@@ -1,28 +1,22 @@
 """Conveyor's Trainer: the standard Trainer's inputs and outputs, with distribution and export built in."""
 from __future__ import annotations
 
-import json
-
-from conveyor_ml.components.artifacts import DataDriftReport
-from conveyor_ml.components.trainer import executor
 from tfx import types
 from tfx.dsl.components.base import base_component, executor_spec
 from tfx.types import standard_artifacts
 from tfx.types.component_spec import ChannelParameter, ComponentSpec, ExecutionParameter
 
+from conveyor_ml.base.spec import TrainerSettings
+from conveyor_ml.components.artifacts import DataDriftReport
+from conveyor_ml.components.parameters import execution_parameters, parameter_values
+from conveyor_ml.components.trainer import executor
+from conveyor_ml.components.trainer.parameters import PARAMETER_NAMES
+
 
 class TrainerSpec(ComponentSpec):
     PARAMETERS = {
-        "image_shape": ExecutionParameter(type=str),  # JSON [H, W]
-        "strategy": ExecutionParameter(type=str),
-        "cpu_replicas": ExecutionParameter(type=int),
-        "num_workers": ExecutionParameter(type=int),
-        "train_steps": ExecutionParameter(type=int),
-        "batch_size": ExecutionParameter(type=int),
-        "learning_rate": ExecutionParameter(type=float),
-        "scale_learning_rate": ExecutionParameter(type=int),
-        "architecture": ExecutionParameter(type=str),  # JSON of pipelines.spec.ModelArchitecture
-        "warm_start": ExecutionParameter(type=int),
+        "image_shape": ExecutionParameter(type=list[int]),  # [H, W]
+        **execution_parameters(TrainerSettings, PARAMETER_NAMES),
     }
     INPUTS = {
         "examples": ChannelParameter(type=standard_artifacts.Examples),
@@ -46,22 +40,12 @@ class Trainer(base_component.BaseComponent):
     SPEC_CLASS = TrainerSpec
     EXECUTOR_SPEC = executor_spec.ExecutorClassSpec(executor.Executor)
 
-    def __init__(self, examples: types.BaseChannel, schema: types.BaseChannel, *,
-                 image_shape: tuple[int, int], strategy: str = "mirrored", cpu_replicas: int = 1,
-                 num_workers: int = 2, train_steps: int = 600, batch_size: int = 32,
-                 learning_rate: float = 0.003, scale_learning_rate: bool = False,
-                 architecture: dict | None = None, warm_start: bool = False,
-                 base_model: types.BaseChannel | None = None,
+    def __init__(self, examples: types.BaseChannel, schema: types.BaseChannel, *, image_shape: tuple[int, int],
+                 settings: TrainerSettings, base_model: types.BaseChannel | None = None,
                  example_anomalies: types.BaseChannel | None = None,
                  drift_report: types.BaseChannel | None = None):
-        spec = TrainerSpec(
+        super().__init__(spec=TrainerSpec(
             examples=examples, schema=schema, base_model=base_model, example_anomalies=example_anomalies,
-            drift_report=drift_report,
-            image_shape=json.dumps(list(image_shape)), strategy=strategy, cpu_replicas=cpu_replicas,
-            num_workers=num_workers, train_steps=train_steps, batch_size=batch_size,
-            learning_rate=learning_rate, scale_learning_rate=int(scale_learning_rate),
-            architecture=json.dumps(architecture or {}, sort_keys=True), warm_start=int(warm_start),
+            drift_report=drift_report, image_shape=list(image_shape), **parameter_values(settings, PARAMETER_NAMES),
             model=types.Channel(type=standard_artifacts.Model),
-            model_run=types.Channel(type=standard_artifacts.ModelRun),
-        )
-        super().__init__(spec=spec)
+            model_run=types.Channel(type=standard_artifacts.ModelRun)))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,8 +12,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from conveyor_ml.components.artifacts import recorded_value, set_custom_properties, span_of
-from conveyor_ml.components.trainer.training import ERROR_PREFIX, STRATEGIES, TrainingJob, parse_tf_config
 from tfx.dsl.components.base import base_executor
 from tfx.types import artifact_utils
 from tfx.utils import io_utils, path_utils
@@ -21,6 +20,13 @@ from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.names import IMAGE_KEY, LABEL_KEY
 from conveyor_ml.base.native_output import is_native_noise
 from conveyor_ml.base.ports import free_port
+from conveyor_ml.base.spec import STRATEGIES, TrainerSettings
+from conveyor_ml.components.artifacts import recorded_value, set_custom_properties, span_of
+from conveyor_ml.components.parameters import list_parameter, settings_from
+from conveyor_ml.components.trainer.parameters import PARAMETER_NAMES
+from conveyor_ml.components.trainer.training import ERROR_PREFIX, TrainingJob, parse_tf_config
+
+log = logging.getLogger(__name__)
 
 
 class Executor(base_executor.BaseExecutor):
@@ -28,33 +34,28 @@ class Executor(base_executor.BaseExecutor):
         examples = sorted(input_dict["examples"], key=lambda a: (span_of(a), a.id or 0))
         refuse_anomalous_data(input_dict.get("example_anomalies") or [], span_of(examples[-1]))
         refuse_blocked_drift(input_dict.get("drift_report") or [])
-        check_parameters(exec_properties)
+        settings = settings_from(TrainerSettings, exec_properties, PARAMETER_NAMES)
+        check_parameters(settings)
         check_schema(input_dict["schema"])
         model = artifact_utils.get_single_instance(output_dict["model"])
         model_run = artifact_utils.get_single_instance(output_dict["model_run"])
         base_model = input_dict.get("base_model") or []
         warm_start_from = None
-        if exec_properties.get("warm_start") and base_model:
+        if settings.warm_start and base_model:
             warm_start_from = path_utils.serving_model_path(base_model[-1].uri)
 
         job = TrainingJob(
             # Train on every span in the window; evaluate on the newest span's eval split.
             train_files=[f for artifact in examples for f in split_files(artifact, "train")],
             eval_files=split_files(examples[-1], "eval"),
-            image_shape=tuple(json.loads(exec_properties["image_shape"])),
+            image_shape=tuple(list_parameter(exec_properties, "image_shape")),
             serving_model_dir=path_utils.serving_model_dir(model.uri),
             log_dir=model_run.uri,
             facts_path="",
-            strategy=exec_properties["strategy"],
-            cpu_replicas=int(exec_properties["cpu_replicas"]),
-            train_steps=int(exec_properties["train_steps"]),
-            batch_size=int(exec_properties["batch_size"]),
-            learning_rate=float(exec_properties["learning_rate"]),
-            scale_learning_rate=bool(exec_properties.get("scale_learning_rate")),
-            architecture=json.loads(exec_properties.get("architecture") or "{}"),
+            settings=settings,
             warm_start_from=warm_start_from,
         )
-        worker_facts = run_training(job, num_workers=int(exec_properties.get("num_workers") or 2))
+        worker_facts = run_training(job)
         chief = next(f for f in worker_facts if f["is_chief"])
         set_custom_properties(model, {**chief, "worker_steps": ",".join(str(f["steps"]) for f in worker_facts),
                                       "spans": ",".join(str(span_of(a)) for a in examples)})
@@ -93,13 +94,13 @@ def anomaly_descriptions(anomalies_artifact, split: str) -> list[str]:
             for name, info in sorted(found.anomaly_info.items())] or ["dataset-level anomaly"]
 
 
-def check_parameters(exec_properties: dict[str, Any]) -> None:
-    strategy = exec_properties["strategy"]
-    if strategy not in STRATEGIES:
-        raise ConveyorError(f"trainer.strategy: unknown strategy {strategy!r} (use {', '.join(STRATEGIES)})")
-    if int(exec_properties["cpu_replicas"]) < 1:
+def check_parameters(settings: TrainerSettings) -> None:
+    """The executor may run without a validated spec (called directly, or on Kubeflow): check what it relies on."""
+    if settings.strategy not in STRATEGIES:
+        raise ConveyorError(f"trainer.strategy: unknown strategy {settings.strategy!r} (use {', '.join(STRATEGIES)})")
+    if settings.cpu_replicas < 1:
         raise ConveyorError("trainer.cpu_replicas: must be >= 1")
-    if strategy == "multi_worker" and "TF_CONFIG" in os.environ:
+    if settings.strategy == "multi_worker" and "TF_CONFIG" in os.environ:
         parse_tf_config(os.environ["TF_CONFIG"])
 
 
@@ -120,17 +121,18 @@ def split_files(examples, split: str) -> list[str]:
     return files
 
 
-def run_training(job: TrainingJob, num_workers: int = 2) -> list[dict]:
+def run_training(job: TrainingJob) -> list[dict]:
     """Runs training in child processes and returns each worker's facts, the chief's first.
 
     multi_worker with TF_CONFIG set: this process is one task of an external cluster, one child.
-    multi_worker without it: `num_workers` local processes form a cluster on 127.0.0.1.
+    multi_worker without it: `settings.num_workers` local processes form a cluster on 127.0.0.1.
     """
     workdir = Path(tempfile.mkdtemp(prefix="conveyor-train-"))
-    if job.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
-        cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(num_workers)]}
+    if job.settings.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
+        workers = job.settings.num_workers
+        cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(workers)]}
         tf_configs = [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
-                      for i in range(num_workers)]
+                      for i in range(workers)]
     else:
         tf_configs = [os.environ.get("TF_CONFIG")]
     processes = []
@@ -168,7 +170,7 @@ class _ChildProcess:
             line = line.rstrip()
             self.tail.append(line)
             if not line.startswith(ERROR_PREFIX) and not is_native_noise(line):
-                print(f"    [{self.name}] {line}", flush=True)
+                log.info("[%s] %s", self.name, line)
 
     @property
     def returncode(self) -> int | None:

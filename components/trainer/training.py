@@ -7,49 +7,50 @@ configured before TensorFlow initialises, and a multi-worker job is simply sever
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
+from conveyor_ml.base.dataclass_schema import from_document, to_document  # noqa: E402
 from conveyor_ml.base.errors import ConveyorError  # noqa: E402
+from conveyor_ml.base.spec import STRATEGIES, TrainerSettings  # noqa: E402
 
-STRATEGIES = ("mirrored", "multi_worker", "one_device")
 ERROR_PREFIX = "conveyor-error: "
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainingJob:
+    """What one training process does: the trainer's settings applied to these files and directories."""
+
     train_files: list[str]
     eval_files: list[str]
     image_shape: tuple[int, int]
     serving_model_dir: str
     log_dir: str
     facts_path: str
-    strategy: str = "mirrored"
-    cpu_replicas: int = 1
-    train_steps: int = 600
-    batch_size: int = 32
-    learning_rate: float = 0.003
-    scale_learning_rate: bool = False
-    architecture: dict = field(default_factory=dict)
+    settings: TrainerSettings
     warm_start_from: str | None = None
     seed: int = 42
 
     def save(self, path: str | os.PathLike) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2))
+        document = {**{f.name: getattr(self, f.name) for f in fields(self)}, "settings": to_document(self.settings)}
+        Path(path).write_text(json.dumps(document, indent=2))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> TrainingJob:
-        job = cls(**json.loads(Path(path).read_text()))
-        job.image_shape = tuple(job.image_shape)
-        return job
+        document = json.loads(Path(path).read_text())
+        document["settings"] = from_document(TrainerSettings, document["settings"])
+        document["image_shape"] = tuple(document["image_shape"])
+        return cls(**document)
 
 
 def parse_tf_config(raw: str | None) -> dict:
@@ -91,10 +92,10 @@ def configure_devices(tf, cpu_replicas: int) -> list:
         try:
             tf.config.experimental.set_memory_growth(gpu, True)
         except (ValueError, RuntimeError) as exc:
-            print(f"warning: could not enable memory growth on {gpu.name}: {exc}", flush=True)
+            log.warning("could not enable memory growth on %s: %s", gpu.name, exc)
     if cpu_replicas > 1:
         if gpus:
-            print(f"cpu_replicas={cpu_replicas} ignored: {len(gpus)} GPU(s) present, training on GPUs", flush=True)
+            log.info("cpu_replicas=%d ignored: %d GPU(s) present, training on GPUs", cpu_replicas, len(gpus))
         else:
             cpu = tf.config.list_physical_devices("CPU")[0]
             tf.config.set_logical_device_configuration(
@@ -157,8 +158,8 @@ def _progress_callback(tf, total_steps: int, workers: int, timings: dict):
                 # Under MultiWorkerMirroredStrategy the raw per-batch logs are summed over workers
                 # (tf-keras 2.16); History's epoch values are not, so only the progress line divides.
                 logs = {k: float(v) / workers for k, v in (logs or {}).items()}
-                print(f"step {step}/{total_steps}  loss {logs.get('loss', float('nan')):.4f}  "
-                      f"accuracy {logs.get('accuracy', float('nan')):.4f}", flush=True)
+                log.info("step %d/%d  loss %.4f  accuracy %.4f", step, total_steps, logs.get("loss", float("nan")),
+                         logs.get("accuracy", float("nan")))
             timings["end"] = now
 
     return Progress()
@@ -169,26 +170,23 @@ def train(job: TrainingJob) -> dict:
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")
-    if job.strategy not in STRATEGIES:
-        raise ConveyorError(f"trainer.strategy: unknown strategy {job.strategy!r} (use {', '.join(STRATEGIES)})")
-    if job.cpu_replicas < 1:
+    if job.settings.strategy not in STRATEGIES:
+        raise ConveyorError(f"trainer.strategy: unknown strategy {job.settings.strategy!r} (use {', '.join(STRATEGIES)})")
+    if job.settings.cpu_replicas < 1:
         raise ConveyorError("trainer.cpu_replicas: must be >= 1")
-    tf_config = parse_tf_config(os.environ.get("TF_CONFIG")) if job.strategy == "multi_worker" else None
-    gpus = configure_devices(tf, job.cpu_replicas)
-    strategy = make_strategy(tf, job.strategy, job.cpu_replicas, gpus)
+    tf_config = parse_tf_config(os.environ.get("TF_CONFIG")) if job.settings.strategy == "multi_worker" else None
+    gpus = configure_devices(tf, job.settings.cpu_replicas)
+    strategy = make_strategy(tf, job.settings.strategy, job.settings.cpu_replicas, gpus)
     tf.keras.utils.set_random_seed(job.seed)
 
     from conveyor_ml.components.trainer.model import build_model, finish_export, serving_signatures
 
-    from conveyor_ml.base.spec import ModelArchitecture
 
     replicas = strategy.num_replicas_in_sync
-    global_batch = job.batch_size * replicas
-    learning_rate = job.learning_rate * (replicas if job.scale_learning_rate else 1)
-    architecture = ModelArchitecture(**{k: tuple(v) if isinstance(v, list) else v
-                                        for k, v in job.architecture.items()})
+    global_batch = job.settings.batch_size * replicas
+    learning_rate = job.settings.learning_rate * (replicas if job.settings.scale_learning_rate else 1)
     with strategy.scope():
-        model = build_model(job.image_shape, architecture)
+        model = build_model(job.image_shape, job.settings.model)
         if job.warm_start_from:
             _warm_start(tf, model, job.warm_start_from)
         model.compile(
@@ -207,13 +205,13 @@ def train(job: TrainingJob) -> dict:
         eval_steps = None
     timings: dict = {}
     workers = sum(len(v) for v in tf_config["cluster"].values()) if tf_config else 1
-    callbacks = [_progress_callback(tf, job.train_steps, workers, timings)]
+    callbacks = [_progress_callback(tf, job.settings.train_steps, workers, timings)]
     chief = is_chief(tf_config)
     if chief:
-        callbacks.append(tf.keras.callbacks.TensorBoard(log_dir=job.log_dir, update_freq=max(1, job.train_steps // 20)))
-    print(f"training: strategy={job.strategy} replicas={replicas} global_batch={global_batch} "
-          f"steps={job.train_steps} lr={learning_rate:g}", flush=True)
-    history = model.fit(train_data, epochs=1, steps_per_epoch=job.train_steps, callbacks=callbacks, verbose=0)
+        callbacks.append(tf.keras.callbacks.TensorBoard(log_dir=job.log_dir, update_freq=max(1, job.settings.train_steps // 20)))
+    log.info("training: strategy=%s replicas=%d global_batch=%d steps=%d lr=%g", job.settings.strategy, replicas,
+             global_batch, job.settings.train_steps, learning_rate)
+    history = model.fit(train_data, epochs=1, steps_per_epoch=job.settings.train_steps, callbacks=callbacks, verbose=0)
     eval_loss, eval_accuracy = model.evaluate(eval_data, steps=eval_steps, verbose=0)
 
     export_dir = job.serving_model_dir if chief else tempfile.mkdtemp(prefix="conveyor-worker-export-")
@@ -226,10 +224,10 @@ def train(job: TrainingJob) -> dict:
         shutil.rmtree(export_dir, ignore_errors=True)
 
     steady_seconds = timings["end"] - timings.get("first_step_end", timings["start"])
-    steady_steps = max(1, job.train_steps - 1)
+    steady_steps = max(1, job.settings.train_steps - 1)
     device_kinds = sorted({_device_kind(name) for name in strategy.extended.worker_devices})
     facts = {
-        "strategy": job.strategy,
+        "strategy": job.settings.strategy,
         "replicas": replicas,
         "workers": workers,
         "is_chief": chief,
@@ -247,8 +245,8 @@ def train(job: TrainingJob) -> dict:
         "eval_accuracy": float(eval_accuracy),
     }
     Path(job.facts_path).write_text(json.dumps(facts, indent=2))
-    print(f"trained {facts['steps']} steps in {facts['wall_time_s']}s "
-          f"({facts['examples_per_second']} examples/s); eval accuracy {eval_accuracy:.4f}", flush=True)
+    log.info("trained %d steps in %ss (%s examples/s); eval accuracy %.4f", facts["steps"], facts["wall_time_s"],
+             facts["examples_per_second"], eval_accuracy)
     return facts
 
 
@@ -261,12 +259,19 @@ def _warm_start(tf, model, base_model_dir: str) -> None:
     try:
         base = tf.keras.models.load_model(base_model_dir, compile=False)
         model.set_weights(base.get_weights())
-        print(f"warm start from {base_model_dir}", flush=True)
+        log.info("warm start from %s", base_model_dir)
     except (ValueError, OSError) as exc:
-        print(f"warm start skipped ({base_model_dir} does not fit this architecture: {exc})", flush=True)
+        log.info("warm start skipped (%s does not fit this architecture: %s)", base_model_dir, exc)
 
 
 def main(argv: list[str]) -> int:
+    """The child process: progress lines on stdout (the Trainer executor forwards them), a failure the user can
+    fix as one ERROR_PREFIX line on stderr."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # TensorFlow's own loggers stay as quiet as they are configured
     if len(argv) != 2:
         print("usage: python -m conveyor_ml.components.trainer.training JOB.json", file=sys.stderr)
         return 2

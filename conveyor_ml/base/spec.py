@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 # jsonschema imports rfc3987_syntax when installed (Jupyter, a TFX dependency, pulls it in), which builds
 # a grammar for 1.3 s at import; our schema checks no IRI formats, so every command is spared the wait.
@@ -25,8 +25,12 @@ import yaml  # noqa: E402
 from conveyor_ml.base.dataclass_schema import document_schema, from_document, option  # noqa: E402
 from conveyor_ml.base.errors import ConveyorError  # noqa: E402
 
-QUANTIZATION_VARIANTS = ("float32", "float16", "dynamic_range", "int8")
 Variant = Literal["float32", "float16", "dynamic_range", "int8"]
+QUANTIZATION_VARIANTS: tuple[str, ...] = get_args(Variant)
+Strategy = Literal["mirrored", "multi_worker", "one_device"]
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+DriftPolicy = Literal["retrain", "block", "ignore"]
+DRIFT_POLICIES: tuple[str, ...] = get_args(DriftPolicy)
 POSITIVE = {"minimum": 1}
 FRACTION = {"exclusiveMinimum": 0, "exclusiveMaximum": 1}
 
@@ -45,7 +49,7 @@ COMPONENT_NEEDS = {
 class DriftSettings:
     """How the newest span is compared with the previous one, and what drift does to the run."""
 
-    policy: Literal["retrain", "block", "ignore"] = option(
+    policy: DriftPolicy = option(
         "retrain", doc="What drift does: retrain (train anyway, recorded), block (stop before training), ignore.")
     label_linf_threshold: float = option(
         0.1, doc="L-infinity distance between the spans' label distributions above which they drift.",
@@ -89,7 +93,7 @@ class ModelArchitecture:
 class TrainerSettings:
     """Training under a tf.distribute strategy."""
 
-    strategy: Literal["mirrored", "multi_worker", "one_device"] = option(
+    strategy: Strategy = option(
         "mirrored", doc="mirrored (all GPUs, else CPU replicas), multi_worker (MultiWorkerMirroredStrategy), "
                         "one_device.")
     cpu_replicas: int = option(1, doc="Without GPUs: split the CPU into N logical devices (N replicas).",

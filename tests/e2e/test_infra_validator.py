@@ -5,9 +5,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conveyor_ml.components.infra_validator import executor
 from tfx.types import standard_artifacts
 
+from conveyor_ml.components.infra_validator import executor
 from conveyor_ml.data.datasets import init_data
 from tests.artifacts import examples_from_span, output
 

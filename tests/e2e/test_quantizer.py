@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conveyor_ml.components.artifacts import QuantizationReport, QuantizedModel
-from conveyor_ml.components.quantizer import executor
-from conveyor_ml.components.quantizer.tflite_variants import TfliteModel, measure, saved_model_accuracy
 from tfx.types import standard_artifacts
 
 from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.components.artifacts import QuantizationReport, QuantizedModel
+from conveyor_ml.components.quantizer import executor
+from conveyor_ml.components.quantizer.tflite_variants import TfliteModel, measure, saved_model_accuracy
 from conveyor_ml.data.datasets import init_data
 from conveyor_ml.formats.examples import read_tfrecords
 from tests.artifacts import examples_from_span, output

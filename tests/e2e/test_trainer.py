@@ -7,10 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conveyor_ml.components.trainer import executor
-from conveyor_ml.components.trainer.model import OUTPUT_KEYS, SIGNATURES
 from tfx.types import standard_artifacts
 
+from conveyor_ml.base.spec import TrainerSettings
+from conveyor_ml.components.parameters import parameter_values
+from conveyor_ml.components.trainer import executor
+from conveyor_ml.components.trainer.model import OUTPUT_KEYS, SIGNATURES
+from conveyor_ml.components.trainer.parameters import PARAMETER_NAMES
 from conveyor_ml.data.datasets import init_data
 from conveyor_ml.formats.examples import read_tfrecords, serialize_example
 from tests.artifacts import examples_from_span, output, schema_from_file
@@ -31,9 +34,8 @@ def train(tmp: Path, data_root: Path, **changes):
     }
     outputs = {"model": [output(standard_artifacts.Model, tmp / "model")],
                "model_run": [output(standard_artifacts.ModelRun, tmp / "model_run")]}
-    properties = {"image_shape": "[8, 8]", "strategy": "mirrored", "cpu_replicas": 1, "num_workers": 2,
-                  "train_steps": 400, "batch_size": 32, "learning_rate": 0.003, "architecture": "{}",
-                  "warm_start": 0, **changes}
+    properties = {"image_shape": [8, 8], **parameter_values(TrainerSettings(train_steps=400), PARAMETER_NAMES),
+                  **changes}
     executor.Executor().Do(inputs, outputs, properties)
     return outputs["model"][0], outputs["model_run"][0]
 
@@ -128,10 +130,9 @@ def test_two_workers_on_localhost_train_the_same_steps(tmp_path, digits_data):
 
 
 def test_warm_start_copies_the_base_model_weights(two_replica_model):
+    from conveyor_ml.base.spec import ModelArchitecture
     from conveyor_ml.components.trainer.model import build_model
     from conveyor_ml.components.trainer.training import _warm_start
-
-    from conveyor_ml.base.spec import ModelArchitecture
 
     base_dir = str(Path(two_replica_model[0].uri) / "Format-Serving")
     fresh = build_model((8, 8), ModelArchitecture())

@@ -1,9 +1,8 @@
 """The builder derives the DAG from the spec: the component set and the wiring, for two different specs."""
 from pathlib import Path
 
-from conveyor_ml.pipelines import builder
-
 from conveyor_ml.base.spec import load_spec
+from conveyor_ml.pipelines import builder
 from tests.conftest import DEFAULT_SPEC, ROOT, write_spec
 
 
@@ -34,7 +33,7 @@ def test_default_spec_builds_the_full_dag():
     assert upstream_ids(nodes[builder.EVALUATOR]) == {builder.EXAMPLE_GEN, builder.TRAINER,
                                                       builder.BASELINE_RESOLVER}
     trainer = nodes[builder.TRAINER]
-    assert trainer.exec_properties["image_shape"] == "[8, 8]"
+    assert trainer.exec_properties["image_shape"] == [8, 8]
     assert trainer.exec_properties["strategy"] == "mirrored"
 
 
@@ -52,9 +51,9 @@ def test_csv_spec_builds_a_smaller_dag_with_its_own_parameters(monkeypatch):
     nodes = by_id(spec)
     assert builder.STATISTICS_GEN not in nodes and builder.EXAMPLE_VALIDATOR not in nodes
     assert upstream_ids(nodes[builder.TRAINER]) == {builder.EXAMPLE_GEN, builder.SCHEMA_GEN}
-    assert nodes[builder.TRAINER].exec_properties["image_shape"] == "[6, 6]"
+    assert nodes[builder.TRAINER].exec_properties["image_shape"] == [6, 6]
     assert nodes[builder.TRAINER].exec_properties["strategy"] == "one_device"
-    assert '"conv_filters": [8]' in nodes[builder.TRAINER].exec_properties["architecture"]
+    assert nodes[builder.TRAINER].exec_properties["architecture_conv_filters"] == [8]
     assert nodes[builder.SCHEMA_GEN].exec_properties["schema_file"].endswith("tests/fixtures/schema_6x6.pbtxt")
     assert nodes[builder.EXAMPLE_GEN].exec_properties["input_base"].endswith("workspace-csv/data")
 

@@ -6,15 +6,15 @@ import json
 from dataclasses import replace
 
 import pytest
-from conveyor_ml.components.artifacts import Deployment
-from conveyor_ml.components.gcp_pusher import executor, traffic
-from conveyor_ml.components.gcp_pusher.settings import settings_to_json
 from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage
 from tfx.types import standard_artifacts
 
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.spec import GcpPusherSettings, load_spec
+from conveyor_ml.components.artifacts import Deployment
+from conveyor_ml.components.gcp_pusher import executor, traffic
+from conveyor_ml.components.parameters import parameter_values
 from conveyor_ml.metadata import store as metadata
 from conveyor_ml.metadata.index import deployment_snapshots
 from conveyor_ml.metadata.values import props
@@ -54,7 +54,7 @@ def push(model, spec: GcpPusherSettings, tmp_path, *, blessed: int = 1):
     outputs = {"pushed_model": [output(standard_artifacts.PushedModel, tmp_path / "pushed")],
                "deployment": [output(Deployment, tmp_path / "deployment")]}
     result = executor.Executor().Do({"model": [model], "model_blessing": [blessing]}, outputs,
-                                    {"model_name": "digits", "pipeline_name": "digits-ct", "gcp": settings_to_json(spec)})
+                                    {"model_name": "digits", "pipeline_name": "digits-ct", **parameter_values(spec)})
     rows = [json.loads((tmp_path / "deployment" / f"version-{a.custom_properties['version'].string_value}"
                         / "deployment.json").read_text())
             for a in result.output_artifacts["deployment"].artifacts]
@@ -118,10 +118,11 @@ def test_unblessed_model_is_not_pushed(emulator, vertex, tiny_model_artifact, tm
     assert vertex.calls() == []
 
 
-def test_dry_run_prints_every_call_and_makes_none(tiny_model_artifact, tmp_path, capsys):
+def test_dry_run_prints_every_call_and_makes_none(tiny_model_artifact, tmp_path, caplog):
+    caplog.set_level("INFO", logger="conveyor_ml.components.gcp_pusher")
     spec = settings(None, None, dry_run=True, storage_endpoint="http://127.0.0.1:9", vertex_endpoint="http://127.0.0.1:9")
     pushed, rows = push(tiny_model_artifact, spec, tmp_path)
-    printed = capsys.readouterr().out
+    printed = caplog.text  # the executor logs each call; the runner prints the log under the component
     assert rows == [] and pushed.get_int_custom_property("pushed") == 0
     assert f"gs://{BUCKET}/models/digits/{tiny_model_artifact.id}/saved_model.pb" in printed
     for method in ("ModelService.ListModels", "ModelService.UploadModel", "EndpointService.CreateEndpoint",

@@ -8,11 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-from conveyor_ml.components.artifacts import Deployment, QuantizedModel, set_custom_properties
-from conveyor_ml.components.serving_pusher import executor
 from tensorflow_serving.config import model_server_config_pb2
 from tfx.types import standard_artifacts
 
+from conveyor_ml.components.artifacts import Deployment, QuantizedModel, set_custom_properties
+from conveyor_ml.components.serving_pusher import executor
 from conveyor_ml.formats import release_state as releases
 from conveyor_ml.formats.release_state import versions_on_disk
 from conveyor_ml.serving.version_manager import ModelVersions

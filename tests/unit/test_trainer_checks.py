@@ -3,11 +3,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conveyor_ml.components.trainer import executor
-from conveyor_ml.components.trainer.training import is_chief, parse_tf_config
 from tfx.types import standard_artifacts
 
 from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.components.trainer import executor
+from conveyor_ml.components.trainer.training import is_chief, parse_tf_config
 from tests.artifacts import examples_from_span, output, schema_from_file
 from tests.conftest import ROOT
 
@@ -28,7 +28,7 @@ def trainer_inputs(tmp_path):
 
 def properties(**changes):
     base = {"image_shape": "[8, 8]", "strategy": "mirrored", "cpu_replicas": 1, "num_workers": 2,
-            "train_steps": 5, "batch_size": 8, "learning_rate": 0.01, "architecture": "{}", "warm_start": 0}
+            "train_steps": 5, "batch_size": 8, "learning_rate": 0.01, "warm_start": False}
     return {**base, **changes}
 
 
