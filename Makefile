@@ -12,7 +12,7 @@ export TF_USE_LEGACY_KERAS := 1
 export TF_CPP_MIN_LOG_LEVEL := 3
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup pipeline test test-fast serve lineage schedule bench lint spec-reference clean lock
+.PHONY: setup pipeline test test-fast serve lineage schedule bench lint reference clean lock
 
 setup: $(VENV)/.installed
 
@@ -41,12 +41,16 @@ bench: setup
 	@scripts/install_bench_tools.sh
 	PYTHONWARNINGS=ignore::FutureWarning $(PYTHON) -m benchmarks.run_all
 
+# ruff (style, unused code, stale noqa), then the layering and import-cycle checks ruff does not have.
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/unit/test_architecture.py
 
-# The JSON Schema and the README's option table, from the spec model (conveyor_ml/base/spec.py).
-spec-reference: setup
+# What is generated from the code: the spec's JSON Schema and the README's option table (from the spec model),
+# and the README's JSON output reference (from the command records).
+reference: setup
 	$(PYTHON) -m conveyor_ml.base.spec_reference
+	$(PYTHON) -m conveyor_ml.operations.json_reference
 
 # Re-resolves the lock from requirements.in in a scratch venv (needs the package registry).
 lock:

@@ -160,25 +160,24 @@ def cmd_serve(args) -> int:
     return run(args)
 
 
-def _print_status(report: dict) -> None:
+def _print_status(report) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    console.print(f"serving base path: {report['base_path']}")
-    for model in report["models"]:
-        server = model["server"]
-        table = Table(title=f"model {model['model']}", title_justify="left")
+    console.print(f"serving base path: {report.base_path}")
+    for model in report.models:
+        server = model.server
+        table = Table(title=f"model {model.model}", title_justify="left")
         for column in ("version", "labels", "traffic", "on disk", "server", "pushed by run"):
             table.add_column(column)
-        for row in model["versions"]:
-            table.add_row(str(row["version"]), ", ".join(row["labels"]) or "-",
-                          f"{row['traffic_percent']}%", "yes" if row["on_disk"] else "MISSING",
-                          row["server_state"] or ("-" if server["up"] else "not running"),
-                          row["pushed_by_run"] or "-")
+        for row in model.versions:
+            table.add_row(str(row.version), ", ".join(row.labels) or "-", f"{row.traffic_percent}%",
+                          "yes" if row.on_disk else "MISSING",
+                          row.server_state or ("-" if server.up else "not running"), row.pushed_by_run or "-")
         console.print(table)
-        console.print(f"server {server['url']}: {'up' if server['up'] else 'not running'};  "
-                      f"stable history: {' -> '.join(map(str, model['stable_history'])) or '-'}")
+        console.print(f"server {server.url}: {'up' if server.up else 'not running'};  "
+                      f"stable history: {' -> '.join(map(str, model.stable_history)) or '-'}")
 
 
 def cmd_status(args) -> int:
@@ -189,7 +188,7 @@ def cmd_status(args) -> int:
 
     report = status(load_spec(args.spec), args.model, args.url)
     if args.format == "json":
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report.to_json(), indent=2))
     else:
         _print_status(report)
     return 0

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from conveyor_ml.base.clock import utc_now
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.spec import PipelineSpec
 from conveyor_ml.data import datasets
@@ -60,7 +61,7 @@ class Scheduler:
         self.runs_started = 0
 
     def log(self, message: str) -> None:
-        line = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} conveyor schedule: {message}"
+        line = f"{utc_now()} conveyor schedule: {message}"
         print(line, flush=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("a") as stream:

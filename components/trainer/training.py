@@ -19,9 +19,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-from conveyor_ml.base.dataclass_schema import from_document, to_document  # noqa: E402
-from conveyor_ml.base.errors import ConveyorError  # noqa: E402
-from conveyor_ml.base.spec import STRATEGIES, TrainerSettings  # noqa: E402
+from conveyor_ml.base.dataclass_schema import from_document, to_document
+from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.base.spec import STRATEGIES, TrainerSettings
 
 ERROR_PREFIX = "conveyor-error: "
 log = logging.getLogger(__name__)

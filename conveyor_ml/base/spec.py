@@ -1,7 +1,7 @@
 """The pipeline spec: one YAML file declares the data, the components with their options, the runner and the
 metadata store. This module is the one source of every option and its default: the JSON Schema
 (schemas/pipeline.schema.json), the README's reference table and the values the components receive are all
-derived from the classes below (`make spec-reference` rewrites the two files; a test checks they are current).
+derived from the classes below (`make reference` rewrites the two files; a test checks they are current).
 
 "Settings" classes are what the YAML says; the TFX ComponentSpecs the components declare are named "...Spec" in
 components/. Nothing here imports TensorFlow or TFX: `conveyor validate` stays fast and a bad spec is rejected

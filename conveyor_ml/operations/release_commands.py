@@ -4,13 +4,13 @@ from __future__ import annotations
 import getpass
 import json
 import socket
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from ml_metadata.proto import metadata_store_pb2
 
+from conveyor_ml.base.clock import compact_utc_now, utc_now
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.names import PIPELINE_CONTEXT
 from conveyor_ml.base.spec import PipelineSpec
@@ -19,6 +19,7 @@ from conveyor_ml.formats import release_state as releases
 from conveyor_ml.metadata import store as metadata
 from conveyor_ml.metadata.index import deployment_snapshots, pushing_runs
 from conveyor_ml.metadata.values import props
+from conveyor_ml.operations.records import ModelStatus, ServerState, StatusReport, VersionStatus
 
 PROMOTE, ROLLBACK = "conveyor.Promote", "conveyor.Rollback"
 
@@ -49,7 +50,7 @@ def server_statuses(url: str, model: str) -> dict[str, str] | None:
     return {s["version"]: s["state"] for s in document.get("model_version_status", [])}
 
 
-def status(spec: PipelineSpec, model: str | None, url: str) -> dict:
+def status(spec: PipelineSpec, model: str | None, url: str) -> StatusReport:
     """Everything `conveyor status` shows, as data."""
     base = _serving_base(spec)
     models = [model] if model else releases.known_models(base)
@@ -59,7 +60,7 @@ def status(spec: PipelineSpec, model: str | None, url: str) -> dict:
     if metadata.store_exists(spec.metadata):
         store = metadata.open_store(spec.metadata)
         runs_by_model = {name: pushing_runs(store, name) for name in models}
-    report = {"base_path": str(base), "models": []}
+    report = StatusReport(base_path=str(base))
     for name in models:
         release = releases.read_release(base, name)
         served = server_statuses(url, name)
@@ -67,19 +68,19 @@ def status(spec: PipelineSpec, model: str | None, url: str) -> dict:
         for label, version in release.labels.items():
             labels_by_version.setdefault(version, []).append(label)
         versions = sorted(set(release.versions()) | set(release.labels.values()), reverse=True)
-        report["models"].append({
-            "model": name,
-            "server": {"url": url, "up": served is not None},
-            "versions": [{
-                "version": v,
-                "on_disk": v in release.versions(),
-                "labels": sorted(labels_by_version.get(v, [])),
-                "traffic_percent": sum(release.weights.get(label, 0) for label in labels_by_version.get(v, [])),
-                "server_state": (served or {}).get(str(v)),
-                "pushed_by_run": runs_by_model.get(name, {}).get(str(v)),
-            } for v in versions],
-            "stable_history": release.history,
-        })
+        report.models.append(ModelStatus(
+            model=name,
+            server=ServerState(url=url, up=served is not None),
+            versions=[VersionStatus(
+                version=v,
+                on_disk=v in release.versions(),
+                labels=sorted(labels_by_version.get(v, [])),
+                traffic_percent=sum(release.weights.get(label, 0) for label in labels_by_version.get(v, [])),
+                server_state=(served or {}).get(str(v)),
+                pushed_by_run=runs_by_model.get(name, {}).get(str(v)),
+            ) for v in versions],
+            stable_history=release.history,
+        ))
     return report
 
 
@@ -127,14 +128,14 @@ def record_release_execution(spec: PipelineSpec, kind: str, model_name: str, tar
     execution = metadata_store_pb2.Execution(type_id=execution_type_id,
                                              last_known_state=metadata_store_pb2.Execution.COMPLETE)
     details = {"model_name": model_name, "target": target, "user": getpass.getuser(), "host": socket.gethostname(),
-               "reason": reason, "changed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **details}
+               "reason": reason, "changed_at": utc_now(), **details}
     for key, value in details.items():
         execution.custom_properties[key].string_value = value
 
     artifact_and_events = [(artifact, metadata_store_pb2.Event(type=metadata_store_pb2.Event.INPUT))
                            for artifact in previous]
     record_dir = (spec.pipeline_root / "_releases" / kind.split(".")[-1] /
-                  time.strftime("%Y%m%d-%H%M%S", time.gmtime())).resolve()
+                  compact_utc_now()).resolve()
     for row in rows:
         new = deployment(row, model_name=model_name, base_path=base_path, target=target, endpoint=endpoint,
                          uri=str(record_dir / f"{target}-version-{row['version']}"))

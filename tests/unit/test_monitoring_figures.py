@@ -24,7 +24,7 @@ def test_traffic_figures_from_two_scrapes():
              ("conveyor_requests_total", labels + (("status", "INVALID_ARGUMENT"),)): 10.0}
     figures = traffic_figures(before, after, 2.0, "m")
     [row] = figures["versions"]
-    assert row["qps"] == 20.0 and row["error_rate"] == 0.25
+    assert row.qps == 20.0 and row.error_rate == 0.25
 
 
 def test_prediction_drift_flags_a_skewed_stream_only():
