@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from conveyor_ml.base.dataclass_schema import reference_rows
+from conveyor_ml.base.generated_text import refresh, with_section
 from conveyor_ml.base.spec import PipelineSpec, pipeline_schema
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,26 +33,12 @@ def reference_table() -> str:
 
 
 def readme_with_table(readme: str) -> str:
-    if TABLE_START not in readme or TABLE_END not in readme:
-        raise SystemExit(f"{README}: the markers {TABLE_START!r} ... {TABLE_END!r} are missing")
-    head, rest = readme.split(TABLE_START, 1)
-    _, tail = rest.split(TABLE_END, 1)
-    return f"{head}{TABLE_START}\n{reference_table()}{TABLE_END}{tail}"
+    return with_section(readme, TABLE_START, TABLE_END, reference_table(), README)
 
 
 def main(argv: list[str]) -> int:
-    check = "--check" in argv
-    stale = []
-    for path, wanted in ((SCHEMA_FILE, schema_text()), (README, readme_with_table(README.read_text()))):
-        if path.read_text() != wanted:
-            stale.append(path)
-            if not check:
-                path.write_text(wanted)
-                print(f"wrote {path.relative_to(ROOT)}")
-    if check and stale:
-        print("out of date (run `make reference`): " + ", ".join(str(p.relative_to(ROOT)) for p in stale))
-        return 1
-    return 0
+    wanted = {SCHEMA_FILE: schema_text(), README: readme_with_table(README.read_text())}
+    return refresh(wanted, ROOT, check="--check" in argv)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import types
 import typing
 from pathlib import Path
 
+from conveyor_ml.base.generated_text import refresh, with_section
 from conveyor_ml.operations import records
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,23 +70,11 @@ def reference_table() -> str:
 
 
 def readme_with_table(readme: str) -> str:
-    if START not in readme or END not in readme:
-        raise SystemExit(f"{README}: the markers {START!r} ... {END!r} are missing")
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{reference_table()}{END}{tail}"
+    return with_section(readme, START, END, reference_table(), README)
 
 
 def main(argv: list[str]) -> int:
-    wanted = readme_with_table(README.read_text())
-    if README.read_text() == wanted:
-        return 0
-    if "--check" in argv:
-        print("out of date (run `make reference`): README.md")
-        return 1
-    README.write_text(wanted)
-    print("wrote README.md")
-    return 0
+    return refresh({README: readme_with_table(README.read_text())}, ROOT, check="--check" in argv)
 
 
 if __name__ == "__main__":
