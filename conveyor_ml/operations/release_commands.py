@@ -12,7 +12,7 @@ from ml_metadata.proto import metadata_store_pb2
 
 from conveyor_ml.base.clock import compact_utc_now, utc_now
 from conveyor_ml.base.errors import ConveyorError
-from conveyor_ml.base.names import PIPELINE_CONTEXT
+from conveyor_ml.base.names import PIPELINE_CONTEXT, PROMOTE_EXECUTION, ROLLBACK_EXECUTION
 from conveyor_ml.base.spec import PipelineSpec
 from conveyor_ml.components.artifacts import Deployment, deployment, set_custom_properties
 from conveyor_ml.formats import release_state as releases
@@ -21,7 +21,7 @@ from conveyor_ml.metadata.index import deployment_snapshots, pushing_runs
 from conveyor_ml.metadata.values import props
 from conveyor_ml.operations.records import ModelStatus, ServerState, StatusReport, VersionStatus
 
-PROMOTE, ROLLBACK = "conveyor.Promote", "conveyor.Rollback"
+PROMOTE, ROLLBACK = PROMOTE_EXECUTION, ROLLBACK_EXECUTION
 
 
 def _serving_base(spec: PipelineSpec) -> Path:
