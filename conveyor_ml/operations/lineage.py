@@ -112,19 +112,19 @@ class Lineage:
                           thresholds=thresholds, blessed=blessed,
                           reason=_rejection_reason(accuracy, thresholds, baseline) if blessed is False else None)
 
-    def _model_row(self, model: pb.Artifact, deployed: list[Placement], into: type = ModelVersion, **more):
+    def _model_row(self, artifact: pb.Artifact, deployed: list[Placement], into: type = ModelVersion, **more):
         index = self.index
-        producer = index.producer(model.id)
-        values = props(model)
-        evaluation = self._evaluation(model.id)
-        infra = [props(b).get("blessed") == 1 for v in index.consumers_of(model.id, INFRA_VALIDATOR, "model")
+        producer = index.producer(artifact.id)
+        values = props(artifact)
+        evaluation = self._evaluation(artifact.id)
+        infra = [props(b).get("blessed") == 1 for v in index.consumers_of(artifact.id, INFRA_VALIDATOR, "model")
                  for b in index.outputs(v, "blessing")]
         quantized = [QuantizedVariant(variant=props(q).get("variant"), size_bytes=props(q).get("size_bytes"),
                                       accuracy=props(q).get("accuracy"), blessed=props(q).get("blessed") == 1)
-                     for v in index.consumers_of(model.id, QUANTIZER, "model")
+                     for v in index.consumers_of(artifact.id, QUANTIZER, "model")
                      for q in index.outputs(v, "quantized_models")]
         spans = sorted({props(e).get("span") for e in index.inputs(producer, "examples")} - {None}) if producer else []
-        pushes = [p for p in self.pushes.get(model.id, []) if p.version is not None]
+        pushes = [p for p in self.pushes.get(artifact.id, []) if p.version is not None]
         blessed = evaluation.blessed if evaluation else None
         if blessed is False or (infra and not all(infra)):
             state = "rejected"
@@ -142,10 +142,10 @@ class Lineage:
         versions = {p.target: p.version for p in pushes}
         accuracy = evaluation.accuracy if evaluation and evaluation.accuracy is not None else values.get("eval_accuracy")
         return into(
-            model_id=model.id, version=versions.get("local"), vertex_version=versions.get("vertex"),
-            created=utc_from_milliseconds(model.create_time_since_epoch), run_id=producer.run_id if producer else None,
+            model_id=artifact.id, version=versions.get("local"), vertex_version=versions.get("vertex"),
+            created=utc_from_milliseconds(artifact.create_time_since_epoch), run_id=producer.run_id if producer else None,
             spans=spans, eval_accuracy=accuracy, blessed=blessed, infra_blessed=all(infra) if infra else None,
-            quantized=quantized, deployed=deployed, state=state, reason=reason, uri=model.uri, **more)
+            quantized=quantized, deployed=deployed, state=state, reason=reason, uri=artifact.uri, **more)
 
     # -- the full chain of one version ------------------------------------------------------------------
     def resolve(self, *, version: str | None = None, label: str | None = None, run_id: str | None = None) -> int:
