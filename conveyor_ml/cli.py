@@ -153,6 +153,24 @@ def cmd_monitor(args) -> int:
                    drift_threshold=args.drift_threshold)
 
 
+def cmd_doctor(args) -> int:
+    import json
+    from pathlib import Path
+
+    from conveyor_ml.base.spec import load_spec
+    from conveyor_ml.operations.doctor import diagnose, render, resolve_target
+
+    spec = load_spec(args.spec) if Path(args.spec).is_file() else None
+    _quiet_libraries()
+    target = resolve_target(spec, args.model_dir, args.serving_dir, args.url)
+    report = diagnose(target)
+    if args.format == "json":
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(render(report), end="")
+    return 1 if report.failed else 0
+
+
 def cmd_serve(args) -> int:
     _quiet_libraries()
     from conveyor_ml.serving.server import run
@@ -384,6 +402,15 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--target", choices=("local", "gcp"), default="local")
     rollback.add_argument("--dry-run", action="store_true", help="gcp: read the endpoint, print the changes, send none")
     rollback.set_defaults(handler=cmd_rollback)
+
+    doctor = commands.add_parser("doctor", help="check a model, its serving directory and a running server against "
+                                 "the serving guide's checklist (OK / WARN / FAIL, with the fix)")
+    doctor.add_argument("--spec", default=DEFAULT_SPEC, help="the pipeline whose pushed model, data and metadata to check")
+    doctor.add_argument("--model-dir", help="a SavedModel version directory (default: the stable version pushed)")
+    doctor.add_argument("--serving-dir", help="a serving base path (default: the spec's)")
+    doctor.add_argument("--url", default="http://127.0.0.1:8501", help="a running server's REST address")
+    doctor.add_argument("--format", choices=("table", "json"), default="table")
+    doctor.set_defaults(handler=cmd_doctor)
 
     deploy = commands.add_parser("deploy", help="production manifests for TensorFlow Serving").add_subparsers(
         dest="deploy_command", metavar="ACTION", required=True)
