@@ -11,8 +11,8 @@ from conveyor_ml.formats.release_state import versions_on_disk
 from conveyor_ml.formats.serving_config import BatchingOptions
 from conveyor_ml.serving.batcher import Batcher
 from conveyor_ml.serving.errors import ServingError
-from conveyor_ml.serving.servable import LoadOptions, SavedModelServable
-from conveyor_ml.serving.version_manager import AVAILABLE, END, START, ModelVersions
+from conveyor_ml.serving.servable import LoadOptions, SavedModelServable, load_servable
+from conveyor_ml.serving.version_manager import AVAILABLE, END, START, LoadRetries, ModelVersions
 from tests.tiny_models import write_tiny_model
 
 
@@ -204,3 +204,28 @@ def test_batcher_refuses_work_past_max_enqueued_batches(servable):
         assert set(outcomes) <= {"ok", "UNAVAILABLE"}
     finally:
         batcher.stop()
+
+
+def test_a_failed_load_is_retried_as_configured(tmp_path, tiny_export):
+    base = tmp_path / "tiny"
+    shutil.copytree(tiny_export, base / "1")
+    shutil.rmtree(base / "1" / "variables")  # fails on every attempt
+    attempts = []
+
+    def counting_loader(name, version, path):
+        attempts.append(version)
+        return load_servable(name, version, path)
+
+    model = ModelVersions(model_config(base), loader=counting_loader, retries=LoadRetries(2, 0.0))
+    model.poll()
+    assert attempts == [1, 1, 1]  # the first attempt and two retries
+    assert model.statuses(1)[0].state == END and "failed" in model.statuses(1)[0].error
+
+
+def test_a_model_with_nothing_to_load_says_why(tmp_path):
+    missing = ModelVersions(model_config(tmp_path / "absent"))
+    missing.poll()
+    assert missing.waiting_reason == f"Could not find base path {tmp_path / 'absent'} for servable tiny"
+    (tmp_path / "absent").mkdir()
+    missing.poll()
+    assert missing.waiting_reason.startswith("No versions of servable tiny found under base path")
