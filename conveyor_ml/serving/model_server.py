@@ -16,9 +16,10 @@ from tensorflow_serving.config import model_server_config_pb2
 from conveyor_ml.formats import serving_config
 from conveyor_ml.serving.batcher import Batcher
 from conveyor_ml.serving.errors import ServingError
+from conveyor_ml.serving.loader import load_servable
 from conveyor_ml.serving.metrics import ServingMetrics
 from conveyor_ml.serving.model_quality import ModelQuality
-from conveyor_ml.serving.servable import LoadOptions, Servable, load_servable
+from conveyor_ml.serving.servable import LoadOptions, Servable
 from conveyor_ml.serving.version_manager import LoadRetries, ModelRegistry, ModelVersions
 
 log = logging.getLogger("conveyor.serving")

@@ -74,23 +74,6 @@ def read_signature_defs(export_dir: Path, tags: tuple[str, ...] = ("serve",)) ->
     raise IncompleteModelError(f"{export_dir} has no MetaGraph tagged {','.join(tags)!r}")
 
 
-def load_servable(model_name: str, version: int, export_dir: Path, options: LoadOptions | None = None) -> Servable:
-    """The servable for one version directory: TFLite when --prefer_tflite_model finds model.tflite
-    (TF Serving's rule), else the SavedModel."""
-    options = options or LoadOptions()
-    export_dir = Path(export_dir)
-    tflite_file = export_dir / TFLITE_MODEL_FILE
-    if options.prefer_tflite_model and tflite_file.is_file():
-        from conveyor_ml.serving.tflite_servable import TfliteServable
-
-        return TfliteServable(model_name, version, export_dir, options)
-    if tflite_file.is_file() and not any((export_dir / name).is_file()
-                                         for name in ("saved_model.pb", "saved_model.pbtxt")):
-        raise ValueError(f"{export_dir} holds {TFLITE_MODEL_FILE} but no SavedModel: serve it with "
-                         "--prefer_tflite_model")
-    return SavedModelServable(model_name, version, export_dir, options)
-
-
 def _names(keys) -> str:
     return ",".join(sorted(keys))
 

@@ -19,7 +19,8 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from conveyor_ml.formats.release_state import versions_on_disk
 from conveyor_ml.serving.errors import ServingError, invalid_argument, not_found, unavailable
-from conveyor_ml.serving.servable import IncompleteModelError, Servable, load_servable
+from conveyor_ml.serving.loader import load_servable
+from conveyor_ml.serving.servable import TFLITE_MODEL_FILE, IncompleteModelError, Servable
 
 log = logging.getLogger("conveyor.serving")
 
@@ -210,10 +211,14 @@ class ModelVersions:
 
 
 def _mtime(path: Path) -> float:
-    try:
-        return max(path.stat().st_mtime, (path / "saved_model.pb").stat().st_mtime)
-    except OSError:
-        return 0.0
+    """When the version's directory or its model file last changed: a failed version is retried after that."""
+    times = []
+    for candidate in (path, path / "saved_model.pb", path / "saved_model.pbtxt", path / TFLITE_MODEL_FILE):
+        try:
+            times.append(candidate.stat().st_mtime)
+        except OSError:
+            continue
+    return max(times, default=0.0)
 
 
 class ModelRegistry:

@@ -39,8 +39,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -280,18 +278,6 @@ def example_x(value: float = 2.0):
 
 
 # -- servers --------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def tf_serving_models(tmp_path_factory) -> dict[str, Path]:
-    """TF Serving's test models, written by our generator in a child process (the Keras model built under
-    MirroredStrategy needs two virtual CPUs configured before TensorFlow starts)."""
-    root = tmp_path_factory.mktemp("tf-serving-models")
-    result = subprocess.run([sys.executable, "-m", "tests.tf_serving_models", str(root)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return {path.name: path for path in root.iterdir() if not path.name.startswith(".")}
-
-
 @pytest.fixture(scope="module")
 def config_dir(tmp_path_factory, tf_serving_models) -> Path:
     """Upstream's config files; the good config with its ${...} placeholders filled as upstream's setUp does."""

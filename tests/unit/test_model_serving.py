@@ -11,7 +11,8 @@ from conveyor_ml.formats.release_state import versions_on_disk
 from conveyor_ml.formats.serving_config import BatchingOptions
 from conveyor_ml.serving.batcher import Batcher
 from conveyor_ml.serving.errors import ServingError
-from conveyor_ml.serving.servable import LoadOptions, SavedModelServable, load_servable
+from conveyor_ml.serving.loader import load_servable
+from conveyor_ml.serving.servable import LoadOptions, SavedModelServable
 from conveyor_ml.serving.version_manager import AVAILABLE, END, START, LoadRetries, ModelVersions
 from tests.tiny_models import write_tiny_model
 
