@@ -81,6 +81,7 @@ REFUSED = {
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """tensorflow_model_server's flags (its names, defaults and wording), then Conveyor's own."""
+    parser.usage = "conveyor serve [--model_base_path PATH [--model_name NAME] | --model_config_file FILE | --spec SPEC] [flags]"
     parser.error = _one_line_error  # type: ignore[method-assign]
     parse_known = parser.parse_known_args
 
@@ -98,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             tf_flags.add_argument(f"--{name}", type=tf_bool, nargs="?", const=True, default=default,
                                   metavar="true|false", help=text)
         else:
-            tf_flags.add_argument(f"--{name}", type=kind, default=default, help=text)
+            tf_flags.add_argument(f"--{name}", type=kind, default=default, metavar="VALUE", help=text)
 
     flag("port", _flag_int, 8500, "TCP port to listen on for gRPC/HTTP API. Disabled if port set to zero.")
     flag("grpc_socket_path", str, "", "If non-empty, listen to a UNIX socket for gRPC API on the given path. Can "

@@ -135,6 +135,7 @@ class TfliteServable(Servable):
         self._tensors = {detail["name"]: _Tensor(detail, float_io)
                          for detail in probe.get_input_details() + probe.get_output_details()}
         self._runners: dict[str, tuple[dict[str, _Tensor], dict[str, _Tensor]]] = {}
+        self._runner_cache: dict[tuple[int, str], object] = {}  # (interpreter, signature) -> its runner
         metadata = read_signature_defs_metadata(content)
         if metadata:
             self.signature_defs = self._resolve_metadata_signatures(metadata)
@@ -211,7 +212,11 @@ class TfliteServable(Servable):
         tensors_in, tensors_out = self._runners[name]
         converted = {alias: tensors_in[alias].to_model(alias, value) for alias, value in inputs.items()}
         with self._interpreter() as interpreter:
-            raw = interpreter.get_signature_runner(name)(**converted)
+            key = (id(interpreter), name)
+            runner = self._runner_cache.get(key)
+            if runner is None:
+                runner = self._runner_cache[key] = interpreter.get_signature_runner(name)
+            raw = runner(**converted)
         return {alias: tensors_out[alias].from_model(value) for alias, value in raw.items()}
 
     def _run_tensors_by_name(self, signature: meta_graph_pb2.SignatureDef,
