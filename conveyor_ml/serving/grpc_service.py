@@ -33,7 +33,7 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
-from conveyor_ml.serving.errors import ServingError, invalid_argument
+from conveyor_ml.serving.errors import ModelRunError, ServingError, invalid_argument
 from conveyor_ml.serving.model_server import ModelServer
 from conveyor_ml.serving.servable import (
     CLASSIFY_METHOD,
@@ -153,8 +153,11 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 except (TypeError, ValueError):
                     raise invalid_argument(f"tensor parsing error: {alias}") from None
             self.server.quality.check_inputs(servable.model_name, inputs)
-            outputs = await asyncio.wrap_future(self.server.predict_future(
-                servable, signature, inputs, tuple(request.output_filter), "grpc", _timeout_ms(context)))
+            try:
+                outputs = await asyncio.wrap_future(self.server.predict_future(
+                    servable, signature, inputs, tuple(request.output_filter), "grpc", _timeout_ms(context)))
+            except ModelRunError as exc:
+                raise exc.for_request(inputs) from None
             prediction_id = self.server.quality.record_predictions(servable.model_name, servable.version, outputs)
             if prediction_id:
                 context.set_trailing_metadata((("x-prediction-id", prediction_id),))

@@ -16,7 +16,7 @@ from aiohttp import web
 from google.protobuf import json_format
 
 from conveyor_ml.serving import json_codec
-from conveyor_ml.serving.errors import ServingError, invalid_argument
+from conveyor_ml.serving.errors import ModelRunError, ServingError, invalid_argument
 from conveyor_ml.serving.grpc_service import model_status_response, signature_def_map
 from conveyor_ml.serving.model_quality import parse_feedback
 from conveyor_ml.serving.model_server import ModelServer
@@ -164,8 +164,11 @@ class RestApi:
         signature = json_codec.signature_name(document)
         inputs, request_format = json_codec.decode_predict(document, servable.input_dtypes(signature))
         self.server.quality.check_inputs(servable.model_name, inputs)
-        outputs = await asyncio.wrap_future(self.server.predict_future(servable, signature, inputs, (), "rest",
-                                                                       self._timeout_ms()))
+        try:
+            outputs = await asyncio.wrap_future(self.server.predict_future(servable, signature, inputs, (), "rest",
+                                                                           self._timeout_ms()))
+        except ModelRunError as exc:
+            raise exc.for_request(inputs) from None
         prediction_id = self.server.quality.record_predictions(servable.model_name, servable.version, outputs)
         return json_codec.encode_predict(outputs, request_format), prediction_id
 

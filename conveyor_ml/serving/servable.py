@@ -21,7 +21,7 @@ from google.protobuf import text_format
 from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import config_pb2, meta_graph_pb2, saved_model_pb2
 
-from conveyor_ml.serving.errors import ServingError, invalid_argument
+from conveyor_ml.serving.errors import ModelRunError, ServingError, invalid_argument
 
 PREDICT_METHOD = "tensorflow/serving/predict"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
@@ -404,13 +404,7 @@ class SavedModelServable(Servable):
         feeds = {info.name: inputs[alias] if alias in inputs else tf.make_ndarray(signature.defaults[alias])
                  for alias, info in signature.inputs.items()}
         aliases = self._output_aliases(signature, tuple(output_filter))
-        try:
-            values = self._run_tensors(feeds, [signature.outputs[alias].name for alias in aliases], timeout_ms)
-        except ServingError as exc:
-            if exc.code == grpc.StatusCode.INVALID_ARGUMENT:
-                sent = ", ".join(f"{alias} {_shape_text(np.asarray(value))}" for alias, value in sorted(inputs.items()))
-                raise invalid_argument(f"{exc.message} (the model refused the inputs: {sent})") from None
-            raise
+        values = self._run_tensors(feeds, [signature.outputs[alias].name for alias in aliases], timeout_ms)
         return dict(zip(aliases, values))
 
     def _check_dtypes(self, signature: meta_graph_pb2.SignatureDef, inputs: dict[str, np.ndarray]) -> None:
@@ -441,7 +435,7 @@ class SavedModelServable(Servable):
             message = exc.message.strip().splitlines()[0] if exc.message.strip() else type(exc).__name__
             if isinstance(exc, tf.errors.DeadlineExceededError):
                 message += f" (the model ran longer than the request's {timeout_ms} ms)"
-            raise ServingError(grpc_code(exc), message) from None
+            raise ModelRunError(grpc_code(exc), message) from None
         finally:
             if options is not None:
                 pywrap_tf_session.TF_DeleteBuffer(options)

@@ -30,7 +30,7 @@ import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
 from tensorflow.core.protobuf import meta_graph_pb2
 
-from conveyor_ml.serving.errors import ServingError, invalid_argument
+from conveyor_ml.serving.errors import ModelRunError, ServingError, invalid_argument
 from conveyor_ml.serving.servable import (
     DEFAULT_SIGNATURE,
     PREDICT_METHOD,
@@ -203,7 +203,7 @@ class TfliteServable(Servable):
             else:
                 outputs = self._run_tensors_by_name(signature, inputs)
         except ValueError as exc:  # LiteRT's refusal of a shape or value
-            raise invalid_argument(f"the TFLite model refused the inputs: {str(exc).strip().splitlines()[0]}") from None
+            raise ModelRunError(grpc.StatusCode.INVALID_ARGUMENT, f"TFLite: {str(exc).strip().splitlines()[0]}") from None
         except RuntimeError as exc:
             raise ServingError(grpc.StatusCode.INTERNAL, f"TFLite: {str(exc).strip().splitlines()[0]}") from None
         return {alias: outputs[alias] for alias in aliases}
