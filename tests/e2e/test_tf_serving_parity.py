@@ -192,21 +192,24 @@ class Servers:
 
     def acquire(self, key: str) -> Served:
         self._start(key)
-        for ahead in [k for k in self.order[self.order.index(key) + 1:] if k not in self.released][:SERVERS_AHEAD]:
+        upcoming = [k for k in self.order[self.order.index(key) + 1:] if k not in self.released]
+        for ahead in upcoming[:SERVERS_AHEAD]:
             self._start(ahead)
         served = self.started[key]
         wait_for_server_ready(served)
         return served
 
     def release(self, key: str) -> None:
+        """Asks the server to stop (SIGTERM) without waiting: close() collects it."""
         self.released.add(key)
-        served = self.started.pop(key, None)
-        if served:
-            served.process.__exit__(None, None, None)
+        served = self.started.get(key)
+        if served and served.process.process.poll() is None:
+            served.process.process.terminate()
 
     def close(self) -> None:
-        for key in list(self.started):
-            self.release(key)
+        for served in self.started.values():
+            served.process.__exit__(None, None, None)
+        self.started.clear()
         shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
