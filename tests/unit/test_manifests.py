@@ -37,8 +37,11 @@ def test_k8s_objects_are_valid_and_route_by_the_traffic_file(canary_release, tmp
     zones = [c for c in stable["topologySpreadConstraints"] if c["topologyKey"] == "topology.kubernetes.io/zone"]
     assert zones and zones[0]["maxSkew"] == 1
     container = stable["containers"][0]
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v1/models/mnist/versions/1"
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/v1/models/mnist/versions/1", "port": 8501}
+    assert container["livenessProbe"]["grpc"] == {"port": 8500}
     assert "--enable_batching" in container["args"]
+    assert "--enable_grpc_healthcheck_service=true" in container["args"]  # what the gRPC liveness probe calls
 
     config_maps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
     canary_config = text_format.Parse(config_maps["mnist-canary-config"]["data"]["models.config"],
