@@ -12,7 +12,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from conveyor_ml.base.server_process import ServerProcess
-from conveyor_ml.base.spec import AutoscalingSpec, BatchingSpec
+from conveyor_ml.base.spec import AutoscalingSettings, BatchingSettings
 from conveyor_ml.formats.release_state import ModelRelease
 from conveyor_ml.operations import manifests
 from tests.tiny_models import write_tiny_model
@@ -33,7 +33,7 @@ def deployment(tmp_path_factory):
     root = tmp_path_factory.mktemp("k8s")
     write_tiny_model(root / "models" / "tiny" / "1")
     release = ModelRelease("tiny", root / "models", labels={"stable": 1}, weights={"stable": 100})
-    objects = manifests.k8s_objects(release, BatchingSpec(batch_timeout_micros=5000), AutoscalingSpec())
+    objects = manifests.k8s_objects(release, BatchingSettings(batch_timeout_micros=5000), AutoscalingSettings())
     [container] = next(o for o in objects if o["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"]
     config_map = next(o for o in objects if o["kind"] == "ConfigMap")
     (root / "config").mkdir()
