@@ -148,7 +148,8 @@ class ModelQuality:
 
     def feedback(self, model: str, entries: list[dict]) -> dict:
         """Ground truth for logged predictions: [{"prediction_id": …, "labels": [3, …]}] (one label per
-        instance of that request). Unknown ids are reported, not fatal."""
+        instance of that request). Each id counts once: an id already used, like one never issued (or
+        forgotten), is reported among the unknown ids, not fatal."""
         accepted, unknown = 0, []
         touched = set()
         for entry in entries:
@@ -157,16 +158,17 @@ class ModelQuality:
             labels = entry.get("labels", [entry["label"]] if "label" in entry else None)
             if not isinstance(labels, list) or not all(isinstance(v, int) for v in labels):
                 raise invalid_argument(f'feedback for {entry["prediction_id"]}: "labels" must be a list of integers')
+            prediction_id = str(entry["prediction_id"])
             with self._lock:
-                logged = self._predictions.get(str(entry["prediction_id"]))
-            if logged is None or logged[0] != model:
-                unknown.append(str(entry["prediction_id"]))
-                continue
-            _, version, predicted = logged
-            if len(labels) != len(predicted):
-                raise invalid_argument(f'feedback for {entry["prediction_id"]}: {len(labels)} labels for '
-                                       f"{len(predicted)} predicted instances")
-            with self._lock:
+                logged = self._predictions.get(prediction_id)
+                if logged is None or logged[0] != model:
+                    unknown.append(prediction_id)
+                    continue
+                _, version, predicted = logged
+                if len(labels) != len(predicted):
+                    raise invalid_argument(f"feedback for {prediction_id}: {len(labels)} labels for "
+                                           f"{len(predicted)} predicted instances")
+                del self._predictions[prediction_id]  # usable once: a replay cannot skew live accuracy
                 watch = self._versions[(model, version)]
                 for label, guess in zip(labels, predicted):
                     watch.feedback += 1

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 
+import grpc
 import orjson
 from aiohttp import web
 from google.protobuf import json_format
 
 from conveyor_ml.serving import json_codec
-from conveyor_ml.serving.errors import ModelRunError, ServingError, invalid_argument
+from conveyor_ml.serving.errors import ModelRunError, ServingError, invalid_argument, too_large
 from conveyor_ml.serving.grpc_service import model_status_response, signature_def_map
 from conveyor_ml.serving.model_quality import parse_feedback
-from conveyor_ml.serving.model_server import ModelServer
+from conveyor_ml.serving.model_server import Call, ModelServer
 
 # TF Serving's own URL grammar (http_rest_api_handler.cc), so a malformed path fails the same way.
 MODEL_PATH = re.compile(
@@ -89,9 +89,7 @@ class RestApi:
         try:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
-            limit = self.server.options.max_request_body_bytes
-            return _json(orjson.dumps({"error": f"Request body too large: the limit is {limit} bytes "
-                                                "(--max_request_body_bytes)"}), status=413)
+            return error_response(too_large(self.server.options.max_request_body_bytes))
         except web.HTTPException as exc:
             if exc.status == 404:
                 return _json(orjson.dumps({"error": f"Malformed request: {request.method} {request.path}"}),
@@ -134,53 +132,85 @@ class RestApi:
         name, label = match.group("name"), match.group("label")
         version = int(match.group("version")) if match.group("version") else None
         api = action.lstrip(":/") or "status"
-        started = time.perf_counter()
-        served_version, error = None, None
         try:
-            if action == "":
-                return _json(proto_json(model_status_response(self.server, name, version, label),
-                                        proto_field_names=False).encode())
-            if action == "/metadata":
-                servable = self.server.resolve(name, version, label)
-                served_version = servable.version
-                return _json(metadata_json(servable), version=served_version)
-            body = await request.read()
-            document = json_codec.parse_body(body)
-            servable = self.server.resolve(name, version, label)
-            served_version = servable.version
-            prediction_id = None
-            if api == "predict":
-                payload, prediction_id = await self._predict(servable, document)
-            else:
-                payload = await self._classify_or_regress(servable, document, api)
-            return _json(payload, version=served_version, prediction_id=prediction_id)
+            call = self.server.begin(name, api, "rest", self._request_bytes(request) if is_post else 0)
         except ServingError as exc:
-            error = exc
             return error_response(exc)
-        finally:
-            self.server.observe(name, served_version, api, "rest", error, time.perf_counter() - started)
+        return await self._run(call, self._answer(call, request, name, version, label, action))
 
-    async def _predict(self, servable, document: dict) -> tuple[bytes, str | None]:
+    async def _run(self, call: Call, answer) -> web.Response:
+        """Awaits the call's answer; every way it can end is answered as JSON and recorded with its status."""
+        try:
+            return await answer
+        except ServingError as exc:
+            call.fail(exc)
+            return error_response(exc)
+        except web.HTTPRequestEntityTooLarge:
+            error = too_large(self.server.options.max_request_body_bytes)
+            call.fail(error)
+            return error_response(error)
+        except asyncio.CancelledError:  # the client went away
+            call.status = grpc.StatusCode.CANCELLED.name
+            raise
+        except Exception as exc:
+            return error_response(self.server.internal_error(call, exc))
+        finally:
+            self.server.finish(call)
+
+    def _request_bytes(self, request: web.Request) -> int:
+        """What a body will hold, for admission: its Content-Length, or the limit when it is chunked (a
+        declared length over the limit is refused by begin() before anything is read)."""
+        if request.content_length is None:
+            return self.server.options.max_request_body_bytes
+        return request.content_length
+
+    async def _answer(self, call: Call, request: web.Request, name: str, version: int | None, label: str | None,
+                      action: str) -> web.Response:
+        if action == "":
+            return _json(proto_json(model_status_response(self.server, name, version, label),
+                                    proto_field_names=False).encode())
+        if action == "/metadata":
+            servable = self.server.resolve(name, version, label)
+            call.version = servable.version
+            return _json(metadata_json(servable), version=servable.version)
+        body = await request.read()
+        document = await self.server.off_loop(call, json_codec.parse_body, body)
+        servable = self.server.resolve(name, version, label)
+        call.version = servable.version
+        if call.api == "predict":
+            payload, prediction_id = await self._predict(call, servable, document)
+            return _json(payload, version=servable.version, prediction_id=prediction_id)
+        return _json(await self._classify_or_regress(call, servable, document), version=servable.version)
+
+    def _decode_predict(self, servable, document: dict) -> tuple[str, dict, str]:
         signature = json_codec.signature_name(document)
         inputs, request_format = json_codec.decode_predict(document, servable.input_dtypes(signature))
         self.server.quality.check_inputs(servable.model_name, inputs)
+        return signature, inputs, request_format
+
+    async def _predict(self, call: Call, servable, document: dict) -> tuple[bytes, str | None]:
+        signature, inputs, request_format = await self.server.off_loop(call, self._decode_predict, servable,
+                                                                       document)
         try:
-            outputs = await asyncio.wrap_future(self.server.predict_future(servable, signature, inputs, (), "rest",
-                                                                           self._timeout_ms()))
+            outputs = await self.server.predict(call, servable, signature, inputs, (), self._timeout_ms())
         except ModelRunError as exc:
             raise exc.for_request(inputs) from None
         prediction_id = self.server.quality.record_predictions(servable.model_name, servable.version, outputs)
-        return json_codec.encode_predict(outputs, request_format), prediction_id
+        return await self.server.off_loop(call, json_codec.encode_predict, outputs, request_format), prediction_id
 
     async def feedback(self, request: web.Request) -> web.Response:
         """Ground-truth labels for logged predictions (our extension; TF Serving has no such API)."""
         name = request.match_info["name"]
         try:
-            self.server.model(name)
-            entries = parse_feedback(json_codec.parse_body(await request.read()))
-            return _json(orjson.dumps(self.server.quality.feedback(name, entries)))
+            call = self.server.begin(name, "feedback", "rest", self._request_bytes(request))
         except ServingError as exc:
             return error_response(exc)
+        return await self._run(call, self._feedback(call, request, name))
+
+    async def _feedback(self, call: Call, request: web.Request, name: str) -> web.Response:
+        self.server.model(name)
+        document = await self.server.off_loop(call, json_codec.parse_body, await request.read())
+        return _json(orjson.dumps(self.server.quality.feedback(name, parse_feedback(document))))
 
     async def monitoring(self, request: web.Request) -> web.Response:
         """Per version: labels, the rolling predicted-class histogram and live accuracy (our extension)."""
@@ -203,15 +233,15 @@ class RestApi:
     def _timeout_ms(self) -> int | None:
         return self.server.options.rest_api_timeout_in_ms or None
 
-    async def _classify_or_regress(self, servable, document: dict, api: str) -> bytes:
+    async def _classify_or_regress(self, call: Call, servable, document: dict) -> bytes:
         signature = json_codec.signature_name(document)
-        examples = json_codec.decode_examples(document)
-        if api == "classify":
+        examples = await self.server.off_loop(call, json_codec.decode_examples, document)
+        if call.api == "classify":
             result = await asyncio.wrap_future(self.server.run("rest", servable.classify, signature, examples,
                                                                self._timeout_ms()))
             return json_codec.encode_classification(result.classes, result.scores, len(examples))
-        if api == "regress":
+        if call.api == "regress":
             values = await asyncio.wrap_future(self.server.run("rest", servable.regress, signature, examples,
                                                                self._timeout_ms()))
             return json_codec.encode_regression(values)
-        raise invalid_argument(f"unknown method {api}")
+        raise invalid_argument(f"unknown method {call.api}")

@@ -63,7 +63,10 @@ def read_signature_defs(export_dir: Path, tags: tuple[str, ...] = ("serve",)) ->
     export_dir = Path(export_dir)
     binary, text = export_dir / "saved_model.pb", export_dir / "saved_model.pbtxt"
     if binary.is_file():
-        saved_model = saved_model_pb2.SavedModel.FromString(binary.read_bytes())
+        content = binary.read_bytes()
+        if not content:
+            raise IncompleteModelError(f"{binary} is empty (not a complete SavedModel)")
+        saved_model = saved_model_pb2.SavedModel.FromString(content)
     elif text.is_file():
         saved_model = text_format.Parse(text.read_text(), saved_model_pb2.SavedModel())
     else:
@@ -80,6 +83,19 @@ def _names(keys) -> str:
 
 def _one_line(signature: meta_graph_pb2.SignatureDef) -> str:
     return text_format.MessageToString(signature, as_one_line=True)
+
+
+MAX_ERROR_MESSAGE_CHARS = 2000
+
+
+def model_error_message(text: str) -> str:
+    """TensorFlow's whole message on one line, bounded: its first line alone is often only a header such as
+    "Graph execution error:", with the cause and the node on the lines after."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].rstrip(":") in ("Graph execution error", "Detected at node"):
+        lines = lines[1:]
+    message = " ".join(" ".join(lines).split())
+    return message if len(message) <= MAX_ERROR_MESSAGE_CHARS else message[:MAX_ERROR_MESSAGE_CHARS] + "..."
 
 
 def grpc_code(exc: tf.errors.OpError) -> grpc.StatusCode:
@@ -432,7 +448,7 @@ class SavedModelServable(Servable):
             # (C++ Session::Run) does not, so the lower-level call is used to feed what the graph accepts.
             return self._session._call_tf_sessionrun(options, feed_dict, fetch_list, [], None)
         except tf.errors.OpError as exc:
-            message = exc.message.strip().splitlines()[0] if exc.message.strip() else type(exc).__name__
+            message = model_error_message(exc.message) or type(exc).__name__
             if isinstance(exc, tf.errors.DeadlineExceededError):
                 message += f" (the model ran longer than the request's {timeout_ms} ms)"
             raise ModelRunError(grpc_code(exc), message) from None
