@@ -106,14 +106,16 @@ class Batcher:
                 if queue.depth() >= self.options.max_enqueued_batches:
                     raise unavailable("The batch scheduling queue to which this task was submitted is full")
                 batch = queue.open = _Batch(key, servable, signature, time.monotonic() + timeout)
+            opened = not batch.tasks
             batch.tasks.append(task)
             batch.size += size
-            # With a zero timeout the batch closes when a worker takes it: only requests that arrive
-            # while every worker is busy are merged, as in TF Serving.
             if batch.size == self.options.max_batch_size:
                 queue.closed.append(batch)
                 queue.open = None
-            self._condition.notify()
+            # Workers need waking only when this changes what they may do: a batch to time, one that is
+            # full, or one nothing else is on its way to join (waking costs a context switch per request).
+            if opened or queue.open is None or self._arriving() <= 0:
+                self._condition.notify()
         return task.future
 
     def queue_depth(self) -> int:

@@ -5,8 +5,8 @@ extension to TF Serving's API)."""
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
-import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +86,7 @@ class ModelQuality:
         self._lock = threading.Lock()
         self._versions: dict[tuple[str, int], VersionWatch] = {}
         self._predictions: OrderedDict[str, tuple[str, int, list[int]]] = OrderedDict()
+        self._class_counters: dict[tuple[str, int, int], object] = {}
         self._logged_samples = 0
 
     # -- inputs ------------------------------------------------------------------------------------------
@@ -134,16 +135,22 @@ class ModelQuality:
             classes = np.argmax(outputs["probabilities"], axis=-1)
         if classes is None:
             return None
-        classes = [int(c) for c in np.asarray(classes).reshape(-1)]
-        prediction_id = uuid.uuid4().hex
+        classes = np.asarray(classes).reshape(-1).astype(np.int64, copy=False).tolist()
+        prediction_id = secrets.token_hex(16)  # unguessable: feedback for it cannot be forged by others
         with self._lock:
-            watch = self._versions.setdefault((model, version), VersionWatch(deque(maxlen=self.window)))
+            watch = self._versions.get((model, version))
+            if watch is None:
+                watch = self._versions[(model, version)] = VersionWatch(deque(maxlen=self.window))
             watch.predictions.extend(classes)
             self._predictions[prediction_id] = (model, version, classes)
-            while len(self._predictions) > self.remembered:
+            if len(self._predictions) > self.remembered:
                 self._predictions.popitem(last=False)
-        for value, count in zip(*np.unique(classes, return_counts=True)):
-            self.metrics.predicted_class.labels(model, str(version), str(value)).inc(int(count))
+            for value in classes:
+                counter = self._class_counters.get((model, version, value))
+                if counter is None:  # a labels() lookup once per class, not per request
+                    counter = self.metrics.predicted_class.labels(model, str(version), str(value))
+                    self._class_counters[(model, version, value)] = counter
+                counter.inc()
         return prediction_id
 
     def feedback(self, model: str, entries: list[dict]) -> dict:

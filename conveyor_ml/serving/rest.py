@@ -173,7 +173,7 @@ class RestApi:
             servable = self.server.resolve(name, version, label)
             call.version = servable.version
             return _json(metadata_json(servable), version=servable.version)
-        body = await request.read()
+        body = await self._read_body(request)
         document = await self.server.off_loop(call, json_codec.parse_body, body)
         servable = self.server.resolve(name, version, label)
         call.version = servable.version
@@ -181,6 +181,18 @@ class RestApi:
             payload, prediction_id = await self._predict(call, servable, document)
             return _json(payload, version=servable.version, prediction_id=prediction_id)
         return _json(await self._classify_or_regress(call, servable, document), version=servable.version)
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The body, read within --rest_api_timeout_in_ms (TF Serving's HTTP server times out the whole call):
+        a client that sends it too slowly gets 408 and gives its admission share back."""
+        timeout = self._timeout_ms()
+        if not timeout or request.content.is_eof():  # all of it is here already (small bodies usually are)
+            return await request.read()
+        try:
+            return await asyncio.wait_for(request.read(), timeout / 1000 if timeout else None)
+        except asyncio.TimeoutError:
+            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, f"The request body did not arrive within "
+                               f"{timeout} ms (--rest_api_timeout_in_ms)", http_status=408) from None
 
     def _decode_predict(self, servable, document: dict) -> tuple[str, dict, str]:
         signature = json_codec.signature_name(document)
@@ -209,7 +221,7 @@ class RestApi:
 
     async def _feedback(self, call: Call, request: web.Request, name: str) -> web.Response:
         self.server.model(name)
-        document = await self.server.off_loop(call, json_codec.parse_body, await request.read())
+        document = await self.server.off_loop(call, json_codec.parse_body, await self._read_body(request))
         return _json(orjson.dumps(self.server.quality.feedback(name, parse_feedback(document))))
 
     async def monitoring(self, request: web.Request) -> web.Response:

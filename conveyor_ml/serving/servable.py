@@ -117,6 +117,7 @@ class Servable:
         self.options = options
         self.signature_defs: dict[str, meta_graph_pb2.SignatureDef] = {}
         self.load_seconds = 0.0
+        self._validated: dict[tuple, str] = {}  # validate_inputs' passes: (signature, (alias, dtype)...) -> name
 
     # -- signatures ---------------------------------------------------------------------------------------
     def signature(self, name: str) -> tuple[str, meta_graph_pb2.SignatureDef]:
@@ -138,11 +139,17 @@ class Servable:
                                f"{CLASSIFY_METHOD}, {REGRESS_METHOD}}}. Was: {signature.method_name}")
 
     def validate_inputs(self, signature_name: str, inputs: dict[str, np.ndarray]) -> str:
-        """TF Serving's checks of a Predict request's input names (not shapes); returns the signature name."""
-        name, signature = self.signature(signature_name)
-        self._verify_predict_method(signature)
-        self._check_input_names(signature, inputs)
-        self._check_dtypes(signature, inputs)
+        """TF Serving's checks of a Predict request's input names (not shapes); returns the signature name.
+        They depend on the names and dtypes only, so what passed once is remembered (failures are not: their
+        keys are whatever clients send)."""
+        key = (signature_name, *((alias, value.dtype.str) for alias, value in inputs.items()))
+        name = self._validated.get(key)
+        if name is None:
+            name, signature = self.signature(signature_name)
+            self._verify_predict_method(signature)
+            self._check_input_names(signature, inputs)
+            self._check_dtypes(signature, inputs)
+            self._validated[key] = name
         return name
 
     def _check_dtypes(self, signature: meta_graph_pb2.SignatureDef, inputs: dict[str, np.ndarray]) -> None:
@@ -413,10 +420,8 @@ class SavedModelServable(Servable):
 
     def predict(self, signature_name: str, inputs: dict[str, np.ndarray], output_filter: tuple[str, ...] = (),
                 timeout_ms: int | None = None) -> dict[str, np.ndarray]:
-        name, signature = self.signature(signature_name)
-        self._verify_predict_method(signature)
-        self._check_input_names(signature, inputs)
-        self._check_dtypes(signature, inputs)
+        name = self.validate_inputs(signature_name, inputs)
+        signature = self.signature_defs[name]
         feeds = {info.name: inputs[alias] if alias in inputs else tf.make_ndarray(signature.defaults[alias])
                  for alias, info in signature.inputs.items()}
         aliases = self._output_aliases(signature, tuple(output_filter))

@@ -273,3 +273,38 @@ def test_a_model_with_nothing_to_load_says_why(tmp_path):
     (tmp_path / "absent").mkdir()
     missing.poll()
     assert missing.waiting_reason.startswith("No versions of servable tiny found under base path")
+
+
+def test_model_errors_keep_their_cause_on_one_line():
+    from conveyor_ml.serving.servable import model_error_message
+
+    text = ("Graph execution error:\n\nDetected at node 'reshape' defined at (most recent call last):\n"
+            "Input to reshape is a tensor with 64 values, but the requested shape has 512\n"
+            "\t [[{{node reshape}}]]")
+    assert model_error_message(text) == ("Detected at node 'reshape' defined at (most recent call last): Input to "
+                                         "reshape is a tensor with 64 values, but the requested shape has 512 "
+                                         "[[{{node reshape}}]]")
+    assert len(model_error_message("x" * 10_000)) == 2003
+
+
+@pytest.mark.parametrize("config, message", [
+    ("", "Only ModelConfigList is currently supported"),
+    ('model_config_list { config { name: "a" base_path: "relative/a" } }',
+     "Expected model a to have an absolute path or URI; got base_path\\(\\)=relative/a"),
+    ('model_config_list { config { name: "a" base_path: "/no/such/dir" } }', "Could not find base path /no/such/dir"),
+    ('model_config_list { config { name: "a" base_path: "{tmp}" } config { name: "a" base_path: "{tmp}" } }',
+     "Illegal to list model a multiple times"),
+    ('model_config_list { config { name: "a" base_path: "{tmp}" model_platform: "pytorch" } }',
+     "Model a requests unsupported platform pytorch"),
+])
+def test_reload_configs_are_checked_before_anything_changes(tmp_path, config, message):
+    from google.protobuf import text_format
+
+    from conveyor_ml.serving.model_server import check_reload_config
+
+    parsed = text_format.Parse(config.replace("{tmp}", str(tmp_path)), model_server_config_pb2.ModelServerConfig())
+    with pytest.raises(ServingError, match=message) as refused:
+        check_reload_config(parsed)
+    assert refused.value.code.name == "INVALID_ARGUMENT"
+    fine = f'model_config_list {{ config {{ name: "a" base_path: "{tmp_path}" model_platform: "tensorflow" }} }}'
+    check_reload_config(text_format.Parse(fine, model_server_config_pb2.ModelServerConfig()))
