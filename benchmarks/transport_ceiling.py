@@ -1,5 +1,5 @@
-"""The transport ceiling: the HTTP and gRPC stack `conveyor serve` runs on (aiohttp and grpc.aio on one uvloop
-event loop, the same listener options) answering a fixed, precomputed Predict response with no model, no
+"""The transport ceiling: the HTTP and gRPC stack `conveyor serve` runs on (aiohttp's low-level server and
+grpc.aio on one uvloop event loop, the same listener options) answering a fixed, precomputed Predict response with no model, no
 JSON or tensor conversion, no metrics. What the server reaches is compared with what this allows.
 
 Run by benchmarks/serving.py: python -m benchmarks.transport_ceiling REST_PORT GRPC_PORT RESPONSE.json RESPONSE.pb
@@ -16,16 +16,14 @@ from aiohttp import web
 
 
 async def serve(rest_port: int, grpc_port: int, rest_body: bytes, grpc_body: bytes) -> None:
-    async def predict_rest(request: web.Request) -> web.Response:
+    async def predict_rest(request: web.BaseRequest) -> web.Response:
         await request.read()
         return web.Response(body=rest_body, content_type="application/json")
 
     async def predict_grpc(request: bytes, context) -> bytes:
         return grpc_body
 
-    app = web.Application()
-    app.router.add_post("/v1/models/{tail:.*}", predict_rest)
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.ServerRunner(web.Server(predict_rest, access_log=None))  # aiohttp's low-level server, as there
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", rest_port, reuse_address=True, backlog=1024).start()
     server = grpc.aio.server()

@@ -12,7 +12,9 @@ padded up to the next `allowed_batch_sizes` entry by repeating its last row. A r
 DEADLINE_EXCEEDED without running, and the batch's model run is bounded by the latest deadline in it.
 
 Requests submitted from an asyncio event loop get an asyncio future, settled with one call into the loop
-per batch (not one thread hand-off per request); others get a concurrent.futures.Future.
+per batch (not one thread hand-off per request), and their batch is offered to the workers when the loop
+has run everything that was ready (so requests that arrived together are batched together, and workers
+are woken once per batch); others get a concurrent.futures.Future and their batch is ready at once.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ class _Batch:
     deadline: float
     tasks: list[_Task] = field(default_factory=list)
     size: int = 0
+    ready: bool = False  # a worker may take it once nothing else is arriving (else at its deadline)
 
 
 class _Queue:
@@ -71,6 +74,7 @@ class Batcher:
         self._arriving = arriving
         self._queues: dict[tuple, _Queue] = {}
         self._condition = threading.Condition()
+        self._flush_scheduled = False
         self._stopping = False
         self._workers = [threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
                          for i in range(options.num_batch_threads)]
@@ -112,11 +116,26 @@ class Batcher:
             if batch.size == self.options.max_batch_size:
                 queue.closed.append(batch)
                 queue.open = None
-            # Workers need waking only when this changes what they may do: a batch to time, one that is
-            # full, or one nothing else is on its way to join (waking costs a context switch per request).
-            if opened or queue.open is None or self._arriving() <= 0:
                 self._condition.notify()
+            elif task.loop is None:  # from a thread: ready now, unless announced requests are to join it
+                batch.ready = True
+                if opened or self._arriving() <= 0:
+                    self._condition.notify()
+            elif not self._flush_scheduled:
+                # From an event loop: offered to the workers once the loop has run everything ready now, so
+                # every request that arrived with this one joins it first, and workers are woken once per
+                # batch rather than once per request.
+                self._flush_scheduled = True
+                task.loop.call_soon(self._flush)
         return task.future
+
+    def _flush(self) -> None:
+        with self._condition:
+            self._flush_scheduled = False
+            opened = [queue.open for queue in self._queues.values() if queue.open is not None]
+            for batch in opened:
+                batch.ready = True
+            self._condition.notify(len(opened))
 
     def queue_depth(self) -> int:
         with self._condition:
@@ -132,7 +151,7 @@ class Batcher:
                     if queue.closed:
                         return queue.closed.popleft()
                     if queue.open is not None:
-                        if queue.open.deadline <= now or self._arriving() <= 0:
+                        if queue.open.deadline <= now or (queue.open.ready and self._arriving() <= 0):
                             batch, queue.open = queue.open, None
                             return batch
                         next_deadline = min(next_deadline or queue.open.deadline, queue.open.deadline)

@@ -44,7 +44,7 @@ from conveyor_ml.serving.tensors import (
     DECODED_BYTES_PER_REQUEST_BYTE,
     DecodeBudget,
     decode_tensor,
-    tensor_proto,
+    fill_tensor_proto,
 )
 
 # Service names the health service answers SERVING for, as TF Serving registers them ("" is the server).
@@ -129,7 +129,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         _fill_spec(response.model_spec, servable, signature)
         as_content = self.server.options.enable_serialization_as_tensor_content
         for key, value in outputs.items():
-            response.outputs[key].CopyFrom(tensor_proto(value, as_content))
+            fill_tensor_proto(response.outputs[key], value, as_content)
         return response
 
     async def Predict(self, request, context):

@@ -26,6 +26,7 @@ MODEL_PATH = re.compile(
     r"^/v1/models/(?P<name>[^/:]+)"
     r"(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
     r"(?P<action>/metadata|:predict|:classify|:regress)?$")
+EXTENSION_PATH = re.compile(r"^/v1/models/(?P<name>[^/]+)/(?P<what>feedback|monitoring)$")
 VERSION_HEADER = "X-Model-Version"
 PREDICTION_ID_HEADER = "X-Prediction-Id"  # our extension: the id to send ground truth for (feedback)
 JSON = "application/json"
@@ -34,10 +35,12 @@ CORS_HEADERS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Method
 
 
 def _json(body: bytes, status: int = 200, version: int | None = None, prediction_id: str | None = None) -> web.Response:
-    headers = {VERSION_HEADER: str(version)} if version is not None else {}
+    headers = {"Content-Type": JSON}  # as a header: content_type= would parse and rebuild it per response
+    if version is not None:
+        headers[VERSION_HEADER] = str(version)
     if prediction_id:
         headers[PREDICTION_ID_HEADER] = prediction_id
-    return web.Response(body=body, status=status, content_type=JSON, headers=headers or None)
+    return web.Response(body=body, status=status, headers=headers)
 
 
 def error_response(error: ServingError) -> web.Response:
@@ -70,47 +73,44 @@ class RestApi:
     def __init__(self, server: ModelServer):
         self.server = server
 
-    def app(self) -> web.Application:
-        middlewares = [self._errors] + ([self._cors] if self.server.options.rest_api_enable_cors_support else [])
-        app = web.Application(client_max_size=self.server.options.max_request_body_bytes, middlewares=middlewares)
-        # Our extensions first: the generic route below would take their paths.
-        app.router.add_post("/v1/models/{name}/feedback", self.feedback)
-        app.router.add_get("/v1/models/{name}/monitoring", self.monitoring)
-        app.router.add_route("GET", "/v1/models/{tail:.*}", self.handle_model)
-        app.router.add_route("POST", "/v1/models/{tail:.*}", self.handle_model)
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/readyz", self.readyz)
-        if self.server.options.prometheus_path:
-            app.router.add_get(self.server.options.prometheus_path, self.metrics)
-        return app
+    def make_request(self, message, payload, protocol, writer, task) -> web.BaseRequest:
+        """aiohttp's low-level server's request factory, with --max_request_body_bytes as the body limit."""
+        return web.BaseRequest(message, payload, protocol, writer, task, asyncio.get_running_loop(),
+                               client_max_size=self.server.options.max_request_body_bytes)
 
-    @web.middleware
-    async def _errors(self, request: web.Request, handler):
-        try:
-            return await handler(request)
-        except web.HTTPRequestEntityTooLarge:
-            return error_response(too_large(self.server.options.max_request_body_bytes))
-        except web.HTTPException as exc:
-            if exc.status == 404:
-                return _json(orjson.dumps({"error": f"Malformed request: {request.method} {request.path}"}),
-                             status=404)
-            raise
-
-    @web.middleware
-    async def _cors(self, request: web.Request, handler):
-        """--rest_api_enable_cors_support: TF Serving's CORS headers, and its preflight answer."""
-        if request.method == "OPTIONS":
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Every request, routed by one look at its path: the server runs on aiohttp's low-level server, as
+        its router and middleware machinery cost more per call than the rest of a small Predict."""
+        cors = self.server.options.rest_api_enable_cors_support
+        if cors and request.method == "OPTIONS":  # --rest_api_enable_cors_support: TF Serving's preflight
             if not re.match(r"^https?://", request.headers.get("Origin", "")):
                 return _json(orjson.dumps({"error": "Origin header is missing in CORS preflight"}), status=400)
             return web.Response(status=200, headers=CORS_HEADERS)
-        response = await handler(request)
-        response.headers.update(CORS_HEADERS)
+        response = await self._route(request)
+        if cors:
+            response.headers.update(CORS_HEADERS)
         return response
 
-    async def healthz(self, request: web.Request) -> web.Response:
-        return _json(b'{"status": "alive"}')
+    async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
+        path, method = request.path, request.method
+        if path.startswith("/v1/models/"):
+            extension = EXTENSION_PATH.match(path)  # our extensions: the model URL grammar would refuse them
+            if extension and (extension.group("what"), method) in (("feedback", "POST"), ("monitoring", "GET")):
+                endpoint = self.feedback if method == "POST" else self.monitoring
+                return await endpoint(request, extension.group("name"))
+            if method in ("GET", "POST"):
+                return await self.handle_model(request)
+        elif method == "GET":
+            if path == "/healthz":
+                return _json(b'{"status": "alive"}')
+            if path == "/readyz":
+                return self.readyz()
+            if path == self.server.options.prometheus_path:
+                return web.Response(body=self.server.metrics.exposition(), content_type="text/plain",
+                                    charset="utf-8")
+        return _json(orjson.dumps({"error": f"Malformed request: {method} {path}"}), status=404)
 
-    async def readyz(self, request: web.Request) -> web.Response:
+    def readyz(self) -> web.Response:
         waiting = self.server.readiness()
         ready = bool(self.server.registry.models()) and not waiting
         body = {"ready": ready}
@@ -118,11 +118,7 @@ class RestApi:
             body["waiting"] = waiting
         return _json(orjson.dumps(body), status=200 if ready else 503)
 
-    async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.server.metrics.exposition(),
-                            content_type="text/plain", charset="utf-8")
-
-    async def handle_model(self, request: web.Request) -> web.Response:
+    async def handle_model(self, request: web.BaseRequest) -> web.Response:
         match = MODEL_PATH.match(request.path)
         action = match and (match.group("action") or "")
         is_post = request.method == "POST"
@@ -157,14 +153,14 @@ class RestApi:
         finally:
             self.server.finish(call)
 
-    def _request_bytes(self, request: web.Request) -> int:
+    def _request_bytes(self, request: web.BaseRequest) -> int:
         """What a body will hold, for admission: its Content-Length, or the limit when it is chunked (a
         declared length over the limit is refused by begin() before anything is read)."""
         if request.content_length is None:
             return self.server.options.max_request_body_bytes
         return request.content_length
 
-    async def _answer(self, call: Call, request: web.Request, name: str, version: int | None, label: str | None,
+    async def _answer(self, call: Call, request: web.BaseRequest, name: str, version: int | None, label: str | None,
                       action: str) -> web.Response:
         if action == "":
             return _json(proto_json(model_status_response(self.server, name, version, label),
@@ -182,7 +178,7 @@ class RestApi:
             return _json(payload, version=servable.version, prediction_id=prediction_id)
         return _json(await self._classify_or_regress(call, servable, document), version=servable.version)
 
-    async def _read_body(self, request: web.Request) -> bytes:
+    async def _read_body(self, request: web.BaseRequest) -> bytes:
         """The body, read within --rest_api_timeout_in_ms (TF Serving's HTTP server times out the whole call):
         a client that sends it too slowly gets 408 and gives its admission share back."""
         timeout = self._timeout_ms()
@@ -210,23 +206,21 @@ class RestApi:
         prediction_id = self.server.quality.record_predictions(servable.model_name, servable.version, outputs)
         return await self.server.off_loop(call, json_codec.encode_predict, outputs, request_format), prediction_id
 
-    async def feedback(self, request: web.Request) -> web.Response:
+    async def feedback(self, request: web.BaseRequest, name: str) -> web.Response:
         """Ground-truth labels for logged predictions (our extension; TF Serving has no such API)."""
-        name = request.match_info["name"]
         try:
             call = self.server.begin(name, "feedback", "rest", self._request_bytes(request))
         except ServingError as exc:
             return error_response(exc)
         return await self._run(call, self._feedback(call, request, name))
 
-    async def _feedback(self, call: Call, request: web.Request, name: str) -> web.Response:
+    async def _feedback(self, call: Call, request: web.BaseRequest, name: str) -> web.Response:
         self.server.model(name)
         document = await self.server.off_loop(call, json_codec.parse_body, await self._read_body(request))
         return _json(orjson.dumps(self.server.quality.feedback(name, parse_feedback(document))))
 
-    async def monitoring(self, request: web.Request) -> web.Response:
+    async def monitoring(self, request: web.BaseRequest, name: str) -> web.Response:
         """Per version: labels, the rolling predicted-class histogram and live accuracy (our extension)."""
-        name = request.match_info["name"]
         try:
             model = self.server.model(name)
         except ServingError as exc:

@@ -118,6 +118,7 @@ class Servable:
         self.signature_defs: dict[str, meta_graph_pb2.SignatureDef] = {}
         self.load_seconds = 0.0
         self._validated: dict[tuple, str] = {}  # validate_inputs' passes: (signature, (alias, dtype)...) -> name
+        self._input_dtypes: dict[str, dict[str, tf.DType]] = {}  # per known signature name
 
     # -- signatures ---------------------------------------------------------------------------------------
     def signature(self, name: str) -> tuple[str, meta_graph_pb2.SignatureDef]:
@@ -128,8 +129,12 @@ class Servable:
         return name, self.signature_defs[name]
 
     def input_dtypes(self, signature_name: str) -> dict[str, tf.DType]:
-        _, signature = self.signature(signature_name)
-        return {key: tf.dtypes.as_dtype(info.dtype) for key, info in signature.inputs.items()}
+        dtypes = self._input_dtypes.get(signature_name)
+        if dtypes is None:
+            _, signature = self.signature(signature_name)
+            dtypes = {key: tf.dtypes.as_dtype(info.dtype) for key, info in signature.inputs.items()}
+            self._input_dtypes[signature_name] = dtypes
+        return dtypes
 
     def _verify_predict_method(self, signature: meta_graph_pb2.SignatureDef) -> None:
         if (self.options.signature_method_name_check
@@ -455,7 +460,7 @@ class SavedModelServable(Servable):
         except tf.errors.OpError as exc:
             message = model_error_message(exc.message) or type(exc).__name__
             if isinstance(exc, tf.errors.DeadlineExceededError):
-                message += f" (the model ran longer than the request's {timeout_ms} ms)"
+                message = f"Deadline exceeded: the model ran longer than the request's {timeout_ms} ms ({message})"
             raise ModelRunError(grpc_code(exc), message) from None
         finally:
             if options is not None:

@@ -476,7 +476,9 @@ async def _serve(server, stop: asyncio.Event) -> None:
     runner = None
     if options.rest_api_port:
         # On SIGTERM, requests still running get SHUTDOWN_GRACE_SECONDS (aiohttp's default is 60 s).
-        runner = web.AppRunner(RestApi(server).app(), access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
+        rest = RestApi(server)
+        runner = web.ServerRunner(web.Server(rest.handle, request_factory=rest.make_request, access_log=None),
+                                  shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
         await runner.setup()
         site = web.TCPSite(runner, options.rest_api_host, options.rest_api_port, reuse_address=True, backlog=1024)
         try:

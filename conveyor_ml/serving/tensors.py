@@ -111,21 +111,36 @@ _TYPED_FIELD = {dtype: field for dtype, (field, _) in _FIELDS.items()}
 def tensor_proto(value: np.ndarray, as_tensor_content: bool = False) -> tensor_pb2.TensorProto:
     """A TensorProto as TF Serving answers it: values in the dtype's typed field (float_val...), or raw
     bytes in tensor_content when asked (strings always go to string_val)."""
+    proto = tensor_pb2.TensorProto()
+    fill_tensor_proto(proto, value, as_tensor_content)
+    return proto
+
+
+_DATATYPES: dict[np.dtype, tf.DType] = {}  # numpy dtype -> TensorFlow's, looked up once each
+
+
+def fill_tensor_proto(proto: tensor_pb2.TensorProto, value: np.ndarray, as_tensor_content: bool = False) -> None:
+    """tensor_proto() written into an existing message (e.g. a response's map entry: no copy)."""
     array = np.asarray(value)
-    dtype = tf.string if array.dtype == object or array.dtype.kind in "SU" else tf.dtypes.as_dtype(array.dtype)
-    proto = tensor_pb2.TensorProto(dtype=dtype.as_datatype_enum)
+    if array.dtype == object or array.dtype.kind in "SU":
+        dtype = tf.string
+    else:
+        dtype = _DATATYPES.get(array.dtype)
+        if dtype is None:
+            dtype = _DATATYPES[array.dtype] = tf.dtypes.as_dtype(array.dtype)
+    proto.dtype = dtype.as_datatype_enum
+    dims = proto.tensor_shape.dim
     for size in array.shape:
-        proto.tensor_shape.dim.add(size=size)
+        dims.add().size = size
     if dtype == tf.string:
         proto.string_val.extend(item if isinstance(item, bytes) else str(item).encode() for item in array.reshape(-1))
-        return proto
+        return
     if as_tensor_content:
         proto.tensor_content = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-        return proto
+        return
     flat = array.reshape(-1)
     if dtype in (tf.float16, tf.bfloat16):
         flat = flat.view(np.uint16)
     elif dtype.is_complex:
         flat = np.stack([flat.real, flat.imag], axis=-1).reshape(-1)
     getattr(proto, _TYPED_FIELD[dtype.as_datatype_enum]).extend(flat.tolist())
-    return proto
