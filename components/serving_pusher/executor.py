@@ -1,7 +1,10 @@
-"""ServingPusher executor: checks blessings, writes the next version atomically, updates labels and traffic."""
+"""ServingPusher executor: checks blessings, writes the next version atomically, then commits the new labels
+and traffic as one release change (formats/release_state.py) and retires old versions after it."""
 from __future__ import annotations
 
+import getpass
 import json
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,7 @@ from tfx.dsl.components.base import base_executor
 from tfx.proto.orchestration import execution_result_pb2
 from tfx.types import artifact_utils
 
+from conveyor_ml.base.names import PUSH_EXECUTION
 from conveyor_ml.formats import release_state as releases
 
 
@@ -32,18 +36,27 @@ class Executor(base_executor.BaseExecutor):
         variants = blessed_variants(input_dict.get("quantized_models") or [])
         batching = json.loads(exec_properties.get("batching") or "{}")
         with releases.locked(base):
-            release = releases.read_release(base, model_name)
-            labels_before = dict(release.labels)
-            for leftover in releases.clean_leftovers(release.model_dir):
-                print(f"    removed an interrupted push: {leftover}", flush=True)
+            state = releases.read_state(base)
+            # What an interrupted push left on disk is put right here; its ML Metadata record, if missing,
+            # is written by the next command that has the store (the runner reconciles before and after).
+            for line in releases.repair_files(state):
+                print(f"    repaired: {line}", flush=True)
+            release = state.release(model_name)
+            before = release.copy()
             version = releases.next_version(release)
             with tempfile.TemporaryDirectory() as scratch:
                 sources = release_sources(model, variants, scratch)
                 version_dir = releases.write_version_atomically(release.model_dir, version, sources)
             releases.release_new_version(release, version, exec_properties.get("release") or "direct",
                                          int(exec_properties.get("canary_weight") or 10))
-            removed = releases.apply_retention(release, int(exec_properties.get("keep_versions") or 5))
-            releases.write_release(release)
+            rows = releases.snapshot(before.labels, release)
+            change = releases.ReleaseChange.new(
+                PUSH_EXECUTION, model_name, rows,
+                releases.change_details(before, release, version=str(version), user=getpass.getuser(),
+                                        host=socket.gethostname()),
+                retire=releases.retention(release, int(exec_properties.get("keep_versions") or 5)))
+            # The labels move first (one commit), the retired versions go after (renamed, then deleted).
+            removed = releases.apply_change(state, release, change)
             if batching:
                 releases.write_batching_config(base, **batching)
         label = next((name for name, v in release.labels.items() if v == version), "")
@@ -56,8 +69,8 @@ class Executor(base_executor.BaseExecutor):
         record_dir = Path(artifact_utils.get_single_uri(output_dict["deployment"]))
         deployments = [
             deployment(row, model_name=model_name, base_path=str(base.resolve()),
-                       uri=str(record_dir / f"version-{row['version']}"))
-            for row in releases.snapshot(labels_before, release)]
+                       uri=str(record_dir / f"version-{row['version']}"), change_id=change.id)
+            for row in rows]
         print(f"    pushed version {version} of {model_name} as {label} ({traffic}% of unversioned traffic)"
               + (f"; retired versions {removed}" if removed else ""), flush=True)
         return pusher_output(pushed_model, deployments)

@@ -118,7 +118,10 @@ class MetadataIndex:
             if self.artifact_types.get(artifact.type_id) == DEPLOYMENT_TYPE and \
                     props(artifact).get("model_name") == model_name:
                 for execution_id in self.producers.get(artifact.id, []):
-                    if self.executions[execution_id].did_work:
+                    # FAILED with Deployments: a release change that went part of the way, recorded as
+                    # the target then was (TFX publishes no outputs of its failed executions).
+                    view = self.executions[execution_id]
+                    if view.did_work or view.execution.last_known_state == pb.Execution.FAILED:
                         by_execution[execution_id].append(artifact)
         views = sorted((self.executions[i] for i in by_execution),
                        key=lambda v: (v.execution.create_time_since_epoch, v.id))
