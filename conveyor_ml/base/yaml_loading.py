@@ -5,8 +5,8 @@ A pipeline spec is a few hundred lines a few levels deep. The bounds are far abo
 what hurts:
 
 - size: at most MAX_FILE_BYTES are read (a 50 MB file took 55 s to parse before it was refused);
-- nesting: at most MAX_DEPTH levels, checked while the document is composed (PyYAML composes recursively,
-  so 20k levels ended in RecursionError);
+- nesting: at most MAX_DEPTH levels, checked while the file is scanned and composed (PyYAML composes
+  recursively, so 20k levels ended in RecursionError);
 - aliases: allowed, but the document as its readers see it, every `*alias` expanded, may have at most
   MAX_NODES nodes and MAX_DEPTH levels (a 1.4 KB "billion laughs" expands to 10^9 nodes; validating it
   took 53 s and 5.5 GB). Anchors and aliases compose to a graph of shared nodes, so its expanded size is
@@ -64,13 +64,27 @@ class _BoundedLoader(yaml.SafeLoader):
         self.source = source
         self.depth = 0
 
+    # The scanner reads ahead through every '[' that may start a simple key before it hands out one token
+    # (quadratic: 50k levels took 5 s before the composer saw any), so nesting is refused there as well.
+    def fetch_flow_collection_start(self, TokenClass):
+        if self.flow_level >= MAX_DEPTH:
+            self._too_deep(self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
+
+    def add_indent(self, column):
+        if len(self.indents) >= MAX_DEPTH:
+            self._too_deep(self.get_mark())
+        return super().add_indent(column)
+
+    def _too_deep(self, mark) -> None:
+        raise ConveyorError(f"{self.source}:{mark.line + 1}:{mark.column + 1}: YAML nested deeper than "
+                            f"{MAX_DEPTH} levels; a spec needs a handful")
+
     def compose_node(self, parent, index):
         self.depth += 1
         try:
             if self.depth > MAX_DEPTH:
-                mark = self.peek_event().start_mark
-                raise ConveyorError(f"{self.source}:{mark.line + 1}:{mark.column + 1}: YAML nested deeper than "
-                                    f"{MAX_DEPTH} levels; a spec needs a handful")
+                self._too_deep(self.peek_event().start_mark)
             return super().compose_node(parent, index)
         finally:
             self.depth -= 1
