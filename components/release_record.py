@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 
 import ml_metadata as mlmd
-from conveyor_ml.components.artifacts import Deployment, deployment, set_custom_properties
 from ml_metadata.proto import metadata_store_pb2
 
 from conveyor_ml.base.names import (
@@ -30,7 +29,7 @@ from conveyor_ml.base.names import (
 from conveyor_ml.base.spec import PipelineSpec
 from conveyor_ml.formats import release_state as releases
 from conveyor_ml.metadata import store as metadata
-from conveyor_ml.metadata.index import deployment_snapshots
+from conveyor_ml.metadata.index import latest_deployments
 from conveyor_ml.metadata.values import props
 
 RUNNING, COMPLETE, FAILED = (metadata_store_pb2.Execution.RUNNING, metadata_store_pb2.Execution.COMPLETE,
@@ -100,10 +99,12 @@ def record_release_execution(spec: PipelineSpec, kind: str, model_name: str, tar
     Deployment per row of the new state, in the pipeline's context; `intent` completes an execution
     `record_intent` wrote instead of adding one. `state` FAILED records a change that went part of the way:
     the rows are then what the target holds after the failure."""
+    # TFX's artifact classes cost seconds to import: only a command that records pays for them.
+    from conveyor_ml.components.artifacts import Deployment, deployment, set_custom_properties
+
     store = store or metadata.open_store(spec.metadata)
     deployment_type_id = store.put_artifact_type(Deployment().artifact_type, can_add_fields=True, can_omit_fields=True)
-    history = deployment_snapshots(store, model_name, target=target)
-    previous = history[-1].deployments if history else []
+    previous = latest_deployments(store, model_name, target)
 
     if intent is not None:
         execution = metadata_store_pb2.Execution()

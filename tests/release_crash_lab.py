@@ -33,15 +33,16 @@ class Lab:
         import warnings
 
         warnings.filterwarnings("ignore")
-        from conveyor_ml import cli
-        from conveyor_ml.base.spec import load_spec
         from conveyor_ml.components.artifacts import Deployment
         from conveyor_ml.components.serving_pusher import executor
-        from conveyor_ml.metadata.store import connection_config
         from tfx.orchestration import metadata as tfx_metadata
         from tfx.orchestration.portable import execution_publish_utils
         from tfx.orchestration.portable.mlmd import context_lib
         from tfx.types import standard_artifacts
+
+        from conveyor_ml import cli
+        from conveyor_ml.base.spec import load_spec
+        from conveyor_ml.metadata.store import connection_config
 
         self.spec_path = spec_path
         self.spec = load_spec(spec_path)

@@ -211,7 +211,8 @@ def change_vertex_release(spec: PipelineSpec, model: str, kind: str, *, weight: 
         record_release_execution(spec, kind, model_name, "vertex", rows, base_path="", endpoint=endpoint,
                                  reason=reason, details={**details, "error": str(exc)}, change_id=change_id,
                                  state=FAILED, intent=intent)
-        now = ", ".join(f"version {r['version']} {r['traffic_percent']}%" for r in rows
+        now = ", ".join(f"version {r['version']} {r['traffic_percent']}%"
+                        for r in sorted(rows, key=lambda r: -r["traffic_percent"])
                         if r["release_state"] != "retired") or "nothing deployed"
         raise ConveyorError(f"gcp: {exc}; the change went part of the way and is recorded as the endpoint now "
                             f"is: {now}") from None
