@@ -116,10 +116,10 @@ def _check_expanded(root: yaml.Node, source: str) -> None:
             visiting.discard(key)
             if size[key] > MAX_NODES or depth[key] > MAX_DEPTH:
                 mark = node.start_mark
-                problem = (f"expands to more than {MAX_NODES} nodes" if size[key] > MAX_NODES
+                problem = (f"has more than {MAX_NODES} nodes" if size[key] > MAX_NODES
                            else f"nests deeper than {MAX_DEPTH} levels")
-                raise ConveyorError(f"{source}:{mark.line + 1}:{mark.column + 1}: YAML with its aliases (*name) "
-                                    f"expanded {problem}; write the values out or use `extends:`")
+                raise ConveyorError(f"{source}:{mark.line + 1}:{mark.column + 1}: this YAML, with its aliases (*name) "
+                                    f"expanded, {problem}; write the values out or use `extends:`")
             continue
         if key in size:
             continue

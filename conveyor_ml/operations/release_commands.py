@@ -65,9 +65,12 @@ def server_statuses(url: str, model: str) -> dict[str, str] | None:
 def status(spec: PipelineSpec, model: str | None, url: str, say: Callable[[str], None] = say_repair) -> dict:
     """Everything `conveyor status` shows, as data (after repairing what an interrupted command left)."""
     base = _serving_base(spec)
-    with releases.locked(base):
-        state = releases.read_state(base)
-        reconcile_release_state(spec, state, say)
+    if base.is_dir():
+        with releases.locked(base):
+            state = releases.read_state(base)
+            reconcile_release_state(spec, state, say)
+    else:
+        state = releases.ReleaseState(base)  # nothing pushed yet: nothing to repair, nothing to create
     models = [model] if model else sorted(state.models)
     if model:
         _existing_release(state, model)
@@ -106,6 +109,8 @@ def change_release(spec: PipelineSpec, model: str, kind: str, *, weight: int | N
     state with the change (one rename), rewrite the served files, record the change in MLMD under its id,
     then forget it. A kill anywhere in between is repaired by the next command."""
     base = _serving_base(spec)
+    if not base.is_dir():
+        _existing_release(releases.ReleaseState(base), model)  # unknown: say so, and create nothing
     with releases.locked(base):
         state = releases.read_state(base)
         reconcile_release_state(spec, state, say)
