@@ -135,28 +135,31 @@ def record_release_execution(spec: PipelineSpec, kind: str, model_name: str, tar
 def reconcile_release_state(spec: PipelineSpec, state: releases.ReleaseState,
                             say: Callable[[str], None]) -> None:
     """Repairs what an interrupted command left (call with the base path's lock held): the files
-    (`release_state.repair_files`), then every committed change whose process is gone and that MLMD does
-    not hold, recorded now. One line through `say` per repair."""
+    (`release_state.repair_files`), then the committed changes: forgotten once MLMD holds their record,
+    recorded now if their process is gone without one, left alone while it still runs (a pipeline run
+    publishes its push after the pusher returns). One line through `say` per repair."""
     for line in releases.repair_files(state):
         say(f"conveyor: repaired: {line}")
-    settled = [change for change in state.unrecorded if not change.in_flight()]
-    if not settled:
+    if not state.unrecorded:
         return
     store = metadata.open_store(spec.metadata)
-    for change in settled:
+    settled = []
+    for change in state.unrecorded:
         if is_recorded(store, change.id):
-            continue
-        execution_id = record_release_execution(
-            spec, change.kind, change.model, "local", change.rows, base_path=str(state.base_path.resolve()),
-            reason=change.details.get("reason", ""), change_id=change.id, store=store,
-            details={**change.details, "repaired": "recorded by the next command: the process that made the "
-                                                   "change was killed before recording it"})
-        say(f"conveyor: repaired: the {change.kind} of {change.model} at {change.details.get('changed_at', '?')} "
-            f"changed the release files but a crash kept it out of ML Metadata; recorded it now "
-            f"(execution {execution_id}, change {change.id[:8]})")
-    settled_ids = {change.id for change in settled}
-    state.unrecorded = [change for change in state.unrecorded if change.id not in settled_ids]
-    releases.commit(state)
+            settled.append(change.id)  # recorded by the process that made it (a TFX publish, a promote)
+        elif not change.in_flight():
+            execution_id = record_release_execution(
+                spec, change.kind, change.model, "local", change.rows, base_path=str(state.base_path.resolve()),
+                reason=change.details.get("reason", ""), change_id=change.id, store=store,
+                details={**change.details, "repaired": "recorded by the next command: the process that made "
+                                                       "the change was killed before recording it"})
+            say(f"conveyor: repaired: the {change.kind} of {change.model} at {change.details.get('changed_at', '?')} "
+                f"changed the release files but a crash kept it out of ML Metadata; recorded it now "
+                f"(execution {execution_id}, change {change.id[:8]})")
+            settled.append(change.id)
+    if settled:
+        state.unrecorded = [change for change in state.unrecorded if change.id not in settled]
+        releases.commit(state)
 
 
 def reconcile(spec: PipelineSpec, say: Callable[[str], None]) -> None:

@@ -106,6 +106,7 @@ class ReleaseChange:
     retire: list[int] = field(default_factory=list)  # versions to delete once no label names them
     pid: int = field(default_factory=os.getpid)  # the process making it: in flight while that one lives
     host: str = field(default_factory=socket.gethostname)
+    started: int | None = field(default_factory=lambda: process_start(os.getpid()))  # tells a reused pid apart
 
     @classmethod
     def new(cls, kind: str, model: str, rows: list[dict], details: dict[str, str],
@@ -115,7 +116,8 @@ class ReleaseChange:
     def in_flight(self) -> bool:
         """True while the process that made the change may still record it (a pipeline run publishes its
         push after the pusher returns); a change from another host counts as finished."""
-        return self.host == socket.gethostname() and self.pid != os.getpid() and _pid_alive(self.pid)
+        return (self.host == socket.gethostname() and self.pid != os.getpid() and _pid_alive(self.pid)
+                and process_start(self.pid) == self.started)
 
 
 @dataclass
@@ -397,14 +399,27 @@ def clean_leftovers(directory: Path) -> list[Path]:
     return removed
 
 
+def process_start(pid: int) -> int | None:
+    """When the process started (clock ticks since boot, from /proc; None where there is no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name before ")" may hold spaces
+
+
 def _pid_alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, dead but not yet waited for, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True  # no /proc: the signal said it exists
 
 
 def write_version_atomically(model_dir: Path, version: int, sources: dict[str, Path]) -> Path:

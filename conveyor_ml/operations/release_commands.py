@@ -9,6 +9,7 @@ import getpass
 import json
 import socket
 import sys
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -31,6 +32,7 @@ from conveyor_ml.metadata.index import deployment_snapshots, pushing_runs
 from conveyor_ml.metadata.values import props
 
 PROMOTE, ROLLBACK = PROMOTE_EXECUTION, ROLLBACK_EXECUTION
+IN_FLIGHT_WAIT_SECONDS = 60.0
 
 
 def say_repair(line: str) -> None:
@@ -111,26 +113,42 @@ def change_release(spec: PipelineSpec, model: str, kind: str, *, weight: int | N
     base = _serving_base(spec)
     if not base.is_dir():
         _existing_release(releases.ReleaseState(base), model)  # unknown: say so, and create nothing
-    with releases.locked(base):
-        state = releases.read_state(base)
-        reconcile_release_state(spec, state, say)
-        release = _existing_release(state, model)
-        before = release.copy()
-        if kind == PROMOTE:
-            releases.promote(release, weight)
-        else:
-            releases.rollback(release, to_version)
-        rows = releases.snapshot(before.labels, release)
-        change = releases.ReleaseChange.new(kind, model, rows, releases.change_details(
-            before, release, reason=reason, user=getpass.getuser(), host=socket.gethostname()))
-        releases.apply_change(state, release, change)
-        try:
-            record_release_execution(spec, kind, model, "local", rows, base_path=str(base.resolve()), reason=reason,
-                                     details=change.details, change_id=change.id)
-        except Exception:
-            releases.revert_change(state, before, change)  # a failed record (not a crash): files follow it
-            raise
-        releases.forget_change(state, change.id)
+    deadline = time.monotonic() + IN_FLIGHT_WAIT_SECONDS
+    while True:
+        with releases.locked(base):
+            state = releases.read_state(base)
+            reconcile_release_state(spec, state, say)
+            in_flight = [c for c in state.unrecorded if c.model == model]
+            if not in_flight:
+                return _change_locked(spec, state, model, kind, weight, to_version, reason)
+        # A pipeline run committed a push it has not recorded yet (TFX publishes after the pusher returns):
+        # changing now would put this record before that one in MLMD's history.
+        if time.monotonic() > deadline:
+            raise ConveyorError(f"a push of {model} by process {in_flight[0].pid} is still being recorded in ML "
+                                f"Metadata after {IN_FLIGHT_WAIT_SECONDS:.0f}s; try again when its run is done")
+        time.sleep(0.2)
+
+
+def _change_locked(spec: PipelineSpec, state: releases.ReleaseState, model: str, kind: str, weight: int | None,
+                   to_version: int | None, reason: str) -> releases.ModelRelease:
+    base = state.base_path
+    release = _existing_release(state, model)
+    before = release.copy()
+    if kind == PROMOTE:
+        releases.promote(release, weight)
+    else:
+        releases.rollback(release, to_version)
+    rows = releases.snapshot(before.labels, release)
+    change = releases.ReleaseChange.new(kind, model, rows, releases.change_details(
+        before, release, reason=reason, user=getpass.getuser(), host=socket.gethostname()))
+    releases.apply_change(state, release, change)
+    try:
+        record_release_execution(spec, kind, model, "local", rows, base_path=str(base.resolve()), reason=reason,
+                                 details=change.details, change_id=change.id)
+    except Exception:
+        releases.revert_change(state, before, change)  # a failed record (not a crash): files follow it
+        raise
+    releases.forget_change(state, change.id)
     return release
 
 

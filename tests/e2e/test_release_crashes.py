@@ -125,6 +125,7 @@ class Bench:
     load: Load
     metadata_spec: object
     committed: int = 0  # release changes of the model that took effect, so far
+    pushes: int = 1  # of those, pushes (the fixture's first one included)
     repaired_records: int = 0  # of those, recorded in MLMD by a repair
 
 
@@ -144,18 +145,21 @@ def bench(tmp_path_factory):
     server = ServerProcess("--model_config_file", str(base / serving_config.MODELS_CONFIG),
                            "--model_config_file_poll_wait_seconds", "0.2", "--file_system_poll_wait_seconds", "0.2")
     load = Load(server.rest_url, server.grpc_target)
+    state = Bench(lab, spec, base, export, server, load, loaded.metadata, committed=1)
     threads = []
     try:
         server.wait_available(MODEL, version=1)
+        REPORT["server_rss_mib_start"] = _rss_mib(server.pid)
         threads = [threading.Thread(target=load.rest), threading.Thread(target=load.grpc)]
         for thread in threads:
             thread.start()
-        yield Bench(lab, spec, base, export, server, load, loaded.metadata, committed=1)
+        yield state
     finally:
         load.stop.set()
         for thread in threads:
             thread.join(timeout=60)
         REPORT["server_rss_mib_end"] = _rss_mib(server.pid)
+        REPORT["versions_pushed"] = state.pushes
         server.stop()
         lab.close()
         REPORT["requests"] = dict(load.answered)
@@ -277,6 +281,7 @@ def run_and_check(bench: Bench, op: dict, kill_after: float | None, outcomes: Co
     leftovers = _hidden(bench)
     committed = now == expected
     bench.committed += committed
+    bench.pushes += committed and op["op"] == "push"
 
     # The next command repairs it and says so.
     # (--url: no server there, so status answers at once; the server's own view is the load's business)

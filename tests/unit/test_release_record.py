@@ -49,6 +49,7 @@ def commit_push(spec, mode="direct", pid=None):
     change = releases.ReleaseChange.new("conveyor.Push", "mnist", releases.snapshot(before.labels, release),
                                         releases.change_details(before, release, version=str(version)))
     change.pid = pid or dead_pid()
+    change.started = releases.process_start(change.pid)
     releases.apply_change(state, release, change)
     return change
 
@@ -88,6 +89,32 @@ def test_a_change_whose_process_still_runs_is_left_for_it_to_record(spec):
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+def test_a_change_recorded_by_its_still_running_process_is_forgotten(spec):
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        change = commit_push(spec, pid=sleeper.pid)
+        record_release_execution(spec, "conveyor.Push", "mnist", "local", change.rows, base_path="", reason="",
+                                 details={}, change_id=change.id)  # as TFX publishes a push before its run ends
+        reconcile(spec, lambda line: None)
+        assert releases.read_state(spec.serving_base).unrecorded == []
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_promote_waits_for_a_push_still_being_recorded(spec):
+    commit_push(spec)
+    reconcile(spec, lambda line: None)
+    finishing = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    commit_push(spec, mode="canary", pid=finishing.pid)  # its process dies before recording it
+    lines: list[str] = []
+    change_release(spec, "mnist", PROMOTE, say=lines.append)
+    finishing.wait()
+    assert len(lines) == 1 and "conveyor.Push of mnist" in lines[0]
+    kinds = [s.kind for s in deployment_snapshots(metadata.open_store(spec.metadata), "mnist")]
+    assert kinds == ["conveyor.Push", "conveyor.Push", "conveyor.Promote"]  # in the order they happened
 
 
 def test_promote_records_once_and_leaves_nothing_unrecorded(spec):
