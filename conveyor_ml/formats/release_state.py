@@ -376,8 +376,8 @@ def repair_files(state: ReleaseState) -> list[str]:
         commit(state)
         repairs.append(f"wrote {STATE_FILE} from models.config, traffic.json and {LEGACY_HISTORY_FILE}")
     if state.models and sync_served_files(state):
-        repairs.append(f"rewrote models.config and traffic.json, which an interrupted command had left behind "
-                       f"{STATE_FILE}")
+        repairs.append(f"rewrote models.config and traffic.json from {STATE_FILE}, which an interrupted command "
+                       "had changed without them")
     return repairs
 
 
