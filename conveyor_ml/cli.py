@@ -13,9 +13,9 @@ warnings.filterwarnings("ignore", message=".*non-supported Python version.*", ca
 
 from conveyor_ml.base import cli_values as values  # noqa: E402
 from conveyor_ml.base.errors import ConveyorError  # noqa: E402
+from conveyor_ml.base.names import NUM_CLASSES  # noqa: E402
 
 DEFAULT_SPEC = "pipelines/mnist.yaml"
-NUM_CLASSES = 10  # the digits' classes (conveyor_ml.base.names.NUM_CLASSES, without importing it here twice)
 
 
 def _quiet_libraries() -> None:
@@ -110,7 +110,6 @@ def cmd_schedule(args) -> int:
 
 
 def cmd_compile(args) -> int:
-    import json
     import tempfile
     from pathlib import Path
 
@@ -123,12 +122,13 @@ def cmd_compile(args) -> int:
 
     output = Path(args.output)
     with tempfile.TemporaryDirectory() as scratch:  # the -o file appears whole, or not at all
-        document = compile_pipeline(spec, Path(scratch) / output.name)
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(output, json.dumps(document, indent=2, sort_keys=True) + "\n")
-    except OSError as exc:
-        raise ConveyorError(f"-o {output}: cannot write it ({exc.strerror})") from None
+        compiled = Path(scratch) / output.name
+        document = compile_pipeline(spec, compiled)
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(output, compiled.read_bytes())
+        except OSError as exc:
+            raise ConveyorError(f"-o {output}: cannot write it ({exc.strerror})") from None
     tasks = document["pipelineSpec"]["root"]["dag"]["tasks"]
     print(f"conveyor: wrote {output}: {len(tasks)} steps for {args.target} "
           f"(image {spec.kubeflow.image}, pipeline root {spec.kubeflow.pipeline_root})")
