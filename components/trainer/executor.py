@@ -127,32 +127,34 @@ def run_training(job: TrainingJob) -> list[dict]:
     multi_worker with TF_CONFIG set: this process is one task of an external cluster, one child.
     multi_worker without it: `settings.num_workers` local processes form a cluster on 127.0.0.1.
     """
-    workdir = Path(tempfile.mkdtemp(prefix="conveyor-train-"))
-    if job.settings.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
-        workers = job.settings.num_workers
-        cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(workers)]}
-        tf_configs = [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
-                      for i in range(workers)]
-    else:
-        tf_configs = [os.environ.get("TF_CONFIG")]
-    processes = []
-    for index, tf_config in enumerate(tf_configs):
-        job.facts_path = str(workdir / f"facts-{index}.json")
-        job_file = workdir / f"job-{index}.json"
-        job.save(job_file)
-        env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "PYTHONWARNINGS": "ignore", "TF_CPP_MIN_LOG_LEVEL": "2"}
-        if tf_config:
-            env["TF_CONFIG"] = tf_config
-        name = f"worker-{index}" if len(tf_configs) > 1 else "trainer"
-        processes.append(_ChildProcess(name, [sys.executable, "-m", "conveyor_ml.components.trainer.training", str(job_file)], env))
-    failed = _wait_all(processes)
-    if failed:
-        errors = [line[len(ERROR_PREFIX):] for line in failed.tail if line.startswith(ERROR_PREFIX)]
-        if errors:
-            raise ConveyorError(errors[-1])
-        raise RuntimeError(f"training process {failed.name} exited with {failed.returncode}:\n" + "\n".join(failed.tail))
-    facts = [json.loads((workdir / f"facts-{i}.json").read_text()) for i in range(len(tf_configs))]
-    return sorted(facts, key=lambda f: not f["is_chief"])
+    # The job files and facts are only for these children: the directory goes with them, whatever happens.
+    with tempfile.TemporaryDirectory(prefix="conveyor-train-") as scratch:
+        workdir = Path(scratch)
+        if job.settings.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
+            workers = job.settings.num_workers
+            cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(workers)]}
+            tf_configs = [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+                          for i in range(workers)]
+        else:
+            tf_configs = [os.environ.get("TF_CONFIG")]
+        processes = []
+        for index, tf_config in enumerate(tf_configs):
+            job.facts_path = str(workdir / f"facts-{index}.json")
+            job_file = workdir / f"job-{index}.json"
+            job.save(job_file)
+            env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "PYTHONWARNINGS": "ignore", "TF_CPP_MIN_LOG_LEVEL": "2"}
+            if tf_config:
+                env["TF_CONFIG"] = tf_config
+            name = f"worker-{index}" if len(tf_configs) > 1 else "trainer"
+            processes.append(_ChildProcess(name, [sys.executable, "-m", "conveyor_ml.components.trainer.training", str(job_file)], env))
+        failed = _wait_all(processes)
+        if failed:
+            errors = [line[len(ERROR_PREFIX):] for line in failed.tail if line.startswith(ERROR_PREFIX)]
+            if errors:
+                raise ConveyorError(errors[-1])
+            raise RuntimeError(f"training process {failed.name} exited with {failed.returncode}:\n" + "\n".join(failed.tail))
+        facts = [json.loads((workdir / f"facts-{i}.json").read_text()) for i in range(len(tf_configs))]
+        return sorted(facts, key=lambda f: not f["is_chief"])
 
 
 class _ChildProcess:

@@ -30,6 +30,10 @@ DEPLOYMENT_TYPE = "conveyor.Deployment"
 DATA_DRIFT_REPORT_TYPE = "conveyor.DataDriftReport"
 PROMOTE_EXECUTION = "conveyor.Promote"
 ROLLBACK_EXECUTION = "conveyor.Rollback"
+# A push the ServingPusher made whose TFX record never arrived (the run was killed): recorded on repair.
+PUSH_EXECUTION = "conveyor.Push"
+# The id of one release change, on its MLMD execution and Deployments: how a repair finds what is recorded.
+RELEASE_CHANGE_PROPERTY = "release_change"
 
 # The examples every span holds (see formats/examples.py).
 IMAGE_KEY = "image"

@@ -24,6 +24,7 @@ import yaml  # noqa: E402
 
 from conveyor_ml.base.dataclass_schema import document_schema, from_document, option  # noqa: E402
 from conveyor_ml.base.errors import ConveyorError  # noqa: E402
+from conveyor_ml.base.yaml_loading import load_yaml_file  # noqa: E402
 
 Variant = Literal["float32", "float16", "dynamic_range", "int8"]
 QUANTIZATION_VARIANTS: tuple[str, ...] = get_args(Variant)
@@ -348,7 +349,7 @@ def _read_document(spec_path: Path, extended_by: tuple[Path, ...] = ()) -> Any:
         raise ConveyorError(
             f"spec file not found: {spec_path}{referrer} (pass a pipeline YAML, e.g. pipelines/mnist.yaml)")
     try:
-        document = yaml.safe_load(spec_path.read_text())
+        document = load_yaml_file(spec_path)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{spec_path}:{mark.line + 1}:{mark.column + 1}" if mark else str(spec_path)

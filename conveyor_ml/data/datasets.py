@@ -19,6 +19,7 @@ import numpy as np
 
 from conveyor_ml.base.clock import utc_now
 from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.base.files import fsync_directory, fsync_tree
 from conveyor_ml.base.names import LABEL_KEY, NUM_CLASSES
 from conveyor_ml.formats.examples import ImageSet, read_tfrecords, serialize_example
 from conveyor_ml.formats.spans import MANIFEST, read_manifest, span_dir, span_numbers
@@ -181,7 +182,11 @@ def write_span(data_root: Path, span: int, data: ImageSet, eval_fraction: float,
             **provenance,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        # Durable before it becomes visible, and its name durable after: a crash leaves no span, or a whole one.
+        fsync_tree(staging)
+        fsync_directory(data_root)
         os.rename(staging, target)
+        fsync_directory(data_root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -224,14 +229,22 @@ def shifted(data: ImageSet, *, brightness: float | None = None, imbalance: tuple
     result = ImageSet(images, labels)
     if imbalance is not None:
         label, fraction = imbalance
+        if not 0 < fraction < 1:
+            raise ConveyorError(f"--imbalance: the fraction must be between 0 and 1 (exclusive), not {fraction}")
         rng = np.random.default_rng(seed)
         chosen = np.flatnonzero(labels == label)
         others = np.flatnonzero(labels != label)
         if len(chosen) == 0:
             raise ConveyorError(f"--imbalance: class {label} does not occur in the new data")
-        wanted = int(round(len(labels) * fraction))
-        index = np.concatenate([rng.choice(chosen, wanted, replace=True),
-                                rng.choice(others, len(labels) - wanted, replace=False)])
+        if len(others) == 0:
+            raise ConveyorError(f"--imbalance: the new data holds only class {label}, so it cannot be "
+                                f"{fraction:g} of it")
+        # The other classes are drawn without repeats, so a small share for the class (fewer of the others
+        # to add) shrinks the span instead of failing; the class itself repeats only when it must.
+        total = min(len(labels), int(len(others) / (1 - fraction)))
+        wanted = int(round(total * fraction))
+        index = np.concatenate([rng.choice(chosen, wanted, replace=wanted > len(chosen)),
+                                rng.choice(others, total - wanted, replace=False)])
         result = result.take(rng.permutation(index))
     return result
 

@@ -108,3 +108,16 @@ def test_manifest_records_provenance(tmp_path):
     datasets.init_data("csv", str(ROOT / "tests/fixtures/digits_6x6.csv"), (6, 6), tmp_path, 0.25)
     manifest = json.loads((tmp_path / "span-1" / "span.json").read_text())
     assert manifest["source"] == "csv" and manifest["examples"] == {"eval": 100, "train": 300}
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.5, 0.95])
+def test_imbalance_makes_the_class_that_share_at_any_fraction(fraction):
+    from conveyor_ml.data.datasets import embedded_digits, shifted
+
+    data = embedded_digits().take(np.arange(1200, 1500))  # span 2's held-back chunk, class 3 about 10%
+    result = shifted(data, imbalance=(3, fraction), seed=2)
+    share = float(np.mean(result.labels == 3))
+    assert abs(share - fraction) < 0.01, share
+    assert 250 <= len(result) <= len(data)  # a small share drops some of the others instead of failing
+    others = result.images[result.labels != 3].reshape(-1, 64)
+    assert len(np.unique(others, axis=0)) == len(others)  # the other classes are never repeated

@@ -94,3 +94,19 @@ def test_anomalies_marked_unblessed_stop_training(trainer_inputs, tmp_path):
     inputs["example_anomalies"] = [anomalies]
     with pytest.raises(ConveyorError, match=r"data anomalies in span 1 \(split train\): image: Unexpectedly high"):
         executor.Executor().Do(inputs, outputs, properties())
+
+
+def test_training_leaves_no_temporary_directory_behind(monkeypatch, tmp_path):
+    import tempfile
+
+    from conveyor_ml.components.trainer.training import TrainingJob
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where run_training's job files go
+    job = TrainingJob(train_files=[str(tmp_path / "missing.tfrecord.gz")], eval_files=[str(tmp_path / "missing")],
+                      image_shape=(8, 8), serving_model_dir=str(tmp_path / "model"), log_dir=str(tmp_path / "logs"),
+                      facts_path="", train_steps=1)
+    with pytest.raises((ConveyorError, RuntimeError)):
+        executor.run_training(job)  # the child fails on the missing data, after the job files were written
+    assert list(scratch.iterdir()) == []
