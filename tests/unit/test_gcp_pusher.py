@@ -248,13 +248,14 @@ def test_rollback_on_vertex_drops_the_canary_and_records_it(emulator, vertex, ti
 
 
 def test_a_push_whose_undeploy_fails_records_what_the_endpoint_holds(emulator, vertex, tiny_model_artifact, tmp_path,
-                                                                      capsys):
+                                                                      caplog):
+    caplog.set_level("INFO", logger="conveyor_ml.components.gcp_pusher")
     spec = settings(emulator, vertex)
     push(tiny_model_artifact, spec, tmp_path / "one")
     push(tiny_model_artifact, spec, tmp_path / "two")
     vertex.fail(":undeployModel", 400)  # the old canary cannot go: the new one is deployed all the same
     pushed, rows = push(tiny_model_artifact, spec, tmp_path / "three")
-    assert "WARNING: deployed, but the clean-up after it failed" in capsys.readouterr().out
+    assert "WARNING: deployed, but the clean-up after it failed" in caplog.text
     assert "undeployModel" in pushed.get_string_custom_property("incomplete")
     assert endpoint_rows(vertex) == {("1", 90), ("2", 0), ("3", 10)}
     assert recorded_rows(rows) == endpoint_rows(vertex)

@@ -99,6 +99,7 @@ def test_anomalies_marked_unblessed_stop_training(trainer_inputs, tmp_path):
 def test_training_leaves_no_temporary_directory_behind(monkeypatch, tmp_path):
     import tempfile
 
+    from conveyor_ml.base.spec import TrainerSettings
     from conveyor_ml.components.trainer.training import TrainingJob
 
     scratch = tmp_path / "tmp"
@@ -106,7 +107,7 @@ def test_training_leaves_no_temporary_directory_behind(monkeypatch, tmp_path):
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where run_training's job files go
     job = TrainingJob(train_files=[str(tmp_path / "missing.tfrecord.gz")], eval_files=[str(tmp_path / "missing")],
                       image_shape=(8, 8), serving_model_dir=str(tmp_path / "model"), log_dir=str(tmp_path / "logs"),
-                      facts_path="", train_steps=1)
+                      facts_path="", settings=TrainerSettings(train_steps=1))
     with pytest.raises((ConveyorError, RuntimeError)):
         executor.run_training(job)  # the child fails on the missing data, after the job files were written
     assert list(scratch.iterdir()) == []
