@@ -20,6 +20,7 @@ import json
 import os
 import posixpath
 import shutil
+import socket
 import time
 from pathlib import Path
 from typing import BinaryIO
@@ -111,7 +112,8 @@ def write_chunk(source: Source, chunk, staging: str, eval_fraction: float, chunk
     finally:
         for writer in writers.values():
             writer.close()
-    summary = {split: counts.tolist() for split, counts in label_counts.items()}
+    summary = {**{split: counts.tolist() for split, counts in label_counts.items()},
+               "worker": f"{socket.gethostname()}:{os.getpid()}"}
     with _create(posixpath.join(staging, SUMMARIES, f"{chunk.index:05d}.json")) as out:
         out.write(json.dumps(summary).encode())
     return summary
@@ -204,6 +206,7 @@ def ingest_span(source: Source, data_root: Path, span: int, eval_fraction: float
             "label_counts": np.add(label_counts["train"], label_counts["eval"]).tolist(),
             "label_counts_by_split": label_counts,
             "shards": {split: len(list((staging / split).iterdir())) for split in SPLITS},
+            "workers": len({s["worker"] for s in summaries}),  # processes that wrote shards
             "encoding": {"feature": IMAGE_RAW_KEY, "dtype": "uint8", "layout": "row-major HxW"},
             "ingestion_seconds": round(time.perf_counter() - started, 2),
             **provenance,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import io
 import math
+import os
 import posixpath
 import struct
 from collections.abc import Iterator
@@ -61,7 +62,10 @@ def _listing(pattern: str) -> list[tuple[str, int]]:
 
 
 def _is_directory(path: str) -> bool:
-    return bool(_listing(posixpath.join(path.rstrip("/"), "*")))
+    """A local directory, or an object-store prefix with objects under it."""
+    if "://" not in path:
+        return os.path.isdir(path)
+    return bool(_listing(posixpath.join(path.rstrip("/"), "**")))
 
 
 def _exists(path: str) -> bool:
@@ -247,7 +251,7 @@ class CsvSource(Source):
     byte ranges: a row belongs to the chunk it starts in."""
 
     kind = "csv"
-    CHUNK_BYTES = 32 * 2**20
+    CHUNK_BYTES, MIN_CHUNK_BYTES = 32 * 2**20, 2**20
 
     def __init__(self, path: str, image_shape: tuple[int, int]):
         self.path, self.image_shape = path, tuple(image_shape)
@@ -270,7 +274,7 @@ class CsvSource(Source):
 
     def chunks(self) -> list[_ByteRange]:
         body = self.size - self.header_bytes
-        size = max(1 << 20, min(self.CHUNK_BYTES, math.ceil(body / 4)))
+        size = max(self.MIN_CHUNK_BYTES, min(self.CHUNK_BYTES, math.ceil(body / 4)))
         return [_ByteRange(i, start, min(start + size, self.size))
                 for i, start in enumerate(range(self.header_bytes, self.size, size))]
 
