@@ -133,22 +133,22 @@ def measure_size(size: int, scratch: Path) -> dict:
     }
 
 
-def baseline_tree(commit: str, scratch: Path) -> Path:
+def baseline_tree(commit: str, scratch: Path, repository: Path = ROOT) -> Path:
     """The commit's code as an importable tree (its components/ and pipelines/ mapped as setup.py does)."""
     tree = scratch / f"baseline-{commit}"
     tree.mkdir(parents=True)
-    archive = subprocess.run(["git", "archive", commit], cwd=ROOT, capture_output=True, check=True).stdout
+    archive = subprocess.run(["git", "archive", commit], cwd=repository, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
     (tree / "conveyor_ml" / "components").symlink_to("../components")
     (tree / "conveyor_ml" / "pipelines").symlink_to("../pipelines")
     return tree
 
 
-def compare_ingestion(commit: str, examples: int, scratch: Path) -> dict:
+def compare_ingestion(commit: str, examples: int, scratch: Path, repository: Path = ROOT) -> dict:
     """`conveyor data init` of the same IDX data with the baseline commit's code and with this tree's."""
     directory = scratch / "ingestion"
     data = write_dataset(directory / "idx", train=examples * 6 // 7, test=examples - examples * 6 // 7)
-    tree = baseline_tree(commit, scratch)
+    tree = baseline_tree(commit, scratch, repository)
     results = {}
     for name, env, cwd in (("baseline", {"PYTHONPATH": str(tree)}, tree), ("streaming", None, ROOT)):
         spec = write_spec(directory / name, data)
@@ -249,12 +249,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="compare `data init` with this commit's code ('' to skip)")
     parser.add_argument("--baseline-examples", type=int, default=70_000)
     parser.add_argument("--scratch", type=Path, default=None, help="working directory (default: a temporary one)")
+    parser.add_argument("--repository", type=Path, default=ROOT, help="the git repository holding the baseline commit")
     args = parser.parse_args(argv)
     scratch = args.scratch or Path(tempfile.mkdtemp(prefix="conveyor-scale-"))
     scratch.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     try:
-        comparison = compare_ingestion(args.baseline_commit, args.baseline_examples, scratch) \
+        comparison = compare_ingestion(args.baseline_commit, args.baseline_examples, scratch, args.repository) \
             if args.baseline_commit else None
         rows = [measure_size(size, scratch) for size in args.sizes]
     finally:
