@@ -99,6 +99,7 @@ def run_monitored(argv: list[str], env: dict | None = None, cwd: Path = ROOT) ->
 
 
 def write_spec(directory: Path, data: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
     spec = directory / "spec.yaml"
     spec.write_text(f"extends: {ROOT / 'pipelines' / 'mnist.yaml'}\n"
                     f"workspace: {directory / 'workspace'}\n"
