@@ -43,12 +43,17 @@ def build_model(image_shape: tuple[int, int], arch: ModelArchitecture) -> tf.ker
     return tf.keras.Model(inputs, logits, name="digit_cnn")
 
 
+# The `image` default when an example has none: no pixel is negative, so it marks "absent".
+NO_PIXELS = -1.0
+
+
 def feature_spec(image_shape: tuple[int, int]) -> dict:
     """The stored examples' features: `image_raw` (H*W uint8 bytes) or, in spans written before it and from
     clients that send numbers, `image` (H*W numbers); `label`."""
+    pixels = image_shape[0] * image_shape[1]
     return {
         IMAGE_RAW_KEY: tf.io.FixedLenFeature([], tf.string, default_value=""),
-        IMAGE_KEY: tf.io.RaggedFeature(tf.float32),
+        IMAGE_KEY: tf.io.FixedLenFeature([pixels], tf.float32, default_value=[NO_PIXELS] * pixels),
         LABEL_KEY: tf.io.FixedLenFeature([1], tf.int64),
     }
 
@@ -62,18 +67,16 @@ def parse_examples(serialized: tf.Tensor, image_shape: tuple[int, int], with_lab
     if not with_labels:
         spec.pop(LABEL_KEY)
     parsed = tf.io.parse_example(serialized, spec)
-    raw = parsed[IMAGE_RAW_KEY]
+    raw, numbers = parsed[IMAGE_RAW_KEY], parsed[IMAGE_KEY]
     has_raw = tf.strings.length(raw) > 0
-    numbers = parsed[IMAGE_KEY]
-    sizes = tf.where(has_raw, tf.strings.length(raw), tf.cast(numbers.row_lengths(), tf.int32))
-    checked = tf.debugging.assert_equal(
-        sizes, pixels, message=f"each example needs {IMAGE_RAW_KEY!r} ({pixels} uint8 bytes) or {IMAGE_KEY!r} "
-                               f"({pixels} numbers), image shape {image_shape[0]}x{image_shape[1]}")
+    valid = tf.where(has_raw, tf.strings.length(raw) == pixels, numbers[:, 0] != NO_PIXELS)
+    checked = tf.debugging.Assert(
+        tf.reduce_all(valid), [f"each example needs {IMAGE_RAW_KEY!r} ({pixels} uint8 bytes) or {IMAGE_KEY!r} "
+                               f"({pixels} numbers), image shape {image_shape[0]}x{image_shape[1]}"])
     with tf.control_dependencies([checked]):
         filler = tf.fill(tf.shape(raw), tf.constant(bytes(pixels)))
         decoded = tf.cast(tf.io.decode_raw(tf.where(has_raw, raw, filler), tf.uint8), tf.float32)
-        as_numbers = numbers.to_tensor(default_value=0.0, shape=[None, pixels])
-        images = tf.reshape(tf.where(has_raw[:, None], decoded, as_numbers), (-1, *image_shape))
+        images = tf.reshape(tf.where(has_raw[:, None], decoded, numbers), (-1, *image_shape))
     if with_labels:
         return images, tf.squeeze(parsed[LABEL_KEY], axis=1)
     return images
