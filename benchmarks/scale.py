@@ -215,7 +215,9 @@ def markdown(rows: list[dict], comparison: dict | None) -> str:
         cells = []
         for r in rows:
             c = r["run"]["components"].get(name)
-            cells.append(f"{c['seconds']:.1f} s / {c['peak_rss_mb'] / 1024:.2f}" if c else "—")
+            # A node shorter than the 0.2 s sampling interval may have no memory sample.
+            peak = f"{c['peak_rss_mb'] / 1024:.2f}" if c and c["peak_rss_mb"] else "—"
+            cells.append(f"{c['seconds']:.1f} s / {peak}" if c else "—")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if len(rows) >= 2:
         small, large = rows[-2], rows[-1]
@@ -241,6 +243,14 @@ def markdown(rows: list[dict], comparison: dict | None) -> str:
                          f"{c['peak_rss_mb'] / 1024:.2f} GiB |")
         lines += ["", f"Speed-up per example: {comparison['speedup']:.1f}x."]
     return "\n".join(lines) + "\n"
+
+
+def render(results: Path) -> str:
+    """Markdown and plot again from a scale.json (e.g. after a change to their layout)."""
+    document = json.loads(results.read_text())
+    image = plot(document["sizes"])
+    return markdown(document["sizes"], document["ingestion_comparison"]) + \
+        f"\n![time and memory against size]({image})\n"
 
 
 def main(argv: list[str] | None = None) -> int:
