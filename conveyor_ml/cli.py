@@ -87,10 +87,12 @@ def cmd_data_add_span(args) -> int:
     _quiet_libraries()
     span, manifest = datasets.add_span(spec.data_root, image_shape=spec.data.image_shape,
                                        eval_fraction=spec.data.eval_fraction, files=args.from_files,
-                                       brightness=args.brightness, imbalance=args.imbalance)
+                                       brightness=args.brightness, imbalance=args.imbalance,
+                                       beam_args=tuple(spec.beam.args))
     shift = f", shift {manifest['shift']}" if "shift" in manifest else ""
     print(f"conveyor: wrote span-{span} ({manifest['examples']['train']} train, {manifest['examples']['eval']} eval "
-          f"examples from {manifest['source']}{shift}) to {datasets.span_dir(spec.data_root, span)}")
+          f"examples from {manifest['source']}{shift}) to {datasets.span_dir(spec.data_root, span)} "
+          f"in {manifest['ingestion_seconds']:.1f}s")
     return 0
 
 

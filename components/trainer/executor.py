@@ -21,6 +21,7 @@ from conveyor_ml.base.names import IMAGE_KEY, LABEL_KEY
 from conveyor_ml.base.native_output import is_native_noise
 from conveyor_ml.base.ports import free_port
 from conveyor_ml.base.spec import STRATEGIES, TrainerSettings
+from conveyor_ml.components import split_reader
 from conveyor_ml.components.artifacts import recorded_value, set_custom_properties, span_of
 from conveyor_ml.components.parameters import list_parameter, settings_from
 from conveyor_ml.components.trainer.parameters import PARAMETER_NAMES
@@ -54,6 +55,8 @@ class Executor(base_executor.BaseExecutor):
             facts_path="",
             settings=settings,
             warm_start_from=warm_start_from,
+            train_examples=_total([recorded_value(a, "examples_train") for a in examples]),
+            eval_examples=recorded_value(examples[-1], "examples_eval"),
         )
         worker_facts = run_training(job)
         chief = next(f for f in worker_facts if f["is_chief"])
@@ -61,6 +64,11 @@ class Executor(base_executor.BaseExecutor):
                                       "spans": ",".join(str(span_of(a)) for a in examples)})
         set_custom_properties(model_run, {"tensorboard_logdir": model_run.uri, "steps": chief["steps"],
                                           "wall_time_s": chief["wall_time_s"]})
+
+
+def _total(counts: list) -> int | None:
+    """The sum of known counts; None when any is unknown (Examples imported before spans recorded them)."""
+    return None if any(c is None for c in counts) else int(sum(counts))
 
 
 def refuse_anomalous_data(anomalies: list, span: int) -> None:
@@ -114,10 +122,10 @@ def check_schema(schema_artifacts: list) -> None:
 
 
 def split_files(examples, split: str) -> list[str]:
-    split_dir = Path(artifact_utils.get_split_uri([examples], split))
-    files = sorted(str(p) for p in split_dir.iterdir() if p.is_file()) if split_dir.is_dir() else []
+    files = split_reader.split_files(examples, split)
     if not files:
-        raise ConveyorError(f"examples: split '{split}' of span {span_of(examples)} is empty ({split_dir})")
+        raise ConveyorError(f"examples: split '{split}' of span {span_of(examples)} is empty "
+                            f"({artifact_utils.get_split_uri([examples], split)})")
     return files
 
 
