@@ -69,8 +69,10 @@ def build_components(spec: PipelineSpec, portable: bool = False) -> list:
     blessed model" and "the latest statistics" before this run, the span window is the newest span, and
     the nodes that need a local serving directory (InfraValidator, ServingPusher) are left to GcpPusher."""
     components = spec.components
+    from conveyor_ml.components.example_gen.component import SpanExampleGen
+
     data_root = spec.kubeflow.data_root_uri if portable else str(spec.data_root.resolve())
-    example_gen = tfx.components.ImportExampleGen(input_base=data_root, input_config=example_gen_input_config())
+    example_gen = SpanExampleGen(input_base=data_root, input_config=example_gen_input_config())
     example_gen = example_gen.with_id(EXAMPLE_GEN)
     schema_gen = tfx.components.ImportSchemaGen(schema_file=str(spec.data.schema.resolve())).with_id(SCHEMA_GEN)
     nodes = [example_gen, schema_gen]
@@ -78,8 +80,10 @@ def build_components(spec: PipelineSpec, portable: bool = False) -> list:
 
     anomalies = drift_report = None
     if components.statistics_gen:
+        from conveyor_ml.components.statistics_gen.component import StatisticsGen
+
         # With the schema, the label is summarised as categorical, which the drift gate's L-infinity needs.
-        statistics_gen = tfx.components.StatisticsGen(examples=examples, schema=schema).with_id(STATISTICS_GEN)
+        statistics_gen = StatisticsGen(examples=examples, schema=schema).with_id(STATISTICS_GEN)
         nodes.append(statistics_gen)
         drift_report = _drift_gate(spec, nodes, examples, statistics_gen.outputs["statistics"], schema, portable)
         if components.example_validator:

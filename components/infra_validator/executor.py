@@ -23,7 +23,7 @@ from conveyor_ml.base.server_process import ServerProcess, ServerStartError
 from conveyor_ml.base.spec import InfraValidatorSettings
 from conveyor_ml.components.artifacts import set_custom_properties
 from conveyor_ml.components.parameters import list_parameter, settings_from
-from conveyor_ml.formats.examples import read_tfrecords
+from conveyor_ml.components.split_reader import sample, split_files
 
 CANDIDATE = "candidate"
 BLESSED_FILE, NOT_BLESSED_FILE = "INFRA_BLESSED", "INFRA_NOT_BLESSED"
@@ -47,9 +47,8 @@ class Executor(base_executor.BaseExecutor):
         num_examples, timeout = settings.num_examples, settings.timeout_seconds
         image_shape = tuple(list_parameter(exec_properties, "image_shape"))
 
-        eval_dir = Path(artifact_utils.get_split_uri([examples], "eval"))
-        files = sorted(str(p) for p in eval_dir.iterdir() if p.is_file())
-        images = read_tfrecords(files, image_shape).images[:num_examples]
+        # A sample: the first num_examples eval images, read from the start of the split only.
+        images = sample(split_files(examples, "eval"), image_shape, num_examples)[0]
         result = validate(path_utils.serving_model_path(model.uri), images, timeout)
         blessed = result["error"] is None
         io_utils.write_string_file(str(Path(blessing.uri) / (BLESSED_FILE if blessed else NOT_BLESSED_FILE)), "")

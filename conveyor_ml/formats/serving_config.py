@@ -182,5 +182,9 @@ def read_traffic(path: Path) -> TrafficWeights:
     return TrafficWeights(weights)
 
 
+def traffic_text(traffic: TrafficWeights) -> str:
+    return json.dumps({"models": traffic.models}, indent=2, sort_keys=True) + "\n"
+
+
 def write_traffic(path: Path, traffic: TrafficWeights) -> None:
-    write_atomically(path, json.dumps({"models": traffic.models}, indent=2, sort_keys=True) + "\n")
+    write_atomically(path, traffic_text(traffic))

@@ -1,5 +1,6 @@
 """Rendered production manifests: Kubernetes objects valid against the Kubernetes schemas (shipped offline by
 kubernetes-validate), Istio objects checked on the fields that route traffic, compose wired to TF Serving."""
+import stat
 from pathlib import Path
 
 import kubernetes_validate
@@ -78,6 +79,8 @@ def test_compose_runs_tf_serving_on_the_same_files(canary_release, tmp_path):
     server_config = config.read_model_server_config(tmp_path / "compose" / "models.config")
     assert server_config.model_config_list.config[0].base_path == "/models/mnist"
     assert len(written) == 4
+    # TF Serving in the container runs as another user: every config file must be readable by all.
+    assert {oct(stat.S_IMODE(Path(path).stat().st_mode)) for path in written} == {"0o644"}
 
 
 def test_committed_examples_are_current():
