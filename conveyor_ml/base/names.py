@@ -30,6 +30,8 @@ DEPLOYMENT_TYPE = "conveyor.Deployment"
 DATA_DRIFT_REPORT_TYPE = "conveyor.DataDriftReport"
 PROMOTE_EXECUTION = "conveyor.Promote"
 ROLLBACK_EXECUTION = "conveyor.Rollback"
+# A pushed TFLite variant released as the canary version (`conveyor canary`).
+VARIANT_CANARY_EXECUTION = "conveyor.VariantCanary"
 # A push the ServingPusher made whose TFX record never arrived (the run was killed): recorded on repair.
 PUSH_EXECUTION = "conveyor.Push"
 # The id of one release change, on its MLMD execution and Deployments: how a repair finds what is recorded.
