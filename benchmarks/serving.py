@@ -195,6 +195,58 @@ def in_process_ceiling(saved_model_dir: str, image_shape, seconds: float) -> dic
     return ceiling
 
 
+def short_frame(frame: str) -> str:
+    """py-spy's "function (path/to/package/file.py:line)" as "function (package/file.py)": lines pooled."""
+    match = re.fullmatch(r"(.*) \((.*?)(?::\d+)?\)", frame.strip())
+    if not match:
+        return frame.strip()
+    return f"{match.group(1)} ({'/'.join(Path(match.group(2)).parts[-2:])})"
+
+
+def profile_server(pid: int, url: str, body: str, seconds: float, top: int = 15) -> dict:
+    """Samples the server with py-spy while wrk loads it at the top concurrency: per function (file and name, all
+    lines together), the share of samples it was running in itself (own) and anywhere on the stack (total).
+    Only the thread holding the GIL is sampled: this is where Python work goes (the model's own run, epoll
+    and grpc's poller release the GIL), and on 2 cores Python work is what the server is short of."""
+    spy_binary = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    with tempfile.NamedTemporaryFile(suffix=".txt", delete=False) as out:
+        pass
+    try:
+        spy = subprocess.Popen([spy_binary, "record", "--pid", str(pid), "--duration", f"{max(1, round(seconds))}",
+                                "--rate", "250", "--gil", "--nonblocking", "--format", "raw", "--output", out.name],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)  # attached before the load starts
+        wrk_load(url, body, TOP, seconds)
+        _, error = spy.communicate(timeout=seconds + 60)
+        stacks = Path(out.name).read_text().splitlines()
+    finally:
+        os.unlink(out.name)
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    for line in stacks:
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        samples += count
+        frames = [short_frame(frame) for frame in stack.split(";")]
+        frames = [frame for frame in frames if not frame.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            total[frame] = total.get(frame, 0) + count
+    if not samples:
+        return {"samples": 0, "error": (error or "no samples")[-300:], "own": [], "total": []}
+
+    def share(counts: dict[str, int]) -> list[list]:
+        ranked = sorted(counts.items(), key=lambda item: -item[1])[:top]
+        return [[name, count / samples] for name, count in ranked]
+
+    return {"samples": samples, "own": share(own), "total": share(total)}
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -205,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="mnist")
     parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="skip sampling the server with py-spy under load")
     args = parser.parse_args(argv)
 
     from conveyor_ml.base.ports import free_port
@@ -238,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     loads = [load_average()]
 
     results: dict[str, dict] = {}
+    profile: dict = {}
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         frame_file = scratch / "predict.grpc"
@@ -276,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
                             s.grpc_target, str(frame_file), c, args.seconds,
                             lambda: grpc_ok_count(s.rest_url, args.model)), args.repeats)
                 check_answers(server.rest_url, server.grpc_target, args.model, body, request, expected)
+                if args.profile and name == "conveyor" and state == "batching on":
+                    print(f"profiling {name} {state}, REST concurrency {TOP}", flush=True)
+                    profile = profile_server(server.pid, url, body, args.seconds)
             finally:
                 server.stop()
             loads.append(load_average())
@@ -350,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
                 "num_batch_threads": batching.num_batch_threads}
     write_results("serving", {"model": str(saved_model), "seconds": args.seconds, "repeats": args.repeats,
                               "batching": settings, "load_average_1_5_15": loads, "results": results,
-                              "in_process_examples_per_s": ceiling},
-                  markdown(results, ceiling, args, settings, loads))
+                              "in_process_examples_per_s": ceiling, "profile": profile},
+                  markdown(results, ceiling, args, settings, loads, profile))
     return 0
 
 
@@ -389,7 +447,21 @@ def targets(results: dict) -> list[tuple[str, float, float]]:
     return [(what, top / bottom, goal) for what, top, bottom, goal in checks if top and bottom]
 
 
-def markdown(results: dict, ceiling: dict, args, settings: dict, loads: list) -> str:
+def profile_markdown(profile: dict) -> str:
+    if not profile.get("samples"):
+        return ("Profile: not taken" + (f" ({profile['error'].strip()})" if profile.get("error") else "")
+                + ".\n")
+    lines = [f"Where the server's Python time goes (py-spy --gil: {profile['samples']:,} samples of the thread "
+             f"holding the GIL while wrk ran REST at concurrency {TOP}, batching on; the model's own run releases "
+             "the GIL and is not in them): the functions it spent most time in themselves (own), and those most "
+             "often on the stack (total).\n",
+             "| own | function | | total | function |", "|---|---|---|---|---|"]
+    for (own_name, own_share), (total_name, total_share) in zip(profile["own"], profile["total"]):
+        lines.append(f"| {own_share:.1%} | `{own_name}` | | {total_share:.1%} | `{total_name}` |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(results: dict, ceiling: dict, args, settings: dict, loads: list, profile: dict) -> str:
     rows = []
     for key, figures in results.items():
         name, concurrency = key.split("|")
@@ -427,7 +499,7 @@ def markdown(results: dict, ceiling: dict, args, settings: dict, loads: list) ->
         f"How far each figure is from what the stack and the model allow (concurrency {TOP}):\n\n"
         "| server | vs transport | vs model |\n|---|---|---|\n" + "\n".join(fraction) + "\n\n"
         f"Targets (concurrency {TOP} unless stated):\n\n| target | measured | |\n|---|---|---|\n"
-        + "\n".join(check_rows) + "\n")
+        + "\n".join(check_rows) + "\n\n" + profile_markdown(profile))
 
 
 if __name__ == "__main__":

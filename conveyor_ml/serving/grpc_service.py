@@ -177,14 +177,17 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return await self._handle(request.model_spec, "regress", request, context, work)
 
     async def MultiInference(self, request, context):
-        if not request.tasks:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Tasks field is empty")
         names = {task.model_spec.name for task in request.tasks}
-        if "" in names:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Found ModelSpec with an empty model name.")
-        if len(names) > 1:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "All ModelSpecs in a MultiInferenceRequest must access the same model name.")
+        refusal = None
+        if not request.tasks:
+            refusal = invalid_argument("Tasks field is empty")
+        elif "" in names:
+            refusal = invalid_argument("Found ModelSpec with an empty model name.")
+        elif len(names) > 1:
+            refusal = invalid_argument("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
+        if refusal is not None:  # answered before any model is resolved, yet recorded like every answer
+            self.server.refuse(self.server.model_label(min(names, default="")), "multi_inference", "grpc", refusal)
+            await context.abort(refusal.code, refusal.message)
 
         async def work(call, servable):
             tasks = [(task.model_spec.signature_name, task.method_name) for task in request.tasks]
@@ -252,13 +255,24 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         self.server = server
 
     async def GetModelStatus(self, request, context):
+        """Admitted and recorded as REST's model status calls are (api "status")."""
         spec = request.model_spec
+        try:
+            call = self.server.begin(spec.name, "status", "grpc")
+        except ServingError as exc:
+            await context.abort(exc.code, exc.message)
         try:
             return model_status_response(self.server, spec.name,
                                          spec.version.value if spec.HasField("version") else None,
                                          spec.version_label or None)
         except ServingError as exc:
-            await context.abort(exc.code, exc.message)
+            call.fail(exc)
+            error = exc
+        except Exception as exc:
+            error = self.server.internal_error(call, exc)
+        finally:
+            self.server.finish(call)
+        await context.abort(error.code, error.message)
 
     async def HandleReloadConfigRequest(self, request, context):
         try:
@@ -266,6 +280,9 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         except ServingError as exc:
             log.error("ReloadConfig failed: %s", exc.message)
             await context.abort(exc.code, exc.message)
+        except Exception as exc:  # a bug: logged with its traceback, answered in one line
+            log.error("ReloadConfig failed", exc_info=exc)
+            await context.abort(grpc.StatusCode.INTERNAL, f"Internal error: {type(exc).__name__}: {exc}")
         return model_management_pb2.ReloadConfigResponse(status=status_pb2.StatusProto(error_code=0))
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,12 +145,12 @@ class ModelQuality:
             self._predictions[prediction_id] = (model, version, classes)
             if len(self._predictions) > self.remembered:
                 self._predictions.popitem(last=False)
-            for value in classes:
+            for value, count in Counter(classes).items():  # one increment per class, not per row
                 counter = self._class_counters.get((model, version, value))
                 if counter is None:  # a labels() lookup once per class, not per request
                     counter = self.metrics.predicted_class.labels(model, str(version), str(value))
                     self._class_counters[(model, version, value)] = counter
-                counter.inc()
+                counter.inc(count)
         return prediction_id
 
     def feedback(self, model: str, entries: list[dict]) -> dict:

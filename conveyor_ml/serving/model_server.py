@@ -283,9 +283,14 @@ class ModelServer:
         return self.executors[protocol].submit(function, *args)
 
     # -- calls ------------------------------------------------------------------------------------------
+    def model_label(self, model: str) -> str:
+        """The metrics label for a model a client named: its name if configured, else UNKNOWN_MODEL (labels
+        never take what clients invent, so the number of series stays bounded)."""
+        return model if model and self.registry.has(model) else UNKNOWN_MODEL
+
     def begin(self, model: str, api: str, protocol: str, nbytes: int = 0) -> Call:
         """Admits a call (UNAVAILABLE when the server is at capacity, recorded like any answer)."""
-        label = model if model and self.registry.has(model) else UNKNOWN_MODEL
+        label = self.model_label(model)
         call = Call(label, api, protocol, nbytes, arriving=api == "predict" and self.batcher is not None)
         try:
             if nbytes > self.options.max_request_body_bytes:

@@ -182,13 +182,16 @@ class RestApi:
         """The body, read within --rest_api_timeout_in_ms (TF Serving's HTTP server times out the whole call):
         a client that sends it too slowly gets 408 and gives its admission share back."""
         timeout = self._timeout_ms()
-        if not timeout or request.content.is_eof():  # all of it is here already (small bodies usually are)
-            return await request.read()
         try:
-            return await asyncio.wait_for(request.read(), timeout / 1000 if timeout else None)
+            if not timeout or request.content.is_eof():  # all of it is here already (small bodies usually are)
+                return await request.read()
+            return await asyncio.wait_for(request.read(), timeout / 1000)
         except asyncio.TimeoutError:
             raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, f"The request body did not arrive within "
                                f"{timeout} ms (--rest_api_timeout_in_ms)", http_status=408) from None
+        except ConnectionError:  # the client went away mid-body: its call, not a server fault
+            raise ServingError(grpc.StatusCode.CANCELLED, "The client closed the connection before its body "
+                               "arrived") from None
 
     def _decode_predict(self, servable, document: dict) -> tuple[str, dict, str]:
         signature = json_codec.signature_name(document)

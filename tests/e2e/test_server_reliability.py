@@ -18,8 +18,11 @@ import random
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -42,9 +45,25 @@ pytestmark = pytest.mark.slow
 
 SCHEMA = ROOT / "schemas" / "mnist" / "schema.pbtxt"
 LIMIT = 1024 * 1024  # --max_request_body_bytes in these tests (the default is 16 MiB: same code, less to send)
-PEAK_RSS_BOUND_MB = 1800  # VmHWM of the hostile-corpus server, which idles at ~650 MB here
+PEAK_RSS_BOUND_MB = 1200  # VmHWM of a server under these tests, which idles at ~580 MB here
 HOSTILE_REQUESTS = 10_200
 CLIENT_ERRORS = {"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}
+
+
+PROBE = """
+import sys, threading, time, urllib.request
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.readline(), stop.set()), daemon=True).start()
+print("probing", flush=True)
+while not stop.is_set():
+    started = time.monotonic()
+    try:
+        ok = urllib.request.urlopen(sys.argv[1], timeout=10).status == 200
+    except OSError:
+        ok = False
+    print(time.monotonic() - started if ok else "inf", flush=True)
+    time.sleep(0.1)
+"""
 
 
 def proc_status_mb(pid: int, field: str) -> float:
@@ -58,6 +77,17 @@ def metric_series(server: ServerProcess) -> set[str]:
     """The names and labels of every series on the Prometheus page (not their values)."""
     page = requests.get(f"{server.rest_url}/monitoring/prometheus/metrics", timeout=30).text
     return {line.rsplit(" ", 1)[0] for line in page.splitlines() if line and not line.startswith("#")}
+
+
+def request_totals(server: ServerProcess) -> Counter:
+    """conveyor_requests_total summed by (protocol, status): what the server recorded of its answers."""
+    page = requests.get(f"{server.rest_url}/monitoring/prometheus/metrics", timeout=30).text
+    totals: Counter = Counter()
+    for line in page.splitlines():
+        if line.startswith("conveyor_requests_total{"):
+            labels = dict(label.split("=", 1) for label in line[line.index("{") + 1:line.rindex("}")].split(","))
+            totals[(labels["protocol"].strip('"'), labels["status"].strip('"'))] += float(line.rsplit(" ", 1)[1])
+    return totals
 
 
 def declared(shape, dtype=types_pb2.DT_FLOAT, **fields) -> tensor_pb2.TensorProto:
@@ -113,8 +143,10 @@ def grpc_cases():
                                                 signature=f"sig{r.random()}"), {"FAILED_PRECONDITION"}),
         "invented model": (lambda r: predict(tf.make_tensor_proto(np.zeros((1, 8, 8), np.float32)),
                                              name=f"model-{r.getrandbits(64):x}"), {"NOT_FOUND"}),
-        "random bytes": (lambda r: (r.choice(["Predict", "Classify", "Regress", "MultiInference"]),
-                                    r.randbytes(r.randint(1, 400))), {"INVALID_ARGUMENT"} | {"NOT_FOUND"}),
+        # One kind per method, so that the label sets the corpus produces are all in its first pass.
+        **{f"random bytes to {method}": (lambda r, method=method: (method, r.randbytes(r.randint(1, 400))),
+                                         {"INVALID_ARGUMENT", "NOT_FOUND"})
+           for method in ("Predict", "Classify", "Regress", "MultiInference")},
         "garbage tf.Example": (lambda r: example({"images": r.randbytes(r.randint(0, 64))}), {"INVALID_ARGUMENT"}),
         "tf.Example of wrong features": (lambda r: example({f"f{r.randint(0, 9)}": [r.random()] * r.randint(0, 70)}),
                                          {"INVALID_ARGUMENT"}),
@@ -141,10 +173,11 @@ def rest_cases():
         "huge numbers": (lambda r: ("mnist:predict", '{"instances": [[[1e999, 1e400]]]}'), {400}),
         # Valid for a float input (1e30 fits a float32), but past orjson's 64-bit integers: the slower parser.
         "integers beyond int64": (lambda r: ("mnist:predict", json.dumps({"inputs": [[[10**30] * 8] * 8]})), {200}),
-        "garbage tf.Example": (lambda r: (r.choice(["mnist:classify", "mnist:regress"]), json.dumps(
-            {"examples": [{"images": r.choice(["x", [1, "a"], {"b64": "!!"}, [[1]]])}]})), {400}),
-        "random bytes": (lambda r: (r.choice(["mnist:predict", "mnist:classify", "mnist/metadata"]),
-                                    r.randbytes(r.randint(0, 400))), {400, 404, 405}),
+        **{f"garbage tf.Example to {api}": (lambda r, api=api: (f"mnist:{api}", json.dumps(
+            {"examples": [{"images": r.choice(["x", [1, "a"], {"b64": "!!"}, [[1]]])}]})), {400})
+           for api in ("classify", "regress")},
+        **{f"random bytes to {path}": (lambda r, path=path: (path, r.randbytes(r.randint(0, 400))), {400, 404, 405})
+           for path in ("mnist:predict", "mnist:classify", "mnist/metadata")},
         "invented model": (lambda r: (f"model-{r.getrandbits(64):x}:predict", json.dumps({"instances": [image]})),
                            {404}),
         "invented label": (lambda r: (f"mnist/labels/l{r.getrandbits(32):x}:predict", json.dumps({"instances": [image]})),
@@ -181,6 +214,15 @@ def slow_body(port: int, declared_bytes: int, sent: int) -> int:
     return int(answer.split()[1])
 
 
+def gone_mid_body(port: int) -> str:
+    """Declares a body, sends part of it and hangs up: the server records CANCELLED, not a fault."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/models/mnist:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000\r\n\r\n{\"instances\": [")
+        time.sleep(0.05)
+    return "gone"
+
+
 def oversize_chunked(port: int) -> int:
     """A chunked body (no Content-Length to refuse early) that grows past the limit."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -214,6 +256,7 @@ def test_hostile_corpus_gets_only_client_errors_in_bounded_memory_and_metrics(ho
     channel = grpc.insecure_channel(server.grpc_target, options=[("grpc.max_send_message_length", 4 * LIMIT)])
     local = threading.local()
     violations, counts = [], {}
+    answered: Counter = Counter()  # (protocol, "OK" or "error") of each answer the server should have recorded
     lock = threading.Lock()
 
     def one(index: int) -> None:
@@ -222,10 +265,13 @@ def test_hostile_corpus_gets_only_client_errors_in_bounded_memory_and_metrics(ho
         if protocol == "grpc":
             method, payload = build(generator)
             outcome = send_grpc(channel, method, payload)
+            # grpc itself refuses a message over the limit, before any handler (or metric) sees it.
+            recorded = outcome != "RESOURCE_EXHAUSTED"
         else:
             if not hasattr(local, "connection"):
                 local.connection = http.client.HTTPConnection("127.0.0.1", server.rest_port, timeout=60)
             path, body = build(generator)
+            recorded = not path.endswith("/metadata")  # a POST there is a malformed URL: no model, no call
             try:
                 outcome = send_rest(local.connection, path, body)
             except (http.client.HTTPException, OSError):
@@ -236,34 +282,51 @@ def test_hostile_corpus_gets_only_client_errors_in_bounded_memory_and_metrics(ho
             counts[(protocol, name, outcome)] = counts.get((protocol, name, outcome), 0) + 1
             if outcome not in expected and outcome not in (503, "UNAVAILABLE"):
                 violations.append((protocol, name, outcome))
+            if recorded:
+                answered[(protocol, "OK" if outcome in ("OK", 200) else "error")] += 1
 
     def specials(pool) -> list:
-        """Bodies sent too slowly, declared too large, or growing too large while chunked."""
-        futures = [pool.submit(slow_body, server.rest_port, LIMIT // 2, 100) for _ in range(4)]
-        futures += [pool.submit(slow_body, server.rest_port, 10 * LIMIT, 10)]  # refused before reading
-        futures += [pool.submit(oversize_chunked, server.rest_port) for _ in range(4)]
-        return futures
+        """Bodies sent too slowly, declared too large, growing too large while chunked, or abandoned halfway."""
+        def one_after_another() -> list:  # so that they stay within the admission budget with the slow ones
+            return ([slow_body(server.rest_port, 10 * LIMIT, 10)]  # refused before reading
+                    + [oversize_chunked(server.rest_port) for _ in range(4)]
+                    + [gone_mid_body(server.rest_port) for _ in range(3)])
 
-    with ThreadPoolExecutor(8) as pool:  # every label set the corpus can produce, once
+        futures = [pool.submit(lambda: [slow_body(server.rest_port, LIMIT // 2, 100)]) for _ in range(4)]
+        return futures + [pool.submit(one_after_another)]
+
+    warm_up_requests = 2 * len(cases)  # every label set the corpus produces, twice over
+    with ThreadPoolExecutor(8) as pool:
         warm_up = specials(pool)
-        list(pool.map(one, range(len(cases))))
+        list(pool.map(one, range(warm_up_requests)))
         [future.result() for future in warm_up]
-    series_before = metric_series(server)
+    series_before, totals_before = metric_series(server), request_totals(server)
+    answered.clear()
     started = time.monotonic()
     with ThreadPoolExecutor(8) as pool:
         special_futures = specials(pool)
-        list(pool.map(one, range(len(cases), HOSTILE_REQUESTS)))
-        special_outcomes = [future.result() for future in special_futures]
+        list(pool.map(one, range(warm_up_requests, HOSTILE_REQUESTS)))
+        special_outcomes = [outcome for future in special_futures for outcome in future.result()]
     seconds = time.monotonic() - started
-    series_after = metric_series(server)
+    time.sleep(0.5)  # the hung-up calls are recorded when the server notices
+    series_after, totals_after = metric_series(server), request_totals(server)
     peak_mb = proc_status_mb(server.pid, "VmHWM")
-    print(f"\nhostile corpus: {HOSTILE_REQUESTS} requests ({len(cases)} kinds) + {len(special_futures)} slow/oversize "
+    print(f"\nhostile corpus: {HOSTILE_REQUESTS} requests ({len(cases)} kinds) + {len(special_outcomes)} slow/oversize/abandoned "
           f"bodies in {seconds:.1f} s; violations {len(violations)}; peak RSS {peak_mb:.0f} MB (bound "
           f"{PEAK_RSS_BOUND_MB}); metric series {len(series_before)} -> {len(series_after)}")
     for key in sorted(counts, key=str):
         print("  ", key, counts[key])
     assert violations == []
-    assert special_outcomes == [408] * 4 + [413] + [413] * 4
+    assert special_outcomes == [408] * 4 + [413] + [413] * 4 + ["gone"] * 3
+    # Every answer is recorded under the status it was given: 413s, 408s and hang-ups are not OK.
+    recorded = totals_after - totals_before
+    for protocol in ("grpc", "rest"):
+        assert recorded[(protocol, "OK")] == answered[(protocol, "OK")], protocol
+        errors = sum(count for (p, status), count in recorded.items() if p == protocol and status != "OK")
+        assert errors == answered[(protocol, "error")] + (12 if protocol == "rest" else 0), protocol
+    assert recorded[("rest", "DEADLINE_EXCEEDED")] == 4 and recorded[("rest", "CANCELLED")] == 3
+    assert recorded[("rest", "RESOURCE_EXHAUSTED")] == 5 and recorded[("rest", "INTERNAL")] == 0
+    assert recorded[("grpc", "INTERNAL")] == recorded[("grpc", "UNKNOWN")] == 0
     assert server.process.poll() is None
     assert requests.get(f"{server.rest_url}/readyz", timeout=10).status_code == 200
     assert peak_mb < PEAK_RSS_BOUND_MB
@@ -278,8 +341,12 @@ def test_overload_is_answered_promptly_and_sigterm_obeyed(tmp_path, trained_expo
     base = tmp_path / "mnist"
     shutil.copytree(trained_export, base / "1")
     flags = ["--model_name", "mnist", "--model_base_path", str(base), "--max_request_body_bytes", str(LIMIT),
-             "--enable_grpc_healthcheck_service"] + (["--enable_batching"] if batching else [])
-    rows = (LIMIT - 100) // len(json.dumps([[7.0] * 8] * 8))  # a valid Predict body just under the limit
+             "--enable_grpc_healthcheck_service"]
+    if batching:  # batches large enough for a maximum-size request (TF Serving refuses a task over max_batch_size)
+        (tmp_path / "batching.config").write_text("max_batch_size { value: 8192 }\nbatch_timeout_micros { value: 5000 }\n"
+                                                  "max_enqueued_batches { value: 4 }\nnum_batch_threads { value: 2 }\n")
+        flags += ["--enable_batching", "--batching_parameters_file", str(tmp_path / "batching.config")]
+    rows = (LIMIT - 100) // len(json.dumps([[7.0] * 8] * 8) + ", ")  # a valid Predict body just under the limit
     rest_body = json.dumps({"instances": [[[7.0] * 8] * 8] * rows}).encode()
     grpc_request = predict_pb2.PredictRequest(model_spec={"name": "mnist"})
     grpc_request.inputs["images"].CopyFrom(tf.make_tensor_proto(np.full(((LIMIT - 100) // 256, 8, 8), 7.0,
@@ -290,17 +357,11 @@ def test_overload_is_answered_promptly_and_sigterm_obeyed(tmp_path, trained_expo
     with ServerProcess(*flags) as server:
         server.wait_available("mnist")
         idle_mb = proc_status_mb(server.pid, "VmRSS")
-        probe_latencies, stop_probing = [], threading.Event()
-
-        def probe() -> None:
-            while not stop_probing.is_set():
-                started = time.monotonic()
-                try:
-                    ok = requests.get(f"{server.rest_url}/healthz", timeout=10).status_code == 200
-                except requests.RequestException:
-                    ok = False
-                probe_latencies.append(time.monotonic() - started if ok else float("inf"))
-                time.sleep(0.1)
+        # The liveness probe runs in its own process, as a kubelet's would: in this one, 200 client threads
+        # serializing megabyte bodies would hold it up as much as the server could.
+        prober = subprocess.Popen([sys.executable, "-c", PROBE, f"{server.rest_url}/healthz"],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert prober.stdout.readline().strip() == "probing"
 
         channel = grpc.insecure_channel(server.grpc_target)
         barrier = threading.Barrier(200)
@@ -319,14 +380,12 @@ def test_overload_is_answered_promptly_and_sigterm_obeyed(tmp_path, trained_expo
                 outcome = "closed early"
             return "rest", outcome, time.monotonic() - started
 
-        prober = threading.Thread(target=probe)
-        prober.start()
         try:
             with ThreadPoolExecutor(200) as pool:
                 results = list(pool.map(client, range(200)))
         finally:
-            stop_probing.set()
-            prober.join()
+            probe_output, _ = prober.communicate("stop\n", timeout=30)
+        probe_latencies = [float(line) for line in probe_output.split()]
         peak_mb = proc_status_mb(server.pid, "VmHWM")
 
         # A second wave, and SIGTERM in the middle of it.
@@ -353,7 +412,10 @@ def test_overload_is_answered_promptly_and_sigterm_obeyed(tmp_path, trained_expo
     assert set(outcomes) <= served | refused, outcomes
     assert outcomes.get(("rest", 200), 0) + outcomes.get(("grpc", "OK"), 0) > 0
     assert slowest < 60
-    assert max(probe_latencies) < 2.0
+    # Every probe answered, and promptly enough for a liveness probe's retries (this is on 2 shared cores with
+    # the 200 clients: the bound is for a server that is starved, not one that is wedged).
+    assert probe_latencies and max(probe_latencies) < 5.0
+    assert sorted(probe_latencies)[len(probe_latencies) // 2] < 1.0
     assert exit_seconds < 5.0 and server.process.returncode == 0
     assert peak_mb < PEAK_RSS_BOUND_MB
 
