@@ -7,7 +7,9 @@ each with a client error (4xx, INVALID_ARGUMENT, NOT_FOUND, FAILED_PRECONDITION,
 bound, and keep its Prometheus page the same size. Overload: 200 clients at once with maximum-size
 bodies, batching on and off: all answered (served or 503) within a bound, the liveness probe answering
 throughout, SIGTERM obeyed within seconds. Restart: a corrupt newest version does not stop the server
-from serving the healthy one. Figures are printed (pytest -s) for benchmarks/results/reliability.md.
+from serving the healthy one. Figures are printed (pytest -s), and written as JSON to the file
+CONVEYOR_SERVER_RELIABILITY_REPORT names (benchmarks/server_reliability.py does, for
+benchmarks/results/reliability.md).
 """
 from __future__ import annotations
 
@@ -48,6 +50,16 @@ LIMIT = 1024 * 1024  # --max_request_body_bytes in these tests (the default is 1
 PEAK_RSS_BOUND_MB = 1200  # VmHWM of a server under these tests, which idles at ~580 MB here
 HOSTILE_REQUESTS = 10_200
 CLIENT_ERRORS = {"INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "RESOURCE_EXHAUSTED", "UNAVAILABLE"}
+
+
+REPORT: dict = {}  # the figures of the tests that ran, for CONVEYOR_SERVER_RELIABILITY_REPORT
+
+
+def report(key: str, figures: dict) -> None:
+    REPORT[key] = figures
+    if os.environ.get("CONVEYOR_SERVER_RELIABILITY_REPORT"):
+        with open(os.environ["CONVEYOR_SERVER_RELIABILITY_REPORT"], "w") as out:
+            json.dump(REPORT, out, indent=2, default=str)
 
 
 PROBE = """
@@ -316,6 +328,12 @@ def test_hostile_corpus_gets_only_client_errors_in_bounded_memory_and_metrics(ho
           f"{PEAK_RSS_BOUND_MB}); metric series {len(series_before)} -> {len(series_after)}")
     for key in sorted(counts, key=str):
         print("  ", key, counts[key])
+    report("hostile", {"requests": HOSTILE_REQUESTS, "kinds": len(cases), "special_bodies": len(special_outcomes),
+                       "seconds": seconds, "violations": len(violations), "peak_rss_mb": peak_mb,
+                       "rss_bound_mb": PEAK_RSS_BOUND_MB, "series_before": len(series_before),
+                       "series_after": len(series_after),
+                       "answers": dict(sum((Counter({f"{protocol} {outcome}": count})
+                                            for (protocol, _, outcome), count in counts.items()), Counter()))})
     assert violations == []
     assert special_outcomes == [408] * 4 + [413] + [413] * 4 + ["gone"] * 3
     # Every answer is recorded under the status it was given: 413s, 408s and hang-ups are not OK.
@@ -407,6 +425,11 @@ def test_overload_is_answered_promptly_and_sigterm_obeyed(tmp_path, trained_expo
           f"{outcomes}; slowest answer {slowest:.1f} s; health probe max {max(probe_latencies) * 1000:.0f} ms over "
           f"{len(probe_latencies)} probes; RSS idle {idle_mb:.0f} MB, peak {peak_mb:.0f} MB; exit after SIGTERM "
           f"{exit_seconds:.1f} s (status {server.process.returncode})")
+    report(f"overload, batching {'on' if batching else 'off'}", {
+        "clients": 200, "body_kib": LIMIT // 1024, "answers": {f"{p} {o}": n for (p, o), n in outcomes.items()},
+        "slowest_s": slowest, "probes": len(probe_latencies), "probe_max_ms": max(probe_latencies) * 1000,
+        "rss_idle_mb": idle_mb, "rss_peak_mb": peak_mb, "sigterm_exit_s": exit_seconds,
+        "exit_status": server.process.returncode})
     served = {(protocol, ok) for protocol, ok in [("rest", 200), ("grpc", "OK")]}
     refused = {("rest", 503), ("grpc", "UNAVAILABLE"), ("grpc", "RESOURCE_EXHAUSTED"), ("rest", "closed early")}
     assert set(outcomes) <= served | refused, outcomes
@@ -438,3 +461,5 @@ def test_restart_on_a_corrupt_newest_version_serves_the_healthy_one(tmp_path, tr
         assert statuses[1]["state"] == "AVAILABLE"
         assert statuses[2]["state"] == statuses[3]["state"] == "END"
         assert "empty" in statuses[2]["status"]["error_message"]
+    report("restart", {"served_version": 1, "broken_versions": {"2": statuses[2]["status"]["error_message"],
+                                                                "3": statuses[3]["status"]["error_message"]}})
