@@ -203,7 +203,12 @@ def short_frame(frame: str) -> str:
     return f"{match.group(1)} ({'/'.join(Path(match.group(2)).parts[-2:])})"
 
 
-def profile_server(pid: int, url: str, body: str, seconds: float, top: int = 15) -> dict:
+# Frames every sampled stack of the event loop runs under (the process's start-up, the loop itself): their
+# "total" share says nothing about where the time goes, so the table leaves them out.
+OUTER_FRAMES = ("(runpy.py)", "(conveyor_ml/cli.py)", "(asyncio/runners.py)", "(serving/server.py)", "(threading.py)")
+
+
+def profile_server(pid: int, url: str, body: str, seconds: float, top: int = 30) -> dict:
     """Samples the server with py-spy while wrk loads it at the top concurrency: per function (file and name, all
     lines together), the share of samples it was running in itself (own) and anywhere on the stack (total).
     Only the thread holding the GIL is sampled: this is where Python work goes (the model's own run, epoll
@@ -454,9 +459,10 @@ def profile_markdown(profile: dict) -> str:
     lines = [f"Where the server's Python time goes (py-spy --gil: {profile['samples']:,} samples of the thread "
              f"holding the GIL while wrk ran REST at concurrency {TOP}, batching on; the model's own run releases "
              "the GIL and is not in them): the functions it spent most time in themselves (own), and those most "
-             "often on the stack (total).\n",
+             "often on the stack (total, the process's start-up and the event loop's own frames left out).\n",
              "| own | function | | total | function |", "|---|---|---|---|---|"]
-    for (own_name, own_share), (total_name, total_share) in zip(profile["own"], profile["total"]):
+    inner = [entry for entry in profile["total"] if not entry[0].endswith(OUTER_FRAMES)]
+    for (own_name, own_share), (total_name, total_share) in list(zip(profile["own"], inner))[:15]:
         lines.append(f"| {own_share:.1%} | `{own_name}` | | {total_share:.1%} | `{total_name}` |")
     return "\n".join(lines) + "\n"
 
