@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,11 @@ def run_suite() -> tuple[dict, float]:
 
 def _answers(answers: dict) -> str:
     return ", ".join(f"{key} {count:,}" for key, count in sorted(answers.items(), key=lambda item: -item[1]))
+
+
+def _without_scratch_path(message: str) -> str:
+    """The test's temporary directory taken out of a message: `/tmp/.../mnist/2/x` reads `mnist/2/x`."""
+    return re.sub(r"/\S*/(mnist/\d+/)", r"\1", message)
 
 
 def section(figures: dict, seconds: float) -> str:
@@ -72,7 +78,7 @@ def section(figures: dict, seconds: float) -> str:
     if restart:
         lines += ["", "**Restart on a corrupt newest version**: versions 2 (empty `saved_model.pb`) and 3 (garbage) "
                       f"are marked END with their error and version {restart['served_version']} serves at once "
-                      f"(version 2: \"{restart['broken_versions']['2']}\")."]
+                      f"(version 2: \"{_without_scratch_path(restart['broken_versions']['2'])}\")."]
     lines.append(END)
     return "\n".join(lines) + "\n"
 
