@@ -59,3 +59,30 @@ def test_the_budget_is_shared_by_a_requests_tensors():
     decode_tensor("a", declared([200], float_val=[1.0]), budget)  # 800 bytes
     with pytest.raises(ServingError, match="input 'b'"):
         decode_tensor("b", declared([100], float_val=[1.0]), budget)  # 400 more
+
+
+def test_no_values_means_zeros_as_tensorflow_reads_it():
+    proto = declared([2, 3])
+    np.testing.assert_array_equal(decode_tensor("x", proto, DecodeBudget(BUDGET)), tf.make_ndarray(proto))
+
+
+def test_a_tensor_of_unknown_rank_is_refused():
+    proto = tensor_pb2.TensorProto(dtype=types_pb2.DT_FLOAT, float_val=[1.0])
+    proto.tensor_shape.unknown_rank = True
+    with pytest.raises(ServingError, match="a tensor must have a known shape"):
+        decode_tensor("x", proto, DecodeBudget(BUDGET))
+
+
+@pytest.mark.parametrize("as_tensor_content", [False, True], ids=["typed fields", "tensor_content"])
+@pytest.mark.parametrize("value", [
+    np.arange(6, dtype=np.float32).reshape(2, 3), np.array([[1.5, -2.0]], np.float16), np.array([7, -8], np.int64),
+    np.array([1 + 2j, 3 - 4j], np.complex128), np.array([True, False]), np.array([b"a", b"bc"], dtype=object),
+    np.zeros((0, 4), np.float32),
+])
+def test_answers_encode_what_tensorflow_decodes_back(value, as_tensor_content):
+    """Response tensors (tensor_proto) read back by TensorFlow's own make_ndarray as the value they encode."""
+    from conveyor_ml.serving.tensors import tensor_proto
+
+    decoded = tf.make_ndarray(tensor_proto(value, as_tensor_content))
+    assert decoded.shape == value.shape
+    np.testing.assert_array_equal(decoded, value)
