@@ -12,6 +12,7 @@ DRIFT_GATE = "DriftGate"
 TRAINER = "Trainer"
 WARM_START_RESOLVER = "WarmStartModelResolver"
 BASELINE_RESOLVER = "BaselineModelResolver"
+GOLDEN_SPAN = "GoldenSpanResolver"
 EVALUATOR = "Evaluator"
 INFRA_VALIDATOR = "InfraValidator"
 QUANTIZER = "Quantizer"
@@ -29,6 +30,8 @@ QUANTIZATION_REPORT_TYPE = "conveyor.QuantizationReport"
 DEPLOYMENT_TYPE = "conveyor.Deployment"
 DATA_DRIFT_REPORT_TYPE = "conveyor.DataDriftReport"
 PROMOTE_EXECUTION = "conveyor.Promote"
+# The drift gate's verdict that stops a run before training (and keeps the span out of later windows).
+DRIFT_BLOCKED = "blocked"
 ROLLBACK_EXECUTION = "conveyor.Rollback"
 
 # The examples every span holds (see formats/examples.py).
