@@ -26,18 +26,31 @@ def test_init_writes_span_one_with_a_deterministic_split(tmp_path):
     latest, written = datasets.init_data("sklearn-digits", None, (8, 8), tmp_path / "a", 0.2)
     assert (latest, written) == (1, True)
     manifest = datasets.read_manifest(tmp_path / "a", 1)
-    assert manifest["examples"] == {"eval": 240, "train": 960}
-    assert sum(manifest["label_counts"]) == datasets.EMBEDDED_INITIAL_EXAMPLES
+    assert manifest["examples"] == {"eval": 100, "train": 400}
+    assert sum(manifest["label_counts"]) == datasets.EMBEDDED_INITIAL_EXAMPLES == 500
 
     train = read_split(tmp_path / "a" / "span-1", "train")
     evaluation = read_split(tmp_path / "a" / "span-1", "eval")
-    assert len(train) == 960 and len(evaluation) == 240
+    assert len(train) == 400 and len(evaluation) == 100
     assert train.images.max() <= 255.0 and train.images.shape[1:] == (8, 8)
 
     datasets.init_data("sklearn-digits", None, (8, 8), tmp_path / "b", 0.2)
     again = read_split(tmp_path / "b" / "span-1", "eval")
     np.testing.assert_array_equal(evaluation.images, again.images)
     np.testing.assert_array_equal(evaluation.labels, again.labels)
+
+
+def test_embedded_spans_carve_every_digit_once_then_refuse(tmp_path):
+    datasets.init_data("sklearn-digits", None, (8, 8), tmp_path, 0.2)
+    for _ in range(5):
+        datasets.add_span(tmp_path, image_shape=(8, 8), eval_fraction=0.2)
+    ranges = [datasets.read_manifest(tmp_path, span)["embedded_range"] for span in range(1, 7)]
+    assert ranges == [[0, 500], [500, 750], [750, 1000], [1000, 1250], [1250, 1500], [1500, 1797]]
+    assert [datasets.read_manifest(tmp_path, span)["examples"]["train"] for span in range(1, 7)] == \
+        [400, 200, 200, 200, 200, 238]
+    with pytest.raises(ConveyorError, match="the embedded digits are used up: spans 1-6 hold all 1,797"):
+        datasets.add_span(tmp_path, image_shape=(8, 8), eval_fraction=0.2)
+    assert datasets.span_numbers(tmp_path) == [1, 2, 3, 4, 5, 6]
 
 
 def test_init_is_a_no_op_when_spans_exist(tmp_path):
