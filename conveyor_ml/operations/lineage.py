@@ -24,6 +24,12 @@ from conveyor_ml.base.names import (
 from conveyor_ml.metadata.index import ExecutionView, MetadataIndex
 from conveyor_ml.metadata.values import props
 
+# What the Evaluator recorded about its decision, shown as they are (see components/evaluator/comparison.py).
+EVIDENCE_KEYS = ("eval_examples", "eval_spans", "candidate_accuracy", "accuracy_interval_low", "accuracy_interval_high",
+                 "interval_level", "comparison_test", "p_value", "baseline_accuracy", "accuracy_difference",
+                 "difference_interval_low", "difference_interval_high", "decision", "reason")
+EVALUATION_PARAMETERS = ("max_accuracy_drop", "alpha", "test", "golden_span")
+
 
 def _clean(values: dict) -> dict:
     return {k: v for k, v in values.items() if v not in (None, "")}
@@ -90,14 +96,21 @@ class Lineage:
         blessing = next(iter(index.outputs(view, "blessing")), None)
         evaluation = next(iter(index.outputs(view, "evaluation")), None)
         baseline = next(iter(index.inputs(view, "baseline_model")), None)
-        thresholds = _thresholds(props(view.execution).get("eval_config"))
+        parameters = props(view.execution)
+        thresholds = {**_thresholds(parameters.get("eval_config")),
+                      **{k: parameters[k] for k in EVALUATION_PARAMETERS if parameters.get(k) is not None}}
         accuracy = props(evaluation).get("accuracy") if evaluation is not None else None
         blessed = props(blessing).get("blessed") == 1 if blessing is not None else None
+        # The paired test's evidence (recorded by our Evaluator; absent on evaluations made before it).
+        recorded = props(evaluation) if evaluation is not None else {}
+        evidence = {key: recorded.get(key) for key in EVIDENCE_KEYS}
         result = _clean({"execution_id": view.id, "run_id": view.run_id, "accuracy": accuracy,
                          "baseline_model_id": baseline.id if baseline is not None else None,
-                         "thresholds": thresholds, "blessed": blessed})
-        if blessed is False:
+                         "thresholds": thresholds, "blessed": blessed, **evidence})
+        if blessed is False and not result.get("reason"):
             result["reason"] = _rejection_reason(accuracy, thresholds, baseline)
+        elif blessed is False:
+            result["reason"] = f"not blessed by the Evaluator: {result['reason']}"
         return result
 
     def _model_row(self, model: pb.Artifact, deployed: list[dict]) -> dict:
@@ -130,6 +143,8 @@ class Lineage:
             "model_id": model.id, "version": versions.get("local"), "vertex_version": versions.get("vertex"),
             "created": utc_from_milliseconds(model.create_time_since_epoch), "run_id": producer.run_id if producer else None,
             "spans": spans, "eval_accuracy": evaluation.get("accuracy", values.get("eval_accuracy")),
+            "eval_examples": evaluation.get("eval_examples"), "p_value": evaluation.get("p_value"),
+            "accuracy_difference": evaluation.get("accuracy_difference"),
             "blessed": evaluation.get("blessed"), "infra_blessed": all(infra) if infra else None,
             "quantized": quantized, "deployed": deployed, "state": state, "reason": reason, "uri": model.uri})
 

@@ -56,7 +56,8 @@ def lineage_graph(chain: dict) -> Graph:
     if evaluation:
         verdict = "blessed" if evaluation.get("blessed") else "NOT blessed"
         accuracy = f"accuracy {evaluation['accuracy']:.4f}\n" if evaluation.get("accuracy") is not None else ""
-        evaluator = graph.node("evaluator", f"Evaluator\n{accuracy}{verdict}", "execution")
+        tested = f"{evidence_text(evaluation)}\n" if evaluation.get("eval_examples") else ""
+        evaluator = graph.node("evaluator", f"Evaluator\n{accuracy}{tested}{verdict}", "execution")
         graph.edge(model, evaluator)
         if evaluation.get("baseline_model_id"):
             baseline = graph.node(f"model:{evaluation['baseline_model_id']}",
@@ -213,11 +214,23 @@ pre {{ background: #f6f6f6; padding: 12px; border-radius: 8px; overflow-x: auto;
 """
 
 
+def evidence_text(row: dict) -> str:
+    """The paired test in a few characters: eval set size, accuracy difference, p-value ('n=250 +0.8pt p=0.84')."""
+    if not row.get("eval_examples"):
+        return "-"
+    parts = [f"n={row['eval_examples']}"]
+    if row.get("accuracy_difference") is not None:
+        parts.append(f"{row['accuracy_difference'] * 100:+.1f}pt")
+    if row.get("p_value") is not None:
+        parts.append(f"p={row['p_value']:.2g}")
+    return " ".join(parts)
+
+
 def models_table(rows: list[dict], model_name: str):
     from rich.table import Table
 
     table = Table(title=f"model versions of {model_name}", title_justify="left")
-    for column in ("model", "version", "created", "run", "spans", "accuracy", "blessed", "quantized",
+    for column in ("model", "version", "created", "run", "spans", "accuracy", "vs baseline", "blessed", "quantized",
                    "deployed now", "state"):
         table.add_column(column)
     for row in rows:
@@ -230,7 +243,8 @@ def models_table(rows: list[dict], model_name: str):
         table.add_row(f"#{row['model_id']}", versions or "-", row.get("created", ""), row.get("run_id", ""),
                       ",".join(map(str, row.get("spans", []))),
                       f"{row['eval_accuracy']:.4f}" if row.get("eval_accuracy") is not None else "-",
-                      {True: "yes", False: "no"}.get(row.get("blessed"), "-"), quantized or "-", deployed or "-", state)
+                      evidence_text(row), {True: "yes", False: "no"}.get(row.get("blessed"), "-"), quantized or "-",
+                      deployed or "-", state)
     return table
 
 
@@ -258,10 +272,15 @@ def lineage_text(chain: dict) -> list[str]:
     evaluation = chain.get("evaluation", {})
     if evaluation:
         thresholds = evaluation.get("thresholds", {})
-        lines.append(f"  evaluated: accuracy {evaluation.get('accuracy')} (min {thresholds.get('min_accuracy')}, "
-                     f"max drop {thresholds.get('max_accuracy_drop')} vs baseline "
+        examples = (f" on {evaluation['eval_examples']} eval examples of spans {evaluation.get('eval_spans')}"
+                    if evaluation.get("eval_examples") else "")
+        test = (f", {thresholds['test']} test at alpha {thresholds.get('alpha')}" if thresholds.get("test") else "")
+        lines.append(f"  evaluated: accuracy {evaluation.get('accuracy')}{examples} (min {thresholds.get('min_accuracy')}, "
+                     f"max drop {thresholds.get('max_accuracy_drop')}{test} vs baseline "
                      f"{'#' + str(evaluation['baseline_model_id']) if evaluation.get('baseline_model_id') else 'none'})"
                      f" -> {'blessed' if evaluation.get('blessed') else 'NOT blessed'}")
+        if evaluation.get("decision"):  # the Evaluator's own one-line reason, with its test and p-value
+            lines.append(f"    evidence: {evaluation['reason'].removeprefix('not blessed by the Evaluator: ')}")
     for infra in chain.get("infra_validation", []):
         lines.append(f"  infra validation: {'blessed' if infra.get('blessed') else 'NOT blessed'}")
     for quantized in chain.get("quantized", []):
