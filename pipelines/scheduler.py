@@ -137,9 +137,7 @@ class Scheduler:
             outcome = self.run_once()
             seconds = time.monotonic() - started
             if outcome.ok:
-                self.log(f"run succeeded in {seconds:.1f}s: {outcome.last_line}")
-                if outcome.results:
-                    self.log(f"  {outcome.results}")
+                self.log(f"run succeeded in {seconds:.1f}s: {'; '.join(filter(None, [outcome.last_line, outcome.results]))}")
                 return
             if self.stopping:
                 self.log(f"run abandoned on SIGTERM (exit {outcome.code}); its pushes are atomic, nothing half-written")
