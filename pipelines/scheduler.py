@@ -100,10 +100,11 @@ class Scheduler:
         return MetadataIndex(metadata.open_store(self.spec.metadata, read_only=True))
 
     def pending_spans(self) -> list[int]:
-        """Spans on disk newer than every span a successful run consumed or the drift gate blocked (MLMD)."""
+        """Spans on disk newer than the newest span a successful run consumed, except those the drift gate
+        blocked (from MLMD)."""
         index = self._index()
-        settled = max([index.consumed_through(), *index.blocked_spans()]) if index else 0
-        return [span for span in span_numbers(self.spec.data_root) if span > settled]
+        consumed, blocked = (index.consumed_through(), index.blocked_spans()) if index else (0, set())
+        return [span for span in span_numbers(self.spec.data_root) if span > consumed and span not in blocked]
 
     def blocked(self, span: int) -> bool:
         index = self._index()
@@ -177,8 +178,8 @@ class Scheduler:
                 reason, through = None, 0
                 if self.on_new_data and self.latest_span() > handled_through:
                     pending = self.pending_spans()
-                    if pending:
-                        reason, through = f"new {describe_spans(pending)}", pending[-1]
+                    if pending:  # a run takes every span on disk: this trigger covers them all
+                        reason, through = f"new {describe_spans(pending)}", self.latest_span()
                     else:
                         handled_through = self.latest_span()
                 if reason is None and next_tick is not None and time.monotonic() >= next_tick:
