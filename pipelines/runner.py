@@ -130,12 +130,13 @@ def _run_locked(spec: PipelineSpec, run_id: str | None) -> RunResult:
     for span in spans_to_import(spec, latest_span):
         # A span that arrived together with a newer one (or while nothing ran) gets its data checks and its
         # import now, so this run's window trains on it; each is a pipeline run of its own in MLMD.
-        _say(f"conveyor: importing span {span} first: it arrived with span {latest_span} (run {run_id}-span-{span})")
-        _execute(spec, build_pipeline(spec, span=span, data_only=True), RunResult(f"{run_id}-span-{span}", 0.0))
+        _say(f"conveyor: importing span {span} first: no run has imported it, and span {latest_span} is the newest "
+             f"(run {run_id}-span-{span})")
+        _execute(build_pipeline(spec, span=span, data_only=True), RunResult(f"{run_id}-span-{span}", 0.0))
     _say(f"conveyor: running pipeline '{spec.name}' on span {latest_span} (run {run_id})")
     result = RunResult(run_id=run_id, seconds=0.0)
     try:
-        _execute(spec, build_pipeline(spec), result)
+        _execute(build_pipeline(spec), result)
     finally:
         record_headline_metrics(spec, run_id)
     return result
@@ -162,7 +163,7 @@ def spans_to_import(spec: PipelineSpec, latest_span: int) -> list[int]:
     return sorted(wanted - imported)
 
 
-def _execute(spec: PipelineSpec, pipeline, result: RunResult) -> None:
+def _execute(pipeline, result: RunResult) -> None:
     """Runs one DAG under the result's run id, recording each node's outcome in it."""
     global _active_outcomes
     _active_outcomes = result.outcomes
