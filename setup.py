@@ -16,6 +16,7 @@ setup(
     package_data={
         "conveyor_ml.pipelines": ["*.yaml"],
         "conveyor_ml.formats": ["protos/*.proto"],
+        "conveyor_ml.serving": ["protos/*.proto"],
     },
     # The exact versions live in requirements.txt (the lock); these are the direct needs.
     install_requires=[

@@ -10,9 +10,9 @@ import sys
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-from flask import Flask, jsonify, request  # noqa: E402
+import numpy as np
+import tensorflow as tf
+from flask import Flask, jsonify, request
 
 
 def create_app(saved_model_dir: str) -> Flask:

@@ -5,6 +5,7 @@ Run: make bench (or .venv/bin/python -m benchmarks.pipeline)."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -19,10 +20,12 @@ COMPONENT_LINE = re.compile(r"^\s+[✓↺] (\S+)\s+(?:complete|cached) in ([\d.]
 FINISHED_LINE = re.compile(r"finished in ([\d.]+)s")
 
 
-def run_once(spec: Path) -> dict:
+def run_once(spec: Path, code: Path | None = None) -> dict:
+    """One `conveyor run`, of this tree's code or of another tree's (`code`, e.g. a baseline commit's)."""
+    env = {**os.environ, "PYTHONPATH": str(code)} if code else None
     started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "conveyor_ml.cli", "run", str(spec)], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "conveyor_ml.cli", "run", str(spec)], cwd=code or ROOT,
+                            capture_output=True, text=True, env=env)
     wall = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"conveyor run failed: {result.stderr[-2000:]}")
@@ -33,24 +36,44 @@ def run_once(spec: Path) -> dict:
             "overhead_s": pipeline - sum(components.values())}
 
 
+def write_spec(scratch: str, name: str) -> Path:
+    spec = Path(scratch) / f"{name}.yaml"
+    spec.write_text(f"extends: {ROOT / 'pipelines' / 'mnist.yaml'}\nworkspace: {scratch}/ws-{name}\n"
+                    f"data:\n  schema: {ROOT / 'schemas' / 'mnist' / 'schema.pbtxt'}\n"
+                    f"metadata:\n  sqlite: {scratch}/ws-{name}/metadata.sqlite\n"
+                    f"components:\n  serving_pusher: {{base_path: {scratch}/ws-{name}/serving}}\n")
+    return spec
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--cold", type=int, default=2, help="cold runs, each in a fresh workspace")
     parser.add_argument("--cached", type=int, default=3, help="cached re-runs after the last cold run")
+    parser.add_argument("--baseline-commit", default="",
+                        help="also run this commit's code, each run right after this tree's, and compare")
     args = parser.parse_args(argv)
     cold, cached = [], []
+    baseline: dict[str, list] = {"cold": [], "cached": []}
     with tempfile.TemporaryDirectory() as scratch:
+        code = None
+        if args.baseline_commit:
+            from benchmarks.scale import baseline_tree
+
+            code = baseline_tree(args.baseline_commit, Path(scratch))
         for index in range(args.cold):
-            spec = Path(scratch) / f"cold-{index}.yaml"
-            spec.write_text(f"extends: {ROOT / 'pipelines' / 'mnist.yaml'}\nworkspace: {scratch}/ws-{index}\n"
-                            f"data:\n  schema: {ROOT / 'schemas' / 'mnist' / 'schema.pbtxt'}\n"
-                            f"metadata:\n  sqlite: {scratch}/ws-{index}/metadata.sqlite\n"
-                            f"components:\n  serving_pusher: {{base_path: {scratch}/ws-{index}/serving}}\n")
+            spec = write_spec(scratch, f"cold-{index}")
             cold.append(run_once(spec))
             print(f"cold run {index + 1}: {cold[-1]['wall_s']:.1f}s", flush=True)
+            if code:
+                baseline_spec = write_spec(scratch, f"baseline-cold-{index}")
+                baseline["cold"].append(run_once(baseline_spec, code))
+                print(f"baseline cold run {index + 1}: {baseline['cold'][-1]['wall_s']:.1f}s", flush=True)
         for index in range(args.cached):
             cached.append(run_once(spec))
             print(f"cached run {index + 1}: {cached[-1]['wall_s']:.1f}s", flush=True)
+            if code:
+                baseline["cached"].append(run_once(baseline_spec, code))
+                print(f"baseline cached run {index + 1}: {baseline['cached'][-1]['wall_s']:.1f}s", flush=True)
     figures = {"cold_wall_s": spread([r["wall_s"] for r in cold]), "cold_pipeline_s": spread([r["pipeline_s"] for r in cold]),
                "cold_overhead_s": spread([r["overhead_s"] for r in cold]),
                "cached_wall_s": spread([r["wall_s"] for r in cached]),
@@ -72,7 +95,16 @@ def main(argv: list[str] | None = None) -> int:
                     row("cached re-run, pipeline", figures["cached_pipeline_s"])]) +
                 "\n\nPer component (cold runs):\n\n| component | median | min–max |\n|---|---|---|\n" +
                 "\n".join(row(name, f) for name, f in components.items()) + "\n")
-    write_results("pipeline", {"cold": cold, "cached": cached, "figures": figures, "components": components}, markdown)
+    if args.baseline_commit:
+        before = {"cold": spread([r["wall_s"] for r in baseline["cold"]]),
+                  "cached": spread([r["wall_s"] for r in baseline["cached"]])}
+        markdown += (f"\nAgainst commit {args.baseline_commit} (each of its runs right after one of this tree's, same "
+                     "machine, same load):\n\n| run, wall | this tree | baseline |\n|---|---|---|\n"
+                     f"| cold | {figures['cold_wall_s']['median']:.1f} s | {before['cold']['median']:.1f} s |\n"
+                     f"| cached | {figures['cached_wall_s']['median']:.1f} s | {before['cached']['median']:.1f} s |\n")
+        figures["baseline"] = {"commit": args.baseline_commit, **before}
+    write_results("pipeline", {"cold": cold, "cached": cached, "figures": figures, "components": components,
+                               "baseline_runs": baseline}, markdown)
     print(markdown)
     return 0
 

@@ -21,6 +21,7 @@ STEPS = [
     ("serving", ["--seconds", "3", "--repeats", "3"]),
     ("hot_swap", ["--swaps", "3"]),
     ("lineage", ["--runs", "200"]),
+    ("scale", []),  # 10k, 100k and 1M examples end to end: the longest by far
 ]
 
 
@@ -64,6 +65,8 @@ def plots() -> list[str]:
     figure.savefig(RESULTS / "quantization.png", dpi=110)
     made.append("quantization.png")
     plt.close("all")
+    if (RESULTS / "scale.png").is_file():
+        made.append("scale.png")  # drawn by benchmarks/scale.py itself
     return made
 
 

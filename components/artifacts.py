@@ -14,6 +14,7 @@ from conveyor_ml.base.names import (
     DEPLOYMENT_TYPE,
     QUANTIZATION_REPORT_TYPE,
     QUANTIZED_MODEL_TYPE,
+    RELEASE_CHANGE_PROPERTY,
 )
 from conveyor_ml.metadata.values import props
 
@@ -71,9 +72,10 @@ def span_of(examples: Artifact) -> int:
 
 
 def deployment(row: dict, *, model_name: str, base_path: str, uri: str, target: str = "local",
-               endpoint: str = "", pushed_at: str | None = None) -> Deployment:
-    """A Deployment artifact for one row of a release snapshot (see serving.release.snapshot); `uri` is a
-    record directory, where the row is also written as deployment.json for people and scripts."""
+               endpoint: str = "", pushed_at: str | None = None, change_id: str = "") -> Deployment:
+    """A Deployment artifact for one row of a release snapshot (see formats.release_state.snapshot); `uri` is a
+    record directory, where the row is also written as deployment.json for people and scripts. `change_id`
+    names the release change it records (how a repair finds it)."""
     Path(uri).mkdir(parents=True, exist_ok=True)
     (Path(uri) / "deployment.json").write_text(json.dumps(
         {"model_name": model_name, "base_path": base_path, "target": target, "endpoint": endpoint, **row},
@@ -85,4 +87,6 @@ def deployment(row: dict, *, model_name: str, base_path: str, uri: str, target: 
         "traffic_percent": int(row.get("traffic_percent", 0)), "base_path": base_path, "endpoint": endpoint,
         "pushed_at": pushed_at or utc_now(),
         "release_state": row["release_state"]})
+    if change_id:
+        artifact.set_string_custom_property(RELEASE_CHANGE_PROPERTY, change_id)
     return artifact

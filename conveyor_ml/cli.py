@@ -11,7 +11,9 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 warnings.filterwarnings("ignore", message=".*non-supported Python version.*", category=FutureWarning)
 
+from conveyor_ml.base import cli_values as values  # noqa: E402
 from conveyor_ml.base.errors import ConveyorError  # noqa: E402
+from conveyor_ml.base.names import NUM_CLASSES  # noqa: E402
 
 DEFAULT_SPEC = "pipelines/mnist.yaml"
 
@@ -82,24 +84,15 @@ def cmd_data_add_span(args) -> int:
     from conveyor_ml.data import datasets
 
     spec = load_spec(args.spec)
-    imbalance = None
-    if args.imbalance:
-        try:
-            label, fraction = args.imbalance.split(":")
-            imbalance = (int(label), float(fraction))
-        except ValueError:
-            raise ConveyorError(f"--imbalance {args.imbalance!r}: expected CLASS:FRACTION, e.g. 3:0.5") from None
-        if not 0 < imbalance[1] < 1:
-            raise ConveyorError(f"--imbalance: the fraction must be between 0 and 1, not {imbalance[1]}")
-    if args.brightness is not None and args.brightness <= 0:
-        raise ConveyorError(f"--brightness must be > 0, not {args.brightness}")
     _quiet_libraries()
     span, manifest = datasets.add_span(spec.data_root, image_shape=spec.data.image_shape,
                                        eval_fraction=spec.data.eval_fraction, files=args.from_files,
-                                       brightness=args.brightness, imbalance=imbalance)
+                                       brightness=args.brightness, imbalance=args.imbalance,
+                                       beam_args=tuple(spec.beam.args))
     shift = f", shift {manifest['shift']}" if "shift" in manifest else ""
     print(f"conveyor: wrote span-{span} ({manifest['examples']['train']} train, {manifest['examples']['eval']} eval "
-          f"examples from {manifest['source']}{shift}) to {datasets.span_dir(spec.data_root, span)}")
+          f"examples from {manifest['source']}{shift}) to {datasets.span_dir(spec.data_root, span)} "
+          f"in {manifest['ingestion_seconds']:.1f}s")
     return 0
 
 
@@ -107,24 +100,22 @@ def cmd_schedule(args) -> int:
     from pathlib import Path
 
     from conveyor_ml.base.spec import load_spec
-    from conveyor_ml.pipelines.scheduler import Scheduler, cron_line, parse_interval
+    from conveyor_ml.pipelines.scheduler import Scheduler, cron_line
 
     spec = load_spec(args.spec)
-    every = parse_interval(args.every) if args.every else None
     if args.print_cron:
-        print(cron_line(Path(args.spec).resolve(), every, spec.schedule.cron, Path.cwd(), spec.workspace))
+        print(cron_line(Path(args.spec).resolve(), args.every, spec.schedule.cron, Path.cwd(), spec.workspace))
         return 0
-    if args.max_runs is not None and args.max_runs < 1:
-        raise ConveyorError("--max-runs must be at least 1")
-    scheduler = Scheduler(spec, Path(args.spec).resolve(), every=every, on_new_data=args.on_new_data,
-                          max_runs=args.max_runs, retries=args.retries, backoff=parse_interval(args.retry_backoff),
-                          poll=parse_interval(args.poll))
+    scheduler = Scheduler(spec, Path(args.spec).resolve(), every=args.every, on_new_data=args.on_new_data,
+                          max_runs=args.max_runs, retries=args.retries, backoff=args.retry_backoff, poll=args.poll)
     return scheduler.loop()
 
 
 def cmd_compile(args) -> int:
+    import tempfile
     from pathlib import Path
 
+    from conveyor_ml.base.files import write_atomically
     from conveyor_ml.base.spec import load_spec
 
     spec = load_spec(args.spec)
@@ -132,7 +123,14 @@ def cmd_compile(args) -> int:
     from conveyor_ml.pipelines.compile import compile_pipeline, schedule_hint
 
     output = Path(args.output)
-    document = compile_pipeline(spec, output)
+    with tempfile.TemporaryDirectory() as scratch:  # the -o file appears whole, or not at all
+        compiled = Path(scratch) / output.name
+        document = compile_pipeline(spec, compiled)
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(output, compiled.read_bytes())
+        except OSError as exc:
+            raise ConveyorError(f"-o {output}: cannot write it ({exc.strerror})") from None
     tasks = document["pipelineSpec"]["root"]["dag"]["tasks"]
     print(f"conveyor: wrote {output}: {len(tasks)} steps for {args.target} "
           f"(image {spec.kubeflow.image}, pipeline root {spec.kubeflow.pipeline_root})")
@@ -153,6 +151,24 @@ def cmd_monitor(args) -> int:
                    drift_threshold=args.drift_threshold)
 
 
+def cmd_doctor(args) -> int:
+    import json
+    from pathlib import Path
+
+    from conveyor_ml.base.spec import load_spec
+    from conveyor_ml.operations.doctor import diagnose, render, resolve_target
+
+    spec = load_spec(args.spec) if Path(args.spec).is_file() else None
+    _quiet_libraries()
+    target = resolve_target(spec, args.model_dir, args.serving_dir, args.url)
+    report = diagnose(target)
+    if args.format == "json":
+        print(json.dumps(report.to_json(), indent=2))
+    else:
+        print(render(report), end="")
+    return 1 if report.failed else 0
+
+
 def cmd_serve(args) -> int:
     _quiet_libraries()
     from conveyor_ml.serving.server import run
@@ -160,25 +176,24 @@ def cmd_serve(args) -> int:
     return run(args)
 
 
-def _print_status(report: dict) -> None:
+def _print_status(report) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
-    console.print(f"serving base path: {report['base_path']}")
-    for model in report["models"]:
-        server = model["server"]
-        table = Table(title=f"model {model['model']}", title_justify="left")
+    console.print(f"serving base path: {report.base_path}")
+    for model in report.models:
+        server = model.server
+        table = Table(title=f"model {model.model}", title_justify="left")
         for column in ("version", "labels", "traffic", "on disk", "server", "pushed by run"):
             table.add_column(column)
-        for row in model["versions"]:
-            table.add_row(str(row["version"]), ", ".join(row["labels"]) or "-",
-                          f"{row['traffic_percent']}%", "yes" if row["on_disk"] else "MISSING",
-                          row["server_state"] or ("-" if server["up"] else "not running"),
-                          row["pushed_by_run"] or "-")
+        for row in model.versions:
+            table.add_row(str(row.version), ", ".join(row.labels) or "-", f"{row.traffic_percent}%",
+                          "yes" if row.on_disk else "MISSING",
+                          row.server_state or ("-" if server.up else "not running"), row.pushed_by_run or "-")
         console.print(table)
-        console.print(f"server {server['url']}: {'up' if server['up'] else 'not running'};  "
-                      f"stable history: {' -> '.join(map(str, model['stable_history'])) or '-'}")
+        console.print(f"server {server.url}: {'up' if server.up else 'not running'};  "
+                      f"stable history: {' -> '.join(map(str, model.stable_history)) or '-'}")
 
 
 def cmd_status(args) -> int:
@@ -189,7 +204,7 @@ def cmd_status(args) -> int:
 
     report = status(load_spec(args.spec), args.model, args.url)
     if args.format == "json":
-        print(json.dumps(report, indent=2))
+        print(json.dumps(report.to_json(), indent=2))
     else:
         _print_status(report)
     return 0
@@ -280,97 +295,116 @@ def cmd_deploy_render(args) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a mistake reported as one line (the usage is one `--help` away) and exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="conveyor", description="Declarative TFX pipelines from training to serving.")
+    spec_help = f"pipeline YAML (default {DEFAULT_SPEC})"
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     run = commands.add_parser("run", help="run a pipeline spec end to end")
-    run.add_argument("spec", nargs="?", default=DEFAULT_SPEC, help=f"pipeline YAML (default {DEFAULT_SPEC})")
+    run.add_argument("spec", nargs="?", default=DEFAULT_SPEC, type=values.spec_path, help=spec_help)
     run.add_argument("--gcp-dry-run", action="store_true",
                      help="the GcpPusher prints every Cloud Storage and Vertex AI call it would make, and makes none")
     run.set_defaults(handler=cmd_run)
 
     validate = commands.add_parser("validate", help="check a spec against the schema; build nothing")
-    validate.add_argument("spec", nargs="?", default=DEFAULT_SPEC)
+    validate.add_argument("spec", nargs="?", default=DEFAULT_SPEC, type=values.spec_path, help=spec_help)
     validate.set_defaults(handler=cmd_validate)
 
     data = commands.add_parser("data", help="manage data spans").add_subparsers(
         dest="data_command", metavar="ACTION", required=True)
     init = data.add_parser("init", help="write span-1 from the spec's data source (no-op if spans exist)")
-    init.add_argument("--spec", default=DEFAULT_SPEC)
+    init.add_argument("--spec", default=DEFAULT_SPEC, type=values.spec_path, help=spec_help)
     init.set_defaults(handler=cmd_data_init)
     add_span = data.add_parser("add-span", help="write the next span (new data) from files or the embedded digits")
-    add_span.add_argument("--spec", default=DEFAULT_SPEC)
+    add_span.add_argument("--spec", default=DEFAULT_SPEC, type=values.spec_path, help=spec_help)
     origin = add_span.add_mutually_exclusive_group()
-    origin.add_argument("--from", dest="from_files", nargs="+", metavar="FILE",
+    origin.add_argument("--from", dest="from_files", nargs="+", metavar="FILE", type=values.existing_path,
                         help=".tfrecord(.gz) files, one .csv file, or a directory of MNIST IDX files")
     origin.add_argument("--embedded", action="store_true", help="the embedded digits' held-back part (default)")
-    add_span.add_argument("--brightness", type=float, help="shift: multiply every pixel (e.g. 0.5), to show drift")
-    add_span.add_argument("--imbalance", metavar="CLASS:FRACTION", help="shift: resample so CLASS is FRACTION of the span")
+    add_span.add_argument("--brightness", type=values.number(above=0),
+                          help="shift: multiply every pixel (e.g. 0.5), to show drift")
+    add_span.add_argument("--imbalance", metavar="CLASS:FRACTION", type=values.class_fraction(NUM_CLASSES),
+                          help="shift: resample so CLASS is FRACTION of the span (0 < FRACTION < 1)")
     add_span.set_defaults(handler=cmd_data_add_span)
 
     schedule = commands.add_parser("schedule", help="run the pipeline on new data and/or on an interval")
-    schedule.add_argument("spec", nargs="?", default=DEFAULT_SPEC)
-    schedule.add_argument("--every", help="interval between runs, e.g. 30m, 6h")
+    schedule.add_argument("spec", nargs="?", default=DEFAULT_SPEC, type=values.spec_path, help=spec_help)
+    schedule.add_argument("--every", type=values.duration, help="interval between runs, e.g. 30m, 6h")
     schedule.add_argument("--on-new-data", action="store_true", help="run when a new span appears (and only then)")
-    schedule.add_argument("--max-runs", type=int, help="exit after this many triggers")
-    schedule.add_argument("--retries", type=int, default=2, help="retries of a failed run (default 2)")
-    schedule.add_argument("--retry-backoff", default="60s", help="first retry delay, doubling (default 60s)")
-    schedule.add_argument("--poll", default="10s", help="how often to look for a new span (default 10s)")
+    schedule.add_argument("--max-runs", type=values.integer(minimum=1), help="exit after this many triggers")
+    schedule.add_argument("--retries", type=values.integer(minimum=0), default=2,
+                          help="retries of a failed run (default 2)")
+    schedule.add_argument("--retry-backoff", type=values.duration, default="60s",
+                          help="first retry delay, doubling (default 60s)")
+    schedule.add_argument("--poll", type=values.duration, default="10s",
+                          help="how often to look for a new span (default 10s)")
     schedule.add_argument("--print-cron", action="store_true", help="print an equivalent crontab line and exit")
     schedule.set_defaults(handler=cmd_schedule)
 
     monitor = commands.add_parser("monitor", help="live view of a running server: QPS, latency, drift, accuracy")
     monitor.add_argument("model", nargs="?", help="one model (default: every model the server reports)")
-    monitor.add_argument("--url", default="http://127.0.0.1:8501", help="the server's REST address")
-    monitor.add_argument("--spec", default=DEFAULT_SPEC, help="for the training label distribution (MLMD)")
+    monitor.add_argument("--url", default="http://127.0.0.1:8501", type=values.http_url,
+                         help="the server's REST address")
+    monitor.add_argument("--spec", default=DEFAULT_SPEC, type=values.spec_path,
+                         help="for the training label distribution (MLMD)")
     monitor.add_argument("--once", action="store_true", help="one snapshot, then exit")
     monitor.add_argument("--format", choices=("table", "json"), default="table")
-    monitor.add_argument("--interval", type=float, default=2.0, help="seconds between the two scrapes of a snapshot")
-    monitor.add_argument("--drift-threshold", type=float, default=0.15,
+    monitor.add_argument("--interval", type=values.number(above=0), default=2.0,
+                         help="seconds between the two scrapes of a snapshot")
+    monitor.add_argument("--drift-threshold", type=values.number(above=0, maximum=1), default=0.15,
                          help="L-infinity distance between predicted and training class shares that flags drift")
     monitor.set_defaults(handler=cmd_monitor)
 
     compile_ = commands.add_parser("compile", help="the DAG as a Kubeflow Pipelines v2 / Vertex AI Pipelines job")
-    compile_.add_argument("spec", nargs="?", default=DEFAULT_SPEC)
+    compile_.add_argument("spec", nargs="?", default=DEFAULT_SPEC, type=values.spec_path, help=spec_help)
     compile_.add_argument("--target", choices=("kubeflow", "vertex"), default="vertex")
-    compile_.add_argument("-o", "--output", default="pipeline.json")
+    compile_.add_argument("-o", "--output", default="pipeline.json", type=values.output_file(".json"),
+                          help="the JSON file to write (default pipeline.json)")
     compile_.set_defaults(handler=cmd_compile)
 
     status = commands.add_parser("status", help="versions on disk, labels, traffic, server state, producing runs")
     status.add_argument("model", nargs="?", help="one model (default: all in models.config)")
-    status.add_argument("--spec", default=DEFAULT_SPEC)
-    status.add_argument("--url", default="http://127.0.0.1:8501", help="a running server's REST address")
+    status.add_argument("--spec", default=DEFAULT_SPEC, type=values.spec_path, help=spec_help)
+    status.add_argument("--url", default="http://127.0.0.1:8501", type=values.http_url,
+                        help="a running server's REST address")
     status.add_argument("--format", choices=("table", "json"), default="table")
     status.set_defaults(handler=cmd_status)
 
     def lineage_command(name: str, help_text: str, handler):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("model", nargs="?", help="default: the spec's serving model")
-        command.add_argument("--spec", default=DEFAULT_SPEC)
+        command.add_argument("--spec", default=DEFAULT_SPEC, type=values.spec_path, help=spec_help)
         command.add_argument("--format", choices=("table", "json", "dot", "html"), default="table")
-        command.add_argument("-o", "--output", help="write to this file instead of stdout")
+        command.add_argument("-o", "--output", type=values.output_file(), help="write to this file instead of stdout")
         command.set_defaults(handler=handler)
         return command
 
     lineage_command("models", "every version of a model: data, accuracy, deployments, state", cmd_models)
     which = lineage_command("lineage", "one version from its data to live traffic",
                             cmd_lineage).add_mutually_exclusive_group()
-    which.add_argument("--version", help="a pushed version (local or Vertex AI)")
+    which.add_argument("--version", type=values.version_number, help="a pushed version (local or Vertex AI)")
     which.add_argument("--label", help="the version a label (stable, canary) points to now")
     which.add_argument("--run", dest="run_id", help="the model a pipeline run trained")
 
     runs = commands.add_parser("runs", help="pipeline runs: status, duration, cached components, outputs")
-    runs.add_argument("--spec", default=DEFAULT_SPEC)
+    runs.add_argument("--spec", default=DEFAULT_SPEC, type=values.spec_path, help=spec_help)
     runs.add_argument("--format", choices=("table", "json"), default="table")
-    runs.add_argument("--limit", type=int, help="only the newest N runs")
+    runs.add_argument("--limit", type=values.integer(minimum=1), help="only the newest N runs")
     runs.set_defaults(handler=cmd_runs)
 
     promote = commands.add_parser("promote", help="canary -> stable at 100%% (or --weight N: canary at N%%)")
     promote.add_argument("model")
-    promote.add_argument("--weight", type=int, help="step the canary's share to N%% instead of promoting")
-    promote.add_argument("--spec", default=DEFAULT_SPEC)
+    promote.add_argument("--weight", type=values.integer(1, 100),
+                         help="step the canary's share to N%% instead of promoting (1..100)")
+    promote.add_argument("--spec", default=DEFAULT_SPEC, type=values.spec_path, help=spec_help)
     promote.add_argument("--reason", default="", help="recorded with the change in ML Metadata")
     promote.add_argument("--target", choices=("local", "gcp"), default="local",
                          help="the local serving base path, or the spec's Vertex AI endpoint")
@@ -379,19 +413,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     rollback = commands.add_parser("rollback", help="stable back to the previous stable (or --to VERSION)")
     rollback.add_argument("model")
-    rollback.add_argument("--to", type=int, help="the version to make stable")
-    rollback.add_argument("--spec", default=DEFAULT_SPEC)
+    rollback.add_argument("--to", type=values.integer(minimum=1), help="the version to make stable")
+    rollback.add_argument("--spec", default=DEFAULT_SPEC, type=values.spec_path, help=spec_help)
     rollback.add_argument("--reason", default="")
     rollback.add_argument("--target", choices=("local", "gcp"), default="local")
     rollback.add_argument("--dry-run", action="store_true", help="gcp: read the endpoint, print the changes, send none")
     rollback.set_defaults(handler=cmd_rollback)
 
+    doctor = commands.add_parser("doctor", help="check a model, its serving directory and a running server against "
+                                 "the serving guide's checklist (OK / WARN / FAIL, with the fix)")
+    doctor.add_argument("--spec", default=DEFAULT_SPEC, help="the pipeline whose pushed model, data and metadata to check")
+    doctor.add_argument("--model-dir", help="a SavedModel version directory (default: the stable version pushed)")
+    doctor.add_argument("--serving-dir", help="a serving base path (default: the spec's)")
+    doctor.add_argument("--url", default="http://127.0.0.1:8501", help="a running server's REST address")
+    doctor.add_argument("--format", choices=("table", "json"), default="table")
+    doctor.set_defaults(handler=cmd_doctor)
+
     deploy = commands.add_parser("deploy", help="production manifests for TensorFlow Serving").add_subparsers(
         dest="deploy_command", metavar="ACTION", required=True)
     render = deploy.add_parser("render", help="write docker-compose or Kubernetes/Istio manifests")
     render.add_argument("--target", choices=("compose", "k8s"), required=True)
-    render.add_argument("-o", "--output", help="directory to write (default workspace/deploy/<target>)")
-    render.add_argument("--spec", default=DEFAULT_SPEC)
+    render.add_argument("-o", "--output", type=values.output_directory,
+                        help="directory to write (default workspace/deploy/<target>)")
+    render.add_argument("--spec", default=DEFAULT_SPEC, type=values.spec_path, help=spec_help)
     render.set_defaults(handler=cmd_deploy_render)
 
     serve = commands.add_parser("serve", help="serve models over TF Serving's REST and gRPC APIs")

@@ -46,7 +46,7 @@ def example_gen_input_config() -> example_gen_pb2.Input:
 
 
 def single_span(span: int) -> range_config_pb2.RangeConfig:
-    """ImportExampleGen pinned to one span (it otherwise takes the newest)."""
+    """ExampleGen pinned to one span (it otherwise takes the newest)."""
     return range_config_pb2.RangeConfig(static_range=range_config_pb2.StaticRange(
         start_span_number=span, end_span_number=span))
 
@@ -81,10 +81,11 @@ def build_components(spec: PipelineSpec, portable: bool = False, *, span: int | 
     (import, statistics, drift gate, validation): the runner imports spans that arrived together with a
     newer one this way, so the newer one's run trains on them."""
     components = spec.components
+    from conveyor_ml.components.example_gen.component import SpanExampleGen
+
     data_root = spec.kubeflow.data_root_uri if portable else str(spec.data_root.resolve())
-    example_gen = tfx.components.ImportExampleGen(
-        input_base=data_root, input_config=example_gen_input_config(),
-        range_config=single_span(span) if span is not None else None)
+    example_gen = SpanExampleGen(input_base=data_root, input_config=example_gen_input_config(),
+                                 range_config=single_span(span) if span is not None else None)
     example_gen = example_gen.with_id(EXAMPLE_GEN)
     schema_gen = tfx.components.ImportSchemaGen(schema_file=str(spec.data.schema.resolve())).with_id(SCHEMA_GEN)
     nodes = [example_gen, schema_gen]
@@ -92,8 +93,10 @@ def build_components(spec: PipelineSpec, portable: bool = False, *, span: int | 
 
     anomalies = drift_report = None
     if components.statistics_gen:
+        from conveyor_ml.components.statistics_gen.component import StatisticsGen
+
         # With the schema, the label is summarised as categorical, which the drift gate's L-infinity needs.
-        statistics_gen = tfx.components.StatisticsGen(examples=examples, schema=schema).with_id(STATISTICS_GEN)
+        statistics_gen = StatisticsGen(examples=examples, schema=schema).with_id(STATISTICS_GEN)
         nodes.append(statistics_gen)
         drift_report = _drift_gate(spec, nodes, examples, statistics_gen.outputs["statistics"], schema, portable)
         if components.example_validator:

@@ -16,6 +16,7 @@ def compile_pipeline(spec: PipelineSpec, output: Path) -> dict:
 
     if output.suffix != ".json":
         raise ConveyorError(f"-o {output}: the compiled pipeline is JSON; name a .json file")
+    check_worker_image(spec)
     pipeline = tfx.dsl.Pipeline(pipeline_name=spec.name, pipeline_root=spec.kubeflow.pipeline_root,
                                 components=build_components(spec, portable=True),
                                 beam_pipeline_args=list(spec.beam.args), enable_cache=True)
@@ -26,6 +27,32 @@ def compile_pipeline(spec: PipelineSpec, output: Path) -> dict:
                                                         output_filename=output.name)
     runner.run(pipeline, write_out=True)
     return json.loads(output.read_text())
+
+
+def beam_option(args: tuple[str, ...], name: str) -> str | None:
+    """The value of `--name=value` (or `--name value`) in Beam arguments, the last one winning."""
+    value = None
+    for index, arg in enumerate(args):
+        if arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{name}" and index + 1 < len(args):
+            value = args[index + 1]
+    return value
+
+
+def check_worker_image(spec: PipelineSpec) -> None:
+    """Dataflow workers run the data steps' code in `--sdk_container_image`, the pipeline's steps run in
+    `kubeflow.image`: both must be the image `make image` built, or the two halves run different code."""
+    args = tuple(spec.beam.args)
+    if beam_option(args, "runner") not in ("DataflowRunner", "dataflow"):
+        return
+    image = beam_option(args, "sdk_container_image")
+    if image is None and beam_option(args, "setup_file") is None:
+        raise ConveyorError("beam.args: the DataflowRunner's workers need Conveyor installed: add "
+                            f"--sdk_container_image={spec.kubeflow.image} (the image `make image` builds)")
+    if image is not None and image != spec.kubeflow.image:
+        raise ConveyorError(f"beam.args: --sdk_container_image={image} differs from kubeflow.image "
+                            f"{spec.kubeflow.image}; Dataflow workers and pipeline steps must run the same image")
 
 
 def schedule_hint(spec: PipelineSpec, output: Path, target: str) -> str | None:

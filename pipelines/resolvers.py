@@ -71,7 +71,7 @@ class SpanWindowStrategy(resolver.ResolverStrategy):
     (`window` 0), or the latest `window` spans, one Examples artifact per span, leaving out earlier spans the
     drift gate blocked (their data never trains a model; the newest span's own verdict is the Trainer's to act on).
 
-    Inputs: `newest` (ImportExampleGen's output in this run), `examples` (every Examples artifact the pipeline
+    Inputs: `newest` (ExampleGen's output in this run), `examples` (every Examples artifact the pipeline
     recorded) and `drift_reports` (every DataDriftReport)."""
 
     def __init__(self, window: int = 0):

@@ -8,9 +8,9 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import time
 from pathlib import Path
 
+from conveyor_ml.base.clock import utc_now
 from conveyor_ml.base.errors import ConveyorError
 
 
@@ -45,8 +45,7 @@ class RunLock:
         if previous.get("pid") and not _alive(previous["pid"]):
             note = f"took over the run lock of pid {previous['pid']}, which died without releasing it"
         os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                             time.gmtime())}).encode())
+        os.write(fd, json.dumps({"pid": os.getpid(), "started": utc_now()}).encode())
         self._fd = fd
         return note
 

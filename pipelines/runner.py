@@ -117,11 +117,18 @@ def new_run_id() -> str:
 
 def run_pipeline(spec: PipelineSpec, run_id: str | None = None) -> RunResult:
     """Runs the whole DAG once; raises ConveyorError naming the component that failed on a user problem."""
+    from conveyor_ml.components.release_record import reconcile
     from conveyor_ml.pipelines.run_lock import RunLock
 
     check_workspace(spec)
     with RunLock(spec.workspace):
-        return _run_locked(spec, run_id)
+        # A push killed before its record (an earlier run's) is recorded first; this run's own push is
+        # confirmed after the run, once TFX has published it (or recorded then, if the publish failed).
+        reconcile(spec, _say)
+        try:
+            return _run_locked(spec, run_id)
+        finally:
+            reconcile(spec, _say)
 
 
 def _run_locked(spec: PipelineSpec, run_id: str | None) -> RunResult:

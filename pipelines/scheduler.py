@@ -12,7 +12,6 @@ and the scheduler from running the same pipeline at once."""
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -20,20 +19,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from conveyor_ml.base.clock import utc_now
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.spec import PipelineSpec
 from conveyor_ml.formats.spans import span_numbers
 from conveyor_ml.metadata import store as metadata
 from conveyor_ml.metadata.index import MetadataIndex
-
-UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_interval(text: str) -> float:
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
-    if not match or float(match.group(1)) <= 0:
-        raise ConveyorError(f"--every {text!r}: expected a duration such as 90s, 30m, 6h or 1d")
-    return float(match.group(1)) * UNITS[match.group(2)]
 
 
 def cron_line(spec_file: Path, every: float | None, cron: str | None, project: Path, workspace: Path) -> str:
@@ -67,6 +58,8 @@ class Scheduler:
                  max_runs: int | None, retries: int, backoff: float, poll: float, term_grace: float = 60.0):
         if every is None and not on_new_data:
             raise ConveyorError("schedule: give --every, --on-new-data, or both")
+        if retries < 0 or (max_runs is not None and max_runs < 1) or min(backoff, poll) <= 0 or (every or 1) <= 0:
+            raise ConveyorError("schedule: --retries must be >= 0, --max-runs >= 1, and every interval > 0")
         self.spec, self.spec_file = spec, spec_file
         self.every, self.on_new_data, self.max_runs = every, on_new_data, max_runs
         self.retries, self.backoff, self.poll, self.term_grace = retries, backoff, poll, term_grace
@@ -76,7 +69,7 @@ class Scheduler:
         self.runs_started = 0
 
     def log(self, message: str) -> None:
-        line = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} conveyor schedule: {message}"
+        line = f"{utc_now()} conveyor schedule: {message}"
         print(line, flush=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("a") as stream:

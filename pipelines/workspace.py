@@ -30,9 +30,12 @@ def check_workspace(spec: PipelineSpec) -> None:
 def prepare_data(spec: PipelineSpec) -> int:
     """Writes span-1 on first use; returns the latest span."""
     latest, written = datasets.init_data(spec.data.source, spec.data.path, spec.data.image_shape,
-                                         spec.data_root, spec.data.eval_fraction)
+                                         spec.data_root, spec.data.eval_fraction, tuple(spec.beam.args))
     if written:
-        print(f"conveyor: wrote span-1 from {spec.data.source} to {datasets.span_dir(spec.data_root, 1)}", flush=True)
+        manifest = datasets.read_manifest(spec.data_root, 1)
+        print(f"conveyor: wrote span-1 from {spec.data.source} to {datasets.span_dir(spec.data_root, 1)} "
+              f"({manifest['examples']['train']} train, {manifest['examples']['eval']} eval examples in "
+              f"{manifest['ingestion_seconds']:.1f}s)", flush=True)
     return latest
 
 

@@ -27,11 +27,12 @@ class _Tiny(tf.Module):
 
     @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
     def slow(self, x):
-        # Real work so a batch takes tens of milliseconds: enough for queues to fill in tests.
+        # Real work so a batch takes tens of milliseconds: enough for queues to fill in tests. The product
+        # must reach the output (a graph optimizer prunes `0.0 * ...`), yet too small to change it.
         product = self.weights
         for _ in range(60):
             product = tf.tanh(tf.matmul(product, self.weights))
-        return {"y": x * self.multiplier + 0.0 * tf.reduce_sum(product)}
+        return {"y": x * self.multiplier + 1e-30 * tf.reduce_sum(product)}
 
 
 def write_tiny_model(export_dir: Path, multiplier: float = 2.0) -> Path:

@@ -60,7 +60,7 @@ class Executor(BlessedModelPusher):
                 uploader.upload(files, version_dir, {"model_name": model_name, "mlmd_model_id": model.id,
                                                      "pipeline_run": run_id})
             vertex = VertexApi(settings, model_name, say=say, dry_run=False)
-            rows, endpoint, model_resource = _release(vertex, settings, artifact_uri, labels)
+            rows, endpoint, model_resource, incomplete = _release(vertex, settings, artifact_uri, labels)
         except (gcs_upload.GcsError, VertexError) as exc:
             raise ConveyorError(f"gcp_pusher: {exc}") from None
 
@@ -74,9 +74,12 @@ class Executor(BlessedModelPusher):
             deployments.append(artifact)
         new_row = rows[-1]
         self.mark_pushed(pushed_model, artifact_uri, str(new_row["version"]), model_resource=model_resource,
-                         endpoint=endpoint)
+                         endpoint=endpoint, incomplete=incomplete)
         say(f"Vertex AI: {model_resource} version {new_row['version']} on {endpoint} at "
             f"{new_row['traffic_percent']}% ({new_row['label'] or new_row['release_state']})")
+        if incomplete:
+            say(f"WARNING: deployed, but the clean-up after it failed: {incomplete}; recorded the endpoint as it "
+                "is now (the next push undeploys what is left)")
         return pusher_output(pushed_model, deployments)
 
     def _dry_run(self, settings, model_name: str, files: list, artifact_uri: str, labels: dict,
@@ -92,8 +95,12 @@ class Executor(BlessedModelPusher):
         return pusher_output(pushed_model, [])
 
 
-def _release(vertex: VertexApi, settings, artifact_uri: str, labels: dict) -> tuple[list[dict], str, str]:
-    """Registers the version, deploys it with the spec's share; (Deployment rows, endpoint, model resource)."""
+def _release(vertex: VertexApi, settings, artifact_uri: str,
+             labels: dict) -> tuple[list[dict], str, str, str | None]:
+    """Registers the version, deploys it with the spec's share; (Deployment rows, endpoint, model resource,
+    what failed after the deploy or None). Once DeployModel succeeded the endpoint has changed: a failed
+    alias move or undeploy after it is returned, not raised, with the endpoint read back as it now is, so
+    the record says what really happened (the next push undeploys what this one left)."""
     parent = vertex.find_model()
     canary = 0 < settings.canary_weight < 100
     endpoint = vertex.find_or_create_endpoint(labels)
@@ -102,11 +109,16 @@ def _release(vertex: VertexApi, settings, artifact_uri: str, labels: dict) -> tu
     first = change.stable == traffic.NEW
     model_resource, version = vertex.upload_version(artifact_uri, parent_model=parent, labels=labels)
     new_id = vertex.deploy(endpoint, model_resource, version, change.split)
-    if first or canary:
-        vertex.move_alias(model_resource, version, "stable" if first else "canary")
-    for deployed_model_id in change.undeploy:
-        vertex.undeploy(endpoint, deployed_model_id)
+    try:
+        if first or canary:
+            vertex.move_alias(model_resource, version, "stable" if first else "canary")
+        for deployed_model_id in change.undeploy:
+            vertex.undeploy(endpoint, deployed_model_id)
+    except VertexError as exc:
+        rows = traffic.rows_observed(vertex.deployed(endpoint), deployed)
+        rows.sort(key=lambda row: row["deployed_model_id"] == new_id)  # the new version last
+        return rows, endpoint, model_resource, str(exc)
     new = traffic.Deployed(id=new_id, model=model_resource, version=version, created=float("inf"), traffic=0)
     rows = traffic.rows_after(deployed, change, new)
     rows.sort(key=lambda row: row["deployed_model_id"] == new_id)  # the new version last
-    return rows, endpoint, model_resource
+    return rows, endpoint, model_resource, None

@@ -68,26 +68,28 @@ class GcsUploader:
         self.retry = DEFAULT_RETRY.with_deadline(retry_seconds)
 
     def bucket(self):
-        from google.api_core import exceptions
-
-        bucket = self.client.bucket(self.bucket_name)
-        try:
-            exists = bucket.exists(retry=self.retry)
-        except exceptions.Forbidden as exc:
-            raise _error(exc, f"bucket gs://{self.bucket_name}") from None
-        if not exists:
-            raise GcsError(f"bucket gs://{self.bucket_name} does not exist; create it with "
-                           f"`gcloud storage buckets create gs://{self.bucket_name} --location=REGION`")
-        return bucket
+        """A handle only: reading the bucket's metadata would need storage.buckets.get, which
+        roles/storage.objectAdmin (all a push needs) does not grant. A missing bucket shows as a 404 on
+        the first object call instead (see `_error`)."""
+        return self.client.bucket(self.bucket_name)
 
     def existing_fingerprint(self, bucket, object_prefix: str) -> str | None:
+        from google.api_core import exceptions
+
         blob = bucket.blob(f"{object_prefix}/{MARKER}")
-        if not blob.exists(retry=self.retry):
-            return None
-        return json.loads(blob.download_as_bytes(retry=self.retry)).get("fingerprint")
+        try:
+            return json.loads(blob.download_as_bytes(retry=self.retry)).get("fingerprint")
+        except exceptions.NotFound:
+            return None  # no marker: a first push (a missing bucket fails the first upload, by name)
+        except exceptions.GoogleAPICallError as exc:
+            raise _error(exc, f"gs://{self.bucket_name}/{blob.name}", "storage.objects.get") from None
+        except ValueError:
+            return None  # a damaged marker: upload again, which rewrites it
 
     def upload(self, files: list[UploadFile], object_prefix: str, marker: dict) -> bool:
         """Uploads and verifies; False when the same content was already complete there."""
+        from google.api_core import exceptions
+
         bucket = self.bucket()
         content = fingerprint(files, object_prefix)
         if self.existing_fingerprint(bucket, object_prefix) == content:
@@ -100,9 +102,13 @@ class GcsUploader:
             for future in [pool.submit(self._upload_one, bucket, item) for item in files]:
                 future.result()
         self.verify(bucket, files, object_prefix)
-        bucket.blob(f"{object_prefix}/{MARKER}").upload_from_string(
-            json.dumps({**marker, "fingerprint": content}, indent=2, sort_keys=True),
-            content_type="application/json", retry=self.retry)
+        try:
+            bucket.blob(f"{object_prefix}/{MARKER}").upload_from_string(
+                json.dumps({**marker, "fingerprint": content}, indent=2, sort_keys=True),
+                content_type="application/json", retry=self.retry)
+        except exceptions.GoogleAPICallError as exc:
+            raise _error(exc, f"gs://{self.bucket_name}/{object_prefix}/{MARKER}", "storage.objects.create",
+                         writing=True) from None
         return True
 
     def _upload_one(self, bucket, item: UploadFile) -> None:
@@ -112,15 +118,21 @@ class GcsUploader:
         try:
             blob.upload_from_filename(str(item.local), retry=self.retry)
         except exceptions.GoogleAPICallError as exc:
-            raise _error(exc, f"gs://{self.bucket_name}/{item.object_name}") from None
+            raise _error(exc, f"gs://{self.bucket_name}/{item.object_name}", "storage.objects.create",
+                         writing=True) from None
         except Exception as exc:  # resumable-media and transport errors carry no API status
             raise GcsError(f"upload of gs://{self.bucket_name}/{item.object_name} failed: {exc}; "
                            "run the pipeline again to retry the push") from None
 
     def verify(self, bucket, files: list[UploadFile], object_prefix: str) -> None:
         """Lists the prefix and compares every object's size and checksums with the local file."""
-        listed = {blob.name: blob for blob in self.client.list_blobs(bucket, prefix=f"{object_prefix}/",
-                                                                     retry=self.retry)}
+        from google.api_core import exceptions
+
+        try:
+            listed = {blob.name: blob for blob in self.client.list_blobs(bucket, prefix=f"{object_prefix}/",
+                                                                         retry=self.retry)}
+        except exceptions.GoogleAPICallError as exc:
+            raise _error(exc, f"gs://{self.bucket_name}/{object_prefix}/", "storage.objects.list") from None
         for item in files:
             blob = listed.get(item.object_name)
             if blob is None:
@@ -137,10 +149,17 @@ class GcsError(Exception):
     """A push to Cloud Storage that did not complete; the message names the object or bucket."""
 
 
-def _error(exc, resource: str) -> GcsError:
+def _error(exc, resource: str, permission: str, *, writing: bool = False) -> GcsError:
+    """One line for a failed Cloud Storage call: a missing bucket by name (a 404 when `writing` an object
+    can mean nothing else), and for a 403 the permission the call needs (every one a push uses is in
+    roles/storage.objectAdmin on the bucket)."""
     from google.api_core import exceptions
 
+    bucket = resource[len("gs://"):].split("/", 1)[0]
+    if isinstance(exc, exceptions.NotFound) and (writing or "bucket" in str(exc.message).lower()):
+        return GcsError(f"bucket gs://{bucket} does not exist; create it with "
+                        f"`gcloud storage buckets create gs://{bucket} --location=REGION`")
     if isinstance(exc, exceptions.Forbidden):
-        return GcsError(f"permission denied on {resource}: the account needs roles/storage.objectAdmin "
-                        f"on the bucket ({exc.message})")
+        return GcsError(f"permission denied on {resource}: the account lacks {permission} on gs://{bucket} "
+                        f"(grant roles/storage.objectAdmin on the bucket) ({exc.message})")
     return GcsError(f"{resource}: {exc.code} {exc.message}")

@@ -93,3 +93,25 @@ def rows_after(deployed: list[Deployed], change: TrafficChange, new: Deployed | 
         rows.append({"version": item.version, "label": label, "traffic_percent": traffic,
                      "release_state": state, "model_resource": item.model, "deployed_model_id": item.id})
     return rows
+
+
+def rows_observed(now: list[Deployed], before: list[Deployed]) -> list[dict]:
+    """The endpoint's state as read back (after a call failed part of the way, or a process died before
+    recording): the model with the most traffic is stable, others with traffic are canaries, deployed ones
+    without traffic are idle, and those deployed `before` that are gone are retired."""
+    serving = sorted((d for d in now if d.traffic > 0), key=lambda d: (-d.traffic, d.created))
+    stable_id = serving[0].id if serving else None
+    rows = []
+    for item in now:
+        if item.id == stable_id:
+            state, label = "live", "stable"
+        elif item.traffic > 0:
+            state, label = "canary", "canary"
+        else:
+            state, label = "idle", ""
+        rows.append({"version": item.version, "label": label, "traffic_percent": item.traffic,
+                     "release_state": state, "model_resource": item.model, "deployed_model_id": item.id})
+    present = {d.id for d in now}
+    rows += [{"version": item.version, "label": "", "traffic_percent": 0, "release_state": "retired",
+              "model_resource": item.model, "deployed_model_id": item.id} for item in before if item.id not in present]
+    return rows

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tfx.dsl.components.base import base_executor
 from tfx.proto.orchestration import execution_result_pb2
 from tfx.types import artifact_utils
@@ -18,14 +19,17 @@ from conveyor_ml.components.parameters import list_parameter, settings_from
 from conveyor_ml.components.quantizer import report
 from conveyor_ml.components.quantizer.tflite_variants import (
     VARIANTS,
+    SavedModelClassifier,
+    TfliteModel,
     convert,
     converter_message,
-    measure,
-    saved_model_accuracy,
+    measurement,
+    speed,
 )
-from conveyor_ml.formats.examples import read_tfrecords
+from conveyor_ml.components.split_reader import sample, split_batches, split_files
 
 MODEL_FILE = "model.tflite"
+SAVED_MODEL = "saved_model"  # the float SavedModel, measured beside the variants
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +47,21 @@ def is_blessed(accuracy_delta_points: float, max_drop_points: float) -> bool:
     return -accuracy_delta_points <= max_drop_points + 1e-9
 
 
-def _split_images(examples, split: str, image_shape: tuple[int, int]):
-    split_dir = Path(artifact_utils.get_split_uri([examples], split))
-    files = sorted(str(p) for p in split_dir.iterdir() if p.is_file()) if split_dir.is_dir() else []
-    return read_tfrecords(files, image_shape) if files else None
+def streamed_accuracies(files: list[str], image_shape: tuple[int, int], classifiers: dict,
+                        sample_size: int) -> tuple[dict[str, float], int, np.ndarray]:
+    """One pass over the split, batch by batch through every classifier (`classes(images)`): returns the
+    accuracy of each, the number of examples, and the first `sample_size` images (for the speed runs)."""
+    correct = dict.fromkeys(classifiers, 0)
+    count, kept = 0, []
+    for images, labels in split_batches(files, image_shape):
+        for name, classifier in classifiers.items():
+            correct[name] += int(np.sum(classifier.classes(images) == labels))
+        count += len(labels)
+        if sum(len(k) for k in kept) < sample_size:
+            kept.append(images)
+    if not count:
+        return {}, 0, np.empty((0, *image_shape), np.float32)
+    return {name: hits / count for name, hits in correct.items()}, count, np.concatenate(kept)[:sample_size]
 
 
 class Executor(base_executor.BaseExecutor):
@@ -67,36 +82,49 @@ class Executor(base_executor.BaseExecutor):
             return _executor_output([], report_artifact)
 
         examples = artifact_utils.get_single_instance(input_dict["examples"])
-        evaluation = _split_images(examples, "eval", image_shape)
-        training = _split_images(examples, "train", image_shape)
-        if evaluation is None or len(evaluation) == 0:
-            raise ConveyorError("quantizer: the eval split is empty; nothing to measure accuracy on")
-        if "int8" in variants and (training is None or len(training) == 0):
-            raise ConveyorError("quantizer: the representative dataset is empty (no training examples for int8)")
-        representative = training.images[:representative_count] if training is not None else None
+        eval_files = split_files(examples, "eval")
+        representative = None
+        if "int8" in variants:
+            representative = sample(split_files(examples, "train"), image_shape, representative_count)[0]
+            if len(representative) == 0:
+                raise ConveyorError("quantizer: the representative dataset is empty (no training examples for int8)")
 
         saved_model_dir = path_utils.serving_model_path(artifact_utils.get_single_instance(input_dict["model"]).uri)
-        float_accuracy = saved_model_accuracy(saved_model_dir, evaluation.images, evaluation.labels)
-        rows, artifacts = [], []
+        rows, converted = [], {}
         for variant in variants:
             row = {"variant": variant, "status": "ok", "error": ""}
+            rows.append(row)
             try:
-                content = convert(saved_model_dir, variant, representative)
+                converted[variant] = convert(saved_model_dir, variant, representative)
             except Exception as exc:  # the converter's own message goes to the report
                 row.update(status="failed", error=converter_message(exc))
-                rows.append(row)
                 log.info("%s: conversion failed: %s", variant, row["error"])
+        models = {variant: TfliteModel(content, settings.threads) for variant, content in converted.items()}
+        # Accuracy: every variant and the SavedModel on the whole eval split, in one streamed pass of batched
+        # calls; speed: on a sample.
+        accuracies, count, speed_sample = streamed_accuracies(
+            eval_files, image_shape, {SAVED_MODEL: SavedModelClassifier(saved_model_dir), **models},
+            settings.throughput_batch_size)
+        if not count:
+            raise ConveyorError("quantizer: the eval split is empty; nothing to measure accuracy on")
+        float_accuracy = accuracies[SAVED_MODEL]
+        log.info("accuracy measured on %d eval examples, speed on %d", count, len(speed_sample))
+        artifacts = []
+        for row in rows:
+            if row["status"] != "ok":
                 continue
-            result = measure(content, evaluation.images, evaluation.labels,
-                             threads=settings.threads, latency_runs=settings.latency_runs,
-                             throughput_batch=settings.throughput_batch_size)
+            variant, model = row["variant"], models[row["variant"]]
+            result = measurement(model, accuracies[variant], speed(
+                model, speed_sample, latency_runs=settings.latency_runs,
+                throughput_batch=settings.throughput_batch_size))
+            content = converted[variant]
             delta_points = (result.accuracy - float_accuracy) * 100
             row.update(size_bytes=len(content), accuracy=result.accuracy, accuracy_delta_points=delta_points,
                        latency_p50_ms=result.latency_p50_ms, latency_p95_ms=result.latency_p95_ms,
                        throughput_per_s=result.throughput_per_s, blessed=is_blessed(delta_points, tolerance),
                        input_dtype=result.input_dtype, input_scale=result.input_scale,
-                       input_zero_point=result.input_zero_point, output_quantization=result.output_quantization)
-            rows.append(row)
+                       input_zero_point=result.input_zero_point, output_quantization=result.output_quantization,
+                       eval_examples=count)
             artifacts.append(self._variant_artifact(variants_dir / variant, content, row))
         report.complete_rows(rows)
         for artifact, row in zip(artifacts, [r for r in rows if r["status"] == "ok"]):

@@ -99,11 +99,9 @@ class TfliteModel:
         return np.concatenate([self.run(images[i:i + batch])["class_ids"] for i in range(0, len(images), batch)])
 
 
-def measure(content: bytes, images: np.ndarray, labels: np.ndarray, *, threads: int, latency_runs: int,
-            throughput_batch: int) -> Measurement:
-    model = TfliteModel(content, threads)
-    accuracy = float(np.mean(model.classes(images) == labels))
-    single = images[:1]
+def speed(model: TfliteModel, sample: np.ndarray, *, latency_runs: int, throughput_batch: int) -> dict:
+    """Single-image latency percentiles and batched throughput, measured on a small sample of images."""
+    single = sample[:1]
     for _ in range(10):
         model.run(single)
     timings = []
@@ -111,18 +109,20 @@ def measure(content: bytes, images: np.ndarray, labels: np.ndarray, *, threads: 
         started = time.perf_counter()
         model.run(single)
         timings.append(time.perf_counter() - started)
-    batch = np.resize(images, (throughput_batch, *images.shape[1:]))
+    batch = np.resize(sample, (throughput_batch, *sample.shape[1:]))
     model.run(batch)
     rounds, started = 0, time.perf_counter()
     while rounds < 5 or time.perf_counter() - started < 0.3:
         model.run(batch)
         rounds += 1
-    throughput = rounds * throughput_batch / (time.perf_counter() - started)
+    return {"latency_p50_ms": float(np.percentile(timings, 50) * 1000),
+            "latency_p95_ms": float(np.percentile(timings, 95) * 1000),
+            "throughput_per_s": float(rounds * throughput_batch / (time.perf_counter() - started))}
+
+
+def measurement(model: TfliteModel, accuracy: float, speeds: dict) -> Measurement:
     return Measurement(
-        accuracy=accuracy,
-        latency_p50_ms=float(np.percentile(timings, 50) * 1000),
-        latency_p95_ms=float(np.percentile(timings, 95) * 1000),
-        throughput_per_s=float(throughput),
+        accuracy=accuracy, **speeds,
         input_dtype=model.input_dtype.name,
         input_scale=float(model.input_scale),
         input_zero_point=int(model.input_zero_point),
@@ -132,8 +132,25 @@ def measure(content: bytes, images: np.ndarray, labels: np.ndarray, *, threads: 
     )
 
 
+def measure(content: bytes, images: np.ndarray, labels: np.ndarray, *, threads: int, latency_runs: int,
+            throughput_batch: int) -> Measurement:
+    """One variant on images in memory: accuracy on all of them, speed on the first."""
+    model = TfliteModel(content, threads)
+    accuracy = float(np.mean(model.classes(images) == labels))
+    return measurement(model, accuracy, speed(model, images[:throughput_batch], latency_runs=latency_runs,
+                                              throughput_batch=throughput_batch))
+
+
+class SavedModelClassifier:
+    """The float SavedModel's serving_default signature, batch by batch."""
+
+    def __init__(self, saved_model_dir: str):
+        self.predict = tf.saved_model.load(saved_model_dir).signatures[SIGNATURE]
+
+    def classes(self, images: np.ndarray, batch: int = 256) -> np.ndarray:
+        return np.concatenate([self.predict(**{INPUT: tf.constant(images[i:i + batch], tf.float32)})["class_ids"].numpy()
+                               for i in range(0, len(images), batch)])
+
+
 def saved_model_accuracy(saved_model_dir: str, images: np.ndarray, labels: np.ndarray) -> float:
-    predict = tf.saved_model.load(saved_model_dir).signatures[SIGNATURE]
-    classes = np.concatenate([predict(**{INPUT: tf.constant(images[i:i + 256], tf.float32)})["class_ids"].numpy()
-                              for i in range(0, len(images), 256)])
-    return float(np.mean(classes == labels))
+    return float(np.mean(SavedModelClassifier(saved_model_dir).classes(images) == labels))

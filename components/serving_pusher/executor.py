@@ -1,7 +1,10 @@
-"""ServingPusher executor: checks blessings, writes the next version atomically, updates labels and traffic."""
+"""ServingPusher executor: checks blessings, writes the next version atomically, then commits the new labels
+and traffic as one release change (formats/release_state.py) and retires old versions after it."""
 from __future__ import annotations
 
+import getpass
 import logging
+import socket
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -10,6 +13,7 @@ from typing import Any
 from tfx.proto.orchestration import execution_result_pb2
 from tfx.types import artifact_utils
 
+from conveyor_ml.base.names import PUSH_EXECUTION
 from conveyor_ml.base.spec import ServingPusherSettings
 from conveyor_ml.components.artifacts import deployment, recorded_value
 from conveyor_ml.components.parameters import settings_from
@@ -35,17 +39,26 @@ class Executor(BlessedModelPusher):
         base = Path(settings.base_path)
         variants = blessed_variants(input_dict.get("quantized_models") or [])
         with releases.locked(base):
-            release = releases.read_release(base, model_name)
-            labels_before = dict(release.labels)
-            for leftover in releases.clean_leftovers(release.model_dir):
-                log.info("removed an interrupted push: %s", leftover)
+            state = releases.read_state(base)
+            # What an interrupted push left on disk is put right here; its ML Metadata record, if missing,
+            # is written by the next command that has the store (the runner reconciles before and after).
+            for line in releases.repair_files(state):
+                log.info("repaired: %s", line)
+            release = state.release(model_name)
+            before = release.copy()
             version = releases.next_version(release)
             with tempfile.TemporaryDirectory() as scratch:
                 sources = self.release_sources(input_dict, variants, scratch)
                 version_dir = releases.write_version_atomically(release.model_dir, version, sources)
             releases.release_new_version(release, version, settings.release, settings.canary_weight)
-            removed = releases.apply_retention(release, settings.keep_versions)
-            releases.write_release(release)
+            rows = releases.snapshot(before.labels, release)
+            change = releases.ReleaseChange.new(
+                PUSH_EXECUTION, model_name, rows,
+                releases.change_details(before, release, version=str(version), user=getpass.getuser(),
+                                        host=socket.gethostname()),
+                retire=releases.retention(release, settings.keep_versions))
+            # The labels move first (one commit), the retired versions go after (renamed, then deleted).
+            removed = releases.apply_change(state, release, change)
             releases.write_batching_config(base, **asdict(settings.batching))
         label = next((name for name, v in release.labels.items() if v == version), "")
         traffic = release.weights.get(label, 0)
@@ -56,8 +69,8 @@ class Executor(BlessedModelPusher):
         record_dir = Path(artifact_utils.get_single_uri(output_dict["deployment"]))
         deployments = [
             deployment(row, model_name=model_name, base_path=str(base.resolve()),
-                       uri=str(record_dir / f"version-{row['version']}"))
-            for row in releases.snapshot(labels_before, release)]
+                       uri=str(record_dir / f"version-{row['version']}"), change_id=change.id)
+            for row in rows]
         log.info("pushed version %d of %s as %s (%d%% of unversioned traffic)%s", version, model_name, label, traffic,
                  f"; retired versions {removed}" if removed else "")
         return pusher_output(pushed_model, deployments)

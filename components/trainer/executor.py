@@ -21,6 +21,7 @@ from conveyor_ml.base.names import DRIFT_BLOCKED, IMAGE_KEY, LABEL_KEY
 from conveyor_ml.base.native_output import is_native_noise
 from conveyor_ml.base.ports import free_port
 from conveyor_ml.base.spec import STRATEGIES, TrainerSettings
+from conveyor_ml.components import split_reader
 from conveyor_ml.components.artifacts import recorded_value, set_custom_properties, span_of
 from conveyor_ml.components.parameters import list_parameter, settings_from
 from conveyor_ml.components.trainer.parameters import PARAMETER_NAMES
@@ -54,6 +55,8 @@ class Executor(base_executor.BaseExecutor):
             facts_path="",
             settings=settings,
             warm_start_from=warm_start_from,
+            train_examples=_total([recorded_value(a, "examples_train") for a in examples]),
+            eval_examples=recorded_value(examples[-1], "examples_eval"),
         )
         worker_facts = run_training(job)
         chief = next(f for f in worker_facts if f["is_chief"])
@@ -61,6 +64,11 @@ class Executor(base_executor.BaseExecutor):
                                       "spans": ",".join(str(span_of(a)) for a in examples)})
         set_custom_properties(model_run, {"tensorboard_logdir": model_run.uri, "steps": chief["steps"],
                                           "wall_time_s": chief["wall_time_s"]})
+
+
+def _total(counts: list) -> int | None:
+    """The sum of known counts; None when any is unknown (Examples imported before spans recorded them)."""
+    return None if any(c is None for c in counts) else int(sum(counts))
 
 
 def refuse_anomalous_data(anomalies: list, span: int) -> None:
@@ -114,10 +122,10 @@ def check_schema(schema_artifacts: list) -> None:
 
 
 def split_files(examples, split: str) -> list[str]:
-    split_dir = Path(artifact_utils.get_split_uri([examples], split))
-    files = sorted(str(p) for p in split_dir.iterdir() if p.is_file()) if split_dir.is_dir() else []
+    files = split_reader.split_files(examples, split)
     if not files:
-        raise ConveyorError(f"examples: split '{split}' of span {span_of(examples)} is empty ({split_dir})")
+        raise ConveyorError(f"examples: split '{split}' of span {span_of(examples)} is empty "
+                            f"({artifact_utils.get_split_uri([examples], split)})")
     return files
 
 
@@ -127,32 +135,34 @@ def run_training(job: TrainingJob) -> list[dict]:
     multi_worker with TF_CONFIG set: this process is one task of an external cluster, one child.
     multi_worker without it: `settings.num_workers` local processes form a cluster on 127.0.0.1.
     """
-    workdir = Path(tempfile.mkdtemp(prefix="conveyor-train-"))
-    if job.settings.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
-        workers = job.settings.num_workers
-        cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(workers)]}
-        tf_configs = [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
-                      for i in range(workers)]
-    else:
-        tf_configs = [os.environ.get("TF_CONFIG")]
-    processes = []
-    for index, tf_config in enumerate(tf_configs):
-        job.facts_path = str(workdir / f"facts-{index}.json")
-        job_file = workdir / f"job-{index}.json"
-        job.save(job_file)
-        env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "PYTHONWARNINGS": "ignore", "TF_CPP_MIN_LOG_LEVEL": "2"}
-        if tf_config:
-            env["TF_CONFIG"] = tf_config
-        name = f"worker-{index}" if len(tf_configs) > 1 else "trainer"
-        processes.append(_ChildProcess(name, [sys.executable, "-m", "conveyor_ml.components.trainer.training", str(job_file)], env))
-    failed = _wait_all(processes)
-    if failed:
-        errors = [line[len(ERROR_PREFIX):] for line in failed.tail if line.startswith(ERROR_PREFIX)]
-        if errors:
-            raise ConveyorError(errors[-1])
-        raise RuntimeError(f"training process {failed.name} exited with {failed.returncode}:\n" + "\n".join(failed.tail))
-    facts = [json.loads((workdir / f"facts-{i}.json").read_text()) for i in range(len(tf_configs))]
-    return sorted(facts, key=lambda f: not f["is_chief"])
+    # The job files and facts are only for these children: the directory goes with them, whatever happens.
+    with tempfile.TemporaryDirectory(prefix="conveyor-train-") as scratch:
+        workdir = Path(scratch)
+        if job.settings.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
+            workers = job.settings.num_workers
+            cluster = {"worker": [f"127.0.0.1:{free_port()}" for _ in range(workers)]}
+            tf_configs = [json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+                          for i in range(workers)]
+        else:
+            tf_configs = [os.environ.get("TF_CONFIG")]
+        processes = []
+        for index, tf_config in enumerate(tf_configs):
+            job.facts_path = str(workdir / f"facts-{index}.json")
+            job_file = workdir / f"job-{index}.json"
+            job.save(job_file)
+            env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "PYTHONWARNINGS": "ignore", "TF_CPP_MIN_LOG_LEVEL": "2"}
+            if tf_config:
+                env["TF_CONFIG"] = tf_config
+            name = f"worker-{index}" if len(tf_configs) > 1 else "trainer"
+            processes.append(_ChildProcess(name, [sys.executable, "-m", "conveyor_ml.components.trainer.training", str(job_file)], env))
+        failed = _wait_all(processes)
+        if failed:
+            errors = [line[len(ERROR_PREFIX):] for line in failed.tail if line.startswith(ERROR_PREFIX)]
+            if errors:
+                raise ConveyorError(errors[-1])
+            raise RuntimeError(f"training process {failed.name} exited with {failed.returncode}:\n" + "\n".join(failed.tail))
+        facts = [json.loads((workdir / f"facts-{i}.json").read_text()) for i in range(len(tf_configs))]
+        return sorted(facts, key=lambda f: not f["is_chief"])
 
 
 class _ChildProcess:

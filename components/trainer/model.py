@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from conveyor_ml.base.names import IMAGE_KEY, LABEL_KEY, NUM_CLASSES
+from conveyor_ml.base.names import IMAGE_KEY, IMAGE_RAW_KEY, LABEL_KEY, NUM_CLASSES
 from conveyor_ml.base.spec import ModelArchitecture
 
 PIXEL_CENTER = 127.5
@@ -43,20 +43,40 @@ def build_model(image_shape: tuple[int, int], arch: ModelArchitecture) -> tf.ker
     return tf.keras.Model(inputs, logits, name="digit_cnn")
 
 
+# The `image` default when an example has none: no pixel is negative, so it marks "absent".
+NO_PIXELS = -1.0
+
+
 def feature_spec(image_shape: tuple[int, int]) -> dict:
+    """The stored examples' features: `image_raw` (H*W uint8 bytes) or, in spans written before it and from
+    clients that send numbers, `image` (H*W numbers); `label`."""
     pixels = image_shape[0] * image_shape[1]
     return {
-        IMAGE_KEY: tf.io.FixedLenFeature([pixels], tf.float32),
+        IMAGE_RAW_KEY: tf.io.FixedLenFeature([], tf.string, default_value=""),
+        IMAGE_KEY: tf.io.FixedLenFeature([pixels], tf.float32, default_value=[NO_PIXELS] * pixels),
         LABEL_KEY: tf.io.FixedLenFeature([1], tf.int64),
     }
 
 
 def parse_examples(serialized: tf.Tensor, image_shape: tuple[int, int], with_labels: bool):
+    """Serialized tf.Examples -> float pixels [N, H, W] (0..255) and, when asked, labels [N]. Each example
+    carries its pixels as `image_raw` bytes or as an `image` number list; one with neither, or with the
+    wrong number of pixels, fails the call with an InvalidArgumentError saying so."""
+    pixels = image_shape[0] * image_shape[1]
     spec = feature_spec(image_shape)
     if not with_labels:
         spec.pop(LABEL_KEY)
     parsed = tf.io.parse_example(serialized, spec)
-    images = tf.reshape(parsed[IMAGE_KEY], (-1, *image_shape))
+    raw, numbers = parsed[IMAGE_RAW_KEY], parsed[IMAGE_KEY]
+    has_raw = tf.strings.length(raw) > 0
+    valid = tf.where(has_raw, tf.strings.length(raw) == pixels, numbers[:, 0] != NO_PIXELS)
+    checked = tf.debugging.Assert(
+        tf.reduce_all(valid), [f"each example needs {IMAGE_RAW_KEY!r} ({pixels} uint8 bytes) or {IMAGE_KEY!r} "
+                               f"({pixels} numbers), image shape {image_shape[0]}x{image_shape[1]}"])
+    with tf.control_dependencies([checked]):
+        filler = tf.fill(tf.shape(raw), tf.constant(bytes(pixels)))
+        decoded = tf.cast(tf.io.decode_raw(tf.where(has_raw, raw, filler), tf.uint8), tf.float32)
+        images = tf.reshape(tf.where(has_raw[:, None], decoded, numbers), (-1, *image_shape))
     if with_labels:
         return images, tf.squeeze(parsed[LABEL_KEY], axis=1)
     return images

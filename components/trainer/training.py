@@ -19,9 +19,9 @@ from pathlib import Path
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 
-from conveyor_ml.base.dataclass_schema import from_document, to_document  # noqa: E402
-from conveyor_ml.base.errors import ConveyorError  # noqa: E402
-from conveyor_ml.base.spec import STRATEGIES, TrainerSettings  # noqa: E402
+from conveyor_ml.base.dataclass_schema import from_document, to_document
+from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.base.spec import STRATEGIES, TrainerSettings
 
 ERROR_PREFIX = "conveyor-error: "
 log = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ class TrainingJob:
     settings: TrainerSettings
     warm_start_from: str | None = None
     seed: int = 42
+    train_examples: int | None = None  # from the span manifests, when known
+    eval_examples: int | None = None
 
     def save(self, path: str | os.PathLike) -> None:
         document = {**{f.name: getattr(self, f.name) for f in fields(self)}, "settings": to_document(self.settings)}
@@ -117,24 +119,56 @@ def make_strategy(tf, name: str, cpu_replicas: int, gpus: list):
     return strategy
 
 
-def _dataset(tf, files, image_shape, global_batch, shuffle_seed=None, repeat=True):
+# Bytes a cached example takes besides its pixels (the serialized record's framing and label).
+EXAMPLE_OVERHEAD_BYTES = 40
+SHUFFLE_BUFFER = 4096
+# Evaluation batches are larger: they need no gradients, and the result does not depend on their size.
+EVAL_BATCH = 256
+
+
+def cache_plan(train_examples: int | None, eval_examples: int | None, image_shape: tuple[int, int],
+               budget_mb: int) -> tuple[bool, bool]:
+    """(cache train?, cache eval?): a split is cached when its serialized examples fit what is left of the
+    memory budget, train first (it is read many times); a split of unknown size is streamed."""
+    left = budget_mb * 2**20
+    plan = []
+    for examples in (train_examples, eval_examples):
+        size = None if examples is None else examples * (image_shape[0] * image_shape[1] + EXAMPLE_OVERHEAD_BYTES)
+        fits = size is not None and size <= left
+        left -= size if fits else 0
+        plan.append(fits)
+    return plan[0], plan[1]
+
+
+def _dataset(tf, files, image_shape, batch, *, cache: bool, shuffle_seed=None, repeat=True):
+    """Records of every shard, interleaved (shards read in parallel, in a shuffled order for training),
+    cached in memory only when the split fits the budget, shuffled through a bounded buffer, batched,
+    parsed (raw bytes decoded to float pixels inside the graph) and prefetched."""
     from conveyor_ml.components.trainer.model import parse_examples
 
-    dataset = tf.data.TFRecordDataset(files, compression_type="GZIP").cache()
+    shards = tf.data.Dataset.from_tensor_slices(sorted(files))
     if shuffle_seed is not None:
-        dataset = dataset.shuffle(4096, seed=shuffle_seed, reshuffle_each_iteration=True)
+        shards = shards.shuffle(len(files), seed=shuffle_seed, reshuffle_each_iteration=True)
+    dataset = shards.interleave(lambda path: tf.data.TFRecordDataset(path, compression_type="GZIP"),
+                                cycle_length=min(len(files), 8), block_length=1, num_parallel_calls=tf.data.AUTOTUNE,
+                                deterministic=True)
+    if cache:
+        dataset = dataset.cache()
+    if shuffle_seed is not None:
+        dataset = dataset.shuffle(SHUFFLE_BUFFER, seed=shuffle_seed, reshuffle_each_iteration=True)
     if repeat:
         dataset = dataset.repeat()
-    dataset = dataset.batch(global_batch, drop_remainder=repeat)
-    dataset = dataset.map(lambda s: parse_examples(s, image_shape, with_labels=True))
+    dataset = dataset.batch(batch, drop_remainder=repeat)
+    dataset = dataset.map(lambda s: parse_examples(s, image_shape, with_labels=True),
+                          num_parallel_calls=tf.data.AUTOTUNE)
     options = tf.data.Options()
-    # One file per split: shard by element, not by file, across workers.
+    # Shard by element, not by file, across workers: every worker sees every shard's share.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
 def _count_records(tf, files) -> int:
-    return sum(1 for _ in tf.data.TFRecordDataset(files, compression_type="GZIP"))
+    return int(tf.data.TFRecordDataset(files, compression_type="GZIP").reduce(0, lambda count, _: count + 1))
 
 
 def _progress_callback(tf, total_steps: int, workers: int, timings: dict):
@@ -195,14 +229,23 @@ def train(job: TrainingJob) -> dict:
             metrics=[tf.keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         )
 
-    train_data = _dataset(tf, job.train_files, job.image_shape, global_batch, shuffle_seed=job.seed)
+    train_cached, eval_cached = cache_plan(job.train_examples, job.eval_examples, job.image_shape,
+                                           job.settings.cache_budget_mb)
+    train_data = _dataset(tf, job.train_files, job.image_shape, global_batch, cache=train_cached,
+                          shuffle_seed=job.seed)
+    eval_batch = max(global_batch, EVAL_BATCH * replicas)
     if tf_config:
         # Workers must run the same number of collective steps: evaluate on a repeated stream.
-        eval_data = _dataset(tf, job.eval_files, job.image_shape, global_batch)
-        eval_steps = max(1, math.ceil(_count_records(tf, job.eval_files) / global_batch))
+        eval_data = _dataset(tf, job.eval_files, job.image_shape, eval_batch, cache=eval_cached)
+        eval_count = job.eval_examples if job.eval_examples is not None else _count_records(tf, job.eval_files)
+        eval_steps = max(1, math.ceil(eval_count / eval_batch))
     else:
-        eval_data = _dataset(tf, job.eval_files, job.image_shape, global_batch, repeat=False)
+        eval_data = _dataset(tf, job.eval_files, job.image_shape, eval_batch, cache=eval_cached, repeat=False)
         eval_steps = None
+    log.info("data: %s train examples (%s), %s eval examples (%s) in %d and %d shards",
+             job.train_examples if job.train_examples is not None else "?",
+             "cached" if train_cached else "streamed", job.eval_examples if job.eval_examples is not None else "?",
+             "cached" if eval_cached else "streamed", len(job.train_files), len(job.eval_files))
     timings: dict = {}
     workers = sum(len(v) for v in tf_config["cluster"].values()) if tf_config else 1
     callbacks = [_progress_callback(tf, job.settings.train_steps, workers, timings)]

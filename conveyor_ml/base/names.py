@@ -33,8 +33,15 @@ PROMOTE_EXECUTION = "conveyor.Promote"
 # The drift gate's verdict that stops a run before training (and keeps the span out of later windows).
 DRIFT_BLOCKED = "blocked"
 ROLLBACK_EXECUTION = "conveyor.Rollback"
+# A push the ServingPusher made whose TFX record never arrived (the run was killed): recorded on repair.
+PUSH_EXECUTION = "conveyor.Push"
+# The id of one release change, on its MLMD execution and Deployments: how a repair finds what is recorded.
+RELEASE_CHANGE_PROPERTY = "release_change"
 
-# The examples every span holds (see formats/examples.py).
+# The examples every span holds (see formats/examples.py): the pixels as raw uint8 bytes, and the class.
+# IMAGE_KEY names the pixels as numbers: the schema's feature (its statistics are computed from the raw
+# bytes), the float list spans held before, and what serving clients send.
+IMAGE_RAW_KEY = "image_raw"
 IMAGE_KEY = "image"
 LABEL_KEY = "label"
 NUM_CLASSES = 10

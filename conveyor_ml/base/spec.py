@@ -1,7 +1,7 @@
 """The pipeline spec: one YAML file declares the data, the components with their options, the runner and the
 metadata store. This module is the one source of every option and its default: the JSON Schema
 (schemas/pipeline.schema.json), the README's reference table and the values the components receive are all
-derived from the classes below (`make spec-reference` rewrites the two files; a test checks they are current).
+derived from the classes below (`make reference` rewrites the two files; a test checks they are current).
 
 "Settings" classes are what the YAML says; the TFX ComponentSpecs the components declare are named "...Spec" in
 components/. Nothing here imports TensorFlow or TFX: `conveyor validate` stays fast and a bad spec is rejected
@@ -24,6 +24,7 @@ import yaml  # noqa: E402
 
 from conveyor_ml.base.dataclass_schema import document_schema, from_document, option  # noqa: E402
 from conveyor_ml.base.errors import ConveyorError  # noqa: E402
+from conveyor_ml.base.yaml_loading import load_yaml_file  # noqa: E402
 
 Variant = Literal["float32", "float16", "dynamic_range", "int8"]
 QUANTIZATION_VARIANTS: tuple[str, ...] = get_args(Variant)
@@ -66,15 +67,16 @@ class DataSettings:
 
     SCHEMA_EXTRA = {"if": {"properties": {"source": {"const": "sklearn-digits"}}}, "else": {"required": ["path"]}}
 
-    source: Literal["sklearn-digits", "tfrecord", "csv", "mnist-idx"] = option(
-        doc="sklearn-digits (embedded, 1,797 8x8 digits), tfrecord, csv or mnist-idx.")
+    source: Literal["sklearn-digits", "tfrecord", "csv", "mnist-idx", "image-folder"] = option(
+        doc="sklearn-digits (embedded, 1,797 8x8 digits), tfrecord, csv, mnist-idx or image-folder.")
     image_shape: tuple[int, ...] = option(
         doc="Height and width of the images the model takes.",
         items={"type": "integer", "minimum": 2, "maximum": 512}, minItems=2, maxItems=2)
     schema: Path = option(doc="The TFDV schema (pbtxt) every span is validated against.", minLength=1)
     path: str | None = option(
-        None, doc="File source: a .tfrecord(.gz) file or glob, a .csv file, or a directory holding MNIST IDX "
-                  "files. Required unless the source is sklearn-digits.", minLength=1)
+        None, doc="File source: a .tfrecord(.gz) file or glob, a .csv file, a directory holding MNIST IDX "
+                  "files, or a directory of class folders (0..9) of PNG/JPEG images. Local or gs://. Required "
+                  "unless the source is sklearn-digits.", minLength=1)
     eval_fraction: float = option(0.2, doc="Share of each span held out as its eval split.", **FRACTION)
     window_spans: int | None = option(
         None, doc="Train on the latest K spans (a rolling window); unset: on every span, so the training set grows "
@@ -110,6 +112,9 @@ class TrainerSettings:
     warm_start: bool = option(
         False, doc="Start from the weights of the model serving as stable (else the newest blessed model), among "
                    "the models trained before the newest span.")
+    cache_budget_mb: int = option(
+        512, doc="A split whose examples fit in this many MiB is cached in memory after its first pass; a "
+                 "larger one is streamed from its shards every time.", minimum=0)
     model: ModelArchitecture = option(default_factory=ModelArchitecture, doc="The model's architecture.")
 
 
@@ -362,7 +367,7 @@ def _read_document(spec_path: Path, extended_by: tuple[Path, ...] = ()) -> Any:
         raise ConveyorError(
             f"spec file not found: {spec_path}{referrer} (pass a pipeline YAML, e.g. pipelines/mnist.yaml)")
     try:
-        document = yaml.safe_load(spec_path.read_text())
+        document = load_yaml_file(spec_path)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{spec_path}:{mark.line + 1}:{mark.column + 1}" if mark else str(spec_path)

@@ -1,15 +1,29 @@
-"""The state of a serving base path: versions on disk, labels, traffic weights; and the moves between states.
+"""The state of a serving base path: versions on disk, labels, traffic weights, history; the moves between
+states; and how a change reaches the disk so that a SIGKILL at any moment leaves a state that parses and agrees.
 
-Layout (what TF Serving and `conveyor serve` read):
+Layout:
 
-    <base>/models.config          ModelServerConfig: per model its base_path, version policy and labels
-    <base>/traffic.json           weights per label for unversioned requests (e.g. stable 90, canary 10)
+    <base>/release_state.json     THE release state: per model its labels, traffic weights and stable history
+                                  (for rollback), plus the changes ML Metadata has not confirmed yet
+    <base>/models.config          ModelServerConfig: per model its base_path, version policy and labels  } derived
+    <base>/traffic.json           weights per label for unversioned requests (e.g. stable 90, canary 10) } from it
     <base>/batching.config        BatchingParameters for --enable_batching
-    <base>/release_history.json   per model, the versions that were stable, oldest first (for rollback)
     <base>/<model>/<version>/     SavedModels (+ tflite/ variants), written by `write_version_atomically`
 
-Every change takes an exclusive lock on `<base>/.conveyor.lock` and rewrites files atomically, so a
-pipeline push and a `conveyor promote` never interleave and a server never reads half a file.
+TF Serving and `conveyor serve` read models.config and traffic.json, in the formats they always had. Nothing
+reads them back as the truth: a change commits the whole new state with ONE atomic rename of
+release_state.json, then rewrites the two served files from it, idempotently, in an order that never lets a
+reader see traffic.json weigh a label models.config lacks. A crash before the rename leaves the old state, one
+after it a state whose served files `repair_files` brings in line on the next command.
+
+The committed state also carries the change itself (`ReleaseChange`: its id, the MLMD rows to record, the
+versions it retires) until ML Metadata holds a record with that id. The next command finds a change whose
+process is gone, and records it if the record is missing (components/release_record.py): a crash between
+the files and the MLMD write is detected and repaired, never lost. Retention is part of a change too: the
+labels move first, then each retired version is renamed out of sight and only then deleted.
+
+Every change holds an exclusive lock on `<base>/.conveyor.lock`, so a pipeline push and a `conveyor promote`
+never interleave; a lock dies with its process.
 """
 from __future__ import annotations
 
@@ -18,20 +32,31 @@ import json
 import os
 import re
 import shutil
+import socket
+import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
+from conveyor_ml.base.clock import utc_now
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.files import fsync_directory, fsync_tree, write_atomically
 from conveyor_ml.formats import serving_config
 
 STABLE, CANARY = "stable", "canary"
-HISTORY_FILE = "release_history.json"
-TEMP_VERSION = re.compile(r"^\.(?P<version>\d+)\.tmp-(?P<pid>\d+)$")
+STATE_FILE = "release_state.json"
+LEGACY_HISTORY_FILE = "release_history.json"  # before release_state.json: the history alone
+STATE_FORMAT = 1
+LOCK_FILE = ".conveyor.lock"
+# Hidden version directories: a push still copying (tmp) and a retired version on its way out (retiring).
+HIDDEN_VERSION = re.compile(r"^\.(?P<version>\d+)\.(?:tmp|retiring)-(?P<pid>\d+)$")
 VERSION_DIR = re.compile(r"^\d+$")
+# write_atomically's temporary files (".<name>.<random>") of the files a base path holds.
+_WRITTEN_FILES = (STATE_FILE, serving_config.MODELS_CONFIG, serving_config.TRAFFIC_FILE,
+                  serving_config.BATCHING_CONFIG, LEGACY_HISTORY_FILE)
 
 
 def versions_on_disk(base_path: Path) -> dict[int, Path]:
@@ -65,11 +90,53 @@ class ModelRelease:
     def versions(self) -> list[int]:
         return sorted(versions_on_disk(self.model_dir))
 
+    def copy(self) -> ModelRelease:
+        return ModelRelease(self.name, self.base_path, dict(self.labels), dict(self.weights), list(self.history))
+
+
+@dataclass
+class ReleaseChange:
+    """A committed change that ML Metadata may not hold yet: what to record, and what it retires on disk."""
+
+    id: str
+    kind: str  # the MLMD execution type a repair records it as (conveyor.Push, conveyor.Promote, ...)
+    model: str
+    rows: list[dict]  # the state after the change, one row per version (see `snapshot`)
+    details: dict[str, str]  # the execution's properties: labels before/after, reason, user, ...
+    retire: list[int] = field(default_factory=list)  # versions to delete once no label names them
+    pid: int = field(default_factory=os.getpid)  # the process making it: in flight while that one lives
+    host: str = field(default_factory=socket.gethostname)
+    started: int | None = field(default_factory=lambda: process_start(os.getpid()))  # tells a reused pid apart
+
+    @classmethod
+    def new(cls, kind: str, model: str, rows: list[dict], details: dict[str, str],
+            retire: list[int] | None = None) -> ReleaseChange:
+        return cls(uuid.uuid4().hex, kind, model, rows, {"changed_at": utc_now(), **details}, list(retire or []))
+
+    def in_flight(self) -> bool:
+        """True while the process that made the change may still record it (a pipeline run publishes its
+        push after the pusher returns); a change from another host counts as finished."""
+        return (self.host == socket.gethostname() and self.pid != os.getpid() and _pid_alive(self.pid)
+                and process_start(self.pid) == self.started)
+
+
+@dataclass
+class ReleaseState:
+    base_path: Path
+    models: dict[str, ModelRelease] = field(default_factory=dict)
+    unrecorded: list[ReleaseChange] = field(default_factory=list)
+    stored: bool = False  # False: built from the files older versions wrote (or from nothing)
+
+    def release(self, name: str) -> ModelRelease:
+        """A copy of the model's release (empty for a model never pushed), to change and `apply_change`."""
+        found = self.models.get(name)
+        return found.copy() if found else ModelRelease(name, self.base_path)
+
 
 @contextmanager
 def locked(base_path: Path):
     base_path.mkdir(parents=True, exist_ok=True)
-    with open(base_path / ".conveyor.lock", "a+") as handle:
+    with open(base_path / LOCK_FILE, "a+") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -77,97 +144,282 @@ def locked(base_path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def read_release(base_path: Path, model_name: str) -> ModelRelease:
-    release = ModelRelease(model_name, Path(base_path))
+# -- reading ---------------------------------------------------------------------------------------------
+def read_state(base_path: Path) -> ReleaseState:
+    """The committed state; from models.config, traffic.json and release_history.json where an older
+    version of Conveyor wrote only those. A damaged file is an error naming it, never an empty state."""
+    base_path = Path(base_path)
+    path = base_path / STATE_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return _state_from_older_files(base_path)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _damaged(path, getattr(exc, "strerror", None) or "not UTF-8 text") from None
+    try:
+        return _parse_state(base_path, json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise _damaged(path, f"not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise _damaged(path, f"unexpected content: {exc}") from None
+
+
+def _damaged(path: Path, reason: str) -> ConveyorError:
+    return ConveyorError(f"{path}: {reason}. It records which version each label serves and the rollback "
+                         "history; restore it from a backup, or move it away to rebuild it from models.config and "
+                         "traffic.json (the rollback history is then lost)")
+
+
+def _int_map(value, what: str) -> dict[str, int]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and type(v) is int and v >= 0
+                                              for k, v in value.items()):
+        raise ValueError(f"{what} must map names to non-negative integers")
+    return dict(value)
+
+
+def _parse_state(base_path: Path, document) -> ReleaseState:
+    if not isinstance(document, dict) or document.get("format") != STATE_FORMAT:
+        raise ValueError(f'expected {{"format": {STATE_FORMAT}, "models": ..., "unrecorded": ...}}')
+    models = {}
+    for name, entry in document["models"].items():
+        history = entry["history"]
+        if not isinstance(history, list) or not all(type(v) is int for v in history):
+            raise ValueError(f"models.{name}.history must be a list of versions")
+        models[name] = ModelRelease(name, base_path, _int_map(entry["labels"], f"models.{name}.labels"),
+                                    _int_map(entry["weights"], f"models.{name}.weights"), list(history))
+    unrecorded = []
+    for entry in document["unrecorded"]:
+        change = ReleaseChange(**entry)
+        if not isinstance(change.rows, list) or not isinstance(change.details, dict):
+            raise ValueError("unrecorded changes need rows and details")
+        unrecorded.append(change)
+    return ReleaseState(base_path, models, unrecorded, stored=True)
+
+
+def _state_from_older_files(base_path: Path) -> ReleaseState:
+    state = ReleaseState(base_path)
     config_path = base_path / serving_config.MODELS_CONFIG
     if config_path.is_file():
         for model in serving_config.read_model_server_config(config_path).model_config_list.config:
-            if model.name == model_name:
-                release.labels = dict(model.version_labels)
-    release.weights = serving_config.read_traffic(base_path / serving_config.TRAFFIC_FILE).for_model(model_name)
-    release.history = list(_read_history(base_path).get(model_name, []))
-    return release
-
-
-def _read_history(base_path: Path) -> dict[str, list[int]]:
+            state.models[model.name] = ModelRelease(model.name, base_path, dict(model.version_labels))
+    traffic = serving_config.read_traffic(base_path / serving_config.TRAFFIC_FILE)
+    history_path = base_path / LEGACY_HISTORY_FILE
     try:
-        return json.loads((base_path / HISTORY_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
+        history = json.loads(history_path.read_text())
+        if not isinstance(history, dict) or not all(isinstance(v, list) and all(type(x) is int for x in v)
+                                                    for v in history.values()):
+            raise ValueError("expected {model: [versions]}")
+    except FileNotFoundError:
+        history = {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConveyorError(f"{history_path}: not a valid release history ({exc}); it holds each model's stable "
+                            "versions for rollback: fix it, or delete it to start the history afresh") from None
+    for name, release in state.models.items():
+        release.weights = traffic.for_model(name)
+        release.history = list(history.get(name, []))
+    return state
+
+
+def read_release(base_path: Path, model_name: str) -> ModelRelease:
+    return read_state(base_path).release(model_name)
 
 
 def known_models(base_path: Path) -> list[str]:
-    config_path = base_path / serving_config.MODELS_CONFIG
-    if not config_path.is_file():
-        return []
-    return [m.name for m in serving_config.read_model_server_config(config_path).model_config_list.config]
+    return sorted(read_state(base_path).models)
 
 
-def write_release(release: ModelRelease) -> None:
-    """Writes the model's entry of models.config (labels; the policy serves exactly the labelled versions)
-    and its traffic weights; other models' entries are kept as they are."""
-    base = release.base_path
-    config_path = base / serving_config.MODELS_CONFIG
-    config = (serving_config.read_model_server_config(config_path) if config_path.is_file()
-              else model_server_config_pb2.ModelServerConfig())
-    entries = config.model_config_list.config
-    entry = next((m for m in entries if m.name == release.name), None)
-    if entry is None:
-        entry = entries.add()
+# -- writing ---------------------------------------------------------------------------------------------
+def _state_document(state: ReleaseState) -> dict:
+    return {"format": STATE_FORMAT,
+            "models": {name: {"labels": dict(sorted(r.labels.items())), "weights": dict(sorted(r.weights.items())),
+                              "history": list(r.history)} for name, r in sorted(state.models.items())},
+            "unrecorded": [asdict(change) for change in state.unrecorded]}
+
+
+def commit(state: ReleaseState) -> None:
+    """The one write that changes the release: the whole state, by one atomic rename."""
+    write_atomically(state.base_path / STATE_FILE, json.dumps(_state_document(state), indent=2) + "\n")
+    state.stored = True
+    # The history lives in the state now; the old file would only go stale.
+    (state.base_path / LEGACY_HISTORY_FILE).unlink(missing_ok=True)
+
+
+def _served_entry(entry: model_server_config_pb2.ModelConfig, release: ModelRelease) -> None:
     entry.Clear()
     entry.name = release.name
     entry.base_path = str(release.model_dir.resolve())
     entry.model_platform = "tensorflow"
     labelled = sorted(set(release.labels.values()))
     if labelled:
-        entry.model_version_policy.specific.versions.extend(labelled)
+        entry.model_version_policy.specific.versions.extend(labelled)  # serve exactly the labelled versions
     else:
         entry.model_version_policy.latest.num_versions = 1
     for label, version in sorted(release.labels.items()):
         entry.version_labels[label] = version
-    serving_config.write_model_server_config(config_path, config)
-    traffic_path = base / serving_config.TRAFFIC_FILE
-    traffic = serving_config.read_traffic(traffic_path)
-    traffic.models[release.name] = dict(release.weights)
-    serving_config.write_traffic(traffic_path, traffic)
-    history = _read_history(base)
-    history[release.name] = release.history
-    write_atomically(base / HISTORY_FILE, json.dumps(history, indent=2, sort_keys=True) + "\n")
 
 
-def _set_stable(release: ModelRelease, version: int) -> None:
-    release.labels = {STABLE: version}
-    release.weights = {STABLE: 100}
-    if not release.history or release.history[-1] != version:
-        release.history.append(version)
+def _read_or_none(read, path: Path):
+    """A served file as it is now; None when missing or unreadable (it is rewritten from the state then)."""
+    try:
+        return read(path) if path.is_file() else None
+    except ConveyorError:
+        return None
 
 
-def next_version(release: ModelRelease) -> int:
-    """Highest version on disk or in a label, plus one (TF Serving serves the highest number as latest)."""
-    return max([0, *release.versions(), *release.labels.values()]) + 1
+def sync_served_files(state: ReleaseState) -> bool:
+    """Rewrites models.config and traffic.json from the state where they differ; True if it wrote any.
+
+    Order: traffic first when it weighs a label the new config drops (with only the labels both configs
+    have), then the config, then the traffic: at every moment each weighted label is in models.config.
+    Entries of models the state does not know are kept as they are."""
+    base = state.base_path
+    config_path, traffic_path = base / serving_config.MODELS_CONFIG, base / serving_config.TRAFFIC_FILE
+    current_config = _read_or_none(serving_config.read_model_server_config, config_path)
+    current_traffic = _read_or_none(serving_config.read_traffic, traffic_path) or serving_config.TrafficWeights()
+    config = model_server_config_pb2.ModelServerConfig()
+    if current_config is not None:
+        config.CopyFrom(current_config)
+    entries = config.model_config_list.config
+    for name, release in sorted(state.models.items()):
+        entry = next((m for m in entries if m.name == name), None) or entries.add()
+        _served_entry(entry, release)
+    traffic = serving_config.TrafficWeights({**current_traffic.models,
+                                             **{name: dict(r.weights) for name, r in state.models.items()}})
+
+    labels_now = {m.name: set(m.version_labels) for m in current_config.model_config_list.config} \
+        if current_config is not None else {}
+    dropped = any(label not in state.models[name].labels
+                  for name, split in current_traffic.models.items() if name in state.models for label in split)
+    wrote = False
+    if dropped:
+        interim = serving_config.TrafficWeights({**traffic.models, **{
+            name: {label: w for label, w in r.weights.items() if label in labels_now.get(name, set())}
+            for name, r in state.models.items()}})
+        wrote |= _write_if_changed(traffic_path, serving_config.traffic_text(interim))
+    wrote |= _write_if_changed(config_path, text_format.MessageToString(config))
+    wrote |= _write_if_changed(traffic_path, serving_config.traffic_text(traffic))
+    return wrote
 
 
-def clean_leftovers(model_dir: Path) -> list[Path]:
-    """Removes temporary version directories left by pushes whose process is gone (a crash, SIGKILL)."""
+def _write_if_changed(path: Path, text: str) -> bool:
+    try:
+        if path.read_text() == text:
+            return False
+    except (OSError, UnicodeDecodeError):
+        pass
+    write_atomically(path, text)
+    return True
+
+
+def apply_change(state: ReleaseState, release: ModelRelease, change: ReleaseChange) -> list[int]:
+    """Makes `release` the model's state, with `change` remembered until ML Metadata confirms it: commit,
+    served files, then the retired versions; returns the versions retired."""
+    state.models[release.name] = release
+    state.unrecorded.append(change)
+    commit(state)
+    sync_served_files(state)
+    return retire_versions(state, change)
+
+
+def forget_change(state: ReleaseState, change_id: str) -> None:
+    """ML Metadata holds the change now: the state need not carry it any longer."""
+    state.unrecorded = [c for c in state.unrecorded if c.id != change_id]
+    commit(state)
+
+
+def revert_change(state: ReleaseState, before: ModelRelease, change: ReleaseChange) -> None:
+    """Puts the model's state back as it was before `change` (whose record failed), files included."""
+    state.models[before.name] = before
+    state.unrecorded = [c for c in state.unrecorded if c.id != change.id]
+    commit(state)
+    sync_served_files(state)
+
+
+def retire_versions(state: ReleaseState, change: ReleaseChange) -> list[int]:
+    """Deletes the versions a change retires that no label names (any more): each is renamed to a hidden
+    name first, so no reader ever sees a numbered directory half deleted."""
+    release = state.models.get(change.model)
+    if release is None:
+        return []
+    on_disk = versions_on_disk(release.model_dir)
+    retired = []
+    for version in change.retire:
+        if version in release.labels.values() or version not in on_disk:
+            continue
+        hidden = release.model_dir / f".{version}.retiring-{os.getpid()}"
+        os.rename(on_disk[version], hidden)
+        fsync_directory(release.model_dir)
+        shutil.rmtree(hidden, ignore_errors=True)
+        retired.append(version)
+    return retired
+
+
+def repair_files(state: ReleaseState) -> list[str]:
+    """What an interrupted command left on disk, put right (call with the lock held): temporary files and
+    directories of dead processes removed, retirements finished, the served files rewritten from the state,
+    and a state built from older files written. Returns one line per repair."""
+    repairs = []
+    if not state.base_path.is_dir():
+        return repairs
+    leftovers = clean_leftovers(state.base_path)
+    for model_dir in sorted(p for p in state.base_path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        leftovers += clean_leftovers(model_dir)
+    if leftovers:
+        repairs.append(f"removed {len(leftovers)} temporary file(s) an interrupted command left: "
+                       + ", ".join(path.name for path in leftovers[:5]) + (" ..." if len(leftovers) > 5 else ""))
+    for change in state.unrecorded:
+        if not change.in_flight():
+            retired = retire_versions(state, change)
+            if retired:
+                repairs.append(f"finished retiring version(s) {', '.join(map(str, retired))} of {change.model}")
+    if not state.stored and state.models:
+        commit(state)
+        repairs.append(f"wrote {STATE_FILE} from models.config, traffic.json and {LEGACY_HISTORY_FILE}")
+    if state.models and sync_served_files(state):
+        repairs.append(f"rewrote models.config and traffic.json from {STATE_FILE}, which an interrupted command "
+                       "had changed without them")
+    return repairs
+
+
+def clean_leftovers(directory: Path) -> list[Path]:
+    """Removes what writers that are gone (a crash, SIGKILL) left in a base path or model directory:
+    hidden version directories of dead processes, and atomic-write temporaries (call with the lock held:
+    every writer of those files holds it, so none is being written now)."""
     removed = []
-    if not model_dir.is_dir():
+    if not directory.is_dir():
         return removed
-    for child in model_dir.iterdir():
-        match = TEMP_VERSION.match(child.name)
+    for child in sorted(directory.iterdir()):
+        match = HIDDEN_VERSION.match(child.name)
         if match and not _pid_alive(int(match.group("pid"))):
             shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+        elif child.is_file() and any(child.name.startswith(f".{name}.") for name in _WRITTEN_FILES):
+            child.unlink(missing_ok=True)
             removed.append(child)
     return removed
 
 
+def process_start(pid: int) -> int | None:
+    """When the process started (clock ticks since boot, from /proc; None where there is no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name before ")" may hold spaces
+
+
 def _pid_alive(pid: int) -> bool:
+    """Whether the process runs (a zombie, dead but not yet waited for, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True  # no /proc: the signal said it exists
 
 
 def write_version_atomically(model_dir: Path, version: int, sources: dict[str, Path]) -> Path:
@@ -196,16 +448,25 @@ def write_version_atomically(model_dir: Path, version: int, sources: dict[str, P
     return target
 
 
-def apply_retention(release: ModelRelease, keep: int) -> list[int]:
-    """Deletes all but the newest `keep` versions, never one a label points to; returns what it deleted."""
+# -- the moves -------------------------------------------------------------------------------------------
+def _set_stable(release: ModelRelease, version: int) -> None:
+    release.labels = {STABLE: version}
+    release.weights = {STABLE: 100}
+    if not release.history or release.history[-1] != version:
+        release.history.append(version)
+
+
+def next_version(release: ModelRelease) -> int:
+    """Highest version on disk, in a label or in the history, plus one (TF Serving serves the highest number
+    as latest; a number once released is never reused, so its ML Metadata records stay unambiguous)."""
+    return max([0, *release.versions(), *release.labels.values(), *release.history]) + 1
+
+
+def retention(release: ModelRelease, keep: int) -> list[int]:
+    """The versions to retire so that only the newest `keep` stay, never one a label points to."""
     versions = release.versions()
     protected = set(release.labels.values()) | set(versions[-keep:])
-    removed = []
-    for version in versions:
-        if version not in protected:
-            shutil.rmtree(versions_on_disk(release.model_dir)[version], ignore_errors=True)
-            removed.append(version)
-    return removed
+    return [version for version in versions if version not in protected]
 
 
 def release_new_version(release: ModelRelease, version: int, mode: str, canary_weight: int) -> None:
@@ -272,6 +533,13 @@ def snapshot(before: dict[str, int], after: ModelRelease) -> list[dict]:
     return rows
 
 
+def change_details(before: ModelRelease, after: ModelRelease, **extra: str) -> dict[str, str]:
+    """The execution properties every local release change records."""
+    return {"labels_before": json.dumps(before.labels, sort_keys=True),
+            "labels_after": json.dumps(after.labels, sort_keys=True),
+            "weights_after": json.dumps(after.weights, sort_keys=True), **extra}
+
+
 def _labels_text(release: ModelRelease) -> str:
     return ", ".join(f"{label}={version}" for label, version in sorted(release.labels.items())) or "none"
 
@@ -280,6 +548,4 @@ def write_batching_config(base_path: Path, max_batch_size: int, batch_timeout_mi
                           max_enqueued_batches: int, num_batch_threads: int) -> None:
     text = serving_config.batching_parameters_text(max_batch_size, batch_timeout_micros, max_enqueued_batches,
                                                    num_batch_threads)
-    path = base_path / serving_config.BATCHING_CONFIG
-    if not path.is_file() or path.read_text() != text:
-        write_atomically(path, text)
+    _write_if_changed(base_path / serving_config.BATCHING_CONFIG, text)

@@ -39,15 +39,29 @@ def _compile_serving_protos():
 serving_config_pb2 = _compile_serving_protos()
 
 
+# The full names TF Serving's parser reports (our copies of two of its protos live in another package).
+TF_SERVING_PROTO_NAMES = {
+    "ModelServerConfig": "tensorflow.serving.ModelServerConfig",
+    "BatchingParameters": "tensorflow.serving.BatchingParameters",
+    "MonitoringConfig": "tensorflow.serving.MonitoringConfig",
+}
+
+
 def _parse_text_proto(path: Path, message, what: str):
+    """`message` parsed from the text proto at `path`; a file that does not parse is reported in one line
+    the way TF Serving reports it (`Error parsing text-format tensorflow.serving.ModelServerConfig: ...`)."""
     try:
         text = Path(path).read_text()
     except FileNotFoundError:
         raise ConveyorError(f"{what} not found: {path}") from None
+    except (UnicodeDecodeError, IsADirectoryError) as exc:
+        raise ConveyorError(f"{path}: not a {what} text proto ({exc})") from None
     try:
         return text_format.Parse(text, message)
     except text_format.ParseError as exc:
-        raise ConveyorError(f"{path}: not a valid {what} text proto: {exc}") from None
+        detail = " ".join(str(exc).split())
+        raise ConveyorError(f"{path}: Error parsing text-format {TF_SERVING_PROTO_NAMES.get(what, what)}: "
+                            f"{detail} (not a valid {what} text proto)") from None
 
 
 def read_model_server_config(path: Path) -> model_server_config_pb2.ModelServerConfig:
@@ -168,5 +182,9 @@ def read_traffic(path: Path) -> TrafficWeights:
     return TrafficWeights(weights)
 
 
+def traffic_text(traffic: TrafficWeights) -> str:
+    return json.dumps({"models": traffic.models}, indent=2, sort_keys=True) + "\n"
+
+
 def write_traffic(path: Path, traffic: TrafficWeights) -> None:
-    write_atomically(path, json.dumps({"models": traffic.models}, indent=2, sort_keys=True) + "\n")
+    write_atomically(path, traffic_text(traffic))

@@ -121,7 +121,10 @@ class MetadataIndex:
             if self.artifact_types.get(artifact.type_id) == DEPLOYMENT_TYPE and \
                     props(artifact).get("model_name") == model_name:
                 for execution_id in self.producers.get(artifact.id, []):
-                    if self.executions[execution_id].did_work:
+                    # FAILED with Deployments: a release change that went part of the way, recorded as
+                    # the target then was (TFX publishes no outputs of its failed executions).
+                    view = self.executions[execution_id]
+                    if view.did_work or view.execution.last_known_state == pb.Execution.FAILED:
                         by_execution[execution_id].append(artifact)
         views = sorted((self.executions[i] for i in by_execution),
                        key=lambda v: (v.execution.create_time_since_epoch, v.id))
@@ -202,6 +205,30 @@ def deployment_snapshots(store, model_name: str, target: str | None = None) -> l
         if mine:
             snapshots.append(Snapshot(view.execution, view.type_name, mine, view.run_id))
     return snapshots
+
+
+def latest_deployments(store, model_name: str, target: str) -> list[pb.Artifact]:
+    """The Deployments the newest release change of a model on `target` left: what `deployment_snapshots`
+    ends with, found with a few filtered queries instead of a read of the whole store (each release change
+    consumes the state before it, so every push, promote and rollback asks this)."""
+    import ml_metadata as mlmd
+
+    def quoted(text: str) -> str:
+        return "'" + text.replace("'", "\\'") + "'"
+
+    query = (f"type = {quoted(DEPLOYMENT_TYPE)} AND custom_properties.model_name.string_value = {quoted(model_name)}"
+             f" AND custom_properties.target.string_value = {quoted(target)}")
+    deployments = store.get_artifacts(list_options=mlmd.ListOptions(filter_query=query))
+    if not deployments:
+        return []
+    producer = {e.artifact_id: e.execution_id for e in store.get_events_by_artifact_ids([a.id for a in deployments])
+                if e.type in (pb.Event.OUTPUT, pb.Event.DECLARED_OUTPUT, pb.Event.INTERNAL_OUTPUT)}
+    changes = [e for e in store.get_executions_by_id(sorted(set(producer.values())))
+               if e.last_known_state in (pb.Execution.COMPLETE, pb.Execution.FAILED)]
+    if not changes:
+        return []
+    newest = max(changes, key=lambda e: (e.create_time_since_epoch, e.id))
+    return sorted((a for a in deployments if producer.get(a.id) == newest.id), key=lambda a: a.id)
 
 
 def pushing_runs(store, model_name: str) -> dict[str, str]:

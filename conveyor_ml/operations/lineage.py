@@ -23,16 +23,29 @@ from conveyor_ml.base.names import (
 )
 from conveyor_ml.metadata.index import ExecutionView, MetadataIndex
 from conveyor_ml.metadata.values import props
+from conveyor_ml.operations.records import (
+    ArtifactRef,
+    DataSpan,
+    DriftVerdict,
+    Evaluation,
+    InfraValidation,
+    ModelLineage,
+    ModelVersion,
+    PipelineRun,
+    Placement,
+    Push,
+    QuantizedVariant,
+    ReleaseChange,
+    ReleaseState,
+    Training,
+)
 
 # What the Evaluator recorded about its decision, shown as they are (see components/evaluator/comparison.py).
-EVIDENCE_KEYS = ("eval_examples", "eval_spans", "candidate_accuracy", "accuracy_interval_low", "accuracy_interval_high",
-                 "interval_level", "comparison_test", "p_value", "baseline_accuracy", "accuracy_difference",
-                 "difference_interval_low", "difference_interval_high", "decision", "reason")
+EVIDENCE_KEYS = ("decision", "eval_examples", "eval_spans", "candidate_accuracy", "accuracy_interval_low",
+                 "accuracy_interval_high", "interval_level", "comparison_test", "p_value", "baseline_accuracy",
+                 "accuracy_difference", "difference_interval_low", "difference_interval_high")
 EVALUATION_PARAMETERS = ("max_accuracy_drop", "alpha", "test", "golden_span")
-
-
-def _clean(values: dict) -> dict:
-    return {k: v for k, v in values.items() if v not in (None, "")}
+RELEASE_FIELDS = ("target", "version", "label", "traffic_percent", "release_state", "endpoint")
 
 
 class Lineage:
@@ -44,7 +57,7 @@ class Lineage:
         self.changes = index.release_changes(model_name)
         # (target, version) -> model artifact id, from the pushes that created each version
         self.version_owner: dict[tuple[str, str], int] = {}
-        self.pushes: dict[int, list[dict]] = defaultdict(list)
+        self.pushes: dict[int, list[Push]] = defaultdict(list)
         for view in index.executions.values():
             target = PUSH_TARGETS.get(view.node)
             if target is None or not view.did_work:
@@ -55,43 +68,43 @@ class Lineage:
                     if values.get("pushed") == 1:
                         version = str(values.get("pushed_version"))
                         self.version_owner[(target, version)] = model.id
-                        self.pushes[model.id].append(_clean({
-                            "target": target, "version": version, "destination": values.get("pushed_destination"),
-                            "run_id": view.run_id, "time": utc_from_milliseconds(view.execution.create_time_since_epoch),
-                            "execution_id": view.id}))
+                        self.pushes[model.id].append(Push(
+                            target=target, version=version, destination=values.get("pushed_destination"),
+                            run_id=view.run_id, time=utc_from_milliseconds(view.execution.create_time_since_epoch),
+                            execution_id=view.id))
                     elif values.get("skip_reason"):
-                        self.pushes[model.id].append({"target": target, "skipped": values["skip_reason"],
-                                                      "run_id": view.run_id, "execution_id": view.id})
+                        self.pushes[model.id].append(Push(target=target, skipped=values["skip_reason"],
+                                                          run_id=view.run_id, execution_id=view.id))
 
     # -- the current release state ---------------------------------------------------------------------
-    def current_deployments(self) -> dict[int, list[dict]]:
-        """model id -> where it serves now ({target, version, label, traffic_percent, endpoint})."""
+    def current_deployments(self) -> dict[int, list[Placement]]:
+        """model id -> where it serves now."""
         latest: dict[str, list[pb.Artifact]] = {}
         for _, state in self.changes:
             for target in {props(a).get("target", "local") for a in state}:
                 latest[target] = [a for a in state if props(a).get("target", "local") == target]
-        current: dict[int, list[dict]] = defaultdict(list)
+        current: dict[int, list[Placement]] = defaultdict(list)
         for target, state in latest.items():
             for artifact in state:
                 values = props(artifact)
                 owner = self.version_owner.get((target, str(values.get("version"))))
                 if owner is not None and values.get("release_state") in ("live", "canary"):
-                    current[owner].append(_clean({"target": target, "version": values.get("version"),
-                                                  "label": values.get("label"),
-                                                  "traffic_percent": values.get("traffic_percent"),
-                                                  "endpoint": values.get("endpoint")}))
+                    current[owner].append(Placement(target=target, version=values.get("version"),
+                                                    label=values.get("label"),
+                                                    traffic_percent=values.get("traffic_percent"),
+                                                    endpoint=values.get("endpoint")))
         return current
 
     # -- one row per model version ---------------------------------------------------------------------
-    def models(self) -> list[dict]:
+    def models(self) -> list[ModelVersion]:
         current = self.current_deployments()
         return [self._model_row(model, current.get(model.id, [])) for model in self.index.trained_models()]
 
-    def _evaluation(self, model_id: int) -> dict:
+    def _evaluation(self, model_id: int) -> Evaluation | None:
         index = self.index
         evaluations = index.consumers_of(model_id, EVALUATOR, "model")
         if not evaluations:
-            return {}
+            return None
         view = evaluations[-1]
         blessing = next(iter(index.outputs(view, "blessing")), None)
         evaluation = next(iter(index.outputs(view, "evaluation")), None)
@@ -103,50 +116,52 @@ class Lineage:
         blessed = props(blessing).get("blessed") == 1 if blessing is not None else None
         # The paired test's evidence (recorded by our Evaluator; absent on evaluations made before it).
         recorded = props(evaluation) if evaluation is not None else {}
-        evidence = {key: recorded.get(key) for key in EVIDENCE_KEYS}
-        result = _clean({"execution_id": view.id, "run_id": view.run_id, "accuracy": accuracy,
-                         "baseline_model_id": baseline.id if baseline is not None else None,
-                         "thresholds": thresholds, "blessed": blessed, **evidence})
-        if blessed is False and not result.get("reason"):
-            result["reason"] = _rejection_reason(accuracy, thresholds, baseline)
-        elif blessed is False:
-            result["reason"] = f"not blessed by the Evaluator: {result['reason']}"
-        return result
+        reason = recorded.get("reason") or None
+        if blessed is False:
+            reason = (f"not blessed by the Evaluator: {reason}" if reason
+                      else _rejection_reason(accuracy, thresholds, baseline))
+        return Evaluation(execution_id=view.id, run_id=view.run_id, accuracy=accuracy,
+                          baseline_model_id=baseline.id if baseline is not None else None,
+                          thresholds=thresholds, blessed=blessed, reason=reason,
+                          **{key: recorded.get(key) for key in EVIDENCE_KEYS})
 
-    def _model_row(self, model: pb.Artifact, deployed: list[dict]) -> dict:
+    def _model_row(self, artifact: pb.Artifact, deployed: list[Placement], into: type = ModelVersion, **more):
         index = self.index
-        producer = index.producer(model.id)
-        values = props(model)
-        evaluation = self._evaluation(model.id)
-        infra = [props(b).get("blessed") == 1 for v in index.consumers_of(model.id, INFRA_VALIDATOR, "model")
+        producer = index.producer(artifact.id)
+        values = props(artifact)
+        evaluation = self._evaluation(artifact.id)
+        infra = [props(b).get("blessed") == 1 for v in index.consumers_of(artifact.id, INFRA_VALIDATOR, "model")
                  for b in index.outputs(v, "blessing")]
-        quantized = [_clean({"variant": props(q).get("variant"), "size_bytes": props(q).get("size_bytes"),
-                             "accuracy": props(q).get("accuracy"), "blessed": props(q).get("blessed") == 1})
-                     for v in index.consumers_of(model.id, QUANTIZER, "model")
+        quantized = [QuantizedVariant(variant=props(q).get("variant"), size_bytes=props(q).get("size_bytes"),
+                                      accuracy=props(q).get("accuracy"), blessed=props(q).get("blessed") == 1)
+                     for v in index.consumers_of(artifact.id, QUANTIZER, "model")
                      for q in index.outputs(v, "quantized_models")]
         spans = sorted({props(e).get("span") for e in index.inputs(producer, "examples")} - {None}) if producer else []
-        pushes = [p for p in self.pushes.get(model.id, []) if "version" in p]
-        if evaluation.get("blessed") is False or (infra and not all(infra)):
-            state, reason = "rejected", evaluation.get("reason") or "not blessed by the InfraValidator"
-        elif any(d.get("label") == "stable" for d in deployed):
+        pushes = [p for p in self.pushes.get(artifact.id, []) if p.version is not None]
+        blessed = evaluation.blessed if evaluation else None
+        if blessed is False or (infra and not all(infra)):
+            state = "rejected"
+            reason = (evaluation.reason if evaluation else None) or "not blessed by the InfraValidator"
+        elif any(d.label == "stable" for d in deployed):
             state, reason = "live", None
         elif deployed:
             state, reason = "canary", None
         elif pushes:
             state, reason = "retired", None
-        elif evaluation.get("blessed"):
+        elif blessed:
             state, reason = "blessed", None
         else:
             state, reason = "trained", None
-        versions = {p["target"]: p["version"] for p in pushes}
-        return _clean({
-            "model_id": model.id, "version": versions.get("local"), "vertex_version": versions.get("vertex"),
-            "created": utc_from_milliseconds(model.create_time_since_epoch), "run_id": producer.run_id if producer else None,
-            "spans": spans, "eval_accuracy": evaluation.get("accuracy", values.get("eval_accuracy")),
-            "eval_examples": evaluation.get("eval_examples"), "p_value": evaluation.get("p_value"),
-            "accuracy_difference": evaluation.get("accuracy_difference"),
-            "blessed": evaluation.get("blessed"), "infra_blessed": all(infra) if infra else None,
-            "quantized": quantized, "deployed": deployed, "state": state, "reason": reason, "uri": model.uri})
+        versions = {p.target: p.version for p in pushes}
+        accuracy = evaluation.accuracy if evaluation and evaluation.accuracy is not None else values.get("eval_accuracy")
+        return into(
+            model_id=artifact.id, version=versions.get("local"), vertex_version=versions.get("vertex"),
+            created=utc_from_milliseconds(artifact.create_time_since_epoch), run_id=producer.run_id if producer else None,
+            spans=spans, eval_accuracy=accuracy,
+            eval_examples=evaluation.eval_examples if evaluation else None,
+            accuracy_difference=evaluation.accuracy_difference if evaluation else None,
+            p_value=evaluation.p_value if evaluation else None, blessed=blessed, infra_blessed=all(infra) if infra else None,
+            quantized=quantized, deployed=deployed, state=state, reason=reason, uri=artifact.uri, **more)
 
     # -- the full chain of one version ------------------------------------------------------------------
     def resolve(self, *, version: str | None = None, label: str | None = None, run_id: str | None = None) -> int:
@@ -159,8 +174,8 @@ class Lineage:
                                     f"(pushed versions: {', '.join(known) or 'none'})")
             return owner
         if label is not None:
-            for model_id, rows in self.current_deployments().items():
-                if any(row.get("label") == label for row in rows):
+            for model_id, placements in self.current_deployments().items():
+                if any(placement.label == label for placement in placements):
                     return model_id
             raise ConveyorError(f"model {self.model_name}: no version carries the label {label!r} now")
         models = self.index.trained_models()
@@ -175,11 +190,11 @@ class Lineage:
             raise ConveyorError("no trained model in the metadata store yet; run `make pipeline`")
         return models[-1].id
 
-    def lineage(self, model_id: int) -> dict:
+    def lineage(self, model_id: int) -> ModelLineage:
         index = self.index
         model = index.artifacts[model_id]
         trainer = index.producer(model_id)
-        row = self._model_row(model, self.current_deployments().get(model_id, []))
+        deployed = self.current_deployments().get(model_id, [])
         data = []
         for examples in index.inputs(trainer, "examples") if trainer else []:
             producer = index.producer(examples.id)
@@ -187,43 +202,40 @@ class Lineage:
                           for s in index.outputs(v, "statistics")]
             anomalies = [a for s in statistics for v in index.consumers_of(s.id, EXAMPLE_VALIDATOR)
                          for a in index.outputs(v, "anomalies")]
-            data.append(_clean({"examples_id": examples.id, "span": props(examples).get("span"), "uri": examples.uri,
-                                "imported_by": producer.node if producer else None,
-                                "statistics": [{"id": s.id, "uri": s.uri} for s in statistics[:1]],
-                                "anomalies": [_clean({"id": a.id, "uri": a.uri, "blessed": props(a).get("blessed")})
-                                              for a in anomalies[:1]]}))
-        schema = [{"id": s.id, "uri": s.uri} for s in (index.inputs(trainer, "schema") if trainer else [])]
-        training = {}
+            data.append(DataSpan(examples_id=examples.id, span=props(examples).get("span"), uri=examples.uri,
+                                 imported_by=producer.node if producer else None,
+                                 statistics=[ArtifactRef(s.id, s.uri) for s in statistics[:1]],
+                                 anomalies=[ArtifactRef(a.id, a.uri, props(a).get("blessed")) for a in anomalies[:1]]))
+        schema = [ArtifactRef(s.id, s.uri) for s in (index.inputs(trainer, "schema") if trainer else [])]
+        training = None
         if trainer:
-            training = _clean({"execution_id": trainer.id, "run_id": trainer.run_id, "node": trainer.node,
-                               "started": utc_from_milliseconds(trainer.execution.create_time_since_epoch),
-                               "parameters": {k: v for k, v in props(trainer.execution).items()
-                                              if not k.startswith("__") and k not in ("module_file",)},
-                               "facts": props(model),
-                               "warm_start_from": [b.id for b in index.inputs(trainer, "base_model")]})
-        infra = [_clean({"execution_id": v.id, "blessed": props(b).get("blessed") == 1})
+            training = Training(execution_id=trainer.id, run_id=trainer.run_id, node=trainer.node,
+                                started=utc_from_milliseconds(trainer.execution.create_time_since_epoch),
+                                parameters={k: v for k, v in props(trainer.execution).items()
+                                            if not k.startswith("__") and k not in ("module_file",)},
+                                facts=props(model), warm_start_from=[b.id for b in index.inputs(trainer, "base_model")])
+        infra = [InfraValidation(execution_id=v.id, blessed=props(b).get("blessed") == 1)
                  for v in index.consumers_of(model_id, INFRA_VALIDATOR, "model") for b in index.outputs(v, "blessing")]
-        versions = {(p["target"], p["version"]) for p in self.pushes.get(model_id, []) if "version" in p}
+        versions = {(p.target, p.version) for p in self.pushes.get(model_id, []) if p.version is not None}
         releases = []
         for view, state in self.changes:
             mine = [props(a) for a in state if (props(a).get("target", "local"), str(props(a).get("version"))) in versions]
             if not mine:
                 continue
             details = props(view.execution)
-            releases.append(_clean({
-                "kind": view.node, "execution_id": view.id, "run_id": view.run_id,
-                "time": utc_from_milliseconds(view.execution.create_time_since_epoch), "by": details.get("user"),
-                "reason": details.get("reason"),
-                "state": [_clean({k: s.get(k) for k in ("target", "version", "label", "traffic_percent",
-                                                         "release_state", "endpoint")}) for s in mine]}))
-        return {"model": self.model_name, **row, "data": data, "schema": schema, "training": training,
-                "evaluation": self._evaluation(model_id), "infra_validation": infra,
-                "pushes": self.pushes.get(model_id, []), "releases": releases,
-                "traffic_percent_now": sum(d.get("traffic_percent", 0) for d in row.get("deployed", [])
-                                           if d.get("target") == "local")}
+            releases.append(ReleaseChange(
+                kind=view.node, execution_id=view.id, run_id=view.run_id,
+                time=utc_from_milliseconds(view.execution.create_time_since_epoch), by=details.get("user"),
+                reason=details.get("reason"),
+                state=[ReleaseState(**{k: s.get(k) for k in RELEASE_FIELDS}) for s in mine]))
+        return self._model_row(
+            model, deployed, into=ModelLineage, model=self.model_name, data=data, schema=schema, training=training,
+            evaluation=self._evaluation(model_id), infra_validation=infra, pushes=self.pushes.get(model_id, []),
+            releases=releases,
+            traffic_percent_now=sum(d.traffic_percent or 0 for d in deployed if d.target == "local"))
 
     # -- runs ---------------------------------------------------------------------------------------------
-    def runs(self, limit: int | None = None) -> list[dict]:
+    def runs(self, limit: int | None = None) -> list[PipelineRun]:
         index = self.index
         by_run: dict[str, list[ExecutionView]] = defaultdict(list)
         for view in index.executions.values():
@@ -242,15 +254,15 @@ class Lineage:
                         if key in ("model", "pushed_model", "deployment", "drift_report"):
                             produced += [f"{index.type_of(i)}#{i}" for i in ids]
             drift = [props(index.artifacts[i]) for v in views for i in v.outputs.get("drift_report", [])]
-            rows.append(_clean({
-                "run_id": run_id, "started": utc_from_milliseconds(started), "duration_s": round((ended - started) / 1000, 1),
-                "status": f"failed at {failed[0].node}" if failed else "complete",
-                "complete": [v.node for v in views if v.state == "complete"],
-                "cached": [v.node for v in views if v.state == "cached"],
-                "produced": produced,
-                "drift": [_clean({k: d.get(k) for k in ("verdict", "policy", "label_linf", "pixel_js", "reason")})
-                          for d in drift]}))
-        rows.sort(key=lambda r: r["started"])
+            rows.append(PipelineRun(
+                run_id=run_id, started=utc_from_milliseconds(started), duration_s=round((ended - started) / 1000, 1),
+                status=f"failed at {failed[0].node}" if failed else "complete",
+                complete=[v.node for v in views if v.state == "complete"],
+                cached=[v.node for v in views if v.state == "cached"],
+                produced=produced,
+                drift=[DriftVerdict(**{k: d.get(k) for k in ("verdict", "policy", "label_linf", "pixel_js", "reason")})
+                       for d in drift]))
+        rows.sort(key=lambda r: r.started or "")
         return rows[-limit:] if limit else rows
 
 

@@ -10,6 +10,7 @@ from conveyor_ml.base.spec import PipelineSpec
 from conveyor_ml.metadata.index import MetadataIndex
 from conveyor_ml.operations import lineage_render as render
 from conveyor_ml.operations.lineage import Lineage
+from conveyor_ml.operations.records import ModelVersions, PipelineRuns
 
 NO_RUNS = "conveyor: no runs yet — run `make pipeline`"
 
@@ -68,12 +69,12 @@ def models(spec: PipelineSpec, model: str | None, fmt: str, output: str | None) 
         return 0
     rows = found.models()
     if fmt == "json":
-        emit(json.dumps({"model": found.model_name, "versions": rows}, indent=2, default=str) + "\n", output)
+        emit(json.dumps(ModelVersions(found.model_name, rows).to_json(), indent=2, default=str) + "\n", output)
     elif fmt == "dot":
         emit(render.to_dot(render.models_graph(rows, found.model_name), f"{found.model_name} versions"), output)
     elif fmt == "html":
         emit(render.to_html(render.models_graph(rows, found.model_name), f"{found.model_name}: model versions",
-                            rows), output)
+                            ModelVersions(found.model_name, rows).to_json()), output)
     else:
         _print_rich(render.models_table(rows, found.model_name))
     return 0
@@ -88,13 +89,13 @@ def lineage(spec: PipelineSpec, model: str | None, *, version: str | None, label
         print(NO_RUNS)
         return 0
     chain = found.lineage(found.resolve(version=version, label=label, run_id=run_id))
-    title = f"{found.model_name} model #{chain['model_id']} lineage"
+    title = f"{found.model_name} model #{chain.model_id} lineage"
     if fmt == "json":
-        emit(json.dumps(chain, indent=2, default=str) + "\n", output)
+        emit(json.dumps(chain.to_json(), indent=2, default=str) + "\n", output)
     elif fmt == "dot":
         emit(render.to_dot(render.lineage_graph(chain), title), output)
     elif fmt == "html":
-        emit(render.to_html(render.lineage_graph(chain), title, chain), output)
+        emit(render.to_html(render.lineage_graph(chain), title, chain.to_json()), output)
     else:
         emit("\n".join(render.lineage_text(chain)) + "\n", output)
     return 0
@@ -107,7 +108,7 @@ def runs(spec: PipelineSpec, fmt: str, limit: int | None) -> int:
         return 0
     rows = found.runs(limit)
     if fmt == "json":
-        print(json.dumps({"runs": rows}, indent=2, default=str))
+        print(json.dumps(PipelineRuns(rows).to_json(), indent=2, default=str))
     else:
         _print_rich(render.runs_table(rows))
     return 0

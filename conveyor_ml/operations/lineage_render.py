@@ -6,6 +6,9 @@ import html
 import json
 from dataclasses import dataclass, field
 
+from conveyor_ml.base.names import PUSH_TARGETS
+from conveyor_ml.operations.records import Evaluation, ModelLineage, ModelVersion, PipelineRun
+
 NODE_STYLE = {  # kind -> (fill, stroke)
     "data": ("#e8f1fb", "#4a7fb5"), "execution": ("#fff4e0", "#c98a1b"), "model": ("#e9f7ec", "#3b8f50"),
     "rejected": ("#fdecea", "#c0392b"), "release": ("#f1ecfb", "#7a5bb5"), "now": ("#dff5f2", "#16887a"),
@@ -26,94 +29,92 @@ class Graph:
             self.edges.append((source, target))
 
 
-def lineage_graph(chain: dict) -> Graph:
+def lineage_graph(chain: ModelLineage) -> Graph:
     graph = Graph()
-    model_kind = "rejected" if chain.get("state") == "rejected" else "model"
-    model = graph.node(f"model:{chain['model_id']}", f"Model #{chain['model_id']}" +
-                       (f" (v{chain['version']})" if chain.get("version") else "") +
-                       f"\n{chain.get('state', '')}", model_kind)
-    training = chain.get("training", {})
-    facts = training.get("facts", {})
+    model_kind = "rejected" if chain.state == "rejected" else "model"
+    model = graph.node(f"model:{chain.model_id}", f"Model #{chain.model_id}" +
+                       (f" (v{chain.version})" if chain.version else "") + f"\n{chain.state}", model_kind)
+    training = chain.training
+    facts = training.facts if training else {}
     trainer = graph.node("trainer", f"Trainer\n{facts.get('strategy', '?')} x{facts.get('replicas', '?')}, "
                                     f"{facts.get('steps', '?')} steps", "execution")
     graph.edge(trainer, model)
-    for base in training.get("warm_start_from", []):
+    for base in training.warm_start_from if training else []:
         graph.edge(graph.node(f"model:{base}", f"Model #{base}\n(warm start)", "model"), trainer)
-    for data in chain.get("data", []):
-        examples = graph.node(f"examples:{data['examples_id']}", f"Examples\nspan {data.get('span', '?')}", "data")
+    for data in chain.data:
+        examples = graph.node(f"examples:{data.examples_id}", f"Examples\nspan {data.span if data.span is not None else '?'}",
+                              "data")
         graph.edge(examples, trainer)
-        for statistics in data.get("statistics", []):
-            node = graph.node(f"statistics:{statistics['id']}", "Statistics", "data")
+        for statistics in data.statistics:
+            node = graph.node(f"statistics:{statistics.id}", "Statistics", "data")
             graph.edge(examples, node)
-            for anomalies in data.get("anomalies", []):
-                anomalies_node = graph.node(f"anomalies:{anomalies['id']}", "Anomalies\n(validated)", "data")
+            for anomalies in data.anomalies:
+                anomalies_node = graph.node(f"anomalies:{anomalies.id}", "Anomalies\n(validated)", "data")
                 graph.edge(node, anomalies_node)
                 graph.edge(anomalies_node, trainer)
-    for schema in chain.get("schema", []):
-        graph.edge(graph.node(f"schema:{schema['id']}", "Schema", "data"), trainer)
+    for schema in chain.schema:
+        graph.edge(graph.node(f"schema:{schema.id}", "Schema", "data"), trainer)
     gate = model
-    evaluation = chain.get("evaluation", {})
+    evaluation = chain.evaluation
     if evaluation:
-        verdict = "blessed" if evaluation.get("blessed") else "NOT blessed"
-        accuracy = f"accuracy {evaluation['accuracy']:.4f}\n" if evaluation.get("accuracy") is not None else ""
-        tested = f"{evidence_text(evaluation)}\n" if evaluation.get("eval_examples") else ""
+        verdict = "blessed" if evaluation.blessed else "NOT blessed"
+        accuracy = f"accuracy {evaluation.accuracy:.4f}\n" if evaluation.accuracy is not None else ""
+        tested = f"{evidence_text(evaluation)}\n" if evaluation.eval_examples else ""
         evaluator = graph.node("evaluator", f"Evaluator\n{accuracy}{tested}{verdict}", "execution")
         graph.edge(model, evaluator)
-        if evaluation.get("baseline_model_id"):
-            baseline = graph.node(f"model:{evaluation['baseline_model_id']}",
-                                  f"Model #{evaluation['baseline_model_id']}\n(baseline)", "model")
+        if evaluation.baseline_model_id:
+            baseline = graph.node(f"model:{evaluation.baseline_model_id}",
+                                  f"Model #{evaluation.baseline_model_id}\n(baseline)", "model")
             graph.edge(baseline, evaluator)
         gate = evaluator
-    for position, infra in enumerate(chain.get("infra_validation", [])):
-        node = graph.node(f"infra:{position}", "InfraValidator\n" + ("blessed" if infra.get("blessed") else "NOT blessed"),
+    for position, infra in enumerate(chain.infra_validation):
+        node = graph.node(f"infra:{position}", "InfraValidator\n" + ("blessed" if infra.blessed else "NOT blessed"),
                           "execution")
         graph.edge(model, node)
-    for quantized in chain.get("quantized", []):
-        node = graph.node(f"tflite:{quantized['variant']}", f"TFLite {quantized['variant']}\n"
-                          f"{quantized.get('size_bytes', 0) / 1024:.1f} KiB" +
-                          ("" if quantized.get("blessed") else " (not blessed)"), "model")
+    for quantized in chain.quantized:
+        node = graph.node(f"tflite:{quantized.variant}", f"TFLite {quantized.variant}\n"
+                          f"{(quantized.size_bytes or 0) / 1024:.1f} KiB" +
+                          ("" if quantized.blessed else " (not blessed)"), "model")
         graph.edge(model, node)
     last_by_target = {}
-    for push in chain.get("pushes", []):
-        if "version" not in push:
+    for push in chain.pushes:
+        if push.version is None:
             continue
-        node = graph.node(f"push:{push['target']}:{push['version']}",
-                          f"Push {push['target']}\nversion {push['version']}", "release")
+        node = graph.node(f"push:{push.target}:{push.version}", f"Push {push.target}\nversion {push.version}", "release")
         graph.edge(gate, node)
         for infra in (n for n in graph.nodes if n.startswith("infra:")):
             graph.edge(infra, node)
-        last_by_target[push["target"]] = node
-    for release in chain.get("releases", []):
-        if release["kind"] in ("ServingPusher", "GcpPusher"):
+        last_by_target[push.target] = node
+    for release in chain.releases:
+        if release.kind in PUSH_TARGETS:
             continue
-        target = release["state"][0].get("target", "local") if release.get("state") else "local"
-        mine = ", ".join(f"{s.get('label') or s.get('release_state')} {s.get('traffic_percent', 0)}%"
-                         for s in release.get("state", []))
-        node = graph.node(f"release:{release['execution_id']}",
-                          f"{release['kind'].split('.')[-1]} {release.get('time', '')[:16]}\n{mine}", "release")
+        target = (release.state[0].target or "local") if release.state else "local"
+        mine = ", ".join(f"{s.label or s.release_state} {s.traffic_percent or 0}%" for s in release.state)
+        node = graph.node(f"release:{release.execution_id}",
+                          f"{release.kind.split('.')[-1]} {(release.time or '')[:16]}\n{mine}", "release")
         if target in last_by_target:
             graph.edge(last_by_target[target], node)
         last_by_target[target] = node
-    for deployed in chain.get("deployed", []):
-        node = graph.node(f"now:{deployed['target']}", f"now: {deployed['target']} {deployed.get('label', '')}\n"
-                          f"{deployed.get('traffic_percent', 0)}% of traffic", "now")
-        if deployed["target"] in last_by_target:
-            graph.edge(last_by_target[deployed["target"]], node)
+    for deployed in chain.deployed:
+        node = graph.node(f"now:{deployed.target}", f"now: {deployed.target} {deployed.label or ''}\n"
+                          f"{deployed.traffic_percent or 0}% of traffic", "now")
+        if deployed.target in last_by_target:
+            graph.edge(last_by_target[deployed.target], node)
     return graph
 
 
-def models_graph(rows: list[dict], model_name: str) -> Graph:
+def models_graph(rows: list[ModelVersion], model_name: str) -> Graph:
     graph = Graph()
     for row in rows:
-        label = f"Model #{row['model_id']}" + (f" v{row['version']}" if row.get("version") else "") + \
-            f"\n{row['state']}" + (f", acc {row['eval_accuracy']:.4f}" if row.get("eval_accuracy") else "")
-        graph.node(f"model:{row['model_id']}", label, "rejected" if row["state"] == "rejected" else "model")
+        label = f"Model #{row.model_id}" + (f" v{row.version}" if row.version else "") + \
+            f"\n{row.state}" + (f", acc {row.eval_accuracy:.4f}" if row.eval_accuracy else "")
+        graph.node(f"model:{row.model_id}", label, "rejected" if row.state == "rejected" else "model")
     for row in rows:
-        for deployed in row.get("deployed", []):
-            node = graph.node(f"now:{deployed['target']}:{deployed.get('label')}",
-                              f"{model_name} {deployed['target']}\n{deployed.get('label', '')} "
-                              f"{deployed.get('traffic_percent', 0)}%", "now")
-            graph.edge(f"model:{row['model_id']}", node)
+        for deployed in row.deployed:
+            node = graph.node(f"now:{deployed.target}:{deployed.label}",
+                              f"{model_name} {deployed.target}\n{deployed.label or ''} "
+                              f"{deployed.traffic_percent or 0}%", "now")
+            graph.edge(f"model:{row.model_id}", node)
     return graph
 
 
@@ -214,19 +215,19 @@ pre {{ background: #f6f6f6; padding: 12px; border-radius: 8px; overflow-x: auto;
 """
 
 
-def evidence_text(row: dict) -> str:
+def evidence_text(row: ModelVersion | Evaluation) -> str:
     """The paired test in a few characters: eval set size, accuracy difference, p-value ('n=250 +0.8pt p=0.84')."""
-    if not row.get("eval_examples"):
+    if not row.eval_examples:
         return "-"
-    parts = [f"n={row['eval_examples']}"]
-    if row.get("accuracy_difference") is not None:
-        parts.append(f"{row['accuracy_difference'] * 100:+.1f}pt")
-    if row.get("p_value") is not None:
-        parts.append(f"p={row['p_value']:.2g}")
+    parts = [f"n={row.eval_examples}"]
+    if row.accuracy_difference is not None:
+        parts.append(f"{row.accuracy_difference * 100:+.1f}pt")
+    if row.p_value is not None:
+        parts.append(f"p={row.p_value:.2g}")
     return " ".join(parts)
 
 
-def models_table(rows: list[dict], model_name: str):
+def models_table(rows: list[ModelVersion], model_name: str):
     from rich.table import Table
 
     table = Table(title=f"model versions of {model_name}", title_justify="left")
@@ -234,85 +235,82 @@ def models_table(rows: list[dict], model_name: str):
                    "deployed now", "state"):
         table.add_column(column)
     for row in rows:
-        quantized = ", ".join(f"{q['variant']} {q.get('size_bytes', 0) / 1024:.0f}KiB/{q.get('accuracy', 0):.3f}"
-                              for q in row.get("quantized", []))
-        deployed = ", ".join(f"{d['target']} {d.get('label', '')} {d.get('traffic_percent', 0)}%"
-                             for d in row.get("deployed", []))
-        state = row["state"] + (f" ({row['reason']})" if row.get("reason") else "")
-        versions = "/".join(filter(None, [row.get("version"), row.get("vertex_version") and f"vertex {row['vertex_version']}"]))
-        table.add_row(f"#{row['model_id']}", versions or "-", row.get("created", ""), row.get("run_id", ""),
-                      ",".join(map(str, row.get("spans", []))),
-                      f"{row['eval_accuracy']:.4f}" if row.get("eval_accuracy") is not None else "-",
-                      evidence_text(row), {True: "yes", False: "no"}.get(row.get("blessed"), "-"), quantized or "-",
+        quantized = ", ".join(f"{q.variant} {(q.size_bytes or 0) / 1024:.0f}KiB/{q.accuracy or 0:.3f}"
+                              for q in row.quantized)
+        deployed = ", ".join(f"{d.target} {d.label or ''} {d.traffic_percent or 0}%" for d in row.deployed)
+        state = row.state + (f" ({row.reason})" if row.reason else "")
+        versions = "/".join(filter(None, [row.version, row.vertex_version and f"vertex {row.vertex_version}"]))
+        table.add_row(f"#{row.model_id}", versions or "-", row.created or "", row.run_id or "",
+                      ",".join(map(str, row.spans)),
+                      f"{row.eval_accuracy:.4f}" if row.eval_accuracy is not None else "-",
+                      evidence_text(row), {True: "yes", False: "no"}.get(row.blessed, "-"), quantized or "-",
                       deployed or "-", state)
     return table
 
 
-def lineage_text(chain: dict) -> list[str]:
+def lineage_text(chain: ModelLineage) -> list[str]:
     """The chain as indented lines, upstream first."""
-    lines = [f"{chain['model']} model #{chain['model_id']}" + (f" (version {chain['version']})" if chain.get("version") else "")
-             + f": {chain['state']}" + (f" — {chain['reason']}" if chain.get("reason") else ""),
-             f"  created {chain.get('created', '')} by run {chain.get('run_id', '?')}, at {chain.get('uri', '')}"]
-    for data in chain.get("data", []):
-        anomalies = data.get("anomalies") or [{}]
-        lines.append(f"  data: span {data.get('span')} (Examples #{data['examples_id']}, {data.get('uri', '')})"
-                     f"; statistics #{(data.get('statistics') or [{}])[0].get('id', '-')}"
-                     f"; anomalies #{anomalies[0].get('id', '-')} {anomalies[0].get('blessed', '')}")
-    for schema in chain.get("schema", []):
-        lines.append(f"  schema: #{schema['id']} {schema['uri']}")
-    training = chain.get("training", {})
+    lines = [f"{chain.model} model #{chain.model_id}" + (f" (version {chain.version})" if chain.version else "")
+             + f": {chain.state}" + (f" — {chain.reason}" if chain.reason else ""),
+             f"  created {chain.created or ''} by run {chain.run_id or '?'}, at {chain.uri or ''}"]
+    for data in chain.data:
+        anomalies = data.anomalies[0] if data.anomalies else None
+        statistics = data.statistics[0] if data.statistics else None
+        lines.append(f"  data: span {data.span} (Examples #{data.examples_id}, {data.uri or ''})"
+                     f"; statistics #{statistics.id if statistics else '-'}"
+                     f"; anomalies #{anomalies.id if anomalies else '-'} "
+                     f"{anomalies.blessed if anomalies and anomalies.blessed is not None else ''}")
+    for schema in chain.schema:
+        lines.append(f"  schema: #{schema.id} {schema.uri}")
+    training = chain.training
     if training:
-        facts = training.get("facts", {})
-        lines.append(f"  trained: execution #{training['execution_id']} at {training.get('started')}: "
+        facts = training.facts
+        lines.append(f"  trained: execution #{training.execution_id} at {training.started}: "
                      f"{facts.get('strategy')} x{facts.get('replicas')} replicas, {facts.get('steps')} steps, "
                      f"global batch {facts.get('global_batch_size')}, {facts.get('wall_time_s')} s, "
                      f"{facts.get('examples_per_second')} examples/s, eval accuracy {facts.get('eval_accuracy')}")
-        parameters = training.get("parameters", {})
-        lines.append("    parameters: " + ", ".join(f"{k}={v}" for k, v in sorted(parameters.items())))
-    evaluation = chain.get("evaluation", {})
+        lines.append("    parameters: " + ", ".join(f"{k}={v}" for k, v in sorted(training.parameters.items())))
+    evaluation = chain.evaluation
     if evaluation:
-        thresholds = evaluation.get("thresholds", {})
-        examples = (f" on {evaluation['eval_examples']} eval examples of spans {evaluation.get('eval_spans')}"
-                    if evaluation.get("eval_examples") else "")
-        test = (f", {thresholds['test']} test at alpha {thresholds.get('alpha')}" if thresholds.get("test") else "")
-        lines.append(f"  evaluated: accuracy {evaluation.get('accuracy')}{examples} (min {thresholds.get('min_accuracy')}, "
-                     f"max drop {thresholds.get('max_accuracy_drop')}{test} vs baseline "
-                     f"{'#' + str(evaluation['baseline_model_id']) if evaluation.get('baseline_model_id') else 'none'})"
-                     f" -> {'blessed' if evaluation.get('blessed') else 'NOT blessed'}")
-        if evaluation.get("decision"):  # the Evaluator's own one-line reason, with its test and p-value
-            lines.append(f"    evidence: {evaluation['reason'].removeprefix('not blessed by the Evaluator: ')}")
-    for infra in chain.get("infra_validation", []):
-        lines.append(f"  infra validation: {'blessed' if infra.get('blessed') else 'NOT blessed'}")
-    for quantized in chain.get("quantized", []):
-        lines.append(f"  quantized: {quantized['variant']} {quantized.get('size_bytes', 0) / 1024:.1f} KiB, "
-                     f"accuracy {quantized.get('accuracy')}, {'blessed' if quantized.get('blessed') else 'not blessed'}")
-    for push in chain.get("pushes", []):
-        if "version" in push:
-            lines.append(f"  pushed: {push['target']} version {push['version']} at {push.get('time')} "
-                         f"by run {push.get('run_id')} -> {push.get('destination')}")
+        thresholds = evaluation.thresholds
+        baseline = f"#{evaluation.baseline_model_id}" if evaluation.baseline_model_id else "none"
+        examples = (f" on {evaluation.eval_examples} eval examples of spans {evaluation.eval_spans}"
+                    if evaluation.eval_examples else "")
+        test = f", {thresholds['test']} test at alpha {thresholds.get('alpha')}" if thresholds.get("test") else ""
+        lines.append(f"  evaluated: accuracy {evaluation.accuracy}{examples} (min {thresholds.get('min_accuracy')}, "
+                     f"max drop {thresholds.get('max_accuracy_drop')}{test} vs baseline {baseline})"
+                     f" -> {'blessed' if evaluation.blessed else 'NOT blessed'}")
+        if evaluation.decision and evaluation.reason:  # the Evaluator's own one-line reason, with its test and p-value
+            lines.append(f"    evidence: {evaluation.reason.removeprefix('not blessed by the Evaluator: ')}")
+    for infra in chain.infra_validation:
+        lines.append(f"  infra validation: {'blessed' if infra.blessed else 'NOT blessed'}")
+    for quantized in chain.quantized:
+        lines.append(f"  quantized: {quantized.variant} {(quantized.size_bytes or 0) / 1024:.1f} KiB, "
+                     f"accuracy {quantized.accuracy}, {'blessed' if quantized.blessed else 'not blessed'}")
+    for push in chain.pushes:
+        if push.version is not None:
+            lines.append(f"  pushed: {push.target} version {push.version} at {push.time} "
+                         f"by run {push.run_id} -> {push.destination}")
         else:
-            lines.append(f"  not pushed ({push['target']}): {push['skipped']}")
-    for release in chain.get("releases", []):
-        state = ", ".join(f"v{s.get('version')} {s.get('label') or s.get('release_state')} {s.get('traffic_percent', 0)}%"
-                          for s in release.get("state", []))
-        who = f" by {release['by']}" if release.get("by") else ""
-        why = f" ({release['reason']})" if release.get("reason") else ""
-        lines.append(f"  {release['kind'].split('.')[-1].lower()} at {release.get('time')}{who}{why}: {state}")
-    deployed = chain.get("deployed", [])
-    lines.append("  now: " + (", ".join(f"{d['target']} {d.get('label')} {d.get('traffic_percent')}%" for d in deployed)
-                              if deployed else "not serving"))
+            lines.append(f"  not pushed ({push.target}): {push.skipped}")
+    for release in chain.releases:
+        state = ", ".join(f"v{s.version} {s.label or s.release_state} {s.traffic_percent or 0}%" for s in release.state)
+        who = f" by {release.by}" if release.by else ""
+        why = f" ({release.reason})" if release.reason else ""
+        lines.append(f"  {release.kind.split('.')[-1].lower()} at {release.time}{who}{why}: {state}")
+    lines.append("  now: " + (", ".join(f"{d.target} {d.label} {d.traffic_percent}%" for d in chain.deployed)
+                              if chain.deployed else "not serving"))
     return lines
 
 
-def runs_table(rows: list[dict]):
+def runs_table(rows: list[PipelineRun]):
     from rich.table import Table
 
     table = Table(title="pipeline runs", title_justify="left")
     for column in ("run", "started", "duration", "status", "ran", "cached", "produced", "drift"):
         table.add_column(column)
     for row in rows:
-        drift = ", ".join(f"{d.get('verdict')} ({d.get('reason', '')})" for d in row.get("drift", []))
-        table.add_row(row["run_id"], row.get("started", ""), f"{row.get('duration_s', 0)} s", row["status"],
-                      str(len(row.get("complete", []))), str(len(row.get("cached", []))),
-                      ", ".join(row.get("produced", [])) or "-", drift or "-")
+        drift = ", ".join(f"{d.verdict} ({d.reason or ''})" for d in row.drift)
+        table.add_row(row.run_id, row.started or "", f"{row.duration_s or 0} s", row.status,
+                      str(len(row.complete)), str(len(row.cached)), ", ".join(row.produced) or "-", drift or "-")
     return table

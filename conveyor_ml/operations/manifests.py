@@ -3,7 +3,7 @@
 - compose: one `tensorflow/serving` container reading the same models.config, batching.config and
   monitoring config as `conveyor serve` (the base path mounted at /models).
 - k8s: a high-availability layout per release track (stable, canary): Deployment spread over zones,
-  readiness on TF Serving's REST status URL, HorizontalPodAutoscaler, PodDisruptionBudget; one Service;
+  probes on what TF Serving itself offers (see `probes`), HorizontalPodAutoscaler, PodDisruptionBudget; one Service;
   an Istio DestinationRule (a subset per track) and VirtualService whose weights are the traffic file's.
 Manifests are built as data and written with yaml.safe_dump; TF Serving's files with its protos.
 """
@@ -64,7 +64,25 @@ def _server_args(config_dir: str) -> list[str]:
     return ["--port=8500", "--rest_api_port=8501",
             f"--model_config_file={config_dir}/models.config", "--model_config_file_poll_wait_seconds=60",
             "--enable_batching", f"--batching_parameters_file={config_dir}/batching.config",
-            f"--monitoring_config_file={config_dir}/monitoring.config"]
+            f"--monitoring_config_file={config_dir}/monitoring.config",
+            "--enable_grpc_healthcheck_service=true"]
+
+
+def probes(model: str, version: int) -> dict:
+    """Kubernetes probes for a pod serving `version` of `model`, on what TF Serving offers (it has no health
+    URL; conveyor serve answers the same ones, and /healthz, /readyz besides):
+    - startup and readiness: the version's status URL. TF Serving opens its ports only once the models it
+      starts with are loaded, and this pod's models.config pins the one version, so a 200 means it serves;
+      a version that is gone answers 404. The startup probe allows 10 minutes for a large model to load.
+    - liveness: the standard gRPC health service (--enable_grpc_healthcheck_service, TF Serving >= 2.15),
+      SERVING while the server runs, through Kubernetes' own gRPC probe (GA in 1.27).
+    """
+    status = {"httpGet": {"path": f"/v1/models/{model}/versions/{version}", "port": 8501}}
+    return {
+        "startupProbe": {**status, "periodSeconds": 5, "failureThreshold": 120},
+        "readinessProbe": {**status, "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {"grpc": {"port": 8500}, "periodSeconds": 10, "failureThreshold": 3},
+    }
 
 
 def _batching_text(batching: BatchingSettings) -> str:
@@ -141,11 +159,7 @@ def k8s_objects(release: ModelRelease, batching: BatchingSettings, autoscaling: 
                             "image": TF_SERVING_IMAGE,
                             "args": _server_args(CONTAINER_CONFIG),
                             "ports": [{"name": "grpc", "containerPort": 8500}, {"name": "http", "containerPort": 8501}],
-                            "readinessProbe": {"httpGet": {"path": f"/v1/models/{model}/versions/{version}",
-                                                           "port": 8501},
-                                               "initialDelaySeconds": 5, "periodSeconds": 5, "failureThreshold": 3},
-                            "livenessProbe": {"tcpSocket": {"port": 8500}, "initialDelaySeconds": 30,
-                                              "periodSeconds": 10},
+                            **probes(model, version),
                             "resources": {"requests": {"cpu": "500m", "memory": "512Mi"},
                                           "limits": {"cpu": "2", "memory": "2Gi"}},
                             "volumeMounts": [{"name": "models", "mountPath": CONTAINER_MODELS, "readOnly": True},

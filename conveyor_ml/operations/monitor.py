@@ -12,6 +12,7 @@ from collections import defaultdict
 
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.names import LABEL_KEY, NUM_CLASSES, PROMETHEUS_PATH, STATISTICS_GEN
+from conveyor_ml.operations.records import BatchingFigures, Gpu, MonitorSnapshot, VersionTraffic
 
 
 def fetch(url: str, timeout: float = 5.0) -> bytes:
@@ -73,11 +74,11 @@ def traffic_figures(before: dict, after: dict, seconds: float, model: str | None
     versions = []
     for (name, version), figures in sorted(per_version.items()):
         buckets = list(figures["buckets"].items())
-        versions.append({
-            "model": name, "version": version, "qps": round(figures["requests"] / seconds, 2),
-            "error_rate": round(figures["errors"] / figures["requests"], 4) if figures["requests"] else 0.0,
+        versions.append(VersionTraffic(
+            model=name, version=version, qps=round(figures["requests"] / seconds, 2),
+            error_rate=round(figures["errors"] / figures["requests"], 4) if figures["requests"] else 0.0,
             **{f"p{q}_ms": (round(v * 1000, 3) if (v := _quantile(buckets, q / 100)) is not None else None)
-               for q in (50, 95, 99)}})
+               for q in (50, 95, 99)}))
     batch = [(float(dict(labels)["le"]), value) for (name, labels), value in delta.items()
              if name == "conveyor_batch_size_bucket" and (not model or dict(labels).get("model") == model)]
     batch_sum = sum(v for (n, labels), v in delta.items() if n == "conveyor_batch_size_sum")
@@ -85,13 +86,14 @@ def traffic_figures(before: dict, after: dict, seconds: float, model: str | None
     anomalies = {f"{dict(labels)['feature']}:{dict(labels)['kind']}": value for (n, labels), value in after.items()
                  if n == "conveyor_input_anomalies_total" and (not model or dict(labels).get("model") == model)}
     return {"versions": versions,
-            "batching": {"batches": batch_count, "mean_batch_size": round(batch_sum / batch_count, 2) if batch_count else None,
-                         "p95_batch_size": _quantile(batch, 0.95) if batch else None,
-                         "queue_depth": after.get(("conveyor_batch_queue_depth", ()), 0.0)},
+            "batching": BatchingFigures(batches=batch_count,
+                                        mean_batch_size=round(batch_sum / batch_count, 2) if batch_count else None,
+                                        p95_batch_size=_quantile(batch, 0.95) if batch else None,
+                                        queue_depth=after.get(("conveyor_batch_queue_depth", ()), 0.0)),
             "input_anomalies_total": anomalies}
 
 
-def gpus() -> list[dict] | str:
+def gpus() -> list[Gpu] | str:
     try:
         import pynvml
 
@@ -104,8 +106,9 @@ def gpus() -> list[dict] | str:
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
             utilization = pynvml.nvmlDeviceGetUtilizationRates(handle)
             memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            found.append({"index": index, "name": str(pynvml.nvmlDeviceGetName(handle)), "utilization_percent": utilization.gpu,
-                          "memory_used_mib": memory.used // 2**20, "memory_total_mib": memory.total // 2**20})
+            found.append(Gpu(index=index, name=str(pynvml.nvmlDeviceGetName(handle)),
+                             utilization_percent=utilization.gpu, memory_used_mib=memory.used // 2**20,
+                             memory_total_mib=memory.total // 2**20))
         return found or "no GPU"
     finally:
         pynvml.nvmlShutdown()
@@ -175,13 +178,13 @@ def prediction_drift(histogram: list[int], training: list[float] | None, thresho
             "predicted": [round(p, 4) for p in predicted], "training": [round(t, 4) for t in training]}
 
 
-def snapshot(url: str, model: str | None, spec, interval: float, drift_threshold: float) -> dict:
+def snapshot(url: str, model: str | None, spec, interval: float, drift_threshold: float) -> MonitorSnapshot:
     started = time.monotonic()
     before = scrape(url)
     time.sleep(interval)
     after = scrape(url)
     figures = traffic_figures(before, after, time.monotonic() - started, model)
-    models = sorted({v["model"] for v in figures["versions"]} | ({model} if model else set()))
+    models = sorted({v.model for v in figures["versions"]} | ({model} if model else set()))
     quality = {}
     for name in models:
         try:
@@ -192,37 +195,37 @@ def snapshot(url: str, model: str | None, spec, interval: float, drift_threshold
             training = training_label_distribution(spec, name, version) if spec is not None else None
             entry["prediction_drift"] = prediction_drift(entry["class_histogram"], training, drift_threshold)
         quality[name] = document
-    return {"url": url, "interval_s": interval, **figures, "quality": quality, "gpus": gpus()}
+    return MonitorSnapshot(url=url, interval_s=interval, **figures, quality=quality, gpus=gpus())
 
 
-def render(report: dict):
+def render(report: MonitorSnapshot):
     from rich.console import Group
     from rich.table import Table
 
-    traffic = Table(title=f"{report['url']}  (over {report['interval_s']:g}s)", title_justify="left")
+    traffic = Table(title=f"{report.url}  (over {report.interval_s:g}s)", title_justify="left")
     for column in ("model", "version", "labels", "QPS", "errors", "P50 ms", "P95 ms", "P99 ms", "live accuracy",
                    "prediction drift"):
         traffic.add_column(column)
-    quality = report["quality"]
-    rows = {(v["model"], v["version"]): v for v in report["versions"]}
+    quality = report.quality
+    rows = {(v.model, v.version): v for v in report.versions}
     for name, document in quality.items():
         for version in document["versions"]:
-            rows.setdefault((name, version), {"model": name, "version": version})
+            rows.setdefault((name, version), VersionTraffic(model=name, version=version, qps=0.0, error_rate=0.0))
     for (name, version), row in sorted(rows.items()):
         entry = quality.get(name, {}).get("versions", {}).get(version, {})
         accuracy = entry.get("feedback", {}).get("accuracy")
         drift = entry.get("prediction_drift", {})
-        traffic.add_row(name, version or "-", ",".join(entry.get("labels", [])) or "-", f"{row.get('qps', 0):.1f}",
-                        f"{row.get('error_rate', 0):.1%}", *(f"{row[k]:.2f}" if row.get(k) is not None else "-"
-                                                             for k in ("p50_ms", "p95_ms", "p99_ms")),
+        traffic.add_row(name, version or "-", ",".join(entry.get("labels", [])) or "-", f"{row.qps:.1f}",
+                        f"{row.error_rate:.1%}", *(f"{value:.2f}" if value is not None else "-"
+                                                   for value in (row.p50_ms, row.p95_ms, row.p99_ms)),
                         f"{accuracy:.3f} ({entry['feedback']['count']})" if accuracy is not None else "-",
                         f"{drift.get('status', '-')}" + (f" L∞ {drift['linf']:.3f}" if "linf" in drift else ""))
-    batching = report["batching"]
-    gpu = report["gpus"]
+    batching = report.batching
+    gpu = report.gpus
     gpu_text = gpu if isinstance(gpu, str) else ", ".join(
-        f"{g['name']} {g['utilization_percent']}% {g['memory_used_mib']}/{g['memory_total_mib']} MiB" for g in gpu)
-    footer = (f"batches {batching['batches']:.0f}, mean size {batching['mean_batch_size'] or '-'}, "
-              f"queue depth {batching['queue_depth']:.0f}; input anomalies {report['input_anomalies_total'] or 'none'}; "
+        f"{g.name} {g.utilization_percent}% {g.memory_used_mib}/{g.memory_total_mib} MiB" for g in gpu)
+    footer = (f"batches {batching.batches:.0f}, mean size {batching.mean_batch_size or '-'}, "
+              f"queue depth {batching.queue_depth:.0f}; input anomalies {report.input_anomalies_total or 'none'}; "
               f"GPU: {gpu_text}")
     return Group(traffic, footer)
 
@@ -231,7 +234,7 @@ def monitor(url: str, model: str | None, spec, *, once: bool, fmt: str, interval
     if once:
         report = snapshot(url, model, spec, interval, drift_threshold)
         if fmt == "json":
-            print(json.dumps(report, indent=2, default=str))
+            print(json.dumps(report.to_json(), indent=2, default=str))
         else:
             from rich.console import Console
 

@@ -1,26 +1,43 @@
-"""`conveyor status | promote | rollback`: release controls outside a pipeline run, recorded in MLMD."""
+"""`conveyor status | promote | rollback`: release controls outside a pipeline run, recorded in MLMD.
+
+Every command first repairs what an interrupted one left (components/release_record.py), saying so in one
+line per repair on stderr, then makes its own change as one atomic commit of the release state.
+"""
 from __future__ import annotations
 
 import getpass
 import json
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
-from ml_metadata.proto import metadata_store_pb2
-
 from conveyor_ml.base.errors import ConveyorError
-from conveyor_ml.base.names import PIPELINE_CONTEXT
+from conveyor_ml.base.names import PROMOTE_EXECUTION, ROLLBACK_EXECUTION
 from conveyor_ml.base.spec import PipelineSpec
-from conveyor_ml.components.artifacts import Deployment, deployment, set_custom_properties
+from conveyor_ml.components.release_record import (
+    FAILED,
+    reconcile_release_state,
+    record_intent,
+    record_release_execution,
+    unfinished_intents,
+)
 from conveyor_ml.formats import release_state as releases
 from conveyor_ml.metadata import store as metadata
 from conveyor_ml.metadata.index import deployment_snapshots, pushing_runs
 from conveyor_ml.metadata.values import props
+from conveyor_ml.operations.records import ModelStatus, ServerState, StatusReport, VersionStatus
 
-PROMOTE, ROLLBACK = "conveyor.Promote", "conveyor.Rollback"
+PROMOTE, ROLLBACK = PROMOTE_EXECUTION, ROLLBACK_EXECUTION
+IN_FLIGHT_WAIT_SECONDS = 60.0
+
+
+def say_repair(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _serving_base(spec: PipelineSpec) -> Path:
@@ -29,12 +46,11 @@ def _serving_base(spec: PipelineSpec) -> Path:
     return spec.serving_base
 
 
-def _existing_release(base: Path, model: str) -> releases.ModelRelease:
-    known = releases.known_models(base)
-    if model not in known:
-        raise ConveyorError(f"unknown model {model!r} under {base} (known: {', '.join(known) or 'none'}; "
-                            "run `make pipeline` to push one)")
-    return releases.read_release(base, model)
+def _existing_release(state: releases.ReleaseState, model: str) -> releases.ModelRelease:
+    if model not in state.models:
+        raise ConveyorError(f"unknown model {model!r} under {state.base_path} (known: "
+                            f"{', '.join(sorted(state.models)) or 'none'}; run `make pipeline` to push one)")
+    return state.release(model)
 
 
 def server_statuses(url: str, model: str) -> dict[str, str] | None:
@@ -49,113 +65,135 @@ def server_statuses(url: str, model: str) -> dict[str, str] | None:
     return {s["version"]: s["state"] for s in document.get("model_version_status", [])}
 
 
-def status(spec: PipelineSpec, model: str | None, url: str) -> dict:
-    """Everything `conveyor status` shows, as data."""
+def status(spec: PipelineSpec, model: str | None, url: str, say: Callable[[str], None] = say_repair) -> StatusReport:
+    """Everything `conveyor status` shows, as data (after repairing what an interrupted command left)."""
     base = _serving_base(spec)
-    models = [model] if model else releases.known_models(base)
+    if base.is_dir():
+        with releases.locked(base):
+            state = releases.read_state(base)
+            reconcile_release_state(spec, state, say)
+    else:
+        state = releases.ReleaseState(base)  # nothing pushed yet: nothing to repair, nothing to create
+    models = [model] if model else sorted(state.models)
     if model:
-        _existing_release(base, model)
+        _existing_release(state, model)
     runs_by_model = {}
     if metadata.store_exists(spec.metadata):
         store = metadata.open_store(spec.metadata)
         runs_by_model = {name: pushing_runs(store, name) for name in models}
-    report = {"base_path": str(base), "models": []}
+    report = StatusReport(base_path=str(base))
     for name in models:
-        release = releases.read_release(base, name)
+        release = state.release(name)
         served = server_statuses(url, name)
         labels_by_version: dict[int, list[str]] = {}
         for label, version in release.labels.items():
             labels_by_version.setdefault(version, []).append(label)
         versions = sorted(set(release.versions()) | set(release.labels.values()), reverse=True)
-        report["models"].append({
-            "model": name,
-            "server": {"url": url, "up": served is not None},
-            "versions": [{
-                "version": v,
-                "on_disk": v in release.versions(),
-                "labels": sorted(labels_by_version.get(v, [])),
-                "traffic_percent": sum(release.weights.get(label, 0) for label in labels_by_version.get(v, [])),
-                "server_state": (served or {}).get(str(v)),
-                "pushed_by_run": runs_by_model.get(name, {}).get(str(v)),
-            } for v in versions],
-            "stable_history": release.history,
-        })
+        report.models.append(ModelStatus(
+            model=name,
+            server=ServerState(url=url, up=served is not None),
+            versions=[VersionStatus(
+                version=v,
+                on_disk=v in release.versions(),
+                labels=sorted(labels_by_version.get(v, [])),
+                traffic_percent=sum(release.weights.get(label, 0) for label in labels_by_version.get(v, [])),
+                server_state=(served or {}).get(str(v)),
+                pushed_by_run=runs_by_model.get(name, {}).get(str(v)),
+            ) for v in versions],
+            stable_history=release.history,
+        ))
     return report
 
 
 def change_release(spec: PipelineSpec, model: str, kind: str, *, weight: int | None = None,
-                   to_version: int | None = None, reason: str = "") -> releases.ModelRelease:
-    """Promote or roll back: validate, rewrite the release files atomically, record the change in MLMD."""
+                   to_version: int | None = None, reason: str = "",
+                   say: Callable[[str], None] = say_repair) -> releases.ModelRelease:
+    """Promote or roll back: repair what an interrupted command left, validate, commit the new release
+    state with the change (one rename), rewrite the served files, record the change in MLMD under its id,
+    then forget it. A kill anywhere in between is repaired by the next command."""
     base = _serving_base(spec)
-    with releases.locked(base):
-        release = _existing_release(base, model)
-        before = releases.ModelRelease(release.name, release.base_path, dict(release.labels),
-                                       dict(release.weights), list(release.history))
-        if kind == PROMOTE:
-            releases.promote(release, weight)
-        else:
-            releases.rollback(release, to_version)
-        releases.write_release(release)
-        try:
-            record_change(spec, kind, before, release, reason)
-        except Exception:
-            releases.write_release(before)  # the files and the record stay in step
-            raise
+    if not base.is_dir():
+        _existing_release(releases.ReleaseState(base), model)  # unknown: say so, and create nothing
+    deadline = time.monotonic() + IN_FLIGHT_WAIT_SECONDS
+    while True:
+        with releases.locked(base):
+            state = releases.read_state(base)
+            reconcile_release_state(spec, state, say)
+            in_flight = [c for c in state.unrecorded if c.model == model]
+            if not in_flight:
+                return _change_locked(spec, state, model, kind, weight, to_version, reason)
+        # A pipeline run committed a push it has not recorded yet (TFX publishes after the pusher returns):
+        # changing now would put this record before that one in MLMD's history.
+        if time.monotonic() > deadline:
+            raise ConveyorError(f"a push of {model} by process {in_flight[0].pid} is still being recorded in ML "
+                                f"Metadata after {IN_FLIGHT_WAIT_SECONDS:.0f}s; try again when its run is done")
+        time.sleep(0.2)
+
+
+def _change_locked(spec: PipelineSpec, state: releases.ReleaseState, model: str, kind: str, weight: int | None,
+                   to_version: int | None, reason: str) -> releases.ModelRelease:
+    base = state.base_path
+    release = _existing_release(state, model)
+    before = release.copy()
+    if kind == PROMOTE:
+        releases.promote(release, weight)
+    else:
+        releases.rollback(release, to_version)
+    rows = releases.snapshot(before.labels, release)
+    change = releases.ReleaseChange.new(kind, model, rows, releases.change_details(
+        before, release, reason=reason, user=getpass.getuser(), host=socket.gethostname()))
+    releases.apply_change(state, release, change)
+    try:
+        record_release_execution(spec, kind, model, "local", rows, base_path=str(base.resolve()), reason=reason,
+                                 details=change.details, change_id=change.id)
+    except Exception:
+        releases.revert_change(state, before, change)  # a failed record (not a crash): files follow it
+        raise
+    releases.forget_change(state, change.id)
     return release
 
 
-def record_change(spec: PipelineSpec, kind: str, before: releases.ModelRelease, after: releases.ModelRelease,
-                  reason: str) -> int:
-    """A local release change in MLMD: the Deployments that were current in, the new state out."""
-    details = {"labels_before": json.dumps(before.labels, sort_keys=True),
-               "labels_after": json.dumps(after.labels, sort_keys=True),
-               "weights_after": json.dumps(after.weights, sort_keys=True)}
-    return record_release_execution(spec, kind, after.name, "local", releases.snapshot(before.labels, after),
-                                    base_path=str(after.base_path.resolve()), reason=reason, details=details)
+def _observed_rows(vertex, endpoint: str, before) -> list[dict]:
+    from conveyor_ml.components.gcp_pusher import traffic
+
+    return traffic.rows_observed(vertex.deployed(endpoint), before)
 
 
-def record_release_execution(spec: PipelineSpec, kind: str, model_name: str, target: str, rows: list[dict], *,
-                             base_path: str, reason: str, details: dict, endpoint: str = "") -> int:
-    """An MLMD execution consuming the model's Deployments on `target` that were current and producing one
-    Deployment per row of the new state, in the pipeline's context."""
+def _repair_vertex_records(spec: PipelineSpec, vertex, endpoint: str, model_name: str, say) -> None:
+    """Completes the Vertex AI changes whose process died between its intent and its record, with what the
+    endpoint holds now (which is what that change left, as nothing else moved it since)."""
+    from conveyor_ml.components.gcp_pusher import traffic
+
     store = metadata.open_store(spec.metadata)
-    deployment_type_id = store.put_artifact_type(Deployment().artifact_type, can_add_fields=True, can_omit_fields=True)
-    execution_type_id = store.put_execution_type(metadata_store_pb2.ExecutionType(name=kind), can_add_fields=True)
-    history = deployment_snapshots(store, model_name, target=target)
-    previous = history[-1].deployments if history else []
-
-    execution = metadata_store_pb2.Execution(type_id=execution_type_id,
-                                             last_known_state=metadata_store_pb2.Execution.COMPLETE)
-    details = {"model_name": model_name, "target": target, "user": getpass.getuser(), "host": socket.gethostname(),
-               "reason": reason, "changed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **details}
-    for key, value in details.items():
-        execution.custom_properties[key].string_value = value
-
-    artifact_and_events = [(artifact, metadata_store_pb2.Event(type=metadata_store_pb2.Event.INPUT))
-                           for artifact in previous]
-    record_dir = (spec.pipeline_root / "_releases" / kind.split(".")[-1] /
-                  time.strftime("%Y%m%d-%H%M%S", time.gmtime())).resolve()
-    for row in rows:
-        new = deployment(row, model_name=model_name, base_path=base_path, target=target, endpoint=endpoint,
-                         uri=str(record_dir / f"{target}-version-{row['version']}"))
-        set_custom_properties(new, {k: row[k] for k in ("model_resource", "deployed_model_id") if k in row})
-        new = new.mlmd_artifact
-        new.type_id = deployment_type_id
-        new.state = metadata_store_pb2.Artifact.LIVE
-        artifact_and_events.append((new, metadata_store_pb2.Event(type=metadata_store_pb2.Event.OUTPUT)))
-
-    contexts = []
-    pipeline_context = store.get_context_by_type_and_name(PIPELINE_CONTEXT, spec.name)
-    if pipeline_context is not None:
-        contexts.append(pipeline_context)
-    execution_id, _, _ = store.put_execution(execution, artifact_and_events, contexts,
-                                             reuse_context_if_already_exist=True)
-    return execution_id
+    intents = unfinished_intents(store, model_name, "vertex")
+    if not intents:
+        return
+    history = deployment_snapshots(store, model_name, target="vertex")
+    before = [traffic.Deployed(id=p.get("deployed_model_id", ""), model=p.get("model_resource", ""),
+                               version=p.get("version", ""), created=0.0, traffic=0)
+              for p in (props(a) for a in (history[-1].deployments if history else []))
+              if p.get("release_state") != "retired"]
+    rows = _observed_rows(vertex, endpoint, before)
+    for intent in intents:
+        kind = store.get_execution_types_by_id([intent.type_id])[0].name
+        execution_id = record_release_execution(
+            spec, kind, model_name, "vertex", rows, base_path="", endpoint=endpoint, reason=props(intent).get("reason", ""),
+            intent=intent, store=store,
+            details={"repaired": "recorded by the next command with what the endpoint held: the process that "
+                                 "moved the traffic was killed before recording it"})
+        say(f"conveyor: repaired: the {kind} of {model_name} "
+            f"on Vertex AI at {props(intent).get('changed_at', '?')} was never recorded; recorded the endpoint as "
+            f"it is now (execution {execution_id})")
+        rows = [row for row in rows if row["release_state"] != "retired"]  # only the first change retired them
 
 
 def change_vertex_release(spec: PipelineSpec, model: str, kind: str, *, weight: int | None = None,
                           reason: str = "", dry_run: bool = False, say=print) -> list[dict]:
-    """`promote|rollback --target gcp`: moves the Vertex AI endpoint's traffic, records it like a local change.
+    """`promote|rollback --target gcp`: moves the Vertex AI endpoint's traffic, recorded like a local change.
+
+    MLMD is the journal: an execution in state RUNNING is written before any call that changes the
+    endpoint, and completed after: COMPLETE with the new state, or FAILED with what the endpoint holds after
+    a call failed part of the way. One left RUNNING by a killed process is completed by the next command.
     A dry run reads the endpoint and prints the changes it would send."""
     from conveyor_ml.components.gcp_pusher import traffic
     from conveyor_ml.components.gcp_pusher.vertex import VertexApi, VertexError
@@ -169,18 +207,42 @@ def change_vertex_release(spec: PipelineSpec, model: str, kind: str, *, weight: 
     try:
         vertex = VertexApi(settings, model_name, say=say, dry_run="writes" if dry_run else False)
         endpoint = vertex.find_endpoint()
+        if not dry_run:
+            _repair_vertex_records(spec, vertex, endpoint, model_name, say_repair)
         deployed = vertex.deployed(endpoint)
         change = (traffic.for_promotion(deployed, weight, endpoint) if kind == PROMOTE
                   else traffic.for_rollback(deployed, endpoint))
-        vertex.apply(endpoint, change)
         stable = next(d for d in deployed if d.id == change.stable)
-        vertex.move_alias(stable.model, stable.version, "stable")
+        if dry_run:
+            vertex.apply(endpoint, change)
+            vertex.move_alias(stable.model, stable.version, "stable")
+            return traffic.rows_after(deployed, change)
     except VertexError as exc:
         raise ConveyorError(f"gcp: {exc}") from None
-    rows = traffic.rows_after(deployed, change)
-    if not dry_run:
+    change_id = uuid.uuid4().hex
+    details = {"traffic_split": json.dumps(change.split, sort_keys=True)}
+    intent = record_intent(spec, kind, model_name, "vertex", change_id=change_id, reason=reason,
+                           details={**details, "endpoint": endpoint})
+    try:
+        vertex.apply(endpoint, change)
+        vertex.move_alias(stable.model, stable.version, "stable")
+    except VertexError as exc:
+        try:
+            rows = _observed_rows(vertex, endpoint, deployed)
+        except VertexError:
+            raise ConveyorError(f"gcp: {exc}; the endpoint could not be read back either, so the next "
+                                "`conveyor promote|rollback --target gcp` records what it then holds") from None
         record_release_execution(spec, kind, model_name, "vertex", rows, base_path="", endpoint=endpoint,
-                                 reason=reason, details={"traffic_split": json.dumps(change.split, sort_keys=True)})
+                                 reason=reason, details={**details, "error": str(exc)}, change_id=change_id,
+                                 state=FAILED, intent=intent)
+        now = ", ".join(f"version {r['version']} {r['traffic_percent']}%"
+                        for r in sorted(rows, key=lambda r: -r["traffic_percent"])
+                        if r["release_state"] != "retired") or "nothing deployed"
+        raise ConveyorError(f"gcp: {exc}; the change went part of the way and is recorded as the endpoint now "
+                            f"is: {now}") from None
+    rows = traffic.rows_after(deployed, change)
+    record_release_execution(spec, kind, model_name, "vertex", rows, base_path="", endpoint=endpoint,
+                             reason=reason, details=details, change_id=change_id, intent=intent)
     return rows
 
 

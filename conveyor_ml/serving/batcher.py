@@ -4,7 +4,9 @@ Requests for the same servable, signature and input shapes join an open batch; t
 is full (`max_batch_size`) or `batch_timeout_micros` after its first request, then waits for one of
 `num_batch_threads` workers. At most `max_enqueued_batches` batches (the open one included) wait per
 queue; past that a request is refused with UNAVAILABLE, so memory stays bounded under overload. A batch is
-padded up to the next `allowed_batch_sizes` entry by repeating its last row.
+padded up to the next `allowed_batch_sizes` entry by repeating its last row. A request may carry a deadline
+(--rest_api_timeout_in_ms, a gRPC client's deadline): one already past when its batch runs fails with
+DEADLINE_EXCEEDED without running, and the batch's model run is bounded by the latest deadline in it.
 """
 from __future__ import annotations
 
@@ -15,10 +17,11 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 
 from conveyor_ml.formats.serving_config import BatchingOptions
-from conveyor_ml.serving.errors import invalid_argument, unavailable
+from conveyor_ml.serving.errors import ServingError, invalid_argument, unavailable
 from conveyor_ml.serving.servable import Servable
 
 
@@ -26,6 +29,7 @@ from conveyor_ml.serving.servable import Servable
 class _Task:
     inputs: dict[str, np.ndarray]
     size: int
+    deadline: float | None = None  # time.monotonic() by which the client wants its answer
     future: Future = field(default_factory=Future)
 
 
@@ -62,7 +66,8 @@ class Batcher:
         for worker in self._workers:
             worker.start()
 
-    def submit(self, servable: Servable, signature: str, inputs: dict[str, np.ndarray]) -> Future:
+    def submit(self, servable: Servable, signature: str, inputs: dict[str, np.ndarray],
+               deadline: float | None = None) -> Future:
         sizes = {array.shape[0] if array.ndim else -1 for array in inputs.values()}
         if len(sizes) != 1 or -1 in sizes:
             raise invalid_argument("Batching Run() input tensors must have equal 0th-dimension size")
@@ -72,7 +77,7 @@ class Batcher:
                 f"Task size {size} is larger than maximum input batch size {self.options.max_batch_size}")
         key = (id(servable), signature,
                tuple(sorted((name, array.shape[1:], array.dtype.str) for name, array in inputs.items())))
-        task = _Task(inputs, size)
+        task = _Task(inputs, size, deadline)
         timeout = self.options.batch_timeout_micros / 1e6
         with self._condition:
             if self._stopping:
@@ -131,12 +136,20 @@ class Batcher:
         # skipped and a claimed one can no longer be cancelled, so setting results below cannot fail (an
         # unclaimed cancelled future made set_result raise and killed the worker: every later batch hung).
         live = [task.future.set_running_or_notify_cancel() for task in batch.tasks]
+        now = time.monotonic()
+        for index, task in enumerate(batch.tasks):
+            if live[index] and task.deadline is not None and task.deadline <= now:
+                task.future.set_exception(ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                       "Deadline exceeded while the request waited for its batch"))
+                live[index] = False
         if not any(live):
             return
         if self._on_batch:
             self._on_batch(batch.servable.model_name, batch.size, self.queue_depth())
+        deadlines = [task.deadline for task, claimed in zip(batch.tasks, live) if claimed]
+        timeout_ms = None if None in deadlines else max(1, int((max(deadlines) - now) * 1000))
         try:
-            outputs = batch.servable.predict(batch.signature, self._merge(batch))
+            outputs = batch.servable.predict(batch.signature, self._merge(batch), timeout_ms=timeout_ms)
         except Exception as exc:  # a ServingError for the client, or a bug: either way the worker lives on
             for task, claimed in zip(batch.tasks, live):
                 if claimed:

@@ -40,3 +40,14 @@ def not_found(message: str) -> ServingError:
 
 def unavailable(message: str) -> ServingError:
     return ServingError(grpc.StatusCode.UNAVAILABLE, message)
+
+
+class ModelRunError(ServingError):
+    """TensorFlow refused to run the model on what it was fed (e.g. a shape the graph cannot take)."""
+
+    def for_request(self, inputs: dict) -> ServingError:
+        """The error as the client should see it: TensorFlow's reason and the shapes the client sent (not
+        those of a merged batch)."""
+        sent = ", ".join(f"{alias} [{','.join(str(d) for d in getattr(value, 'shape', ()))}]"
+                         for alias, value in sorted(inputs.items()))
+        return ServingError(self.code, f"{self.message} (the model refused the inputs: {sent})")

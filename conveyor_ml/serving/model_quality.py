@@ -16,7 +16,9 @@ import numpy as np
 from conveyor_ml.serving.errors import ServingError, invalid_argument
 
 log = logging.getLogger("conveyor.serving")
-NUM_CLASSES = 10
+
+
+SERVING_ENVIRONMENT = "SERVING"  # TFDV's name for the features a serving request carries
 
 
 @dataclass(frozen=True)
@@ -27,21 +29,43 @@ class FeatureRule:
     size: int | None  # values per example, from the schema's shape
 
 
-def rules_from_schema(schema_file: Path) -> list[FeatureRule]:
-    """Float/int domains and shapes of the features a TFDV schema declares."""
+@dataclass(frozen=True)
+class SchemaRules:
+    """What a TFDV schema says about serving requests: the rules of the features in its SERVING environment
+    (all features when it declares no environments), and how many classes the label can take (from the int
+    domain of a feature left out of SERVING, e.g. `not_in_environment: "SERVING"` on the label)."""
+
+    features: tuple[FeatureRule, ...] = ()
+    num_classes: int | None = None
+
+    def rule_for(self, input_name: str, inputs: int) -> FeatureRule | None:
+        """The feature an input is checked against: the one of the same name, else the only serving feature
+        when the request has only one input (a model's input tensor is often named unlike the feature)."""
+        named = next((rule for rule in self.features if rule.feature == input_name), None)
+        if named is not None or inputs != 1 or len(self.features) != 1:
+            return named
+        return self.features[0]
+
+
+def rules_from_schema(schema_file: Path) -> SchemaRules:
+    """The serving features' float/int domains and shapes, and the label's class count, of a TFDV schema."""
     from google.protobuf import text_format
     from tensorflow_metadata.proto.v0 import schema_pb2
 
     schema = text_format.Parse(schema_file.read_text(), schema_pb2.Schema())
-    rules = []
+    features, num_classes = [], None
     for feature in schema.feature:
         domain = feature.float_domain if feature.HasField("float_domain") else (
             feature.int_domain if feature.HasField("int_domain") else None)
+        if SERVING_ENVIRONMENT in feature.not_in_environment:
+            if feature.HasField("int_domain") and feature.int_domain.HasField("max"):
+                num_classes = int(feature.int_domain.max) + 1
+            continue
         size = int(np.prod([d.size for d in feature.shape.dim])) if feature.HasField("shape") else None
-        rules.append(FeatureRule(feature.name,
-                                 domain.min if domain is not None and domain.HasField("min") else None,
-                                 domain.max if domain is not None and domain.HasField("max") else None, size))
-    return rules
+        features.append(FeatureRule(feature.name,
+                                    domain.min if domain is not None and domain.HasField("min") else None,
+                                    domain.max if domain is not None and domain.HasField("max") else None, size))
+    return SchemaRules(tuple(features), num_classes)
 
 
 @dataclass
@@ -55,7 +79,7 @@ class ModelQuality:
     def __init__(self, metrics, *, schema_file: str | None = None, reject_anomalous: bool = False,
                  window: int = 1000, remembered_predictions: int = 100_000):
         self.metrics = metrics
-        self.rules = rules_from_schema(Path(schema_file)) if schema_file else []
+        self.rules = rules_from_schema(Path(schema_file)) if schema_file else SchemaRules()
         self.reject_anomalous = reject_anomalous
         self.window = window
         self.remembered = remembered_predictions
@@ -67,27 +91,28 @@ class ModelQuality:
     # -- inputs ------------------------------------------------------------------------------------------
     def check_inputs(self, model: str, inputs: dict[str, np.ndarray]) -> None:
         """Counts values outside the schema's domains (per feature); raises when rejecting is on."""
-        if not self.rules:
+        if not self.rules.features:
             return
-        image_rule = next((r for r in self.rules if r.feature == "image"), None)
         problems = []
         for name, values in inputs.items():
-            if image_rule is None or values.dtype.kind not in "fiu":
+            rule = self.rules.rule_for(name, len(inputs))
+            if rule is None or values.dtype.kind not in "fiu" or values.size == 0:
                 continue
-            flat = values.reshape(len(values), -1) if values.ndim > 1 else values.reshape(-1, 1)
+            flat = values.reshape(values.shape[0], -1) if values.ndim > 1 else values.reshape(-1, 1)
             kinds = []
             if values.dtype.kind == "f" and np.isnan(flat).any():
                 kinds.append("nan")
-            if image_rule.minimum is not None and (flat < image_rule.minimum).any():
+            if rule.minimum is not None and (flat < rule.minimum).any():
                 kinds.append("below_min")
-            if image_rule.maximum is not None and (flat > image_rule.maximum).any():
+            if rule.maximum is not None and (flat > rule.maximum).any():
                 kinds.append("above_max")
-            if image_rule.size is not None and flat.shape[1] != image_rule.size:
+            if rule.size is not None and flat.shape[1] != rule.size:
                 kinds.append("shape")
             for kind in kinds:
-                self.metrics.input_anomalies.labels(model, image_rule.feature, kind).inc()
-                problems.append(f"{name}: {kind.replace('_', ' ')} (schema: {image_rule.feature} in "
-                                f"[{image_rule.minimum:g}, {image_rule.maximum:g}], {image_rule.size} values)")
+                self.metrics.input_anomalies.labels(model, rule.feature, kind).inc()
+                domain = f"in [{rule.minimum:g}, {rule.maximum:g}], " if None not in (rule.minimum, rule.maximum) else ""
+                problems.append(f"{name}: {kind.replace('_', ' ')} (schema: {rule.feature} {domain}"
+                                f"{rule.size} values)")
         if problems:
             self._log_sample(model, problems, inputs)
             if self.reject_anomalous:
@@ -157,9 +182,15 @@ class ModelQuality:
         watch = self._versions.get((model, version))
         return watch.correct / watch.feedback if watch and watch.feedback else None
 
-    @staticmethod
-    def empty_version() -> dict:
-        return {"predictions": 0, "class_histogram": [0] * NUM_CLASSES,
+    def _histogram(self, classes) -> list[int]:
+        """Predicted classes counted per class: as many bins as the schema's label has classes (or as the
+        highest class seen needs, without a schema)."""
+        observed = np.asarray(classes, dtype=np.int64)
+        bins = max(self.rules.num_classes or 0, int(observed.max()) + 1 if observed.size else 0)
+        return np.bincount(observed, minlength=bins).tolist()
+
+    def empty_version(self) -> dict:
+        return {"predictions": 0, "class_histogram": self._histogram([]),
                 "feedback": {"count": 0, "correct": 0, "accuracy": None}}
 
     def snapshot(self, model: str) -> dict:
@@ -168,8 +199,7 @@ class ModelQuality:
             versions = {version: watch for (name, version), watch in self._versions.items() if name == model}
             return {str(version): {
                 "predictions": len(watch.predictions),
-                "class_histogram": np.bincount(np.asarray(watch.predictions, dtype=np.int64),
-                                               minlength=NUM_CLASSES).tolist() if watch.predictions else [0] * NUM_CLASSES,
+                "class_histogram": self._histogram(list(watch.predictions)),
                 "feedback": {"count": watch.feedback, "correct": watch.correct,
                              "accuracy": watch.correct / watch.feedback if watch.feedback else None},
             } for version, watch in sorted(versions.items())}

@@ -1,4 +1,10 @@
-"""TF Serving's REST API (same URLs, JSON and error bodies) on aiohttp, plus health and metrics endpoints."""
+"""TF Serving's REST API (same URLs, JSON and error bodies) on aiohttp, plus health and metrics endpoints.
+
+Liveness: `GET /healthz` answers 200 while the server's event loop runs. Readiness: `GET /readyz` answers
+200 once every configured model has a version available, else 503 naming what each model waits for.
+Predict, Classify and Regress are bounded by --rest_api_timeout_in_ms (TF Serving's meaning: the model run,
+not the request parsing); past it the answer is 504 with TF Serving's error body.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -8,10 +14,10 @@ import time
 import orjson
 from aiohttp import web
 from google.protobuf import json_format
-from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, status_pb2
 
 from conveyor_ml.serving import json_codec
-from conveyor_ml.serving.errors import ServingError, invalid_argument, not_found
+from conveyor_ml.serving.errors import ModelRunError, ServingError, invalid_argument
+from conveyor_ml.serving.grpc_service import model_status_response, signature_def_map
 from conveyor_ml.serving.model_quality import parse_feedback
 from conveyor_ml.serving.model_server import ModelServer
 
@@ -23,6 +29,8 @@ MODEL_PATH = re.compile(
 VERSION_HEADER = "X-Model-Version"
 PREDICTION_ID_HEADER = "X-Prediction-Id"  # our extension: the id to send ground truth for (feedback)
 JSON = "application/json"
+CORS_HEADERS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": "POST, GET",
+                "Access-Control-Allow-Headers": "Content-Type"}
 
 
 def _json(body: bytes, status: int = 200, version: int | None = None, prediction_id: str | None = None) -> web.Response:
@@ -36,9 +44,26 @@ def error_response(error: ServingError) -> web.Response:
     return _json(orjson.dumps({"error": error.message}), status=error.http_status)
 
 
-def proto_json(message) -> bytes:
+def proto_json(message, proto_field_names: bool = True) -> str:
+    """TF Serving's JSON printing: default-valued fields included, int64s as strings, enums by name."""
     return json_format.MessageToJson(message, including_default_value_fields=True,
-                                     preserving_proto_field_name=True).encode()
+                                     preserving_proto_field_name=proto_field_names)
+
+
+def metadata_json(servable) -> bytes:
+    """GetModelMetadata as TF Serving's REST API prints it: the model spec and the SignatureDefMap printed
+    apart (TF Serving works around a protobuf Any bug so) and joined under "metadata": {"signature_def": ...}."""
+    spec = proto_json(_model_spec(servable))
+    signatures = proto_json(signature_def_map(servable))
+    return ('{\n"model_spec":' + spec + ',\n"metadata": {"signature_def": ' + signatures + '}\n}\n').encode()
+
+
+def _model_spec(servable):
+    from tensorflow_serving.apis import model_pb2
+
+    spec = model_pb2.ModelSpec(name=servable.model_name)
+    spec.version.value = servable.version
+    return spec
 
 
 class RestApi:
@@ -46,8 +71,8 @@ class RestApi:
         self.server = server
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.server.options.max_request_body_bytes,
-                              middlewares=[self._errors])
+        middlewares = [self._errors] + ([self._cors] if self.server.options.rest_api_enable_cors_support else [])
+        app = web.Application(client_max_size=self.server.options.max_request_body_bytes, middlewares=middlewares)
         # Our extensions first: the generic route below would take their paths.
         app.router.add_post("/v1/models/{name}/feedback", self.feedback)
         app.router.add_get("/v1/models/{name}/monitoring", self.monitoring)
@@ -73,12 +98,27 @@ class RestApi:
                              status=404)
             raise
 
+    @web.middleware
+    async def _cors(self, request: web.Request, handler):
+        """--rest_api_enable_cors_support: TF Serving's CORS headers, and its preflight answer."""
+        if request.method == "OPTIONS":
+            if not re.match(r"^https?://", request.headers.get("Origin", "")):
+                return _json(orjson.dumps({"error": "Origin header is missing in CORS preflight"}), status=400)
+            return web.Response(status=200, headers=CORS_HEADERS)
+        response = await handler(request)
+        response.headers.update(CORS_HEADERS)
+        return response
+
     async def healthz(self, request: web.Request) -> web.Response:
         return _json(b'{"status": "alive"}')
 
     async def readyz(self, request: web.Request) -> web.Response:
-        ready = self.server.is_ready()
-        return _json(orjson.dumps({"ready": ready}), status=200 if ready else 503)
+        waiting = self.server.readiness()
+        ready = bool(self.server.registry.models()) and not waiting
+        body = {"ready": ready}
+        if waiting:
+            body["waiting"] = waiting
+        return _json(orjson.dumps(body), status=200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.server.metrics.exposition(),
@@ -89,7 +129,8 @@ class RestApi:
         action = match and (match.group("action") or "")
         is_post = request.method == "POST"
         if not match or is_post != action.startswith(":"):
-            return _json(orjson.dumps({"error": f"Malformed request: {request.method} {request.path}"}), status=404)
+            # INVALID_ARGUMENT, as TF Serving answers a /v1/ path it cannot parse.
+            return _json(orjson.dumps({"error": f"Malformed request: {request.method} {request.path}"}), status=400)
         name, label = match.group("name"), match.group("label")
         version = int(match.group("version")) if match.group("version") else None
         api = action.lstrip(":/") or "status"
@@ -97,11 +138,12 @@ class RestApi:
         served_version, error = None, None
         try:
             if action == "":
-                return _json(self._status(name, version, label))
+                return _json(proto_json(model_status_response(self.server, name, version, label),
+                                        proto_field_names=False).encode())
             if action == "/metadata":
                 servable = self.server.resolve(name, version, label)
                 served_version = servable.version
-                return _json(self._metadata(servable), version=served_version)
+                return _json(metadata_json(servable), version=served_version)
             body = await request.read()
             document = json_codec.parse_body(body)
             servable = self.server.resolve(name, version, label)
@@ -118,34 +160,15 @@ class RestApi:
         finally:
             self.server.observe(name, served_version, api, "rest", error, time.perf_counter() - started)
 
-    def _status(self, name: str, version: int | None, label: str | None) -> bytes:
-        model = self.server.model(name)
-        response = get_model_status_pb2.GetModelStatusResponse()
-        for status in model.statuses(version, label):
-            entry = response.model_version_status.add()
-            entry.version = status.version
-            entry.state = get_model_status_pb2.ModelVersionStatus.State.Value(status.state)
-            entry.status.CopyFrom(status_pb2.StatusProto(error_code=0 if not status.error else 2,
-                                                         error_message=status.error))
-        if not response.model_version_status:
-            raise not_found(f"Could not find any versions of model {name}")
-        return proto_json(response)
-
-    def _metadata(self, servable) -> bytes:
-        signature_map = get_model_metadata_pb2.SignatureDefMap()
-        for key, signature in servable.signature_defs.items():
-            signature_map.signature_def[key].CopyFrom(signature)
-        response = {
-            "model_spec": {"name": servable.model_name, "signature_name": "", "version": str(servable.version)},
-            "metadata": {"signature_def": json_format.MessageToDict(signature_map, preserving_proto_field_name=True)},
-        }
-        return orjson.dumps(response)
-
     async def _predict(self, servable, document: dict) -> tuple[bytes, str | None]:
         signature = json_codec.signature_name(document)
         inputs, request_format = json_codec.decode_predict(document, servable.input_dtypes(signature))
         self.server.quality.check_inputs(servable.model_name, inputs)
-        outputs = await asyncio.wrap_future(self.server.predict_future(servable, signature, inputs))
+        try:
+            outputs = await asyncio.wrap_future(self.server.predict_future(servable, signature, inputs, (), "rest",
+                                                                           self._timeout_ms()))
+        except ModelRunError as exc:
+            raise exc.for_request(inputs) from None
         prediction_id = self.server.quality.record_predictions(servable.model_name, servable.version, outputs)
         return json_codec.encode_predict(outputs, request_format), prediction_id
 
@@ -177,14 +200,18 @@ class RestApi:
         return _json(orjson.dumps({"model": name, "versions": versions,
                                    "traffic": self.server.traffic.for_model(name) or {}}))
 
+    def _timeout_ms(self) -> int | None:
+        return self.server.options.rest_api_timeout_in_ms or None
+
     async def _classify_or_regress(self, servable, document: dict, api: str) -> bytes:
         signature = json_codec.signature_name(document)
         examples = json_codec.decode_examples(document)
-        loop = asyncio.get_running_loop()
         if api == "classify":
-            classes, scores = await loop.run_in_executor(self.server.executor, servable.classify, signature, examples)
-            return json_codec.encode_classification(classes, scores, len(examples))
+            result = await asyncio.wrap_future(self.server.run("rest", servable.classify, signature, examples,
+                                                               self._timeout_ms()))
+            return json_codec.encode_classification(result.classes, result.scores, len(examples))
         if api == "regress":
-            values = await loop.run_in_executor(self.server.executor, servable.regress, signature, examples)
+            values = await asyncio.wrap_future(self.server.run("rest", servable.regress, signature, examples,
+                                                               self._timeout_ms()))
             return json_codec.encode_regression(values)
         raise invalid_argument(f"unknown method {api}")

@@ -11,6 +11,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from conveyor_ml.formats.release_state import versions_on_disk
 from conveyor_ml.serving.errors import ServingError, invalid_argument, not_found, unavailable
-from conveyor_ml.serving.servable import IncompleteModelError, Servable
+from conveyor_ml.serving.loader import load_servable
+from conveyor_ml.serving.servable import TFLITE_MODEL_FILE, IncompleteModelError, Servable
 
 log = logging.getLogger("conveyor.serving")
 
@@ -32,19 +34,30 @@ class VersionStatus:
     error: str = ""
 
 
+@dataclass(frozen=True)
+class LoadRetries:
+    """--max_num_load_retries and --load_retry_interval_micros: extra attempts after a failed load."""
+
+    retries: int = 0
+    interval_seconds: float = 0.0
+
+
 class ModelVersions:
     """The versions of one model and the servables loaded for them."""
 
     def __init__(self, config: model_server_config_pb2.ModelConfig,
-                 loader: Callable[[str, int, Path], Servable] = Servable,
-                 on_load: Callable[[str, int, float], None] | None = None):
+                 loader: Callable[[str, int, Path], Servable] = load_servable,
+                 on_load: Callable[[str, int, float], None] | None = None,
+                 retries: LoadRetries = LoadRetries()):
         self.config = config
         self._loader = loader
         self._on_load = on_load
+        self._retries = retries
         self._lock = threading.RLock()
         self._servables: dict[int, Servable] = {}
         self._status: dict[int, VersionStatus] = {}
         self._failures: dict[int, tuple[float, str]] = {}  # version -> (directory mtime, error)
+        self.waiting_reason = ""  # why no version can load (logged once per change), for /readyz
 
     @property
     def name(self) -> str:
@@ -72,7 +85,9 @@ class ModelVersions:
 
     def poll(self) -> None:
         """One pass of the file-system source: load what the policy wants, then unload what it no longer does."""
-        on_disk = versions_on_disk(Path(self.config.base_path))
+        base_path = Path(self.config.base_path)
+        on_disk = versions_on_disk(base_path)
+        self._note_waiting(base_path, on_disk)
         with self._lock:
             wanted = self._wanted(on_disk)
             to_load = sorted(v for v in wanted if v not in self._servables)
@@ -91,13 +106,25 @@ class ModelVersions:
             for version in [v for v in self._status if v not in on_disk and v not in self._servables]:
                 self._status[version] = VersionStatus(version, END, self._status[version].error)
 
+    def _note_waiting(self, base_path: Path, on_disk: dict[int, Path]) -> None:
+        """TF Serving's warnings when a model has nothing to load, logged when the reason changes."""
+        if not base_path.is_dir():
+            reason = f"Could not find base path {base_path} for servable {self.name}"
+        elif not on_disk:
+            reason = (f"No versions of servable {self.name} found under base path {base_path}. Did you forget to "
+                      "name your leaf directory as a number (eg. '/1/')?")
+        else:
+            reason = ""
+        if reason and reason != self.waiting_reason:
+            log.warning(reason)
+        self.waiting_reason = reason
+
     def _load(self, version: int, path: Path) -> None:
         with self._lock:
             self._status[version] = VersionStatus(version, LOADING)
         started = time.perf_counter()
         try:
-            servable = self._loader(self.name, version, path)
-            servable.warm_up()
+            servable = self._load_with_retries(version, path)
         except IncompleteModelError as exc:
             with self._lock:  # maybe still being written by a non-atomic copy: look again next poll
                 self._status[version] = VersionStatus(version, START, str(exc))
@@ -117,6 +144,24 @@ class ModelVersions:
         log.info("loaded %s version %d in %.2fs", self.name, version, seconds)
         if self._on_load:
             self._on_load(self.name, version, seconds)
+
+    def _load_with_retries(self, version: int, path: Path) -> Servable:
+        attempt = 0
+        while True:
+            try:
+                servable = self._loader(self.name, version, path)
+                servable.warm_up()
+                return servable
+            except IncompleteModelError:
+                raise
+            except Exception as exc:
+                if attempt >= self._retries.retries:
+                    raise
+                attempt += 1
+                log.warning("loading %s version %d failed (%s); retry %d of %d in %.1fs", self.name, version,
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__, attempt,
+                            self._retries.retries, self._retries.interval_seconds)
+                time.sleep(max(0.0, self._retries.interval_seconds))
 
     def available_versions(self) -> list[int]:
         with self._lock:
@@ -166,19 +211,26 @@ class ModelVersions:
 
 
 def _mtime(path: Path) -> float:
-    try:
-        return max(path.stat().st_mtime, (path / "saved_model.pb").stat().st_mtime)
-    except OSError:
-        return 0.0
+    """When the version's directory or its model file last changed: a failed version is retried after that."""
+    times = []
+    for candidate in (path, path / "saved_model.pb", path / "saved_model.pbtxt", path / TFLITE_MODEL_FILE):
+        try:
+            times.append(candidate.stat().st_mtime)
+        except OSError:
+            continue
+    return max(times, default=0.0)
 
 
 class ModelRegistry:
     """All configured models; applies a new ModelServerConfig without dropping models that stay."""
 
-    def __init__(self, loader: Callable[[str, int, Path], Servable] = Servable,
-                 on_load: Callable[[str, int, float], None] | None = None):
+    def __init__(self, loader: Callable[[str, int, Path], Servable] = load_servable,
+                 on_load: Callable[[str, int, float], None] | None = None,
+                 retries: LoadRetries = LoadRetries(), load_threads: int = 0):
         self._loader = loader
         self._on_load = on_load
+        self._retries = retries
+        self._load_threads = load_threads  # --num_load_threads: 0 loads the models one after another
         self._models: dict[str, ModelVersions] = {}
         self._lock = threading.Lock()
 
@@ -192,7 +244,7 @@ class ModelRegistry:
                 if name in self._models:
                     self._models[name].update_config(model_config)
                 else:
-                    self._models[name] = ModelVersions(model_config, self._loader, self._on_load)
+                    self._models[name] = ModelVersions(model_config, self._loader, self._on_load, self._retries)
 
     def get(self, name: str) -> ModelVersions:
         with self._lock:
@@ -206,10 +258,19 @@ class ModelRegistry:
             return list(self._models.values())
 
     def poll_all(self) -> None:
-        for model in self.models():
-            try:
-                model.poll()
-            except ServingError:
-                raise
-            except Exception:  # keep polling the other models
-                log.exception("polling %s failed", model.name)
+        models = self.models()
+        if self._load_threads > 1 and len(models) > 1:
+            with ThreadPoolExecutor(self._load_threads, thread_name_prefix="load") as pool:
+                list(pool.map(self._poll_one, models))
+        else:
+            for model in models:
+                self._poll_one(model)
+
+    @staticmethod
+    def _poll_one(model: ModelVersions) -> None:
+        try:
+            model.poll()
+        except ServingError:
+            raise
+        except Exception:  # keep polling the other models
+            log.exception("polling %s failed", model.name)

@@ -1,6 +1,9 @@
 """The session's pipeline run: trained once, shared by every end-to-end test that only reads from it."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,7 +11,7 @@ import pytest
 from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2
 
-from tests.conftest import run_conveyor, write_spec
+from tests.conftest import ROOT, run_conveyor, write_spec
 
 
 @dataclass
@@ -68,3 +71,15 @@ def canary_pipeline(tmp_path_factory) -> PipelineRun:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         outputs.append(result.stdout)
     return PipelineRun(spec, directory / "workspace", "\n".join(outputs), "")
+
+
+@pytest.fixture(scope="session")
+def tf_serving_models(tmp_path_factory) -> dict[str, Path]:
+    """TF Serving's test models, written by our generator in a child process (the Keras model built under
+    MirroredStrategy needs two virtual CPUs configured before TensorFlow starts)."""
+    root = tmp_path_factory.mktemp("tf-serving-models")
+    result = subprocess.run([sys.executable, "-m", "tests.tf_serving_models", str(root)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {path.name: path for path in root.iterdir() if not path.name.startswith(".")}

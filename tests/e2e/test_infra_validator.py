@@ -9,6 +9,7 @@ from tfx.types import standard_artifacts
 
 from conveyor_ml.components.infra_validator import executor
 from conveyor_ml.data.datasets import init_data
+from tests import tf_serving_models as models
 from tests.artifacts import examples_from_span, output
 
 pytestmark = pytest.mark.slow
@@ -30,6 +31,17 @@ def test_a_good_model_is_blessed(tmp_path, trained_export):
     assert blessing.get_int_custom_property("blessed") == 1
     assert (Path(blessing.uri) / executor.BLESSED_FILE).exists()
     assert blessing.get_int_custom_property("requests") == 3
+    assert blessing.get_string_custom_property("mode") == executor.PREDICT
+
+
+@pytest.mark.parametrize("name", [models.HALF_PLUS_TWO, models.KERAS_SEQUENTIAL])
+def test_a_model_tf_serving_would_serve_is_blessed(tmp_path, tf_serving_models, name):
+    """TF Serving's own test models: a TF1 graph whose input is looser than its signature, a Keras model.
+    Not image classifiers, so validated as TFX does without requests: loaded, metadata over REST and gRPC."""
+    blessing = validate(tmp_path, tf_serving_models[name] / models.VERSION)
+    assert blessing.get_int_custom_property("blessed") == 1, blessing.get_string_custom_property("reason")
+    assert blessing.get_string_custom_property("mode") == executor.LOAD_ONLY
+    assert blessing.get_int_custom_property("requests") == 0
 
 
 def test_a_model_the_server_cannot_load_is_not_blessed(tmp_path, trained_export):

@@ -135,7 +135,9 @@ def test_classify_over_rest_and_regress_error(server, reference, digits_eval):
     assert best == [str(c) for c in reference(images=tf.constant(images))["class_ids"].numpy()]
     regress = post(server, "/v1/models/mnist:regress", {"examples": examples})
     assert regress.status_code == 400
-    assert "Expected regression signature method_name to be tensorflow/serving/regress" in regress.json()["error"]
+    # TF Serving's default (no method-name check): serving_default is refused for not being shaped like a
+    # regression signature (three outputs).
+    assert regress.json()["error"] == "Expected one output Tensor."
 
 
 @pytest.mark.parametrize("path, body, status, message", [
@@ -144,13 +146,14 @@ def test_classify_over_rest_and_regress_error(server, reference, digits_eval):
     ("/v1/models/mnist/labels/beta:predict", {"instances": [[1.0]]}, 400, "Unrecognized servable version label"),
     ("/v1/models/mnist:predict", {"signature_name": "nope", "instances": [[1.0]]}, 400,
      'Serving signature name: "nope" not found'),
-    ("/v1/models/mnist:predict", {"instances": [[1.0, 2.0]]}, 400, "has shape [1,2] but the signature expects"),
+    # TensorFlow's own reason (about the padded batch: batching is on), then the shapes this client sent.
+    ("/v1/models/mnist:predict", {"instances": [[1.0, 2.0]]}, 400, "(the model refused the inputs: images [1,2])"),
     ("/v1/models/mnist:predict", {"instances": [[["a"] * 8] * 8]}, 400, "is not of expected type: float"),
     ("/v1/models/mnist:predict", {"inputs": {"pixels": [[[0] * 8] * 8]}}, 400, "Missing named input: images"),
     ("/v1/models/mnist:predict", {"signature_name": "bytes_predictor", "instances": [{"b64": "@@@"}]}, 400,
      "Unable to base64 decode"),
     ("/v1/models/empty:predict", {"instances": [[1.0]]}, 503, "no version is loaded yet"),
-    ("/v1/models/mnist:explain", {"instances": [[1.0]]}, 404, "Malformed request"),
+    ("/v1/models/mnist:explain", {"instances": [[1.0]]}, 400, "Malformed request"),
 ])
 def test_errors_have_tf_serving_codes_and_bodies(server, path, body, status, message):
     response = post(server, path, body)
@@ -193,7 +196,7 @@ def test_grpc_predict_by_version_and_label(stub, reference, digits_eval):
     (lambda r: setattr(r.model_spec, "name", "nope"), grpc.StatusCode.NOT_FOUND),
     (lambda r: r.model_spec.version.__setattr__("value", 9), grpc.StatusCode.NOT_FOUND),
     (lambda r: setattr(r.model_spec, "version_label", "beta"), grpc.StatusCode.INVALID_ARGUMENT),
-    (lambda r: setattr(r.model_spec, "signature_name", "nope"), grpc.StatusCode.INVALID_ARGUMENT),
+    (lambda r: setattr(r.model_spec, "signature_name", "nope"), grpc.StatusCode.FAILED_PRECONDITION),
     (lambda r: r.inputs["images"].CopyFrom(tf.make_tensor_proto(np.zeros((2, 3), np.float32))),
      grpc.StatusCode.INVALID_ARGUMENT),
     (lambda r: setattr(r.model_spec, "name", "empty"), grpc.StatusCode.UNAVAILABLE),
@@ -260,10 +263,13 @@ def test_prometheus_metrics_count_requests_and_batches(server):
     assert ':tensorflow:serving:request_latency_bucket{API="predict",entrypoint="REST"' in text
 
 
-def test_readiness_waits_for_every_model(server):
+def test_readiness_waits_for_every_model(server, base):
     assert requests.get(f"{server.rest_url}/healthz", timeout=10).status_code == 200
     ready = requests.get(f"{server.rest_url}/readyz", timeout=10)
-    assert ready.status_code == 503 and ready.json() == {"ready": False}  # "empty" has no version
+    assert ready.status_code == 503  # "empty" has no version, and says why
+    assert ready.json() == {"ready": False, "waiting": {"empty": (
+        f"No versions of servable empty found under base path {base}/empty. Did you forget to name "
+        "your leaf directory as a number (eg. '/1/')?")}}
 
 
 def test_reload_config_over_grpc(stub, base, server):

@@ -51,6 +51,12 @@ def test_two_runs_leave_stable_and_canary(canary_pipeline):
     traffic = json.loads((serving_dir / "traffic.json").read_text())
     assert traffic["models"]["mnist"] == {"stable": 90, "canary": 10}
     assert "pushed version 2 of mnist as canary (10% of unversioned traffic)" in canary_pipeline.stdout
+    # The one release state: both pushes committed, and each confirmed in ML Metadata by the end of its run.
+    state = json.loads((serving_dir / "release_state.json").read_text())
+    assert state["models"]["mnist"] == {"labels": {"canary": 2, "stable": 1}, "weights": {"canary": 10, "stable": 90},
+                                        "history": [1]}
+    assert state["unrecorded"] == [] and not (serving_dir / "release_history.json").exists()
+    assert "repaired" not in canary_pipeline.stdout  # nothing was interrupted, so nothing needed repair
 
 
 def test_canary_share_of_unversioned_traffic(serving):
@@ -82,7 +88,7 @@ def test_invalid_release_requests_change_nothing(canary_pipeline):
     for args, message in ((("promote", "nope"), "unknown model 'nope'"),
                           (("rollback", "mnist", "--to", "9"), "version 9 is not on disk"),
                           (("rollback", "mnist"), "no previous stable version"),
-                          (("promote", "mnist", "--weight", "0"), "--weight must be between 1 and 100")):
+                          (("promote", "mnist", "--weight", "0"), "argument --weight: must be between 1 and 100")):
         result = run_conveyor(*args, "--spec", canary_pipeline.spec)
         assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
     assert before == {name: (serving_dir / name).read_bytes() for name in before}

@@ -59,6 +59,7 @@ class FaultyProxy:
         self.target_port = target_port
         self.rules: list[list] = []
         self.failed = 0
+        self.paths: list[tuple[str, str]] = []  # (method, path) of every request, in order
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
@@ -97,6 +98,7 @@ class FaultyProxy:
             def _forward(self):
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                proxy.paths.append((self.command, self.path.split("?")[0]))
                 rule = proxy._matching_rule(self.command, self.path)
                 if rule:
                     proxy.failed += 1

@@ -41,6 +41,9 @@ class FakeVertexState:
     operations: dict = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
+    hang_on: str | None = None  # a request whose path contains this is held, then failed without effect
+
+
 
 
 class VertexError(Exception):
@@ -56,6 +59,8 @@ class FakeVertexAI:
         self.ids = itertools.count(1001)
         self.lock = threading.Lock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.hung = threading.Event()  # set when a request matching hang_on arrived
+        self.released = threading.Event()
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
@@ -72,6 +77,15 @@ class FakeVertexAI:
 
     def fail(self, path_contains: str, status: int, times: int | None = None) -> None:
         self.state.failures.append(Failure(path_contains, status, times))
+
+    def hang(self, path_contains: str) -> None:
+        """Hold the next matching request until `release()`, then fail it with 503 without acting on it:
+        a client killed meanwhile never learns what became of it (nor does anything happen)."""
+        self.state.hang_on = path_contains
+
+    def release(self) -> None:
+        self.state.hang_on = None
+        self.released.set()
 
     def calls(self, contains: str = "") -> list[Recorded]:
         return [r for r in self.state.requests if contains in r.path]
@@ -96,6 +110,13 @@ class FakeVertexAI:
                 body = json.loads(raw) if raw else {}
                 parts = urlsplit(self.path)
                 record = Recorded(method, unquote(parts.path), body)
+                if fake.state.hang_on and fake.state.hang_on in record.path:
+                    fake.hung.set()
+                    fake.released.wait(timeout=120)
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 with fake.lock:
                     fake.state.requests.append(record)
                     try:

@@ -34,3 +34,23 @@ def test_compile_keeps_every_component_its_dependencies_and_parameters(tmp_path)
 def test_compile_refuses_a_non_json_output(tmp_path):
     result = run_conveyor("compile", write_spec(tmp_path), "-o", tmp_path / "pipeline.yaml")
     assert result.returncode == 2 and "name a .json file" in result.stderr
+
+
+def test_dataflow_workers_must_run_the_pipelines_image(tmp_path):
+    from tests.conftest import ROOT
+
+    spec = write_spec(tmp_path, base=ROOT / "pipelines" / "mnist-dataflow.yaml",
+                      extends=str(ROOT / "pipelines" / "mnist.yaml"))
+    output = tmp_path / "pipeline.json"
+    result = run_conveyor("compile", spec, "--target", "vertex", "-o", output)
+    assert result.returncode == 0, result.stderr
+    job = json.loads(output.read_text())
+    images = {e["container"]["image"] for e in job["pipelineSpec"]["deploymentSpec"]["executors"].values()
+              if "container" in e}
+    assert images == {"europe-docker.pkg.dev/my-project/conveyor/conveyor:0.1.0"}
+    assert "--sdk_container_image=europe-docker.pkg.dev/my-project/conveyor/conveyor:0.1.0" in output.read_text()
+
+    mismatch = write_spec(tmp_path, base=spec, name="other.yaml", **{"kubeflow.image": "gcr.io/p/other:2"})
+    refused = run_conveyor("compile", mismatch, "--target", "vertex", "-o", output)
+    assert refused.returncode == 2
+    assert "differs from kubeflow.image gcr.io/p/other:2" in refused.stderr

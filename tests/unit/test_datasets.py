@@ -8,11 +8,12 @@ import pytest
 
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.data import datasets
+from conveyor_ml.formats.examples import read_tfrecords
 from tests.conftest import ROOT
 
 
 def read_split(span_path, split):
-    return datasets.read_tfrecords([str(p) for p in sorted((span_path / split).iterdir())], (8, 8))
+    return read_tfrecords([str(p) for p in sorted((span_path / split).iterdir())], (8, 8))
 
 
 def test_embedded_digits_are_real_scaled_digits():
@@ -26,13 +27,21 @@ def test_init_writes_span_one_with_a_deterministic_split(tmp_path):
     latest, written = datasets.init_data("sklearn-digits", None, (8, 8), tmp_path / "a", 0.2)
     assert (latest, written) == (1, True)
     manifest = datasets.read_manifest(tmp_path / "a", 1)
-    assert manifest["examples"] == {"eval": 100, "train": 400}
-    assert sum(manifest["label_counts"]) == datasets.EMBEDDED_INITIAL_EXAMPLES == 500
+    assert sum(manifest["examples"].values()) == datasets.EMBEDDED_INITIAL_EXAMPLES == 500
+    assert 0.17 < manifest["examples"]["eval"] / datasets.EMBEDDED_INITIAL_EXAMPLES < 0.23  # eval_fraction 0.2
+    assert sum(manifest["label_counts"]) == datasets.EMBEDDED_INITIAL_EXAMPLES
+    assert manifest["encoding"]["feature"] == "image_raw"
 
     train = read_split(tmp_path / "a" / "span-1", "train")
     evaluation = read_split(tmp_path / "a" / "span-1", "eval")
-    assert len(train) == 400 and len(evaluation) == 100
+    assert (len(train), len(evaluation)) == (manifest["examples"]["train"], manifest["examples"]["eval"])
     assert train.images.max() <= 255.0 and train.images.shape[1:] == (8, 8)
+    # Every example is one of the first 1,200 digits, with its label, pixels rounded to 8 bits.
+    digits = datasets.embedded_digits().take(np.arange(datasets.EMBEDDED_INITIAL_EXAMPLES))
+    originals = {np.rint(image).astype(np.uint8).tobytes(): label for image, label in zip(digits.images, digits.labels)}
+    for image, label in zip(np.concatenate([train.images, evaluation.images]),
+                            np.concatenate([train.labels, evaluation.labels])):
+        assert originals[image.astype(np.uint8).tobytes()] == label
 
     datasets.init_data("sklearn-digits", None, (8, 8), tmp_path / "b", 0.2)
     again = read_split(tmp_path / "b" / "span-1", "eval")
@@ -46,8 +55,9 @@ def test_embedded_spans_carve_every_digit_once_then_refuse(tmp_path):
         datasets.add_span(tmp_path, image_shape=(8, 8), eval_fraction=0.2)
     ranges = [datasets.read_manifest(tmp_path, span)["embedded_range"] for span in range(1, 7)]
     assert ranges == [[0, 500], [500, 750], [750, 1000], [1000, 1250], [1250, 1500], [1500, 1797]]
-    assert [datasets.read_manifest(tmp_path, span)["examples"]["train"] for span in range(1, 7)] == \
-        [400, 200, 200, 200, 200, 238]
+    counts = [datasets.read_manifest(tmp_path, span)["examples"] for span in range(1, 7)]
+    assert [c["train"] + c["eval"] for c in counts] == [500, 250, 250, 250, 250, 297]
+    assert all(0.1 < c["eval"] / (c["train"] + c["eval"]) < 0.3 for c in counts)  # eval_fraction 0.2, by hash
     with pytest.raises(ConveyorError, match="the embedded digits are used up: spans 1-6 hold all 1,797"):
         datasets.add_span(tmp_path, image_shape=(8, 8), eval_fraction=0.2)
     assert datasets.span_numbers(tmp_path) == [1, 2, 3, 4, 5, 6]
@@ -120,4 +130,18 @@ def test_missing_files_are_user_errors(source, path, message):
 def test_manifest_records_provenance(tmp_path):
     datasets.init_data("csv", str(ROOT / "tests/fixtures/digits_6x6.csv"), (6, 6), tmp_path, 0.25)
     manifest = json.loads((tmp_path / "span-1" / "span.json").read_text())
-    assert manifest["source"] == "csv" and manifest["examples"] == {"eval": 100, "train": 300}
+    assert manifest["source"] == "csv" and manifest["path"].endswith("digits_6x6.csv")
+    assert sum(manifest["examples"].values()) == 400 and manifest["image_shape"] == [6, 6]
+
+
+@pytest.mark.parametrize("fraction", [0.05, 0.5, 0.95])
+def test_imbalance_makes_the_class_that_share_at_any_fraction(fraction):
+    from conveyor_ml.data.datasets import embedded_digits, shifted
+
+    data = embedded_digits().take(np.arange(1200, 1500))  # span 2's held-back chunk, class 3 about 10%
+    result = shifted(data, imbalance=(3, fraction), seed=2)
+    share = float(np.mean(result.labels == 3))
+    assert abs(share - fraction) < 0.01, share
+    assert 250 <= len(result) <= len(data)  # a small share drops some of the others instead of failing
+    others = result.images[result.labels != 3].reshape(-1, 64)
+    assert len(np.unique(others, axis=0)) == len(others)  # the other classes are never repeated

@@ -207,15 +207,32 @@ def test_traffic_rules_for_push_promotion_and_rollback():
         [("1", "stable", 100, "live"), ("2", "", 0, "retired")]
 
 
-def test_rollback_on_vertex_drops_the_canary_and_records_it(emulator, vertex, tiny_model_artifact, tmp_path):
-    from conveyor_ml.operations.release_commands import ROLLBACK, change_vertex_release
+def gcp_spec(emulator, vertex, tmp_path):
     from tests.conftest import write_spec
 
     gcp_section = {"project": "test-project", "region": "europe-west4", "bucket": BUCKET, "prefix": "models",
                    "model_display_name": "digits", "retry_seconds": 3, "storage_endpoint": emulator.url,
                    "vertex_endpoint": vertex.url}
-    spec = load_spec(write_spec(tmp_path, **{"components.gcp_pusher": gcp_section}))
+    path = write_spec(tmp_path, **{"components.gcp_pusher": gcp_section})
+    spec = load_spec(path)
     spec.workspace.mkdir()
+    return path, spec
+
+
+def endpoint_rows(vertex) -> set[tuple[str, int]]:
+    """(version, traffic) of every model deployed on the fake's endpoint: the truth to compare records with."""
+    endpoint = vertex.endpoint("digits-endpoint")
+    return {(d["modelVersionId"], endpoint["trafficSplit"].get(d["id"], 0)) for d in endpoint["deployedModels"]}
+
+
+def recorded_rows(rows) -> set[tuple[str, int]]:
+    return {(str(r["version"]), r["traffic_percent"]) for r in rows if r["release_state"] != "retired"}
+
+
+def test_rollback_on_vertex_drops_the_canary_and_records_it(emulator, vertex, tiny_model_artifact, tmp_path):
+    from conveyor_ml.operations.release_commands import ROLLBACK, change_vertex_release
+
+    _, spec = gcp_spec(emulator, vertex, tmp_path)
     push(tiny_model_artifact, spec.components.gcp_pusher, tmp_path / "one")
     push(tiny_model_artifact, spec.components.gcp_pusher, tmp_path / "two")
     rows = change_vertex_release(spec, "digits", ROLLBACK, reason="canary errors")
@@ -228,3 +245,100 @@ def test_rollback_on_vertex_drops_the_canary_and_records_it(emulator, vertex, ti
     assert props(snapshot.execution)["reason"] == "canary errors"
     with pytest.raises(ConveyorError, match="unknown model 'mnist' on Google Cloud"):
         change_vertex_release(spec, "mnist", ROLLBACK)
+
+
+def test_a_push_whose_undeploy_fails_records_what_the_endpoint_holds(emulator, vertex, tiny_model_artifact, tmp_path,
+                                                                      caplog):
+    caplog.set_level("INFO", logger="conveyor_ml.components.gcp_pusher")
+    spec = settings(emulator, vertex)
+    push(tiny_model_artifact, spec, tmp_path / "one")
+    push(tiny_model_artifact, spec, tmp_path / "two")
+    vertex.fail(":undeployModel", 400)  # the old canary cannot go: the new one is deployed all the same
+    pushed, rows = push(tiny_model_artifact, spec, tmp_path / "three")
+    assert "WARNING: deployed, but the clean-up after it failed" in caplog.text
+    assert "undeployModel" in pushed.get_string_custom_property("incomplete")
+    assert endpoint_rows(vertex) == {("1", 90), ("2", 0), ("3", 10)}
+    assert recorded_rows(rows) == endpoint_rows(vertex)
+    assert {(r["version"], r["release_state"]) for r in rows} == {("1", "live"), ("2", "idle"), ("3", "canary")}
+
+    vertex.state.failures.clear()  # the next push undeploys what this one left
+    _, rows = push(tiny_model_artifact, spec, tmp_path / "four")
+    assert endpoint_rows(vertex) == {("1", 90), ("4", 10)} == recorded_rows(rows)
+
+
+def test_a_push_whose_alias_move_fails_still_records_the_deployment(emulator, vertex, tiny_model_artifact, tmp_path):
+    spec = settings(emulator, vertex)
+    push(tiny_model_artifact, spec, tmp_path / "one")
+    vertex.fail(":mergeVersionAliases", 403)
+    pushed, rows = push(tiny_model_artifact, spec, tmp_path / "two")
+    assert "MergeVersionAliases" in pushed.get_string_custom_property("incomplete")
+    assert recorded_rows(rows) == endpoint_rows(vertex) == {("1", 90), ("2", 10)}
+
+
+def test_a_promotion_failing_part_way_records_the_endpoint_as_it_is(emulator, vertex, tiny_model_artifact, tmp_path):
+    from conveyor_ml.operations.release_commands import PROMOTE, change_vertex_release
+
+    _, spec = gcp_spec(emulator, vertex, tmp_path)
+    push(tiny_model_artifact, spec.components.gcp_pusher, tmp_path / "one")
+    push(tiny_model_artifact, spec.components.gcp_pusher, tmp_path / "two")
+    vertex.fail(":undeployModel", 400)  # traffic moves to the canary; the old stable cannot be undeployed
+    with pytest.raises(ConveyorError, match="went part of the way and is recorded as the endpoint now is: "
+                                            "version 2 100%, version 1 0%") as error:
+        change_vertex_release(spec, "digits", PROMOTE, reason="looks good")
+    assert "\n" not in str(error.value)
+    assert endpoint_rows(vertex) == {("2", 100), ("1", 0)}
+    [snapshot] = deployment_snapshots(metadata.open_store(spec.metadata), "digits", target="vertex")
+    assert snapshot.execution.last_known_state == snapshot.execution.FAILED
+    assert "undeployModel" in props(snapshot.execution)["error"]
+    assert {(props(a)["version"], props(a)["traffic_percent"], props(a)["release_state"])
+            for a in snapshot.deployments} == {("2", 100, "live"), ("1", 0, "idle")}
+
+
+def test_a_vertex_promotion_killed_after_moving_traffic_is_recorded_by_the_next_command(
+        emulator, vertex, tiny_model_artifact, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, run_conveyor
+
+    path, spec = gcp_spec(emulator, vertex, tmp_path)
+    push(tiny_model_artifact, spec.components.gcp_pusher, tmp_path / "one")
+    push(tiny_model_artifact, spec.components.gcp_pusher, tmp_path / "two")
+    vertex.hang(":undeployModel")  # the traffic has moved when the undeploy arrives: kill the command there
+    command = subprocess.Popen([sys.executable, "-m", "conveyor_ml.cli", "promote", "digits", "--target", "gcp",
+                                "--spec", str(path)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        assert vertex.hung.wait(timeout=120)
+    finally:
+        os.kill(command.pid, signal.SIGKILL)
+        command.wait()
+        vertex.release()
+    assert endpoint_rows(vertex) == {("2", 100), ("1", 0)}
+    store = metadata.open_store(spec.metadata)
+    assert deployment_snapshots(store, "digits", target="vertex") == []  # the traffic moved, nothing recorded yet
+
+    result = run_conveyor("promote", "digits", "--target", "gcp", "--weight", "50", "--spec", path)
+    assert result.returncode == 0, result.stderr
+    [repaired] = [line for line in result.stderr.splitlines() if line.startswith("conveyor: repaired:")]
+    assert "conveyor.Promote of digits on Vertex AI" in repaired and "recorded the endpoint as it is now" in repaired
+    killed, promoted = deployment_snapshots(metadata.open_store(spec.metadata), "digits", target="vertex")
+    assert killed.kind == promoted.kind == "conveyor.Promote" and "repaired" in props(killed.execution)
+    assert {(props(a)["version"], props(a)["traffic_percent"]) for a in killed.deployments} == {("2", 100), ("1", 0)}
+    assert {(props(a)["version"], props(a)["traffic_percent"]) for a in promoted.deployments} == \
+        endpoint_rows(vertex) == {("2", 50), ("1", 50)}
+
+
+def test_cloud_storage_needs_object_permissions_only(emulator, vertex, tiny_model_artifact, tmp_path):
+    """roles/storage.objectAdmin (what the README grants) has no storage.buckets.get: a push reads no bucket
+    metadata, and a 403 names the object permission the call needed."""
+    with FaultyProxy(emulator.port) as proxy:
+        push(tiny_model_artifact, settings(emulator, vertex, storage_endpoint=proxy.url, prefix="perm"), tmp_path / "a")
+        assert proxy.paths and not [p for m, p in proxy.paths if m == "GET" and p.rstrip("/").endswith(f"/b/{BUCKET}")]
+        proxy.fail("POST", "upload", 403)
+        proxy.fail("PUT", "upload", 403)
+        with pytest.raises(ConveyorError, match=r"the account lacks storage\.objects\.create on gs://conveyor-models"):
+            push(tiny_model_artifact, settings(emulator, vertex, storage_endpoint=proxy.url, prefix="perm2"),
+                 tmp_path / "b")

@@ -1,5 +1,6 @@
 """Rendered production manifests: Kubernetes objects valid against the Kubernetes schemas (shipped offline by
 kubernetes-validate), Istio objects checked on the fields that route traffic, compose wired to TF Serving."""
+import stat
 from pathlib import Path
 
 import kubernetes_validate
@@ -37,8 +38,11 @@ def test_k8s_objects_are_valid_and_route_by_the_traffic_file(canary_release, tmp
     zones = [c for c in stable["topologySpreadConstraints"] if c["topologyKey"] == "topology.kubernetes.io/zone"]
     assert zones and zones[0]["maxSkew"] == 1
     container = stable["containers"][0]
-    assert container["readinessProbe"]["httpGet"]["path"] == "/v1/models/mnist/versions/1"
+    for probe in ("startupProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/v1/models/mnist/versions/1", "port": 8501}
+    assert container["livenessProbe"]["grpc"] == {"port": 8500}
     assert "--enable_batching" in container["args"]
+    assert "--enable_grpc_healthcheck_service=true" in container["args"]  # what the gRPC liveness probe calls
 
     config_maps = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
     canary_config = text_format.Parse(config_maps["mnist-canary-config"]["data"]["models.config"],
@@ -75,6 +79,8 @@ def test_compose_runs_tf_serving_on_the_same_files(canary_release, tmp_path):
     server_config = config.read_model_server_config(tmp_path / "compose" / "models.config")
     assert server_config.model_config_list.config[0].base_path == "/models/mnist"
     assert len(written) == 4
+    # TF Serving in the container runs as another user: every config file must be readable by all.
+    assert {oct(stat.S_IMODE(Path(path).stat().st_mode)) for path in written} == {"0o644"}
 
 
 def test_committed_examples_are_current():

@@ -11,8 +11,9 @@ from conveyor_ml.formats.release_state import versions_on_disk
 from conveyor_ml.formats.serving_config import BatchingOptions
 from conveyor_ml.serving.batcher import Batcher
 from conveyor_ml.serving.errors import ServingError
-from conveyor_ml.serving.servable import Servable
-from conveyor_ml.serving.version_manager import AVAILABLE, END, START, ModelVersions
+from conveyor_ml.serving.loader import load_servable
+from conveyor_ml.serving.servable import LoadOptions, SavedModelServable
+from conveyor_ml.serving.version_manager import AVAILABLE, END, START, LoadRetries, ModelVersions
 from tests.tiny_models import write_tiny_model
 
 
@@ -23,7 +24,7 @@ def tiny_export(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def servable(tiny_export):
-    return Servable("tiny", 1, tiny_export)
+    return SavedModelServable("tiny", 1, tiny_export)
 
 
 def model_config(base, **labels):
@@ -33,21 +34,40 @@ def model_config(base, **labels):
     return config
 
 
-def test_servable_runs_signatures_and_checks_inputs(servable):
+def test_servable_runs_signatures_and_checks_input_names(servable):
     out = servable.predict("", {"x": np.ones((2, 3), np.float32)})
     np.testing.assert_array_equal(out["y"], np.full((2, 3), 2.0))
-    out = servable.predict("add", {"a": np.array([1.0]), "b": np.array([2.0])}, output_filter=("sum",))
+    out = servable.predict("add", {"a": np.array([1.0], np.float32), "b": np.array([2.0], np.float32)}, output_filter=("sum",))
     assert list(out) == ["sum"] and out["sum"].tolist() == [3.0]
     with pytest.raises(ServingError, match='Serving signature name: "nope" not found'):
         servable.predict("nope", {"x": np.ones((1, 3))})
     with pytest.raises(ServingError, match=r"Missing but required: \{b\}"):
-        servable.predict("add", {"a": np.array([1.0])})
-    with pytest.raises(ServingError, match=r"input 'x' has shape \[2,4\] but the signature expects \[-1,3\]"):
-        servable.predict("", {"x": np.ones((2, 4), np.float32)})
+        servable.predict("add", {"a": np.array([1.0], np.float32)})
+    # As in TF Serving, shapes are the graph's business, not the signature's: x * 2 takes any shape...
+    np.testing.assert_array_equal(servable.predict("", {"x": np.ones((2, 4), np.float32)})["y"], np.full((2, 4), 2.0))
+    # ...and what the graph cannot take is refused with TensorFlow's reason.
+    with pytest.raises(ServingError, match=r"Incompatible shapes: \[2\] vs. \[3\]") as refused:
+        servable.predict("add", {"a": np.ones(2, np.float32), "b": np.ones(3, np.float32)})
+    assert refused.value.http_status == 400
+    assert refused.value.for_request({"a": np.ones(2), "b": np.ones(3)}).message.endswith(
+        "(the model refused the inputs: a [2], b [3])")
+    with pytest.raises(ServingError, match=r"input 'x' is DT_DOUBLE but the model's tensor serving_default_x:0 takes "
+                                           r"DT_FLOAT"):
+        servable.predict("", {"x": np.ones((1, 3), np.float64)})
     with pytest.raises(ServingError, match="output tensor alias not found"):
-        servable.predict("add", {"a": np.array([1.0]), "b": np.array([2.0])}, output_filter=("product",))
-    with pytest.raises(ServingError, match="Expected classification signature method_name"):
+        servable.predict("add", {"a": np.array([1.0], np.float32), "b": np.array([2.0], np.float32)}, output_filter=("product",))
+    # TF Serving's default: no method-name check, but Classify needs a signature shaped like a classifier.
+    with pytest.raises(ServingError, match="No classification inputs found in SignatureDef"):
         servable.classify("", [b""])
+
+
+def test_signature_method_name_check_when_enabled(tiny_export):
+    checked = SavedModelServable("tiny", 1, tiny_export, LoadOptions(signature_method_name_check=True))
+    with pytest.raises(ServingError, match="Expected classification signature method_name to be "
+                                           "tensorflow/serving/classify. Was: tensorflow/serving/predict"):
+        checked.classify("", [b""])
+    with pytest.raises(ServingError, match="Expected regression signature method_name"):
+        checked.regress("", [b""])
 
 
 def test_versions_on_disk_ignore_temporary_and_files(tmp_path):
@@ -187,3 +207,28 @@ def test_batcher_refuses_work_past_max_enqueued_batches(servable):
         assert set(outcomes) <= {"ok", "UNAVAILABLE"}
     finally:
         batcher.stop()
+
+
+def test_a_failed_load_is_retried_as_configured(tmp_path, tiny_export):
+    base = tmp_path / "tiny"
+    shutil.copytree(tiny_export, base / "1")
+    shutil.rmtree(base / "1" / "variables")  # fails on every attempt
+    attempts = []
+
+    def counting_loader(name, version, path):
+        attempts.append(version)
+        return load_servable(name, version, path)
+
+    model = ModelVersions(model_config(base), loader=counting_loader, retries=LoadRetries(2, 0.0))
+    model.poll()
+    assert attempts == [1, 1, 1]  # the first attempt and two retries
+    assert model.statuses(1)[0].state == END and "failed" in model.statuses(1)[0].error
+
+
+def test_a_model_with_nothing_to_load_says_why(tmp_path):
+    missing = ModelVersions(model_config(tmp_path / "absent"))
+    missing.poll()
+    assert missing.waiting_reason == f"Could not find base path {tmp_path / 'absent'} for servable tiny"
+    (tmp_path / "absent").mkdir()
+    missing.poll()
+    assert missing.waiting_reason.startswith("No versions of servable tiny found under base path")

@@ -8,6 +8,7 @@ from conveyor_ml.operations.monitor import _quantile, prediction_drift, traffic_
 from conveyor_ml.serving.errors import ServingError
 from conveyor_ml.serving.metrics import ServingMetrics
 from conveyor_ml.serving.model_quality import ModelQuality
+from tests.conftest import ROOT
 
 
 def test_histogram_quantiles_interpolate_like_prometheus():
@@ -24,7 +25,7 @@ def test_traffic_figures_from_two_scrapes():
              ("conveyor_requests_total", labels + (("status", "INVALID_ARGUMENT"),)): 10.0}
     figures = traffic_figures(before, after, 2.0, "m")
     [row] = figures["versions"]
-    assert row["qps"] == 20.0 and row["error_rate"] == 0.25
+    assert row.qps == 20.0 and row.error_rate == 0.25
 
 
 def test_prediction_drift_flags_a_skewed_stream_only():
@@ -44,3 +45,25 @@ def test_feedback_accuracy_on_a_known_sequence():
     assert quality.snapshot("m")["3"]["class_histogram"][1:5] == [1, 1, 1, 1]
     with pytest.raises(ServingError):
         quality.feedback("m", [{"prediction_id": ids[0], "labels": "one"}])
+
+
+def test_schema_rules_use_the_serving_environment(tmp_path):
+    from conveyor_ml.serving.model_quality import rules_from_schema
+
+    rules = rules_from_schema(ROOT / "schemas" / "mnist" / "schema.pbtxt")
+    assert [r.feature for r in rules.features] == ["image"]  # the label is not in SERVING
+    assert rules.num_classes == 10  # from the label's int domain 0..9
+    assert rules.rule_for("images", inputs=1).feature == "image"  # the one serving feature, by elimination
+    assert rules.rule_for("images", inputs=2) is None and rules.rule_for("image", inputs=2).feature == "image"
+
+
+def test_input_checks_count_per_feature_and_skip_empty_batches():
+    metrics = ServingMetrics()
+    quality = ModelQuality(metrics, schema_file=str(ROOT / "schemas" / "mnist" / "schema.pbtxt"))
+    quality.check_inputs("m", {"images": np.zeros((0, 8, 8), np.float32)})  # nothing to check, no error
+    quality.check_inputs("m", {"images": np.full((2, 8, 8), 300.0, np.float32)})
+    quality.check_inputs("m", {"images": np.zeros((1, 6, 6), np.float32)})
+    exposition = metrics.exposition().decode()
+    assert 'conveyor_input_anomalies_total{feature="image",kind="above_max",model="m"} 1.0' in exposition
+    assert 'conveyor_input_anomalies_total{feature="image",kind="shape",model="m"} 1.0' in exposition
+    assert quality.empty_version()["class_histogram"] == [0] * 10

@@ -18,12 +18,12 @@ from tests.conftest import ROOT
 
 def test_committed_schema_is_the_one_the_model_generates():
     committed = json.loads((ROOT / "schemas" / "pipeline.schema.json").read_text())
-    assert committed == pipeline_schema(), "run `make spec-reference`"
+    assert committed == pipeline_schema(), "run `make reference`"
 
 
 def test_readme_table_is_the_one_the_model_generates():
     readme = (ROOT / "README.md").read_text()
-    assert spec_reference.readme_with_table(readme) == readme, "run `make spec-reference`"
+    assert spec_reference.readme_with_table(readme) == readme, "run `make reference`"
 
 
 def test_readme_table_shows_each_default_of_the_model():

@@ -94,3 +94,31 @@ def test_anomalies_marked_unblessed_stop_training(trainer_inputs, tmp_path):
     inputs["example_anomalies"] = [anomalies]
     with pytest.raises(ConveyorError, match=r"data anomalies in span 1 \(split train\): image: Unexpectedly high"):
         executor.Executor().Do(inputs, outputs, properties())
+
+
+def test_training_leaves_no_temporary_directory_behind(monkeypatch, tmp_path):
+    import tempfile
+
+    from conveyor_ml.base.spec import TrainerSettings
+    from conveyor_ml.components.trainer.training import TrainingJob
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where run_training's job files go
+    job = TrainingJob(train_files=[str(tmp_path / "missing.tfrecord.gz")], eval_files=[str(tmp_path / "missing")],
+                      image_shape=(8, 8), serving_model_dir=str(tmp_path / "model"), log_dir=str(tmp_path / "logs"),
+                      facts_path="", settings=TrainerSettings(train_steps=1))
+    with pytest.raises((ConveyorError, RuntimeError)):
+        executor.run_training(job)  # the child fails on the missing data, after the job files were written
+    assert list(scratch.iterdir()) == []
+
+
+def test_splits_are_cached_only_within_the_memory_budget():
+    from conveyor_ml.components.trainer.training import cache_plan
+
+    # 28x28 examples take ~824 bytes each: 600,000 of them ~470 MiB, 100,000 ~79 MiB.
+    assert cache_plan(600_000, 100_000, (28, 28), 512) == (True, False)  # eval does not fit what is left
+    assert cache_plan(600_000, 100_000, (28, 28), 600) == (True, True)
+    assert cache_plan(800_000, 100_000, (28, 28), 512) == (False, True)  # train too large, eval still fits
+    assert cache_plan(None, 100, (8, 8), 512) == (False, True)  # an unknown size is streamed
+    assert cache_plan(1000, 1000, (8, 8), 0) == (False, False)

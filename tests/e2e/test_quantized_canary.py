@@ -1,0 +1,128 @@
+"""The quantized canary: the pipeline's pushed int8 TFLite variant released as the canary version beside the
+float SavedModel, served by `conveyor serve` with the float model's API, compared live by `conveyor monitor`."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+import requests
+
+from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.base.server_process import ServerProcess
+from conveyor_ml.formats import release_state as releases
+from conveyor_ml.operations.quantized_canary import release_variant_canary
+from tests.conftest import run_conveyor
+
+pytestmark = pytest.mark.slow
+CANARY_WEIGHT = 50
+
+
+@pytest.fixture(scope="module")
+def serving(default_pipeline_run, tmp_path_factory):
+    """A copy of the pipeline's serving base path (version 1 stable, with its tflite/ variants)."""
+    base = tmp_path_factory.mktemp("canary") / "serving"
+    shutil.copytree(default_pipeline_run.workspace / "serving", base)
+    return base
+
+
+@pytest.fixture(scope="module")
+def released(serving):
+    before, after = release_variant_canary(serving, "mnist", "int8", weight=CANARY_WEIGHT)
+    return before, after
+
+
+@pytest.fixture(scope="module")
+def server(serving, released):
+    with ServerProcess("--model_config_file", str(serving / "models.config"), "--prefer_tflite_model",
+                       "--tflite_float_io", "--enable_prometheus") as process:
+        process.wait_available("mnist", version=released[1].labels["canary"])
+        process.wait_available("mnist", version=released[1].labels["stable"])
+        yield process
+
+
+def test_the_variant_becomes_a_tflite_version_labelled_canary(serving, released):
+    before, after = released
+    canary = after.labels["canary"]
+    assert before.labels == {"stable": 1} and after.labels == {"stable": 1, "canary": canary}
+    assert canary == 2 and after.weights == {"stable": 100 - CANARY_WEIGHT, "canary": CANARY_WEIGHT}
+    version_dir = serving / "mnist" / str(canary)
+    assert sorted(p.name for p in version_dir.iterdir()) == ["model.tflite"]
+    assert (version_dir / "model.tflite").read_bytes() == (serving / "mnist" / "1" / "tflite" / "int8.tflite").read_bytes()
+    assert releases.read_release(serving, "mnist").labels == after.labels  # what the server and TF Serving read
+
+
+def test_a_second_canary_or_a_missing_variant_is_refused(serving, released):
+    with pytest.raises(ConveyorError, match="already has a canary"):
+        release_variant_canary(serving, "mnist", "float16")
+    fresh = serving.parent / "fresh"
+    shutil.copytree(serving, fresh, ignore=shutil.ignore_patterns("2"))
+    releases.write_release(releases.ModelRelease("mnist", fresh, labels={"stable": 1}, weights={"stable": 100}))
+    with pytest.raises(ConveyorError, match=r"has no int4 variant \(pushed variants: float32, float16, "
+                                            r"dynamic_range, int8\)"):
+        release_variant_canary(fresh, "mnist", "int4")
+
+
+def test_the_int8_version_answers_the_float_api_like_the_float_model(server, released, digits_eval):
+    images = digits_eval.images[:32]
+    answers = {}
+    for label in ("stable", "canary"):
+        response = requests.post(f"{server.rest_url}/v1/models/mnist/labels/{label}:predict",
+                                 json={"instances": images.tolist()}, timeout=30)
+        assert response.status_code == 200, response.text
+        assert response.headers["X-Model-Version"] == str(released[1].labels[label])
+        answers[label] = response.json()["predictions"]
+    metadata = requests.get(f"{server.rest_url}/v1/models/mnist/labels/canary/metadata", timeout=10).json()
+    signature = metadata["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert signature["inputs"]["images"]["dtype"] == "DT_FLOAT"  # int8 inside, float outside
+    float_classes = [p["class_ids"] for p in answers["stable"]]
+    int8_classes = [p["class_ids"] for p in answers["canary"]]
+    assert np.mean(np.equal(float_classes, int8_classes)) >= 0.9
+    probabilities = np.array([p["probabilities"] for p in answers["canary"]])
+    assert probabilities.dtype == np.float64 and np.allclose(probabilities.sum(axis=1), 1.0, atol=0.05)
+
+
+def test_unversioned_traffic_is_split_and_monitor_compares_both_versions(server, released, digits_eval,
+                                                                         default_pipeline_run):
+    images, labels = digits_eval.images, digits_eval.labels
+    served, feedback = Counter(), []
+    for index in range(60):
+        response = requests.post(f"{server.rest_url}/v1/models/mnist:predict",
+                                 json={"instances": images[index:index + 1].tolist()}, timeout=30)
+        assert response.status_code == 200, response.text
+        served[response.headers["X-Model-Version"]] += 1
+        feedback.append({"prediction_id": response.headers["X-Prediction-Id"], "labels": [int(labels[index])]})
+    stable, canary = str(released[1].labels["stable"]), str(released[1].labels["canary"])
+    assert served[stable] >= 10 and served[canary] >= 10  # 50/50 over 60 requests
+    accepted = requests.post(f"{server.rest_url}/v1/models/mnist/feedback", json={"feedback": feedback}, timeout=30)
+    assert accepted.status_code == 200 and accepted.json()["accepted"] == 60
+
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            requests.post(f"{server.rest_url}/v1/models/mnist:predict", json={"instances": images[:1].tolist()},
+                          timeout=30)
+
+    worker = threading.Thread(target=load)
+    worker.start()
+    try:
+        result = run_conveyor("monitor", "mnist", "--url", server.rest_url, "--spec", default_pipeline_run.spec,
+                              "--once", "--format", "json", "--interval", "1.5")
+    finally:
+        stop.set()
+        worker.join()
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    rows = {row["version"]: row for row in report["versions"] if row["model"] == "mnist"}
+    assert {stable, canary} <= set(rows)
+    for version in (stable, canary):
+        assert rows[version]["qps"] > 0 and rows[version]["error_rate"] == 0 and rows[version]["p50_ms"] > 0
+    quality = report["quality"]["mnist"]["versions"]
+    assert quality[canary]["labels"] == ["canary"] and quality[stable]["labels"] == ["stable"]
+    for version in (stable, canary):
+        assert quality[version]["feedback"]["count"] == served[version]
+        assert quality[version]["feedback"]["accuracy"] >= 0.8

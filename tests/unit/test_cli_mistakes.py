@@ -1,0 +1,151 @@
+"""Every command-line mistake we know of costs one line naming the flag or file, exit status 2, nothing
+written, and a moment: the real `conveyor` in a child process, in a directory whose every file is compared
+before and after, with its own peak memory read from the kernel (wait4).
+
+Set CONVEYOR_RELIABILITY_REPORT_CLI to a file to get each case's seconds and peak memory as JSON."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, write_spec
+
+FIGURES: dict = {}
+
+
+def _nested(levels: int) -> str:
+    return "name: nested\ndata: " + "[" * levels + "]" * levels + "\n"
+
+
+def _alias_bomb() -> str:
+    """Nine levels of nine aliases (9^9 = 387 million strings once expanded) in a typed field, 1.4 KB."""
+    lines = ['lol: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    return "\n".join(lines) + "\nname: bomb\ncomponents:\n  trainer:\n    train_steps: *a8\n"
+
+
+# (name, files to create {relative path: text or None for a directory}, argv, what the one line must name)
+CASES = [
+    ("yaml nested 20k levels", {"deep.yaml": _nested(20_000)}, ["validate", "deep.yaml"],
+     ["deep.yaml:2:", "nested deeper than 64 levels"]),
+    ("yaml nested 100k levels", {"deep.yaml": _nested(100_000)}, ["run", "deep.yaml"],
+     ["deep.yaml:2:", "nested deeper than 64 levels"]),
+    ("yaml nested 5k block levels", {"deep.yaml": "name: x\n" + "".join(" " * i + f"k{i}:\n" for i in range(700))},
+     ["validate", "deep.yaml"], ["deep.yaml:", "nested deeper than 64 levels"]),
+    ("yaml alias bomb in a typed field", {"bomb.yaml": _alias_bomb()}, ["validate", "bomb.yaml"],
+     ["bomb.yaml:", "with its aliases (*name) expanded, has more than 100000 nodes"]),
+    ("yaml recursive alias", {"cycle.yaml": "name: &a [*a]\n"}, ["validate", "cycle.yaml"], ["cycle.yaml:1:", "cycle"]),
+    ("50 MB spec", {"big.yaml": "name: big\n#" + "x" * (50 * 1024 * 1024) + "\n"}, ["validate", "big.yaml"],
+     ["big.yaml", "too large for a pipeline spec"]),
+    ("directory as spec", {"specs": None}, ["validate", "specs"], ["argument spec", "specs is a directory"]),
+    ("directory as --spec", {"specs": None}, ["status", "--spec", "specs"], ["argument --spec", "is a directory"]),
+    ("imbalance fraction out of range", {}, ["data", "add-span", "--spec", "spec.yaml", "--imbalance", "3:1.5"],
+     ["argument --imbalance", "between 0 and 1"]),
+    ("imbalance class out of range", {}, ["data", "add-span", "--spec", "spec.yaml", "--imbalance", "12:0.5"],
+     ["argument --imbalance", "class must be 0..9"]),
+    ("imbalance not CLASS:FRACTION", {}, ["data", "add-span", "--spec", "spec.yaml", "--imbalance", "3"],
+     ["argument --imbalance", "CLASS:FRACTION"]),
+    ("brightness not positive", {}, ["data", "add-span", "--spec", "spec.yaml", "--brightness", "-1"],
+     ["argument --brightness", "greater than 0"]),
+    ("add-span from a missing file", {}, ["data", "add-span", "--spec", "spec.yaml", "--from", "gone.csv"],
+     ["argument --from", "gone.csv"]),
+    ("compile -o under a file", {"file.txt": "x"}, ["compile", "spec.yaml", "-o", "file.txt/pipeline.json"],
+     ["argument -o/--output", "file.txt is not a directory"]),
+    ("compile -o where nothing can be written", {}, ["compile", "spec.yaml", "-o", "/proc/conveyor/pipeline.json"],
+     ["argument -o/--output", "/proc"]),
+    ("compile -o not json", {}, ["compile", "spec.yaml", "-o", "pipeline.yaml"], ["argument -o/--output", ".json"]),
+    ("schedule negative retries", {}, ["schedule", "spec.yaml", "--every", "1h", "--retries", "-3"],
+     ["argument --retries", "at least 0"]),
+    ("schedule zero max runs", {}, ["schedule", "spec.yaml", "--every", "1h", "--max-runs", "0"],
+     ["argument --max-runs", "at least 1"]),
+    ("schedule bad interval", {}, ["schedule", "spec.yaml", "--every", "0s"], ["argument --every", "duration"]),
+    ("schedule bad poll", {}, ["schedule", "spec.yaml", "--on-new-data", "--poll", "soon"], ["argument --poll"]),
+    ("runs negative limit", {}, ["runs", "--spec", "spec.yaml", "--limit", "-5"], ["argument --limit", "at least 1"]),
+    ("promote weight 0", {}, ["promote", "mnist", "--spec", "spec.yaml", "--weight", "0"],
+     ["argument --weight", "between 1 and 100"]),
+    ("promote weight 101", {}, ["promote", "mnist", "--spec", "spec.yaml", "--weight", "101"], ["argument --weight"]),
+    ("rollback to version 0", {}, ["rollback", "mnist", "--spec", "spec.yaml", "--to", "0"],
+     ["argument --to", "at least 1"]),
+    ("rollback to a word", {}, ["rollback", "mnist", "--spec", "spec.yaml", "--to", "last"],
+     ["argument --to", "whole number"]),
+    ("status url not http", {}, ["status", "--spec", "spec.yaml", "--url", "localhost:8501"], ["argument --url"]),
+    ("monitor interval 0", {}, ["monitor", "--once", "--interval", "0"], ["argument --interval", "greater than 0"]),
+    ("monitor drift threshold 2", {}, ["monitor", "--once", "--drift-threshold", "2"],
+     ["argument --drift-threshold", "at most 1"]),
+    ("lineage version -1", {}, ["lineage", "--spec", "spec.yaml", "--version", "-1"], ["argument --version"]),
+    ("models -o a directory", {"out": None}, ["models", "--spec", "spec.yaml", "-o", "out"],
+     ["argument -o/--output", "out is a directory"]),
+    ("deploy render -o a file", {"file.txt": "x"}, ["deploy", "render", "--target", "k8s", "--spec", "spec.yaml",
+                                                     "-o", "file.txt"], ["argument -o/--output", "is a file"]),
+    ("damaged release state", {"workspace/serving/release_state.json": "{\"format\": 1, \"models\": ",
+                               "workspace/serving/.conveyor.lock": ""},
+     ["status", "--spec", "spec.yaml"], ["release_state.json", "not valid JSON", "restore it from a backup"]),
+    ("damaged release history", {"workspace/serving/release_history.json": "{\"mnist\": [1, ",
+                                 "workspace/serving/models.config": "model_config_list {}\n",
+                                 "workspace/serving/.conveyor.lock": ""},
+     ["status", "--spec", "spec.yaml"], ["release_history.json", "not a valid release history"]),
+]
+
+
+def _tree(root: Path) -> dict[str, tuple]:
+    return {str(p.relative_to(root)): (p.is_dir(), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}
+
+
+# A small Python starts the command and reports its rusage: a child forked straight from pytest would
+# inherit pytest's own peak resident size (Linux carries it across fork and exec).
+LAUNCHER = """
+import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, "-m", "conveyor_ml.cli", *sys.argv[2:]])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as report:
+    json.dump([os.waitstatus_to_exitcode(status), usage.ru_maxrss], report)
+"""
+
+
+def _run_measured(argv: list[str], cwd: Path, report: Path) -> tuple[int, str, str, float, float]:
+    """(exit status, stdout, stderr, seconds, peak resident MiB) of `conveyor argv` in `cwd`."""
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", LAUNCHER, str(report), *argv], cwd=cwd, capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)})
+    seconds = time.monotonic() - started
+    code, peak_kib = json.loads(report.read_text())
+    assert result.returncode == 0, result.stderr
+    return code, result.stdout, result.stderr, seconds, peak_kib / 1024
+
+
+@pytest.mark.parametrize("name, files, argv, named", CASES, ids=[case[0] for case in CASES])
+def test_a_cli_mistake_is_one_line_exit_2_nothing_written_at_once(tmp_path, name, files, argv, named):
+    write_spec(tmp_path)
+    for relative, text in files.items():
+        path = tmp_path / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if text is None:
+            path.mkdir()
+        else:
+            path.write_text(text)
+    before = _tree(tmp_path)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        code, stdout, stderr, seconds, peak_mib = _run_measured(argv, tmp_path, Path(scratch) / "rusage.json")
+
+    lines = stderr.strip().splitlines()
+    assert code == 2, (code, stderr[-2000:])
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert all(part in lines[0] for part in named), lines[0]
+    assert stdout == ""
+    assert _tree(tmp_path) == before, "the command wrote something"
+    # Bounds the failures of the past stay far from (53 s and 5.5 GB for the alias bomb, 55 s for 50 MB).
+    assert seconds < 20 and peak_mib < 600, (seconds, peak_mib)
+    FIGURES[name] = {"seconds": round(seconds, 2), "peak_mib": round(peak_mib), "message": lines[0]}
+    if os.environ.get("CONVEYOR_RELIABILITY_REPORT_CLI"):
+        Path(os.environ["CONVEYOR_RELIABILITY_REPORT_CLI"]).write_text(json.dumps(FIGURES, indent=2))

@@ -1,0 +1,56 @@
+"""YAML within bounds: what a spec needs still loads (anchors, aliases, merge keys); what only an accident or
+an attacker writes is refused by name, in a moment (the CLI cases: tests/unit/test_cli_mistakes.py)."""
+from __future__ import annotations
+
+import pytest
+
+from conveyor_ml.base import yaml_loading
+from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.base.spec import load_spec
+from tests.conftest import write_spec
+
+
+def test_anchors_aliases_and_merge_keys_still_load(tmp_path):
+    text = ("defaults: &defaults {batch_size: 32, learning_rate: 0.01}\n"
+            "trainer: {<<: *defaults, train_steps: 50}\n"
+            "list: [*defaults, *defaults]\n")
+    document = yaml_loading.load_yaml_text(text, "inline")
+    assert document["trainer"] == {"batch_size": 32, "learning_rate": 0.01, "train_steps": 50}
+    assert document["list"] == [{"batch_size": 32, "learning_rate": 0.01}] * 2
+
+
+def test_the_project_specs_load_unchanged(tmp_path):
+    spec = load_spec(write_spec(tmp_path))
+    assert spec.name and spec.components.trainer is not None
+
+
+def test_nesting_at_the_limit_loads_and_one_more_level_is_refused():
+    at_limit = "[" * (yaml_loading.MAX_DEPTH - 1) + "]" * (yaml_loading.MAX_DEPTH - 1)
+    assert yaml_loading.load_yaml_text(f"a: {at_limit}", "ok") is not None
+    beyond = "[" * yaml_loading.MAX_DEPTH + "]" * yaml_loading.MAX_DEPTH
+    with pytest.raises(ConveyorError, match=r"^deep:1:\d+: YAML nested deeper than 64 levels"):
+        yaml_loading.load_yaml_text(f"a: {beyond}", "deep")
+
+
+def test_a_chain_of_aliases_is_measured_expanded():
+    # Each level is shallow and small; expanded, the last one is 70 levels deep.
+    lines = ["l0: &l0 [x]"] + [f"l{i}: &l{i} [[[[[[[[[[*l{i - 1}]]]]]]]]]]" for i in range(1, 8)]
+    with pytest.raises(ConveyorError, match="expanded, nests deeper than 64 levels"):
+        yaml_loading.load_yaml_text("\n".join(lines), "chain")
+
+
+def test_a_wide_alias_fan_out_is_refused_before_it_is_built():
+    lines = ['a0: &a0 [x, x, x, x, x, x, x, x, x, x]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 6)]
+    with pytest.raises(ConveyorError, match=r"^fan:5:\d+: this YAML, with its aliases .* has more than 100000 nodes"):
+        yaml_loading.load_yaml_text("\n".join(lines), "fan")
+    assert yaml_loading.load_yaml_text("\n".join(lines[:4]), "fan")["a3"][0][0][0] == ["x"] * 10  # 10^4: fine
+
+
+def test_files_larger_than_the_limit_are_refused_without_reading_them_whole(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("name: x\n" + "#" * yaml_loading.MAX_FILE_BYTES)
+    with pytest.raises(ConveyorError, match="big.yaml: larger than 1024 KiB"):
+        yaml_loading.load_yaml_file(path)
+    with pytest.raises(ConveyorError, match="is a directory"):
+        yaml_loading.load_yaml_file(tmp_path)
