@@ -23,7 +23,9 @@ Only the discordant cells say anything about which model is better. The question
 Intervals are two-sided at 1 − 2·alpha, i.e. each bound is a one-sided 1 − alpha bound: with alpha 0.05, a
 90 % interval whose upper end is the test's decision boundary.
 
-The rule (`decide`): a candidate is rejected when it is below min_accuracy, or when it is worse than the
+The rule (`decide`): a candidate is rejected when it is below min_accuracy, when its comparison rests on
+fewer eval examples than `min_eval_examples` (1 / max_accuracy_drop by default: an eval set on which one example
+weighs more than the tolerated drop cannot tell; "not enough evidence"), or when it is worse than the
 baseline with evidence — p < alpha — AND by more than max_accuracy_drop (a significant but negligible drop is
 tolerated). A lower accuracy that is not significant is blessed and says so: in continuous training the
 candidate saw the baseline's data and more, and a gate that flips on a handful of images is noise.
@@ -182,9 +184,18 @@ def _points(value: float) -> str:
     return f"{value * 100:+.1f}"
 
 
+def required_eval_examples(max_accuracy_drop: float, min_eval_examples: int | None) -> int:
+    """The fewest eval examples a comparison may rest on: as set, else 1 / max_accuracy_drop, so that one example
+    weighs no more than the tolerated drop (on 60 examples one is 1.7 points, more than a 1-point tolerance)."""
+    if min_eval_examples is not None:
+        return min_eval_examples
+    return math.ceil(round(1 / max_accuracy_drop, 9)) if max_accuracy_drop > 0 else 0
+
+
 def decide(table: PairedTable, comparison: Comparison | None, *, min_accuracy: float, max_accuracy_drop: float,
-           alpha: float, baseline: str = "the baseline") -> Decision:
-    """The blessing and its one-line reason. `comparison` is None when there is no baseline."""
+           alpha: float, baseline: str = "the baseline", min_eval_examples: int = 0) -> Decision:
+    """The blessing and its one-line reason. `comparison` is None when there is no baseline; with one, an eval
+    set of fewer than `min_eval_examples` is not evidence either way, and the candidate is not blessed."""
     n = table.examples
     accuracy = table.candidate_accuracy
     low, high = accuracy_interval(table.both + table.candidate_only, n, alpha)
@@ -197,6 +208,11 @@ def decide(table: PairedTable, comparison: Comparison | None, *, min_accuracy: f
     versus = (f"{accuracy:.4f} vs {table.baseline_accuracy:.4f} for {baseline} on the same {n} examples "
               f"({_points(table.difference)} points, {level} interval {_points(comparison.interval[0])} to "
               f"{_points(comparison.interval[1])}; {comparison.test} p={comparison.p_value:.3g}")
+    if n < min_eval_examples:
+        return Decision(False, f"not enough evidence: {n} eval examples, fewer than the {min_eval_examples} a "
+                               f"comparison needs (one example is {100 / n:.1f} points, max_accuracy_drop "
+                               f"{max_accuracy_drop:g}); widen data.window_spans or set evaluator.golden_span: "
+                               f"{versus})")
     significant = comparison.p_value < alpha
     drop = -table.difference
     if significant and drop > max_accuracy_drop:

@@ -23,6 +23,7 @@ from conveyor_ml.components.evaluator.comparison import (
     accuracy_interval,
     compare,
     decide,
+    required_eval_examples,
 )
 from conveyor_ml.components.parameters import settings_from
 
@@ -85,9 +86,12 @@ def evidence(table: PairedTable, settings: EvaluatorSettings, has_baseline: bool
             "accuracy_difference": table.difference, "difference_interval_low": comparison.interval[0],
             "difference_interval_high": comparison.interval[1], "candidate_only_correct": table.candidate_only,
             "baseline_only_correct": table.baseline_only})
+    required = required_eval_examples(settings.max_accuracy_drop, settings.min_eval_examples)
+    if has_baseline:
+        values["min_eval_examples"] = required
     decision = decide(table, comparison, min_accuracy=settings.min_accuracy,
                       max_accuracy_drop=settings.max_accuracy_drop, alpha=alpha,
-                      baseline=f"baseline model #{baseline_id}")
+                      baseline=f"baseline model #{baseline_id}", min_eval_examples=required)
     values.update({"decision": "blessed" if decision.blessed else "rejected", "reason": decision.reason})
     return values
 

@@ -135,6 +135,10 @@ class EvaluatorSettings:
     golden_span: int | None = option(
         None, doc="Score every candidate and its baseline on this span's eval split, a fixed held-out set.",
         default_text="the eval splits of every span in the training window", **POSITIVE)
+    min_eval_examples: int | None = option(
+        None, doc="Fewest eval examples a comparison with the baseline may rest on; on fewer, the candidate is not "
+                  "blessed for lack of evidence (one example would weigh more than max_accuracy_drop).",
+        default_text="1 / max_accuracy_drop (100)", minimum=0)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from conveyor_ml.operations.records import (
 EVIDENCE_KEYS = ("decision", "eval_examples", "eval_spans", "candidate_accuracy", "accuracy_interval_low",
                  "accuracy_interval_high", "interval_level", "comparison_test", "p_value", "baseline_accuracy",
                  "accuracy_difference", "difference_interval_low", "difference_interval_high")
-EVALUATION_PARAMETERS = ("max_accuracy_drop", "alpha", "test", "golden_span")
+EVALUATION_PARAMETERS = ("max_accuracy_drop", "alpha", "test", "golden_span", "min_eval_examples")
 RELEASE_FIELDS = ("target", "version", "label", "traffic_percent", "release_state", "endpoint")
 
 

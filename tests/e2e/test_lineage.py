@@ -110,7 +110,7 @@ def test_lineage_of_the_stable_version_holds_the_whole_chain(promoted):
     assert chain["evaluation"]["baseline_model_id"] == raw_model_of_version(store, "1")
     evaluation = chain["evaluation"]
     assert evaluation["thresholds"] == {"min_accuracy": 0.9, "max_accuracy_drop": 0.01, "alpha": 0.05,
-                                        "test": "mcnemar"}
+                                        "test": "mcnemar", "min_eval_examples": 50}
     # Candidate and baseline were scored on the same examples: span 1's eval split, as its manifest counts it.
     manifest = json.loads((workspace / "data" / "span-1" / "span.json").read_text())
     assert evaluation["eval_examples"] == manifest["examples"]["eval"] and evaluation["eval_spans"] == "1"

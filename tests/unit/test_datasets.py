@@ -36,7 +36,7 @@ def test_init_writes_span_one_with_a_deterministic_split(tmp_path):
     evaluation = read_split(tmp_path / "a" / "span-1", "eval")
     assert (len(train), len(evaluation)) == (manifest["examples"]["train"], manifest["examples"]["eval"])
     assert train.images.max() <= 255.0 and train.images.shape[1:] == (8, 8)
-    # Every example is one of the first 1,200 digits, with its label, pixels rounded to 8 bits.
+    # Every example is one of the first EMBEDDED_INITIAL_EXAMPLES digits, with its label, pixels rounded to 8 bits.
     digits = datasets.embedded_digits().take(np.arange(datasets.EMBEDDED_INITIAL_EXAMPLES))
     originals = {np.rint(image).astype(np.uint8).tobytes(): label for image, label in zip(digits.images, digits.labels)}
     for image, label in zip(np.concatenate([train.images, evaluation.images]),
@@ -138,7 +138,7 @@ def test_manifest_records_provenance(tmp_path):
 def test_imbalance_makes_the_class_that_share_at_any_fraction(fraction):
     from conveyor_ml.data.datasets import embedded_digits, shifted
 
-    data = embedded_digits().take(np.arange(1200, 1500))  # span 2's held-back chunk, class 3 about 10%
+    data = embedded_digits().take(np.arange(1200, 1500))  # 300 of the digits, class 3 about 10%
     result = shifted(data, imbalance=(3, fraction), seed=2)
     share = float(np.mean(result.labels == 3))
     assert abs(share - fraction) < 0.01, share

@@ -141,3 +141,45 @@ def test_unknown_test_and_empty_eval_sets_are_refused():
         comparison.compare(PairedTable(1, 0, 0, 0), "ttest", 0.05)
     with pytest.raises(ValueError, match="no eval examples"):
         comparison.compare(PairedTable(0, 0, 0, 0), "mcnemar", 0.05)
+
+
+@pytest.mark.parametrize("max_accuracy_drop, configured, expected", [
+    (0.01, None, 100),   # one example may weigh at most one point
+    (0.02, None, 50),
+    (0.003, None, 334),
+    (0.0, None, 0),      # no tolerance: the test alone decides
+    (0.01, 30, 30),      # as configured
+])
+def test_the_eval_set_a_comparison_needs_follows_the_tolerance(max_accuracy_drop, configured, expected):
+    assert comparison.required_eval_examples(max_accuracy_drop, configured) == expected
+
+
+@pytest.mark.parametrize("table", [
+    PairedTable(both=55, candidate_only=1, baseline_only=2, neither=2),   # one image worse on 60
+    PairedTable(both=55, candidate_only=3, baseline_only=0, neither=2),   # three images better on 60
+])
+def test_a_comparison_on_too_few_examples_is_not_blessed_and_says_it_lacks_evidence(table):
+    decision = decide(table, min_eval_examples=100)
+    assert not decision.blessed
+    assert decision.reason.startswith("not enough evidence: 60 eval examples, fewer than the 100 a comparison needs "
+                                      "(one example is 1.7 points, max_accuracy_drop 0.01)")
+    assert "for model #7 on the same 60 examples" in decision.reason and decision.reason.endswith(")")
+    assert decide(table, min_eval_examples=60).blessed  # 60 examples are enough for whoever says so
+
+
+def test_the_evidence_recorded_on_the_evaluation_names_the_test_its_p_value_and_the_eval_set():
+    from conveyor_ml.base.spec import EvaluatorSettings
+    from conveyor_ml.components.evaluator.executor import evidence
+
+    table = PairedTable(both=55, candidate_only=1, baseline_only=2, neither=2)
+    values = evidence(table, EvaluatorSettings(), True, 7, [1, 2])
+    assert values["decision"] == "rejected" and values["reason"].startswith("not enough evidence: 60 eval examples")
+    assert (values["eval_examples"], values["eval_spans"], values["min_eval_examples"]) == (60, "1,2", 100)
+    assert values["comparison_test"] == "McNemar exact, one-sided"
+    assert values["p_value"] == pytest.approx(stats.binomtest(2, 3, 0.5, alternative="greater").pvalue)
+    assert (values["candidate_only_correct"], values["baseline_only_correct"]) == (1, 2)
+    # The same table on a golden set of 60 the user accepts: no evidence it is worse, blessed.
+    accepted = evidence(table, EvaluatorSettings(min_eval_examples=50), True, 7, [1])
+    assert accepted["decision"] == "blessed" and accepted["reason"].startswith("no evidence it is worse")
+    first = evidence(table, EvaluatorSettings(), False, None, [1])
+    assert first["decision"] == "blessed" and "p_value" not in first and "min_eval_examples" not in first

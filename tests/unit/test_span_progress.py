@@ -38,17 +38,27 @@ class Store:
         for key, value in values.items():
             if isinstance(value, int):
                 artifact.custom_properties[key].int_value = value
+            elif isinstance(value, float):
+                artifact.custom_properties[key].double_value = value
             else:
                 artifact.custom_properties[key].string_value = value
         [artifact_id] = self.store.put_artifacts([artifact])
         return artifact_id
 
+    def _node_context(self, node: str) -> int:
+        """TFX's node context: one per node ("<pipeline>.<node id>"), shared by every run."""
+        type_id = self._type("context", "node")
+        existing = self.store.get_context_by_type_and_name("node", f"mnist.{node}")
+        if existing is not None:
+            return existing.id
+        [context_id] = self.store.put_contexts([pb.Context(type_id=type_id, name=f"mnist.{node}")])
+        return context_id
+
     def run(self, run_id: str, *steps) -> None:
         """steps: (node, state, {input key: [artifact ids]}, {output key: [artifact ids]})."""
         [run] = self.store.put_contexts([pb.Context(type_id=self._type("context", "pipeline_run"), name=run_id)])
         for node, state, inputs, outputs in steps:
-            [node_context] = self.store.put_contexts([pb.Context(type_id=self._type("context", "node"),
-                                                                 name=f"mnist.{node}.{run_id}")])
+            node_context = self._node_context(node)
             execution = pb.Execution(type_id=self._type("execution", node), last_known_state=state)
             events = []
             for kind, keyed in ((pb.Event.INPUT, inputs), (pb.Event.OUTPUT, outputs)):
