@@ -9,6 +9,7 @@ from ml_metadata.proto import metadata_store_pb2 as pb
 
 from conveyor_ml.base.spec import load_spec
 from conveyor_ml.metadata.index import MetadataIndex
+from conveyor_ml.pipelines.runner import spans_to_import
 from conveyor_ml.pipelines.scheduler import Scheduler
 from tests.conftest import write_spec
 
@@ -45,20 +46,21 @@ class Store:
         [artifact_id] = self.store.put_artifacts([artifact])
         return artifact_id
 
-    def _node_context(self, node: str) -> int:
-        """TFX's node context: one per node ("<pipeline>.<node id>"), shared by every run."""
-        type_id = self._type("context", "node")
-        existing = self.store.get_context_by_type_and_name("node", f"mnist.{node}")
+    def _context(self, kind: str, name: str) -> int:
+        """One context per (kind, name), shared by every run: TFX's pipeline ("mnist") and node ("mnist.<node
+        id>") contexts."""
+        type_id = self._type("context", kind)
+        existing = self.store.get_context_by_type_and_name(kind, name)
         if existing is not None:
             return existing.id
-        [context_id] = self.store.put_contexts([pb.Context(type_id=type_id, name=f"mnist.{node}")])
+        [context_id] = self.store.put_contexts([pb.Context(type_id=type_id, name=name)])
         return context_id
 
     def run(self, run_id: str, *steps) -> None:
         """steps: (node, state, {input key: [artifact ids]}, {output key: [artifact ids]})."""
         [run] = self.store.put_contexts([pb.Context(type_id=self._type("context", "pipeline_run"), name=run_id)])
         for node, state, inputs, outputs in steps:
-            node_context = self._node_context(node)
+            contexts = (run, self._context("node", f"mnist.{node}"), self._context("pipeline", "mnist"))
             execution = pb.Execution(type_id=self._type("execution", node), last_known_state=state)
             events = []
             for kind, keyed in ((pb.Event.INPUT, inputs), (pb.Event.OUTPUT, outputs)):
@@ -72,7 +74,8 @@ class Store:
                 event.execution_id = execution_id
             self.store.put_events(events)
             self.store.put_attributions_and_associations(
-                [], [pb.Association(context_id=c, execution_id=execution_id) for c in (run, node_context)])
+                [pb.Attribution(context_id=c, artifact_id=e.artifact_id) for c in contexts for e in events],
+                [pb.Association(context_id=c, execution_id=execution_id) for c in contexts])
 
 
 def history(directory) -> Store:
@@ -122,3 +125,19 @@ def test_the_scheduler_finds_every_span_no_successful_run_consumed(tmp_path):
     # 3 (its run failed), 5 (its run was killed) and 6 (never run) are pending; 4 was settled by the drift gate.
     assert scheduler.pending_spans() == [3, 5, 6]
     assert scheduler.blocked(4) and not scheduler.blocked(5)
+
+
+def test_a_run_first_imports_the_older_spans_its_window_needs_that_no_run_imported(tmp_path):
+    history(tmp_path / "workspace")  # spans 1-5 imported
+    for span in range(1, 10):  # 6, 7 and 8 landed together with 9
+        (tmp_path / "workspace" / "data" / f"span-{span}").mkdir(parents=True)
+        (tmp_path / "workspace" / "data" / f"span-{span}" / "span.json").write_text(json.dumps({"span": span}))
+    assert spans_to_import(load_spec(write_spec(tmp_path)), 9) == [6, 7, 8]
+    assert spans_to_import(load_spec(write_spec(tmp_path, **{"data.window_spans": 2})), 9) == [8]
+    assert spans_to_import(load_spec(write_spec(tmp_path, **{"data.window_spans": 1})), 9) == []
+    assert spans_to_import(load_spec(write_spec(tmp_path, **{"data.window_spans": 1,
+                                                              "components.evaluator.golden_span": 7})), 9) == [7]
+    assert spans_to_import(load_spec(write_spec(tmp_path, **{"components.trainer": None, "components.evaluator": None,
+                                                              "components.quantizer": None,
+                                                              "components.infra_validator": None,
+                                                              "components.serving_pusher": None})), 9) == []
