@@ -25,6 +25,7 @@ from conveyor_ml.base.spec import PipelineSpec
 from conveyor_ml.formats.spans import span_numbers
 from conveyor_ml.metadata import store as metadata
 from conveyor_ml.metadata.index import MetadataIndex
+from conveyor_ml.pipelines.run_lock import RunLock
 
 
 def cron_line(spec_file: Path, every: float | None, cron: str | None, project: Path, workspace: Path) -> str:
@@ -99,6 +100,11 @@ class Scheduler:
         consumed, blocked = (index.consumed_through(), index.blocked_spans()) if index else (0, set())
         return [span for span in span_numbers(self.spec.data_root) if span > consumed and span not in blocked]
 
+    def run_in_progress(self) -> dict | None:
+        """The holder of the run lock ({pid, started}) while a run of this pipeline is in progress, else None: a
+        run the scheduler started before it was killed goes on, and what it consumes is not run again."""
+        return RunLock(self.spec.workspace).live_holder()
+
     def blocked(self, span: int) -> bool:
         index = self._index()
         return index is not None and span in index.blocked_spans()
@@ -159,6 +165,7 @@ class Scheduler:
         try:
             # Spans this process has triggered a run for (whatever its outcome): not triggered again.
             handled_through = 0
+            waiting = False  # on another process's run (logged once)
             next_tick = time.monotonic() + self.every if self.every else None
             modes = ", ".join(filter(None, [f"every {self.every:g}s" if self.every else "",
                                             "on new data" if self.on_new_data else ""]))
@@ -180,6 +187,15 @@ class Scheduler:
                 if reason is None:
                     self._sleep(self.poll)
                     continue
+                holder = self.run_in_progress()
+                if holder is not None:  # e.g. the run of a scheduler that was killed: wait, then look again
+                    if not waiting:
+                        self.log(f"a run of this pipeline is in progress (pid {holder.get('pid', '?')}, started "
+                                 f"{holder.get('started', '?')}): waiting for it before acting on: {reason}")
+                    waiting = True
+                    self._sleep(self.poll)
+                    continue
+                waiting = False
                 self.trigger(reason)
                 handled_through = max(handled_through, through)
                 if next_tick is not None:

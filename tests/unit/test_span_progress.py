@@ -141,3 +141,47 @@ def test_a_run_first_imports_the_older_spans_its_window_needs_that_no_run_import
                                                               "components.quantizer": None,
                                                               "components.infra_validator": None,
                                                               "components.serving_pusher": None})), 9) == []
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from conveyor_ml.pipelines.run_lock import RunLock
+RunLock(Path(sys.argv[1])).acquire()
+print("holding", flush=True)
+time.sleep(600)
+"""
+
+
+def test_the_scheduler_waits_for_a_run_in_progress_instead_of_starting_another(tmp_path):
+    """A run a killed scheduler started goes on; the restarted scheduler waits for it (once logged), starts
+    nothing meanwhile, and never takes the lock itself to find out."""
+    import subprocess
+    import sys
+    import threading
+
+    spec = load_spec(write_spec(tmp_path))
+    history(spec.workspace)
+    (spec.data_root / "span-6").mkdir(parents=True)
+    (spec.data_root / "span-6" / "span.json").write_text(json.dumps({"span": 6}))
+    scheduler = Scheduler(spec, tmp_path / "spec.yaml", every=None, on_new_data=True, max_runs=1, retries=0,
+                          backoff=1, poll=0.2)
+    assert scheduler.run_in_progress() is None
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(spec.workspace)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        assert scheduler.run_in_progress()["pid"] == holder.pid
+        stop = threading.Timer(2.0, lambda: setattr(scheduler, "stopping", True))
+        stop.start()
+        scheduler.loop()
+        stop.join()
+        assert holder.poll() is None  # the holder was left alone
+    finally:
+        holder.kill()
+        holder.wait()
+    log = (spec.workspace / ".conveyor" / "schedule.log").read_text().splitlines()
+    assert scheduler.runs_started == 0 and not any("trigger" in line for line in log)
+    waiting = [line for line in log if "a run of this pipeline is in progress" in line]
+    assert len(waiting) == 1 and f"(pid {holder.pid}, started " in waiting[0]
+    assert waiting[0].endswith("waiting for it before acting on: new span 6")
+    assert scheduler.run_in_progress() is None  # its holder died: the lock is free
