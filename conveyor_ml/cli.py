@@ -210,10 +210,12 @@ def cmd_status(args) -> int:
     return 0
 
 
-def _print_vertex_rows(rows: list[dict]) -> None:
+def _print_vertex_change(args, rows: list[dict]) -> int:
+    print(f"conveyor: Vertex AI endpoint traffic{' (dry run: unchanged)' if args.dry_run else ''}:")
     for row in rows:
         print(f"  version {row['version']}: {row['label'] or row['release_state']} {row['traffic_percent']}% "
               f"(deployed model {row['deployed_model_id']})")
+    return 0
 
 
 def cmd_promote(args) -> int:
@@ -221,11 +223,8 @@ def cmd_promote(args) -> int:
     from conveyor_ml.operations.release_commands import PROMOTE, change_release, change_vertex_release
 
     if args.target == "gcp":
-        rows = change_vertex_release(load_spec(args.spec), args.model, PROMOTE, weight=args.weight, reason=args.reason,
-                                     dry_run=args.dry_run)
-        print(f"conveyor: Vertex AI endpoint traffic{' (dry run: unchanged)' if args.dry_run else ''}:")
-        _print_vertex_rows(rows)
-        return 0
+        return _print_vertex_change(args, change_vertex_release(
+            load_spec(args.spec), args.model, PROMOTE, weight=args.weight, reason=args.reason, dry_run=args.dry_run))
     release = change_release(load_spec(args.spec), args.model, PROMOTE, weight=args.weight, reason=args.reason)
     print(f"conveyor: {args.model}: labels {release.labels}, traffic {release.weights}")
     return 0
@@ -239,12 +238,22 @@ def cmd_rollback(args) -> int:
         if args.to is not None:
             raise ConveyorError("rollback --target gcp: --to is for local versions; on Vertex AI a rollback "
                                 "drops the canary (push an older model with canary_weight 100 to go further back)")
-        rows = change_vertex_release(load_spec(args.spec), args.model, ROLLBACK, reason=args.reason, dry_run=args.dry_run)
-        print(f"conveyor: Vertex AI endpoint traffic{' (dry run: unchanged)' if args.dry_run else ''}:")
-        _print_vertex_rows(rows)
-        return 0
+        return _print_vertex_change(args, change_vertex_release(
+            load_spec(args.spec), args.model, ROLLBACK, reason=args.reason, dry_run=args.dry_run))
     release = change_release(load_spec(args.spec), args.model, ROLLBACK, to_version=args.to, reason=args.reason)
     print(f"conveyor: {args.model}: stable is now version {release.labels['stable']} (100%), canary removed")
+    return 0
+
+
+def cmd_canary(args) -> int:
+    from conveyor_ml.base.spec import load_spec
+    from conveyor_ml.operations.release_commands import release_variant_canary
+
+    release = release_variant_canary(load_spec(args.spec), args.model, args.variant, weight=args.weight,
+                                     from_version=args.from_version, reason=args.reason)
+    canary, stable = release.labels["canary"], release.labels["stable"]
+    print(f"conveyor: {args.model}: version {canary} = the {args.variant} variant, canary at {args.weight}% "
+          f"(stable {stable} at {100 - args.weight}%); `conveyor monitor {args.model}` compares them")
     return 0
 
 
@@ -419,6 +428,17 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--target", choices=("local", "gcp"), default="local")
     rollback.add_argument("--dry-run", action="store_true", help="gcp: read the endpoint, print the changes, send none")
     rollback.set_defaults(handler=cmd_rollback)
+
+    canary = commands.add_parser("canary", help="release a pushed TFLite variant (e.g. int8) as the canary version")
+    canary.add_argument("model")
+    canary.add_argument("--variant", required=True,
+                        help="a variant the Quantizer blessed and the ServingPusher pushed: float16, dynamic_range, int8")
+    canary.add_argument("--weight", type=values.integer(1, 99), default=10, help="percent of traffic (default 10)")
+    canary.add_argument("--from-version", type=values.integer(minimum=1),
+                        help="the version whose variant to release (default: the stable one)")
+    canary.add_argument("--spec", default=DEFAULT_SPEC, type=values.spec_path, help=spec_help)
+    canary.add_argument("--reason", default="", help="recorded with the change in ML Metadata")
+    canary.set_defaults(handler=cmd_canary)
 
     doctor = commands.add_parser("doctor", help="check a model, its serving directory and a running server against "
                                  "the serving guide's checklist (OK / WARN / FAIL, with the fix)")

@@ -33,6 +33,8 @@ PROMOTE_EXECUTION = "conveyor.Promote"
 # The drift gate's verdict that stops a run before training (and keeps the span out of later windows).
 DRIFT_BLOCKED = "blocked"
 ROLLBACK_EXECUTION = "conveyor.Rollback"
+# A pushed TFLite variant released as the canary version (`conveyor canary`).
+VARIANT_CANARY_EXECUTION = "conveyor.VariantCanary"
 # A push the ServingPusher made whose TFX record never arrived (the run was killed): recorded on repair.
 PUSH_EXECUTION = "conveyor.Push"
 # The id of one release change, on its MLMD execution and Deployments: how a repair finds what is recorded.

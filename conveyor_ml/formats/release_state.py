@@ -336,8 +336,7 @@ def revert_change(state: ReleaseState, before: ModelRelease, change: ReleaseChan
 
 
 def retire_versions(state: ReleaseState, change: ReleaseChange) -> list[int]:
-    """Deletes the versions a change retires that no label names (any more): each is renamed to a hidden
-    name first, so no reader ever sees a numbered directory half deleted."""
+    """Deletes the versions a change retires that no label names (any more)."""
     release = state.models.get(change.model)
     if release is None:
         return []
@@ -346,12 +345,17 @@ def retire_versions(state: ReleaseState, change: ReleaseChange) -> list[int]:
     for version in change.retire:
         if version in release.labels.values() or version not in on_disk:
             continue
-        hidden = release.model_dir / f".{version}.retiring-{os.getpid()}"
-        os.rename(on_disk[version], hidden)
-        fsync_directory(release.model_dir)
-        shutil.rmtree(hidden, ignore_errors=True)
+        remove_version_directory(release.model_dir, on_disk[version])
         retired.append(version)
     return retired
+
+
+def remove_version_directory(model_dir: Path, version_dir: Path) -> None:
+    """Renamed to a hidden name first, so no reader ever sees a numbered directory half deleted."""
+    hidden = model_dir / f".{version_dir.name}.retiring-{os.getpid()}"
+    os.rename(version_dir, hidden)
+    fsync_directory(model_dir)
+    shutil.rmtree(hidden, ignore_errors=True)
 
 
 def repair_files(state: ReleaseState) -> list[str]:

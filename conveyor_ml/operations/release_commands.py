@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from conveyor_ml.base.errors import ConveyorError
-from conveyor_ml.base.names import PROMOTE_EXECUTION, ROLLBACK_EXECUTION
+from conveyor_ml.base.names import PROMOTE_EXECUTION, ROLLBACK_EXECUTION, VARIANT_CANARY_EXECUTION
 from conveyor_ml.base.spec import PipelineSpec
 from conveyor_ml.components.release_record import (
     FAILED,
@@ -30,9 +30,10 @@ from conveyor_ml.formats import release_state as releases
 from conveyor_ml.metadata import store as metadata
 from conveyor_ml.metadata.index import deployment_snapshots, pushing_runs
 from conveyor_ml.metadata.values import props
+from conveyor_ml.operations.quantized_canary import add_variant_canary
 from conveyor_ml.operations.records import ModelStatus, ServerState, StatusReport, VersionStatus
 
-PROMOTE, ROLLBACK = PROMOTE_EXECUTION, ROLLBACK_EXECUTION
+PROMOTE, ROLLBACK, VARIANT_CANARY = PROMOTE_EXECUTION, ROLLBACK_EXECUTION, VARIANT_CANARY_EXECUTION
 IN_FLIGHT_WAIT_SECONDS = 60.0
 
 
@@ -132,24 +133,54 @@ def change_release(spec: PipelineSpec, model: str, kind: str, *, weight: int | N
 
 def _change_locked(spec: PipelineSpec, state: releases.ReleaseState, model: str, kind: str, weight: int | None,
                    to_version: int | None, reason: str) -> releases.ModelRelease:
-    base = state.base_path
     release = _existing_release(state, model)
     before = release.copy()
     if kind == PROMOTE:
         releases.promote(release, weight)
     else:
         releases.rollback(release, to_version)
+    _commit_and_record(spec, state, kind, before, release, reason)
+    return release
+
+
+def _commit_and_record(spec: PipelineSpec, state: releases.ReleaseState, kind: str, before: releases.ModelRelease,
+                       release: releases.ModelRelease, reason: str) -> None:
+    """Commits `release` with the change remembered, records it in MLMD under its id, then forgets it; a
+    failed record puts the state and the served files back (a kill instead is repaired by the next command)."""
     rows = releases.snapshot(before.labels, release)
-    change = releases.ReleaseChange.new(kind, model, rows, releases.change_details(
+    change = releases.ReleaseChange.new(kind, release.name, rows, releases.change_details(
         before, release, reason=reason, user=getpass.getuser(), host=socket.gethostname()))
     releases.apply_change(state, release, change)
     try:
-        record_release_execution(spec, kind, model, "local", rows, base_path=str(base.resolve()), reason=reason,
-                                 details=change.details, change_id=change.id)
+        record_release_execution(spec, kind, release.name, "local", rows, base_path=str(state.base_path.resolve()),
+                                 reason=reason, details=change.details, change_id=change.id)
     except Exception:
         releases.revert_change(state, before, change)  # a failed record (not a crash): files follow it
         raise
     releases.forget_change(state, change.id)
+
+
+def release_variant_canary(spec: PipelineSpec, model: str, variant: str, *, weight: int = 10,
+                           from_version: int | None = None, reason: str = "",
+                           say: Callable[[str], None] = say_repair) -> releases.ModelRelease:
+    """`conveyor canary MODEL --variant V`: the pushed TFLite variant V of the stable version (or of
+    `from_version`) becomes a new version labelled canary at `weight` percent, recorded like a promotion."""
+    base = _serving_base(spec)
+    if not base.is_dir():
+        _existing_release(releases.ReleaseState(base), model)
+    with releases.locked(base):
+        state = releases.read_state(base)
+        reconcile_release_state(spec, state, say)
+        release = _existing_release(state, model)
+        before = release.copy()
+        version_dir = add_variant_canary(release, variant, weight, from_version)
+        try:
+            _commit_and_record(spec, state, VARIANT_CANARY, before, release,
+                               reason or f"{variant} variant of version {before.labels[releases.STABLE]} as canary")
+        except Exception:
+            if state.models.get(model) == before:  # reverted: the new version directory is nobody's
+                releases.remove_version_directory(release.model_dir, version_dir)
+            raise
     return release
 
 

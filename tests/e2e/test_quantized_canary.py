@@ -14,25 +14,33 @@ import requests
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.server_process import ServerProcess
 from conveyor_ml.formats import release_state as releases
-from conveyor_ml.operations.quantized_canary import release_variant_canary
-from tests.conftest import run_conveyor
+from conveyor_ml.operations.quantized_canary import add_variant_canary
+from tests.conftest import run_conveyor, write_spec
 
 pytestmark = pytest.mark.slow
 CANARY_WEIGHT = 50
 
 
 @pytest.fixture(scope="module")
-def serving(default_pipeline_run, tmp_path_factory):
-    """A copy of the pipeline's serving base path (version 1 stable, with its tflite/ variants)."""
-    base = tmp_path_factory.mktemp("canary") / "serving"
-    shutil.copytree(default_pipeline_run.workspace / "serving", base)
-    return base
+def canary_spec(default_pipeline_run, tmp_path_factory):
+    """A copy of the pipeline's workspace (version 1 stable, with its tflite/ variants) and a spec for it."""
+    directory = tmp_path_factory.mktemp("canary")
+    shutil.copytree(default_pipeline_run.workspace, directory / "workspace")
+    return write_spec(directory)
 
 
 @pytest.fixture(scope="module")
-def released(serving):
-    before, after = release_variant_canary(serving, "mnist", "int8", weight=CANARY_WEIGHT)
-    return before, after
+def serving(canary_spec):
+    return canary_spec.parent / "workspace" / "serving"
+
+
+@pytest.fixture(scope="module")
+def released(canary_spec, serving):
+    before = releases.read_release(serving, "mnist")
+    result = run_conveyor("canary", "mnist", "--variant", "int8", "--weight", CANARY_WEIGHT, "--spec", canary_spec)
+    assert result.returncode == 0, result.stderr
+    assert "canary at 50%" in result.stdout
+    return before, releases.read_release(serving, "mnist")
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +63,25 @@ def test_the_variant_becomes_a_tflite_version_labelled_canary(serving, released)
     assert releases.read_release(serving, "mnist").labels == after.labels  # what the server and TF Serving read
 
 
+def test_the_canary_is_recorded_in_ml_metadata(canary_spec, released):
+    from conveyor_ml.base.spec import load_spec
+    from conveyor_ml.metadata import store as metadata
+    from conveyor_ml.metadata.values import props
+
+    store = metadata.open_store(load_spec(canary_spec).metadata)
+    [execution] = store.get_executions_by_type("conveyor.VariantCanary")
+    assert props(execution)["model_name"] == "mnist" and "int8 variant of version 1" in props(execution)["reason"]
+
+
 def test_a_second_canary_or_a_missing_variant_is_refused(serving, released):
     with pytest.raises(ConveyorError, match="already has a canary"):
-        release_variant_canary(serving, "mnist", "float16")
-    fresh = serving.parent / "fresh"
-    shutil.copytree(serving, fresh, ignore=shutil.ignore_patterns("2"))
-    releases.write_release(releases.ModelRelease("mnist", fresh, labels={"stable": 1}, weights={"stable": 100}))
+        add_variant_canary(releases.read_release(serving, "mnist"), "float16", 10)
+    stable_only = releases.ModelRelease("mnist", serving, labels={"stable": 1}, weights={"stable": 100})
     with pytest.raises(ConveyorError, match=r"has no int4 variant \(pushed variants: float32, float16, "
                                             r"dynamic_range, int8\)"):
-        release_variant_canary(fresh, "mnist", "int4")
+        add_variant_canary(stable_only, "int4", 10)
+    assert releases.read_release(serving, "mnist").labels == released[1].labels  # nothing changed
+    assert sorted(releases.versions_on_disk(serving / "mnist")) == [1, 2]
 
 
 def test_the_int8_version_answers_the_float_api_like_the_float_model(server, released, digits_eval):
@@ -86,7 +104,7 @@ def test_the_int8_version_answers_the_float_api_like_the_float_model(server, rel
 
 
 def test_unversioned_traffic_is_split_and_monitor_compares_both_versions(server, released, digits_eval,
-                                                                         default_pipeline_run):
+                                                                         canary_spec):
     images, labels = digits_eval.images, digits_eval.labels
     served, feedback = Counter(), []
     for index in range(60):
@@ -110,7 +128,7 @@ def test_unversioned_traffic_is_split_and_monitor_compares_both_versions(server,
     worker = threading.Thread(target=load)
     worker.start()
     try:
-        result = run_conveyor("monitor", "mnist", "--url", server.rest_url, "--spec", default_pipeline_run.spec,
+        result = run_conveyor("monitor", "mnist", "--url", server.rest_url, "--spec", canary_spec,
                               "--once", "--format", "json", "--interval", "1.5")
     finally:
         stop.set()
