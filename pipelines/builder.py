@@ -5,7 +5,7 @@ from dataclasses import replace
 
 import tensorflow_model_analysis as tfma
 from tfx import v1 as tfx
-from tfx.proto import example_gen_pb2
+from tfx.proto import example_gen_pb2, range_config_pb2
 
 from conveyor_ml.base.names import (
     BASELINE_RESOLVER,
@@ -14,6 +14,7 @@ from conveyor_ml.base.names import (
     EXAMPLE_GEN,
     EXAMPLE_VALIDATOR,
     GCP_PUSHER,
+    GOLDEN_SPAN,
     INFRA_VALIDATOR,
     LABEL_KEY,
     PREVIOUS_STATISTICS,
@@ -26,11 +27,14 @@ from conveyor_ml.base.names import (
     WARM_START_RESOLVER,
 )
 from conveyor_ml.base.spec import PipelineSpec
+from conveyor_ml.components.artifacts import DataDriftReport
 from conveyor_ml.metadata.store import connection_config
 from conveyor_ml.pipelines.resolvers import (
+    GoldenSpanStrategy,
     PreviousBlessedModelStrategy,
     PreviousSpanStatisticsStrategy,
     SpanWindowStrategy,
+    WarmStartModelStrategy,
 )
 
 
@@ -41,17 +45,20 @@ def example_gen_input_config() -> example_gen_pb2.Input:
     ])
 
 
-def eval_config(min_accuracy: float, max_accuracy_drop: float) -> tfma.EvalConfig:
-    """Accuracy on the eval split must reach min_accuracy and not fall more than max_accuracy_drop below
-    the latest blessed model (the change threshold applies only once a baseline exists)."""
+def single_span(span: int) -> range_config_pb2.RangeConfig:
+    """ExampleGen pinned to one span (it otherwise takes the newest)."""
+    return range_config_pb2.RangeConfig(static_range=range_config_pb2.StaticRange(
+        start_span_number=span, end_span_number=span))
+
+
+def eval_config(min_accuracy: float) -> tfma.EvalConfig:
+    """TFMA computes accuracy (and its difference from the baseline) and checks min_accuracy; the comparison
+    with the baseline is our Evaluator's paired test, not a TFMA change threshold, which would judge a
+    difference of one image on a small eval set as a regression."""
     accuracy = tfma.MetricConfig(
         class_name="SparseCategoricalAccuracy",
         threshold=tfma.MetricThreshold(
-            value_threshold=tfma.GenericValueThreshold(lower_bound={"value": min_accuracy}),
-            change_threshold=tfma.GenericChangeThreshold(
-                direction=tfma.MetricDirection.HIGHER_IS_BETTER,
-                absolute={"value": -max_accuracy_drop}),
-        ),
+            value_threshold=tfma.GenericValueThreshold(lower_bound={"value": min_accuracy})),
     )
     return tfma.EvalConfig(
         model_specs=[tfma.ModelSpec(signature_name="serving_examples", label_key=LABEL_KEY,
@@ -61,18 +68,24 @@ def eval_config(min_accuracy: float, max_accuracy_drop: float) -> tfma.EvalConfi
     )
 
 
-def build_components(spec: PipelineSpec, portable: bool = False) -> list:
+def build_components(spec: PipelineSpec, portable: bool = False, *, span: int | None = None,
+                     data_only: bool = False) -> list:
     """The TFX components for a spec, in topological order.
 
     `portable` builds the DAG Kubeflow Pipelines v2 / Vertex AI Pipelines can run: their compiler accepts
     only TFX's two stock resolver strategies, so the baseline model and the drift baseline are "the latest
     blessed model" and "the latest statistics" before this run, the span window is the newest span, and
-    the nodes that need a local serving directory (InfraValidator, ServingPusher) are left to GcpPusher."""
+    the nodes that need a local serving directory (InfraValidator, ServingPusher) are left to GcpPusher.
+
+    `span` pins the import to one span instead of the newest; `data_only` stops after the data checks
+    (import, statistics, drift gate, validation): the runner imports spans that arrived together with a
+    newer one this way, so the newer one's run trains on them."""
     components = spec.components
     from conveyor_ml.components.example_gen.component import SpanExampleGen
 
     data_root = spec.kubeflow.data_root_uri if portable else str(spec.data_root.resolve())
-    example_gen = SpanExampleGen(input_base=data_root, input_config=example_gen_input_config())
+    example_gen = SpanExampleGen(input_base=data_root, input_config=example_gen_input_config(),
+                                 range_config=single_span(span) if span is not None else None)
     example_gen = example_gen.with_id(EXAMPLE_GEN)
     schema_gen = tfx.components.ImportSchemaGen(schema_file=str(spec.data.schema.resolve())).with_id(SCHEMA_GEN)
     nodes = [example_gen, schema_gen]
@@ -92,27 +105,35 @@ def build_components(spec: PipelineSpec, portable: bool = False) -> list:
             nodes.append(validator)
             anomalies = validator.outputs["anomalies"]
 
-    if not components.trainer:
+    if not components.trainer or data_only:
         return nodes
-    if spec.data.window_spans > 1 and not portable:
+    if portable:
+        training_examples = examples
+    else:
+        # The rolling window of TFX's guide; by default it covers every span, so the training set only grows.
         window = tfx.dsl.Resolver(
-            strategy_class=SpanWindowStrategy, config={"window": spec.data.window_spans},
+            strategy_class=SpanWindowStrategy, config={"window": spec.data.window_spans or 0},
             newest=examples, examples=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Examples),
+            drift_reports=tfx.dsl.Channel(type=DataDriftReport),
         ).with_id(SPAN_WINDOW)
         nodes.append(window)
         training_examples = window.outputs["examples"]
-    else:
-        training_examples = examples
     from conveyor_ml.components.trainer.component import Trainer
 
     trainer_settings = components.trainer
     warm_start_model = None
     if trainer_settings.warm_start:
-        warm_start = tfx.dsl.Resolver(
-            strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
-            model=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model),
-            model_blessing=tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing),
-        ).with_id(WARM_START_RESOLVER)
+        all_models = tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model)
+        all_blessings = tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing)
+        if portable:
+            warm_start = tfx.dsl.Resolver(strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+                                          model=all_models, model_blessing=all_blessings)
+        else:
+            serving = components.serving_pusher
+            warm_start = tfx.dsl.Resolver(
+                strategy_class=WarmStartModelStrategy, config={"model_name": serving.model_name if serving else ""},
+                newest=examples, model=all_models, model_blessing=all_blessings)
+        warm_start = warm_start.with_id(WARM_START_RESOLVER)
         nodes.append(warm_start)
         warm_start_model = warm_start.outputs["model"]
     trainer = Trainer(
@@ -132,10 +153,20 @@ def build_components(spec: PipelineSpec, portable: bool = False) -> list:
 
     blessing = None
     if components.evaluator:
-        evaluator = tfx.components.Evaluator(
-            examples=examples, model=model, baseline_model=baseline.outputs["model"],
-            eval_config=eval_config(components.evaluator.min_accuracy, components.evaluator.max_accuracy_drop),
-            example_splits=["eval"],
+        from conveyor_ml.components.evaluator.component import Evaluator
+
+        evaluation_settings = components.evaluator
+        eval_examples = examples if portable else training_examples
+        if evaluation_settings.golden_span is not None and not portable:
+            golden = tfx.dsl.Resolver(
+                strategy_class=GoldenSpanStrategy, config={"span": evaluation_settings.golden_span},
+                newest=examples, examples=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Examples),
+            ).with_id(GOLDEN_SPAN)
+            nodes.append(golden)
+            eval_examples = golden.outputs["examples"]
+        evaluator = Evaluator(
+            examples=eval_examples, model=model, baseline_model=baseline.outputs["model"],
+            eval_config=eval_config(evaluation_settings.min_accuracy), settings=evaluation_settings,
         ).with_id(EVALUATOR)
         nodes.append(evaluator)
         blessing = evaluator.outputs["blessing"]
@@ -191,18 +222,19 @@ def _drift_gate(spec: PipelineSpec, nodes: list, examples, statistics, schema, p
                                     statistics=all_statistics).with_id(PREVIOUS_STATISTICS)
     else:
         previous = tfx.dsl.Resolver(strategy_class=PreviousSpanStatisticsStrategy, newest=statistics,
-                                    statistics=all_statistics).with_id(PREVIOUS_STATISTICS)
+                                    statistics=all_statistics, drift_reports=tfx.dsl.Channel(type=DataDriftReport),
+                                    ).with_id(PREVIOUS_STATISTICS)
     gate = DriftGate(examples=examples, statistics=statistics, schema=schema,
                      baseline_statistics=previous.outputs["statistics"], settings=spec.data.drift).with_id(DRIFT_GATE)
     nodes += [previous, gate]
     return gate.outputs["drift_report"]
 
 
-def build_pipeline(spec: PipelineSpec) -> tfx.dsl.Pipeline:
+def build_pipeline(spec: PipelineSpec, *, span: int | None = None, data_only: bool = False) -> tfx.dsl.Pipeline:
     return tfx.dsl.Pipeline(
         pipeline_name=spec.name,
         pipeline_root=str(spec.pipeline_root.resolve()),
-        components=build_components(spec),
+        components=build_components(spec, span=span, data_only=data_only),
         enable_cache=True,
         metadata_connection_config=connection_config(spec.metadata),
         beam_pipeline_args=list(spec.beam.args),

@@ -29,6 +29,12 @@ class RunLock:
         except (OSError, ValueError):
             return {}
 
+    def live_holder(self) -> dict | None:
+        """Who holds the lock now, read without taking it (a probe must never make a starting run fail): the
+        holder the file names while its process lives; None when the lock is free or its holder died."""
+        holder = self.holder()
+        return holder if holder.get("pid") and _alive(holder["pid"]) else None
+
     def acquire(self) -> str | None:
         """Takes the lock; returns a note when it took over one left by a dead process."""
         self.path.parent.mkdir(parents=True, exist_ok=True)

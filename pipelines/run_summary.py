@@ -49,9 +49,12 @@ def summary_lines(spec: PipelineSpec, result: RunResult) -> list[str]:
             accuracy = evaluation_accuracy(evaluation.uri)
         blessings = artifacts.get("ModelBlessing", [])
         blessed = bool(blessings and props(blessings[-1]).get("blessed"))
-        if accuracy is not None and evaluator:
-            lines.append(f"  evaluated: accuracy {accuracy:.4f} (threshold {evaluator.min_accuracy}) -> "
-                         f"{'blessed' if blessed else 'NOT blessed'}")
+        verdict = "blessed" if blessed else "NOT blessed"
+        reason = props(evaluation).get("reason")
+        if reason:  # the Evaluator's decision, with the eval set, the test and its p-value
+            lines.append(f"  evaluated: {verdict} — {reason}")
+        elif accuracy is not None and evaluator:
+            lines.append(f"  evaluated: accuracy {accuracy:.4f} (threshold {evaluator.min_accuracy}) -> {verdict}")
     for quantization in artifacts.get(QUANTIZATION_REPORT_TYPE, [])[-1:]:
         table = Path(quantization.uri) / "report.md"
         if table.is_file():

@@ -12,7 +12,11 @@ from tfx.orchestration.beam.beam_dag_runner import BeamDagRunner, PipelineNodeAs
 from tfx.orchestration.portable import launcher, runtime_parameter_utils
 
 from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.base.names import PIPELINE_CONTEXT
 from conveyor_ml.base.spec import PipelineSpec
+from conveyor_ml.formats.spans import span_numbers
+from conveyor_ml.metadata import store as metadata
+from conveyor_ml.metadata.values import props
 from conveyor_ml.pipelines.builder import build_pipeline
 from conveyor_ml.pipelines.headline_metrics import record_headline_metrics
 from conveyor_ml.pipelines.run_result import NodeOutcome, RunResult
@@ -128,31 +132,64 @@ def run_pipeline(spec: PipelineSpec, run_id: str | None = None) -> RunResult:
 
 
 def _run_locked(spec: PipelineSpec, run_id: str | None) -> RunResult:
-    global _active_outcomes
     latest_span = prepare_data(spec)
     run_id = run_id or new_run_id()
-    pipeline = build_pipeline(spec)
+    for span in spans_to_import(spec, latest_span):
+        # A span that arrived together with a newer one (or while nothing ran) gets its data checks and its
+        # import now, so this run's window trains on it; each is a pipeline run of its own in MLMD.
+        _say(f"conveyor: importing span {span} first: no run has imported it, and span {latest_span} is the newest "
+             f"(run {run_id}-span-{span})")
+        _execute(build_pipeline(spec, span=span, data_only=True), RunResult(f"{run_id}-span-{span}", 0.0))
     _say(f"conveyor: running pipeline '{spec.name}' on span {latest_span} (run {run_id})")
     result = RunResult(run_id=run_id, seconds=0.0)
+    try:
+        _execute(build_pipeline(spec), result)
+    finally:
+        record_headline_metrics(spec, run_id)
+    return result
+
+
+def spans_to_import(spec: PipelineSpec, latest_span: int) -> list[int]:
+    """Spans on disk older than the newest that this pipeline has never imported and that its window (or its
+    golden span) needs: a run imports only the newest span itself."""
+    window = spec.data.window_spans
+    wanted = {s for s in span_numbers(spec.data_root) if s < latest_span and (not window or s > latest_span - window)}
+    evaluator = spec.components.evaluator
+    if evaluator and evaluator.golden_span is not None and evaluator.golden_span < latest_span:
+        wanted.add(evaluator.golden_span)
+    if not wanted or not spec.components.trainer:
+        return []
+    imported: set[int] = set()
+    if metadata.store_exists(spec.metadata):
+        store = metadata.open_store(spec.metadata)
+        context = store.get_context_by_type_and_name(PIPELINE_CONTEXT, spec.name)
+        if context is not None:
+            examples_type = {t.id for t in store.get_artifact_types() if t.name == "Examples"}
+            imported = {props(a).get("span") for a in store.get_artifacts_by_context(context.id)
+                        if a.type_id in examples_type}
+    return sorted(wanted - imported)
+
+
+def _execute(pipeline, result: RunResult) -> None:
+    """Runs one DAG under the result's run id, recording each node's outcome in it."""
+    global _active_outcomes
     _active_outcomes = result.outcomes
     started = time.perf_counter()
     try:
         runner = ReportingBeamDagRunner()
-        runner.run_id = run_id
+        runner.run_id = result.run_id
         runner.run(pipeline)
     except Exception as exc:
         failed = result.failed()
         user_error = _find_conveyor_error(exc)
         if failed and user_error:
-            raise ConveyorError(f"run {run_id} failed at {failed.node_id}: {user_error}") from None
+            raise ConveyorError(f"run {result.run_id} failed at {failed.node_id}: {user_error}") from None
         if failed:
-            print(f"conveyor: run {run_id} failed at {failed.node_id}: {failed.error}", file=sys.stderr)
+            print(f"conveyor: run {result.run_id} failed at {failed.node_id}: {failed.error}", file=sys.stderr)
         raise
     finally:
         _active_outcomes = None
         result.seconds = time.perf_counter() - started
-        record_headline_metrics(spec, run_id)
-    return result
 
 
 def _find_conveyor_error(exc: BaseException) -> str | None:

@@ -1,6 +1,11 @@
 """`conveyor schedule`: runs a pipeline when a new span lands and/or every interval, one run at a time,
 retrying failures with backoff, and logging each trigger and outcome as one line.
 
+A span is new until a successful run has consumed it, as ML Metadata records it, not "appeared after the
+scheduler started": spans that landed while the scheduler was down (a crash, a redeploy) trigger a run as
+soon as it starts, and spans that land together are consumed by one run (it imports the older ones and
+trains on its window). A span the drift gate blocked is settled: it is not retried and trains nothing.
+
 Each run is a child `conveyor run` process: a crash or a leak in one run cannot take the scheduler down,
 and SIGTERM can be passed on to it. The run lock (pipelines/run_lock.py) keeps a manual `conveyor run`
 and the scheduler from running the same pipeline at once."""
@@ -17,7 +22,10 @@ from pathlib import Path
 from conveyor_ml.base.clock import utc_now
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.spec import PipelineSpec
-from conveyor_ml.data import datasets
+from conveyor_ml.formats.spans import span_numbers
+from conveyor_ml.metadata import store as metadata
+from conveyor_ml.metadata.index import MetadataIndex
+from conveyor_ml.pipelines.run_lock import RunLock
 
 
 def cron_line(spec_file: Path, every: float | None, cron: str | None, project: Path, workspace: Path) -> str:
@@ -35,6 +43,15 @@ class Outcome:
     ok: bool
     code: int
     last_line: str
+    results: str = ""  # the summary's evaluated / pushed lines
+
+
+# The run summary's lines worth a line in the schedule log (see run_summary.py).
+RESULT_PREFIXES = ("  evaluated:", "  pushed:")
+
+
+def describe_spans(spans: list[int]) -> str:
+    return f"span{'s' if len(spans) > 1 else ''} {', '.join(map(str, spans))}"
 
 
 class Scheduler:
@@ -68,40 +85,68 @@ class Scheduler:
             self.log("SIGTERM: exiting")
 
     def latest_span(self) -> int:
-        spans = datasets.span_numbers(self.spec.data_root)
+        spans = span_numbers(self.spec.data_root)
         return spans[-1] if spans else 0
+
+    def _index(self) -> MetadataIndex | None:
+        if not metadata.store_exists(self.spec.metadata):
+            return None
+        return MetadataIndex(metadata.open_store(self.spec.metadata, read_only=True))
+
+    def pending_spans(self) -> list[int]:
+        """Spans on disk newer than the newest span a successful run consumed, except those the drift gate
+        blocked (from MLMD)."""
+        index = self._index()
+        consumed, blocked = (index.consumed_through(), index.blocked_spans()) if index else (0, set())
+        return [span for span in span_numbers(self.spec.data_root) if span > consumed and span not in blocked]
+
+    def run_in_progress(self) -> dict | None:
+        """The holder of the run lock ({pid, started}) while a run of this pipeline is in progress, else None: a
+        run the scheduler started before it was killed goes on, and what it consumes is not run again."""
+        return RunLock(self.spec.workspace).live_holder()
+
+    def blocked(self, span: int) -> bool:
+        index = self._index()
+        return index is not None and span in index.blocked_spans()
 
     def run_once(self) -> Outcome:
         self.child = subprocess.Popen([sys.executable, "-m", "conveyor_ml.cli", "run", str(self.spec_file)],
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        last = ""
+        last, results = "", []
         for line in self.child.stdout:
             line = line.rstrip()
             if line.startswith("conveyor:"):
                 last = line
+            elif line.startswith(RESULT_PREFIXES):
+                results.append(" ".join(line.split()))
         try:
             code = self.child.wait(timeout=self.term_grace if self.stopping else None)
         except subprocess.TimeoutExpired:
             self.child.kill()
             code = self.child.wait()
         self.child = None
-        return Outcome(code == 0, code, last)
+        return Outcome(code == 0, code, last, "; ".join(results))
 
     def trigger(self, reason: str) -> None:
         self.runs_started += 1
         self.log(f"trigger {self.runs_started}: {reason}")
         for attempt in range(1, self.retries + 2):
             started = time.monotonic()
+            newest = self.latest_span()
             outcome = self.run_once()
             seconds = time.monotonic() - started
             if outcome.ok:
-                self.log(f"run succeeded in {seconds:.1f}s: {outcome.last_line}")
+                self.log(f"run succeeded in {seconds:.1f}s: {'; '.join(filter(None, [outcome.last_line, outcome.results]))}")
                 return
             if self.stopping:
                 self.log(f"run abandoned on SIGTERM (exit {outcome.code}); its pushes are atomic, nothing half-written")
                 return
             self.log(f"run failed (exit {outcome.code}) after {seconds:.1f}s: {outcome.last_line}")
+            if self.blocked(newest):
+                self.log(f"span {newest} was blocked by the drift gate (data.drift.policy block): not retried; "
+                         "it stays out of training, and the next span is compared with the last one before it")
+                return
             if attempt <= self.retries:
                 delay = self.backoff * 2 ** (attempt - 1)
                 self.log(f"retry {attempt}/{self.retries} in {delay:g}s")
@@ -118,23 +163,41 @@ class Scheduler:
     def loop(self) -> int:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         try:
-            seen_span = self.latest_span() if self.on_new_data else None
+            # Spans this process has triggered a run for (whatever its outcome): not triggered again.
+            handled_through = 0
+            waiting = False  # on another process's run (logged once)
             next_tick = time.monotonic() + self.every if self.every else None
             modes = ", ".join(filter(None, [f"every {self.every:g}s" if self.every else "",
                                             "on new data" if self.on_new_data else ""]))
+            pending = self.pending_spans() if self.on_new_data else []
+            backlog = (f"; not yet consumed by a successful run: {describe_spans(pending)}" if pending
+                       else "; every span consumed" if self.on_new_data else "")
             self.log(f"watching {self.spec.data_root} for pipeline '{self.spec.name}' ({modes}); latest span "
-                     f"{self.latest_span()}" + (f"; at most {self.max_runs} runs" if self.max_runs else ""))
+                     f"{self.latest_span()}{backlog}" + (f"; at most {self.max_runs} runs" if self.max_runs else ""))
             while not self.stopping and (self.max_runs is None or self.runs_started < self.max_runs):
-                reason = None
-                if self.on_new_data and self.latest_span() > (seen_span or 0):
-                    seen_span = self.latest_span()
-                    reason = f"new span {seen_span}"
-                elif next_tick is not None and time.monotonic() >= next_tick:
+                reason, through = None, 0
+                if self.on_new_data and self.latest_span() > handled_through:
+                    pending = self.pending_spans()
+                    if pending:  # a run takes every span on disk: this trigger covers them all
+                        reason, through = f"new {describe_spans(pending)}", self.latest_span()
+                    else:
+                        handled_through = self.latest_span()
+                if reason is None and next_tick is not None and time.monotonic() >= next_tick:
                     reason = "interval"
                 if reason is None:
                     self._sleep(self.poll)
                     continue
+                holder = self.run_in_progress()
+                if holder is not None:  # e.g. the run of a scheduler that was killed: wait, then look again
+                    if not waiting:
+                        self.log(f"a run of this pipeline is in progress (pid {holder.get('pid', '?')}, started "
+                                 f"{holder.get('started', '?')}): waiting for it before acting on: {reason}")
+                    waiting = True
+                    self._sleep(self.poll)
+                    continue
+                waiting = False
                 self.trigger(reason)
+                handled_through = max(handled_through, through)
                 if next_tick is not None:
                     next_tick = time.monotonic() + self.every
             self.log(f"stopped after {self.runs_started} runs")

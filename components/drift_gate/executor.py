@@ -11,7 +11,7 @@ from tfx.dsl.components.base import base_executor
 from tfx.types import artifact_utils
 
 from conveyor_ml.base.errors import ConveyorError
-from conveyor_ml.base.names import IMAGE_KEY, LABEL_KEY
+from conveyor_ml.base.names import DRIFT_BLOCKED, IMAGE_KEY, LABEL_KEY
 from conveyor_ml.base.spec import DRIFT_POLICIES, DriftSettings
 from conveyor_ml.components.artifacts import set_custom_properties, span_of
 from conveyor_ml.components.parameters import settings_from
@@ -25,7 +25,7 @@ def verdict(policy: str, drifted: bool) -> str:
     """What the pipeline does: `blocked` stops it before training; the others let it train."""
     if not drifted:
         return "no drift"
-    return {"retrain": "drift: retrain", "block": "blocked", "ignore": "drift ignored"}[policy]
+    return {"retrain": "drift: retrain", "block": DRIFT_BLOCKED, "ignore": "drift ignored"}[policy]
 
 
 def drift_figures(current_stats_dir: str, baseline_stats_dir: str, schema_file: str, label_linf: float,

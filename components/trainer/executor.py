@@ -17,7 +17,7 @@ from tfx.types import artifact_utils
 from tfx.utils import io_utils, path_utils
 
 from conveyor_ml.base.errors import ConveyorError
-from conveyor_ml.base.names import IMAGE_KEY, LABEL_KEY
+from conveyor_ml.base.names import DRIFT_BLOCKED, IMAGE_KEY, LABEL_KEY
 from conveyor_ml.base.native_output import is_native_noise
 from conveyor_ml.base.ports import free_port
 from conveyor_ml.base.spec import STRATEGIES, TrainerSettings
@@ -86,7 +86,7 @@ def refuse_anomalous_data(anomalies: list, span: int) -> None:
 def refuse_blocked_drift(reports: list) -> None:
     """The drift gate's `block` policy: the run stops here, before any training."""
     for report in reports:
-        if recorded_value(report, "verdict") == "blocked":
+        if recorded_value(report, "verdict") == DRIFT_BLOCKED:
             raise ConveyorError(f"data drift in span {recorded_value(report, 'span')} ({recorded_value(report, 'reason')}): "
                                 f"data.drift.policy is block, so the run stops before training; "
                                 f"details in {report.uri}")

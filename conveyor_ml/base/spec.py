@@ -31,6 +31,7 @@ QUANTIZATION_VARIANTS: tuple[str, ...] = get_args(Variant)
 Strategy = Literal["mirrored", "multi_worker", "one_device"]
 STRATEGIES: tuple[str, ...] = get_args(Strategy)
 DriftPolicy = Literal["retrain", "block", "ignore"]
+ComparisonTest = Literal["mcnemar", "bootstrap"]
 DRIFT_POLICIES: tuple[str, ...] = get_args(DriftPolicy)
 POSITIVE = {"minimum": 1}
 FRACTION = {"exclusiveMinimum": 0, "exclusiveMaximum": 1}
@@ -77,7 +78,9 @@ class DataSettings:
                   "files, or a directory of class folders (0..9) of PNG/JPEG images. Local or gs://. Required "
                   "unless the source is sklearn-digits.", minLength=1)
     eval_fraction: float = option(0.2, doc="Share of each span held out as its eval split.", **FRACTION)
-    window_spans: int = option(1, doc="Train on the latest K spans.", **POSITIVE)
+    window_spans: int | None = option(
+        None, doc="Train on the latest K spans (a rolling window); unset: on every span, so the training set grows "
+                  "with the data.", default_text="all spans", **POSITIVE)
     drift: DriftSettings = option(default_factory=DriftSettings, doc="Drift between consecutive spans.")
 
 
@@ -106,7 +109,9 @@ class TrainerSettings:
     batch_size: int = option(32, doc="Per-replica batch; the global batch is batch_size x replicas.", **POSITIVE)
     learning_rate: float = option(0.003, doc="Adam's learning rate.", exclusiveMinimum=0, maximum=10)
     scale_learning_rate: bool = option(False, doc="Multiply the learning rate by the number of replicas.")
-    warm_start: bool = option(False, doc="Start from the weights of the latest blessed model.")
+    warm_start: bool = option(
+        False, doc="Start from the weights of the model serving as stable (else the newest blessed model), among "
+                   "the models trained before the newest span.")
     cache_budget_mb: int = option(
         512, doc="A split whose examples fit in this many MiB is cached in memory after its first pass; a "
                  "larger one is streamed from its shards every time.", minimum=0)
@@ -115,12 +120,25 @@ class TrainerSettings:
 
 @dataclass(frozen=True)
 class EvaluatorSettings:
-    """TFMA's blessing thresholds."""
+    """TFMA's metrics, then the candidate against its baseline on the same eval examples (a paired test)."""
 
-    min_accuracy: float = option(0.9, doc="Sparse categorical accuracy the eval split must reach.",
-                                 minimum=0, maximum=1)
-    max_accuracy_drop: float = option(0.01, doc="Allowed accuracy drop against the latest blessed model.",
-                                      minimum=0, maximum=1)
+    min_accuracy: float = option(0.9, doc="Accuracy the candidate must reach on the eval set (its interval is "
+                                          "reported).", minimum=0, maximum=1)
+    max_accuracy_drop: float = option(
+        0.01, doc="A candidate significantly worse than its baseline is still blessed when it is at most this much "
+                  "less accurate.", minimum=0, maximum=1)
+    test: ComparisonTest = option(
+        "mcnemar", doc="The paired test of candidate against baseline: mcnemar (exact, one-sided) or bootstrap "
+                       "(10,000 paired resamples).")
+    alpha: float = option(0.05, doc="Significance level: a candidate counts as worse only when the test's p-value "
+                                    "is below it.", exclusiveMinimum=0, maximum=0.5)
+    golden_span: int | None = option(
+        None, doc="Score every candidate and its baseline on this span's eval split, a fixed held-out set.",
+        default_text="the eval splits of every span in the training window", **POSITIVE)
+    min_eval_examples: int | None = option(
+        None, doc="Fewest eval examples a comparison with the baseline may rest on; on fewer, the candidate is not "
+                  "blessed for lack of evidence (one example would weigh more than max_accuracy_drop).",
+        default_text="1 / max_accuracy_drop (100)", minimum=0)
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,12 @@ from ml_metadata.proto import metadata_store_pb2 as pb
 
 from conveyor_ml.base.names import (
     BASELINE_RESOLVER,
+    DATA_DRIFT_REPORT_TYPE,
     DEPLOYMENT_TYPE,
+    DRIFT_BLOCKED,
     NODE_CONTEXT,
     PIPELINE_RUN_CONTEXT,
+    PUSH_TARGETS,
     WARM_START_RESOLVER,
 )
 from conveyor_ml.metadata.values import props
@@ -126,6 +129,61 @@ class MetadataIndex:
         views = sorted((self.executions[i] for i in by_execution),
                        key=lambda v: (v.execution.create_time_since_epoch, v.id))
         return [(v, sorted(by_execution[v.id], key=lambda a: a.id)) for v in views]
+
+    # -- which versions serve, which spans were consumed ------------------------------------------------------
+    def pushed_versions(self, target: str = "local") -> dict[str, int]:
+        """{version: Model artifact id} for every version a pusher pushed to `target`."""
+        versions = {}
+        for view in self.executions.values():
+            if PUSH_TARGETS.get(view.node) != target or not view.did_work:
+                continue
+            for pushed in self.outputs(view, "pushed_model"):
+                values = props(pushed)
+                if values.get("pushed") == 1:
+                    for model in self.inputs(view, "model"):
+                        versions[str(values.get("pushed_version"))] = model.id
+        return versions
+
+    def model_with_label(self, model_name: str, label: str, target: str = "local") -> int | None:
+        """The Model artifact whose version carries `label` (e.g. stable) in the latest release state."""
+        state: list[pb.Artifact] = []
+        for _, deployments in self.release_changes(model_name):
+            mine = [a for a in deployments if props(a).get("target", "local") == target]
+            state = mine or state
+        version = next((props(a).get("version") for a in state if props(a).get("label") == label), None)
+        return None if version is None else self.pushed_versions(target).get(str(version))
+
+    def successful_runs(self) -> set[str]:
+        """Pipeline runs that finished with no failed execution (and none left running by a killed process)."""
+        finished = {view.run_id for view in self.executions.values() if view.run_id}
+        for view in self.executions.values():
+            if view.run_id and view.state in ("failed", "running", "new", "canceled"):
+                finished.discard(view.run_id)
+        return finished
+
+    def _span(self, artifact_id: int) -> int | None:
+        artifact = self.artifacts.get(artifact_id)
+        if artifact is None or self.type_of(artifact_id) != "Examples":
+            return None
+        return props(artifact).get("span")
+
+    def consumed_through(self) -> int:
+        """The newest span a successful run consumed (imported or trained on); 0 when none did. A run covers
+        every span up to its newest: it imports the ones it has not seen and trains on its window."""
+        successful = self.successful_runs()
+        spans = [self._span(i) for view in self.executions.values() if view.run_id in successful
+                 for ids in (*view.inputs.values(), *view.outputs.values()) for i in ids]
+        return max((s for s in spans if s is not None), default=0)
+
+    def blocked_spans(self) -> set[int]:
+        """Spans the drift gate blocked (the newest report about a span decides): settled, never trained on."""
+        latest: dict[int, pb.Artifact] = {}
+        for artifact in self.artifacts.values():
+            if self.artifact_types.get(artifact.type_id) == DATA_DRIFT_REPORT_TYPE:
+                span = props(artifact).get("span")
+                if span is not None and (span not in latest or artifact.id > latest[span].id):
+                    latest[span] = artifact
+        return {span for span, report in latest.items() if props(report).get("verdict") == DRIFT_BLOCKED}
 
 
 @dataclass

@@ -40,6 +40,11 @@ from conveyor_ml.operations.records import (
     Training,
 )
 
+# What the Evaluator recorded about its decision, shown as they are (see components/evaluator/comparison.py).
+EVIDENCE_KEYS = ("decision", "eval_examples", "eval_spans", "candidate_accuracy", "accuracy_interval_low",
+                 "accuracy_interval_high", "interval_level", "comparison_test", "p_value", "baseline_accuracy",
+                 "accuracy_difference", "difference_interval_low", "difference_interval_high")
+EVALUATION_PARAMETERS = ("max_accuracy_drop", "alpha", "test", "golden_span", "min_eval_examples")
 RELEASE_FIELDS = ("target", "version", "label", "traffic_percent", "release_state", "endpoint")
 
 
@@ -104,13 +109,21 @@ class Lineage:
         blessing = next(iter(index.outputs(view, "blessing")), None)
         evaluation = next(iter(index.outputs(view, "evaluation")), None)
         baseline = next(iter(index.inputs(view, "baseline_model")), None)
-        thresholds = _thresholds(props(view.execution).get("eval_config"))
+        parameters = props(view.execution)
+        thresholds = {**_thresholds(parameters.get("eval_config")),
+                      **{k: parameters[k] for k in EVALUATION_PARAMETERS if parameters.get(k) is not None}}
         accuracy = props(evaluation).get("accuracy") if evaluation is not None else None
         blessed = props(blessing).get("blessed") == 1 if blessing is not None else None
+        # The paired test's evidence (recorded by our Evaluator; absent on evaluations made before it).
+        recorded = props(evaluation) if evaluation is not None else {}
+        reason = recorded.get("reason") or None
+        if blessed is False:
+            reason = (f"not blessed by the Evaluator: {reason}" if reason
+                      else _rejection_reason(accuracy, thresholds, baseline))
         return Evaluation(execution_id=view.id, run_id=view.run_id, accuracy=accuracy,
                           baseline_model_id=baseline.id if baseline is not None else None,
-                          thresholds=thresholds, blessed=blessed,
-                          reason=_rejection_reason(accuracy, thresholds, baseline) if blessed is False else None)
+                          thresholds=thresholds, blessed=blessed, reason=reason,
+                          **{key: recorded.get(key) for key in EVIDENCE_KEYS})
 
     def _model_row(self, artifact: pb.Artifact, deployed: list[Placement], into: type = ModelVersion, **more):
         index = self.index
@@ -144,7 +157,10 @@ class Lineage:
         return into(
             model_id=artifact.id, version=versions.get("local"), vertex_version=versions.get("vertex"),
             created=utc_from_milliseconds(artifact.create_time_since_epoch), run_id=producer.run_id if producer else None,
-            spans=spans, eval_accuracy=accuracy, blessed=blessed, infra_blessed=all(infra) if infra else None,
+            spans=spans, eval_accuracy=accuracy,
+            eval_examples=evaluation.eval_examples if evaluation else None,
+            accuracy_difference=evaluation.accuracy_difference if evaluation else None,
+            p_value=evaluation.p_value if evaluation else None, blessed=blessed, infra_blessed=all(infra) if infra else None,
             quantized=quantized, deployed=deployed, state=state, reason=reason, uri=artifact.uri, **more)
 
     # -- the full chain of one version ------------------------------------------------------------------

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 
 from conveyor_ml.base.names import PUSH_TARGETS
-from conveyor_ml.operations.records import ModelLineage, ModelVersion, PipelineRun
+from conveyor_ml.operations.records import Evaluation, ModelLineage, ModelVersion, PipelineRun
 
 NODE_STYLE = {  # kind -> (fill, stroke)
     "data": ("#e8f1fb", "#4a7fb5"), "execution": ("#fff4e0", "#c98a1b"), "model": ("#e9f7ec", "#3b8f50"),
@@ -59,7 +59,8 @@ def lineage_graph(chain: ModelLineage) -> Graph:
     if evaluation:
         verdict = "blessed" if evaluation.blessed else "NOT blessed"
         accuracy = f"accuracy {evaluation.accuracy:.4f}\n" if evaluation.accuracy is not None else ""
-        evaluator = graph.node("evaluator", f"Evaluator\n{accuracy}{verdict}", "execution")
+        tested = f"{evidence_text(evaluation)}\n" if evaluation.eval_examples else ""
+        evaluator = graph.node("evaluator", f"Evaluator\n{accuracy}{tested}{verdict}", "execution")
         graph.edge(model, evaluator)
         if evaluation.baseline_model_id:
             baseline = graph.node(f"model:{evaluation.baseline_model_id}",
@@ -214,11 +215,23 @@ pre {{ background: #f6f6f6; padding: 12px; border-radius: 8px; overflow-x: auto;
 """
 
 
+def evidence_text(row: ModelVersion | Evaluation) -> str:
+    """The paired test in a few characters: eval set size, accuracy difference, p-value ('n=250 +0.8pt p=0.84')."""
+    if not row.eval_examples:
+        return "-"
+    parts = [f"n={row.eval_examples}"]
+    if row.accuracy_difference is not None:
+        parts.append(f"{row.accuracy_difference * 100:+.1f}pt")
+    if row.p_value is not None:
+        parts.append(f"p={row.p_value:.2g}")
+    return " ".join(parts)
+
+
 def models_table(rows: list[ModelVersion], model_name: str):
     from rich.table import Table
 
     table = Table(title=f"model versions of {model_name}", title_justify="left")
-    for column in ("model", "version", "created", "run", "spans", "accuracy", "blessed", "quantized",
+    for column in ("model", "version", "created", "run", "spans", "accuracy", "vs baseline", "blessed", "quantized",
                    "deployed now", "state"):
         table.add_column(column)
     for row in rows:
@@ -230,7 +243,8 @@ def models_table(rows: list[ModelVersion], model_name: str):
         table.add_row(f"#{row.model_id}", versions or "-", row.created or "", row.run_id or "",
                       ",".join(map(str, row.spans)),
                       f"{row.eval_accuracy:.4f}" if row.eval_accuracy is not None else "-",
-                      {True: "yes", False: "no"}.get(row.blessed, "-"), quantized or "-", deployed or "-", state)
+                      evidence_text(row), {True: "yes", False: "no"}.get(row.blessed, "-"), quantized or "-",
+                      deployed or "-", state)
     return table
 
 
@@ -260,9 +274,14 @@ def lineage_text(chain: ModelLineage) -> list[str]:
     if evaluation:
         thresholds = evaluation.thresholds
         baseline = f"#{evaluation.baseline_model_id}" if evaluation.baseline_model_id else "none"
-        lines.append(f"  evaluated: accuracy {evaluation.accuracy} (min {thresholds.get('min_accuracy')}, "
-                     f"max drop {thresholds.get('max_accuracy_drop')} vs baseline {baseline})"
+        examples = (f" on {evaluation.eval_examples} eval examples of spans {evaluation.eval_spans}"
+                    if evaluation.eval_examples else "")
+        test = f", {thresholds['test']} test at alpha {thresholds.get('alpha')}" if thresholds.get("test") else ""
+        lines.append(f"  evaluated: accuracy {evaluation.accuracy}{examples} (min {thresholds.get('min_accuracy')}, "
+                     f"max drop {thresholds.get('max_accuracy_drop')}{test} vs baseline {baseline})"
                      f" -> {'blessed' if evaluation.blessed else 'NOT blessed'}")
+        if evaluation.decision and evaluation.reason:  # the Evaluator's own one-line reason, with its test and p-value
+            lines.append(f"    evidence: {evaluation.reason.removeprefix('not blessed by the Evaluator: ')}")
     for infra in chain.infra_validation:
         lines.append(f"  infra validation: {'blessed' if infra.blessed else 'NOT blessed'}")
     for quantized in chain.quantized:

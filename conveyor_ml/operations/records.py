@@ -59,6 +59,9 @@ class ModelVersion(JsonRecord):
     run_id: str | None = None
     spans: list[int] = field(default_factory=list)
     eval_accuracy: float | None = None
+    eval_examples: int | None = None  # the Evaluator's eval set, on which the paired test below was made
+    accuracy_difference: float | None = None  # candidate minus baseline accuracy on that eval set
+    p_value: float | None = None  # the paired test's one-sided p-value (candidate worse than baseline)
     blessed: bool | None = None
     infra_blessed: bool | None = None
     quantized: list[QuantizedVariant] = field(default_factory=list)
@@ -112,6 +115,20 @@ class Evaluation(JsonRecord):
     thresholds: dict[str, float] = field(default_factory=dict)
     blessed: bool | None = None
     reason: str | None = None
+    # The Evaluator's evidence (components/evaluator/comparison.py); absent on evaluations made before it.
+    decision: str | None = None  # blessed | rejected, as the Evaluator decided it
+    eval_examples: int | None = None
+    eval_spans: str | None = None  # "1,2,3": the spans whose eval splits were scored
+    candidate_accuracy: float | None = None
+    accuracy_interval_low: float | None = None
+    accuracy_interval_high: float | None = None
+    interval_level: float | None = None  # of both intervals: 1 - 2 alpha
+    comparison_test: str | None = None  # "McNemar exact, one-sided" | "paired bootstrap, ..."
+    p_value: float | None = None
+    baseline_accuracy: float | None = None
+    accuracy_difference: float | None = None
+    difference_interval_low: float | None = None
+    difference_interval_high: float | None = None
 
 
 @dataclass

@@ -12,6 +12,7 @@ import pydot
 import pytest
 from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2 as pb
+from scipy import stats
 
 from tests.conftest import ROOT, run_conveyor, write_spec
 from tests.fakes.mariadb import MariaDB
@@ -107,7 +108,23 @@ def test_lineage_of_the_stable_version_holds_the_whole_chain(promoted):
     [model] = store.get_artifacts_by_id([model_id])
     assert chain["training"]["facts"]["steps"] == model.custom_properties["steps"].int_value == 550
     assert chain["evaluation"]["baseline_model_id"] == raw_model_of_version(store, "1")
-    assert chain["evaluation"]["thresholds"] == {"min_accuracy": 0.9, "max_accuracy_drop": 0.01}
+    evaluation = chain["evaluation"]
+    assert evaluation["thresholds"] == {"min_accuracy": 0.9, "max_accuracy_drop": 0.01, "alpha": 0.05,
+                                        "test": "mcnemar", "min_eval_examples": 50}
+    # Candidate and baseline were scored on the same examples: span 1's eval split, as its manifest counts it.
+    manifest = json.loads((workspace / "data" / "span-1" / "span.json").read_text())
+    assert evaluation["eval_examples"] == manifest["examples"]["eval"] and evaluation["eval_spans"] == "1"
+    [recorded] = [a for a in store.get_artifacts_by_type("ModelEvaluation")
+                  if a.custom_properties["p_value"].double_value == evaluation["p_value"]]
+    candidate_only = recorded.custom_properties["candidate_only_correct"].int_value
+    baseline_only = recorded.custom_properties["baseline_only_correct"].int_value
+    expected = stats.binomtest(baseline_only, candidate_only + baseline_only, 0.5, alternative="greater").pvalue \
+        if candidate_only + baseline_only else 1.0
+    # ML Metadata's SQLite store keeps doubles to 6 decimal places (-1/91 reads back as -0.010989).
+    assert evaluation["p_value"] == pytest.approx(expected, abs=1e-6)
+    assert evaluation["accuracy_difference"] == pytest.approx((candidate_only - baseline_only) / evaluation["eval_examples"],
+                                                              abs=1e-6)
+    assert evaluation["reason"].startswith(("not worse:", "no evidence it is worse:", "worse, but within"))
     kinds = [release["kind"] for release in chain["releases"]]
     assert kinds == ["ServingPusher", "conveyor.Promote"]
     promotion = chain["releases"][-1]

@@ -36,7 +36,10 @@ def test_run_prints_progress_and_a_summary(default_pipeline_run):
     for node in ("ImportExampleGen", "StatisticsGen", "ExampleValidator", "Trainer", "Evaluator",
                  "InfraValidator", "ServingPusher"):
         assert f"✓ {node}  complete in" in out
-    assert "evaluated: accuracy 0." in out and "-> blessed" in out
+    eval_examples = json.loads((default_pipeline_run.workspace / "data" / "span-1" / "span.json").read_text())[
+        "examples"]["eval"]
+    assert "evaluated: blessed — accuracy 0." in out and f"on {eval_examples} eval examples" in out
+    assert "reaches min_accuracy 0.9; no baseline to compare with" in out
     assert "pushed:    version 1 ->" in out
     assert "tensorboard --logdir" in out
 
@@ -95,7 +98,8 @@ def test_trainer_facts_are_recorded_on_the_model(default_pipeline_run):
     assert facts["steps"] == 600 and facts["global_batch_size"] == 32
     assert facts["examples_per_second"] > 100
     assert 0 < facts["wall_time_s"] < 600
-    assert facts["eval_accuracy"] >= 0.95, "the default pipeline must reach 0.95 on the digits"
+    # Span 1 holds about 400 training digits (the rest arrive as later spans): about 0.95-0.97 on its ~100 eval digits.
+    assert facts["eval_accuracy"] >= 0.93, "the default pipeline must reach 0.93 on span 1's digits"
     assert facts["train_loss"] < 1.0
 
 

@@ -14,7 +14,7 @@ from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.components.artifacts import QuantizationReport, QuantizedModel
 from conveyor_ml.components.quantizer import executor
 from conveyor_ml.components.quantizer.tflite_variants import TfliteModel, measure, saved_model_accuracy
-from conveyor_ml.data.datasets import init_data
+from conveyor_ml.data.datasets import EMBEDDED_INITIAL_EXAMPLES, embedded_digits, init_data
 from conveyor_ml.formats.examples import read_tfrecords
 from tests.artifacts import examples_from_span, output
 
@@ -60,6 +60,13 @@ def eval_split(data):
     return read_tfrecords([str(p) for p in (data / "data" / "span-1" / "eval").iterdir()], (8, 8))
 
 
+@pytest.fixture(scope="module")
+def held_back_digits():
+    """The embedded digits span 1 does not hold (1,297 of them): a 1-point tolerance is 13 images, not one."""
+    digits = embedded_digits()
+    return digits.take(np.arange(EMBEDDED_INITIAL_EXAMPLES, len(digits)))
+
+
 def test_each_variant_converts_and_runs(quantized, eval_split):
     variants, report, table = quantized
     assert set(variants) == {"float32", "float16", "dynamic_range", "int8"}
@@ -72,7 +79,8 @@ def test_each_variant_converts_and_runs(quantized, eval_split):
     assert "| int8 |" in table.read_text() and "size vs f32" in table.read_text()
 
 
-def test_int8_is_integer_and_its_recorded_quantization_reproduces_the_float_model(quantized, eval_split, trained_export):
+def test_int8_is_integer_and_its_recorded_quantization_reproduces_the_float_model(quantized, held_back_digits,
+                                                                                   trained_export):
     int8 = quantized[0]["int8"]
     interpreter = tf.lite.Interpreter(model_path=str(Path(int8["uri"]) / "model.tflite"))
     runner = interpreter.get_signature_runner("serving_default")
@@ -82,12 +90,12 @@ def test_int8_is_integer_and_its_recorded_quantization_reproduces_the_float_mode
     scale, zero_point = int8["input_scale"], int8["input_zero_point"]
     out = json.loads(int8["output_quantization"])["probabilities"]
     correct = 0
-    for image, label in zip(eval_split.images, eval_split.labels):
+    for image, label in zip(held_back_digits.images, held_back_digits.labels):
         q = np.clip(np.round(image / scale + zero_point), -128, 127).astype(np.int8)[None]
         probabilities = (runner(images=q)["probabilities"].astype(np.float32) - out["zero_point"]) * out["scale"]
         correct += int(np.argmax(probabilities) == label)
-    client_accuracy = correct / len(eval_split)
-    float_accuracy = saved_model_accuracy(str(trained_export), eval_split.images, eval_split.labels)
+    client_accuracy = correct / len(held_back_digits)
+    float_accuracy = saved_model_accuracy(str(trained_export), held_back_digits.images, held_back_digits.labels)
     assert client_accuracy >= float_accuracy - 0.01  # within the 1-point tolerance
 
 

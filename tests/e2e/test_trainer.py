@@ -72,7 +72,7 @@ def test_two_replicas_on_logical_cpus(two_replica_model):
     assert custom(model, "device_kinds") == "CPU"
     assert custom(model, "steps") == 400
     assert custom(model, "examples_per_second") > 100
-    assert custom(model, "eval_accuracy") >= 0.95
+    assert custom(model, "eval_accuracy") >= 0.93  # span 1: about 400 training digits, 100 eval digits
     assert list(Path(model_run.uri).rglob("events.out.tfevents.*")), "no TensorBoard logs"
     assert custom(model_run, "tensorboard_logdir") == model_run.uri
 

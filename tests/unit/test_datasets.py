@@ -27,7 +27,7 @@ def test_init_writes_span_one_with_a_deterministic_split(tmp_path):
     latest, written = datasets.init_data("sklearn-digits", None, (8, 8), tmp_path / "a", 0.2)
     assert (latest, written) == (1, True)
     manifest = datasets.read_manifest(tmp_path / "a", 1)
-    assert sum(manifest["examples"].values()) == datasets.EMBEDDED_INITIAL_EXAMPLES
+    assert sum(manifest["examples"].values()) == datasets.EMBEDDED_INITIAL_EXAMPLES == 500
     assert 0.17 < manifest["examples"]["eval"] / datasets.EMBEDDED_INITIAL_EXAMPLES < 0.23  # eval_fraction 0.2
     assert sum(manifest["label_counts"]) == datasets.EMBEDDED_INITIAL_EXAMPLES
     assert manifest["encoding"]["feature"] == "image_raw"
@@ -36,7 +36,7 @@ def test_init_writes_span_one_with_a_deterministic_split(tmp_path):
     evaluation = read_split(tmp_path / "a" / "span-1", "eval")
     assert (len(train), len(evaluation)) == (manifest["examples"]["train"], manifest["examples"]["eval"])
     assert train.images.max() <= 255.0 and train.images.shape[1:] == (8, 8)
-    # Every example is one of the first 1,200 digits, with its label, pixels rounded to 8 bits.
+    # Every example is one of the first EMBEDDED_INITIAL_EXAMPLES digits, with its label, pixels rounded to 8 bits.
     digits = datasets.embedded_digits().take(np.arange(datasets.EMBEDDED_INITIAL_EXAMPLES))
     originals = {np.rint(image).astype(np.uint8).tobytes(): label for image, label in zip(digits.images, digits.labels)}
     for image, label in zip(np.concatenate([train.images, evaluation.images]),
@@ -47,6 +47,20 @@ def test_init_writes_span_one_with_a_deterministic_split(tmp_path):
     again = read_split(tmp_path / "b" / "span-1", "eval")
     np.testing.assert_array_equal(evaluation.images, again.images)
     np.testing.assert_array_equal(evaluation.labels, again.labels)
+
+
+def test_embedded_spans_carve_every_digit_once_then_refuse(tmp_path):
+    datasets.init_data("sklearn-digits", None, (8, 8), tmp_path, 0.2)
+    for _ in range(5):
+        datasets.add_span(tmp_path, image_shape=(8, 8), eval_fraction=0.2)
+    ranges = [datasets.read_manifest(tmp_path, span)["embedded_range"] for span in range(1, 7)]
+    assert ranges == [[0, 500], [500, 750], [750, 1000], [1000, 1250], [1250, 1500], [1500, 1797]]
+    counts = [datasets.read_manifest(tmp_path, span)["examples"] for span in range(1, 7)]
+    assert [c["train"] + c["eval"] for c in counts] == [500, 250, 250, 250, 250, 297]
+    assert all(0.1 < c["eval"] / (c["train"] + c["eval"]) < 0.3 for c in counts)  # eval_fraction 0.2, by hash
+    with pytest.raises(ConveyorError, match="the embedded digits are used up: spans 1-6 hold all 1,797"):
+        datasets.add_span(tmp_path, image_shape=(8, 8), eval_fraction=0.2)
+    assert datasets.span_numbers(tmp_path) == [1, 2, 3, 4, 5, 6]
 
 
 def test_init_is_a_no_op_when_spans_exist(tmp_path):
@@ -124,7 +138,7 @@ def test_manifest_records_provenance(tmp_path):
 def test_imbalance_makes_the_class_that_share_at_any_fraction(fraction):
     from conveyor_ml.data.datasets import embedded_digits, shifted
 
-    data = embedded_digits().take(np.arange(1200, 1500))  # span 2's held-back chunk, class 3 about 10%
+    data = embedded_digits().take(np.arange(1200, 1500))  # 300 of the digits, class 3 about 10%
     result = shifted(data, imbalance=(3, fraction), seed=2)
     share = float(np.mean(result.labels == 3))
     assert abs(share - fraction) < 0.01, share
