@@ -35,6 +35,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from conveyor_ml.serving.errors import ModelRunError, ServingError, invalid_argument
 from conveyor_ml.serving.model_server import ModelServer
+from conveyor_ml.serving.routing import route_key
 from conveyor_ml.serving.servable import (
     CLASSIFY_METHOD,
     DEFAULT_SIGNATURE,
@@ -127,7 +128,9 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 raise invalid_argument("ModelSpec has no name specified.")
             servable = self.server.resolve(model_spec.name,
                                            model_spec.version.value if model_spec.HasField("version") else None,
-                                           model_spec.version_label or None)
+                                           model_spec.version_label or None,
+                                           route_key(self.server.traffic, model_spec.name,  # sticky split
+                                                     {k.lower(): v for k, v in context.invocation_metadata() or ()}))
             version = servable.version
             response = await work(servable)
         except ServingError as exc:
@@ -153,11 +156,14 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 except (TypeError, ValueError):
                     raise invalid_argument(f"tensor parsing error: {alias}") from None
             self.server.quality.check_inputs(servable.model_name, inputs)
+            started = time.perf_counter()
             try:
                 outputs = await asyncio.wrap_future(self.server.predict_future(
                     servable, signature, inputs, tuple(request.output_filter), "grpc", _timeout_ms(context)))
             except ModelRunError as exc:
                 raise exc.for_request(inputs) from None
+            if not request.output_filter:  # a filtered answer cannot be compared with the shadow's
+                self.server.shadow.offer(servable, signature, inputs, outputs, time.perf_counter() - started)
             prediction_id = self.server.quality.record_predictions(servable.model_name, servable.version, outputs)
             if prediction_id:
                 context.set_trailing_metadata((("x-prediction-id", prediction_id),))

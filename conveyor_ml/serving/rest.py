@@ -20,6 +20,7 @@ from conveyor_ml.serving.errors import ModelRunError, ServingError, invalid_argu
 from conveyor_ml.serving.grpc_service import model_status_response, signature_def_map
 from conveyor_ml.serving.model_quality import parse_feedback
 from conveyor_ml.serving.model_server import ModelServer
+from conveyor_ml.serving.routing import route_key
 
 # TF Serving's own URL grammar (http_rest_api_handler.cc), so a malformed path fails the same way.
 MODEL_PATH = re.compile(
@@ -146,7 +147,8 @@ class RestApi:
                 return _json(metadata_json(servable), version=served_version)
             body = await request.read()
             document = json_codec.parse_body(body)
-            servable = self.server.resolve(name, version, label)
+            servable = self.server.resolve(name, version, label,
+                                           route_key(self.server.traffic, name, request.headers))  # sticky split
             served_version = servable.version
             prediction_id = None
             if api == "predict":
@@ -164,11 +166,13 @@ class RestApi:
         signature = json_codec.signature_name(document)
         inputs, request_format = json_codec.decode_predict(document, servable.input_dtypes(signature))
         self.server.quality.check_inputs(servable.model_name, inputs)
+        started = time.perf_counter()
         try:
             outputs = await asyncio.wrap_future(self.server.predict_future(servable, signature, inputs, (), "rest",
                                                                            self._timeout_ms()))
         except ModelRunError as exc:
             raise exc.for_request(inputs) from None
+        self.server.shadow.offer(servable, signature, inputs, outputs, time.perf_counter() - started)  # shadow.py
         prediction_id = self.server.quality.record_predictions(servable.model_name, servable.version, outputs)
         return json_codec.encode_predict(outputs, request_format), prediction_id
 
@@ -198,7 +202,8 @@ class RestApi:
         for version, entry in versions.items():
             entry["labels"] = sorted(labels.get(version, []))
         return _json(orjson.dumps({"model": name, "versions": versions,
-                                   "traffic": self.server.traffic.for_model(name) or {}}))
+                                   "traffic": self.server.traffic.for_model(name) or {},
+                                   "shadow": self.server.shadow.snapshot(name)}))
 
     def _timeout_ms(self) -> int | None:
         return self.server.options.rest_api_timeout_in_ms or None
