@@ -85,4 +85,7 @@ class Executor(BlessedModelPusher):
             for row in rows]
         log.info("pushed version %d of %s as %s (%d%% of unversioned traffic)%s", version, model_name, label, traffic,
                  f"; retired versions {removed}" if removed else "")
+        if release.pending_analysis() == version:
+            log.info("canary analysis of version %d pending: `conveyor release canary %s --version %d` runs it "
+                     "(`conveyor schedule` starts it after the run)", version, model_name, version)
         return pusher_output(pushed_model, deployments)
