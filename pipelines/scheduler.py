@@ -127,6 +127,7 @@ class Scheduler:
         if version is None:
             return
         log_path = self.log_path.parent / f"analysis-{pusher.model_name}-{version}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("a") as stream:
             self.analysis = subprocess.Popen(
                 [sys.executable, "-m", "conveyor_ml.cli", "release", "canary", pusher.model_name, "--version",

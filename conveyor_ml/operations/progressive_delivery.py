@@ -305,6 +305,12 @@ class CanaryAnalysis:
         except (_Interrupted, KeyboardInterrupt):
             return self._finish("interrupted", "rolled_back", "the analysis was interrupted (SIGTERM or Ctrl-C): "
                                 "rolled back, as no verdict was reached", [], 0)
+        except ConveyorError as exc:
+            if self.version is None:  # nothing was changed yet
+                raise
+            # A canary that cannot be measured (the server went away, ...) is not a passing one.
+            self._finish("failed", "rolled_back", f"the analysis failed: {exc}", [], 0)
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous)
 

@@ -244,3 +244,30 @@ def test_the_pushers_analysis_section_reaches_the_executor_as_it_was_written():
         steps=(5, 50, 100), interval_seconds=30, route_key="X-User-Id"))
     for settings in (without, with_analysis):
         assert settings_from(ServingPusherSettings, parameter_values(settings)) == settings
+
+
+def test_the_scheduler_starts_a_pending_analysis_once(tmp_path):
+    from conveyor_ml.base.spec import load_spec
+    from conveyor_ml.pipelines.scheduler import Scheduler
+    from tests.conftest import write_spec
+
+    spec_file = write_spec(tmp_path, **{"components.serving_pusher.release": "canary",
+                                        "components.serving_pusher.analysis": {"steps": [10, 100]}})
+    spec = load_spec(spec_file)
+    release = _versions(spec.serving_base, 1, 2)
+    releases.set_canary(release, 2, 10)
+    release.analysis = {"version": 2, "pending": True}
+    _commit(spec.serving_base, release)
+    scheduler = Scheduler(spec, spec_file, every=60, on_new_data=False, max_runs=1, retries=0, backoff=1, poll=1)
+    scheduler.start_pending_analysis()
+    child = scheduler.analysis
+    try:
+        assert child is not None and child.args[-7:] == ["release", "canary", "mnist", "--version", "2", "--spec",
+                                                         str(spec_file)]
+        scheduler.start_pending_analysis()  # one at a time: the running one is not started twice
+        assert scheduler.analysis is child
+    finally:
+        child.kill()
+        child.wait()
+    log = (spec.workspace / ".conveyor" / "schedule.log").read_text()
+    assert "canary analysis of mnist version 2 started" in log and log.count("started (pid") == 1
