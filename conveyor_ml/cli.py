@@ -210,10 +210,12 @@ def cmd_status(args) -> int:
     return 0
 
 
-def _print_vertex_rows(rows: list[dict]) -> None:
+def _print_vertex_change(args, rows: list[dict]) -> int:
+    print(f"conveyor: Vertex AI endpoint traffic{' (dry run: unchanged)' if args.dry_run else ''}:")
     for row in rows:
         print(f"  version {row['version']}: {row['label'] or row['release_state']} {row['traffic_percent']}% "
               f"(deployed model {row['deployed_model_id']})")
+    return 0
 
 
 def cmd_promote(args) -> int:
@@ -221,11 +223,8 @@ def cmd_promote(args) -> int:
     from conveyor_ml.operations.release_commands import PROMOTE, change_release, change_vertex_release
 
     if args.target == "gcp":
-        rows = change_vertex_release(load_spec(args.spec), args.model, PROMOTE, weight=args.weight, reason=args.reason,
-                                     dry_run=args.dry_run)
-        print(f"conveyor: Vertex AI endpoint traffic{' (dry run: unchanged)' if args.dry_run else ''}:")
-        _print_vertex_rows(rows)
-        return 0
+        return _print_vertex_change(args, change_vertex_release(
+            load_spec(args.spec), args.model, PROMOTE, weight=args.weight, reason=args.reason, dry_run=args.dry_run))
     release = change_release(load_spec(args.spec), args.model, PROMOTE, weight=args.weight, reason=args.reason)
     print(f"conveyor: {args.model}: labels {release.labels}, traffic {release.weights}")
     return 0
@@ -239,10 +238,8 @@ def cmd_rollback(args) -> int:
         if args.to is not None:
             raise ConveyorError("rollback --target gcp: --to is for local versions; on Vertex AI a rollback "
                                 "drops the canary (push an older model with canary_weight 100 to go further back)")
-        rows = change_vertex_release(load_spec(args.spec), args.model, ROLLBACK, reason=args.reason, dry_run=args.dry_run)
-        print(f"conveyor: Vertex AI endpoint traffic{' (dry run: unchanged)' if args.dry_run else ''}:")
-        _print_vertex_rows(rows)
-        return 0
+        return _print_vertex_change(args, change_vertex_release(
+            load_spec(args.spec), args.model, ROLLBACK, reason=args.reason, dry_run=args.dry_run))
     release = change_release(load_spec(args.spec), args.model, ROLLBACK, to_version=args.to, reason=args.reason)
     print(f"conveyor: {args.model}: stable is now version {release.labels['stable']} (100%), canary removed")
     return 0
