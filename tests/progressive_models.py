@@ -25,6 +25,9 @@ def _outputs(tf, logits):
 def write_models(export: Path, out_dir: Path, delay_ms: int, fail_above: float) -> None:
     import tensorflow as tf
 
+    # tf.data's sleep transformation (the SleepDataset op, in every TensorFlow runtime) has no public name.
+    from tensorflow.python.data.experimental.ops.testing import sleep
+
     source = tf.saved_model.load(str(export))
     spec = source.signatures["serving_default"].structured_input_signature[1]["images"]
     images_spec = tf.TensorSpec(spec.shape, tf.float32, name="images")
@@ -36,8 +39,7 @@ def write_models(export: Path, out_dir: Path, delay_ms: int, fail_above: float) 
 
         @tf.function(input_signature=[images_spec])
         def serve(self, images):
-            held = tf.data.Dataset.from_tensors(images).apply(
-                tf.data.experimental.sleep(delay_ms * 1000)).get_single_element()
+            held = tf.data.Dataset.from_tensors(images).apply(sleep(delay_ms * 1000)).get_single_element()
             logits = self.source.signatures["serving_default"](images=held)["logits"]
             return _outputs(tf, tf.roll(logits, shift=1, axis=1))
 

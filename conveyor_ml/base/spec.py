@@ -188,6 +188,9 @@ class CanaryAnalysisSettings:
                                   "distributions (1: the same).", minimum=0, maximum=1)
     min_live_accuracy_drop: float = option(-1.0, doc="Lowest canary live accuracy minus stable's, in points "
                                            "(judged once both have feedback in the window).", minimum=-100, maximum=100)
+    mirror_percent: int = option(100, doc="Percent of requests also answered by the other version (canary or "
+                                 "stable) in the background, to measure agreement; each costs a second model run.",
+                                 minimum=0, maximum=100)
     min_requests: int = option(20, doc="Canary requests a window needs before it can decide (a quieter window "
                                "is measured again, up to 3 times, then rolled back).", **POSITIVE)
     route_key: str | None = option(None, doc="Request header whose hash picks the version (sticky per user); "

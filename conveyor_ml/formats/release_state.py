@@ -84,10 +84,12 @@ class ModelRelease:
     weights: dict[str, int] = field(default_factory=dict)
     history: list[int] = field(default_factory=list)  # stable versions, oldest first
     # Mirroring: `shadow_percent`% of live requests also go to the version `shadow_label` names, answered in
-    # the background and compared. The label is `shadow` for a candidate; a canary analysis mirrors the
-    # canary's requests to `stable` to measure their agreement request by request.
+    # the background and compared. The label is `shadow` for a candidate. A canary analysis mirrors both
+    # ways to measure agreement request by request: `shadow_label` stable with `shadow_pair` canary sends
+    # the canary's requests to stable and stable's to the canary, so both bear the same extra load.
     shadow_percent: int = 0
     shadow_label: str = SHADOW
+    shadow_pair: str = ""
     route_key: str = ""  # a request header whose hash picks the version ("": by weight only)
     # The canary analysis that owns the canary ({"version", "pid", "host", "started", "release"}), or a
     # pending one a pipeline push asked for ({"version", "pending": True}); None without one.
@@ -102,8 +104,11 @@ class ModelRelease:
 
     def copy(self) -> ModelRelease:
         return ModelRelease(self.name, self.base_path, dict(self.labels), dict(self.weights), list(self.history),
-                            self.shadow_percent, self.shadow_label, self.route_key,
+                            self.shadow_percent, self.shadow_label, self.shadow_pair, self.route_key,
                             dict(self.analysis) if self.analysis else None)
+
+    def stop_mirroring(self) -> None:
+        self.shadow_percent, self.shadow_label, self.shadow_pair = 0, SHADOW, ""
 
     def pending_analysis(self) -> int | None:
         """The canary version a pipeline push left for an analysis nobody runs yet (None if none)."""
@@ -214,13 +219,15 @@ def _parse_state(base_path: Path, document) -> ReleaseState:
             raise ValueError(f"models.{name}.history must be a list of versions")
         shadow_percent, route_key = entry.get("shadow_percent", 0), entry.get("route_key", "")
         shadow_label, analysis = entry.get("shadow_label", SHADOW), entry.get("analysis")
+        shadow_pair = entry.get("shadow_pair", "")
         if type(shadow_percent) is not int or not 0 <= shadow_percent <= 100 or not isinstance(route_key, str) \
-                or not isinstance(shadow_label, str) or not (analysis is None or isinstance(analysis, dict)):
+                or not isinstance(shadow_label, str) or not isinstance(shadow_pair, str) \
+                or not (analysis is None or isinstance(analysis, dict)):
             raise ValueError(f"models.{name}: shadow_percent 0..100, shadow_label and route_key names, analysis "
                              "an object")
         models[name] = ModelRelease(name, base_path, _int_map(entry["labels"], f"models.{name}.labels"),
                                     _int_map(entry["weights"], f"models.{name}.weights"), list(history),
-                                    shadow_percent, shadow_label, route_key, analysis)
+                                    shadow_percent, shadow_label, shadow_pair, route_key, analysis)
     unrecorded = []
     for entry in document["unrecorded"]:
         change = ReleaseChange(**entry)
@@ -270,6 +277,8 @@ def _model_document(release: ModelRelease) -> dict:
     if release.shadow_percent:
         document["shadow_percent"] = release.shadow_percent
         document["shadow_label"] = release.shadow_label
+        if release.shadow_pair:
+            document["shadow_pair"] = release.shadow_pair
     if release.route_key:
         document["route_key"] = release.route_key
     if release.analysis:
@@ -333,8 +342,9 @@ def sync_served_files(state: ReleaseState) -> bool:
     traffic = serving_config.TrafficWeights(
         {**current_traffic.models, **{name: dict(r.weights) for name, r in state.models.items()}},
         {**{n: s for n, s in current_traffic.shadows.items() if n not in state.models},
-         **{name: {"label": r.shadow_label, "percent": r.shadow_percent} for name, r in state.models.items()
-            if r.shadow_label in r.labels and r.shadow_percent}},
+         **{name: {"label": r.shadow_label, "percent": r.shadow_percent,
+                   **({"pair": r.shadow_pair} if r.shadow_pair in r.labels else {})}
+            for name, r in state.models.items() if r.shadow_label in r.labels and r.shadow_percent}},
         {**{n: h for n, h in current_traffic.route_keys.items() if n not in state.models},
          **{name: r.route_key for name, r in state.models.items() if r.route_key}})
 
@@ -514,7 +524,7 @@ def _set_stable(release: ModelRelease, version: int) -> None:
     shadow = release.labels.get(SHADOW)
     release.labels = {STABLE: version, **({SHADOW: shadow} if shadow not in (None, version) else {})}
     if SHADOW not in release.labels or release.shadow_label != SHADOW:
-        release.shadow_percent, release.shadow_label = 0, SHADOW
+        release.stop_mirroring()
     release.weights = {STABLE: 100}
     if not release.history or release.history[-1] != version:
         release.history.append(version)
@@ -567,7 +577,8 @@ def set_shadow(release: ModelRelease, version: int, percent: int) -> None:
         raise ConveyorError(f"model {release.name}: version {version} already takes live traffic; a shadow is a "
                             "candidate that does not")
     release.labels[SHADOW] = version
-    release.shadow_percent, release.shadow_label = percent, SHADOW
+    release.stop_mirroring()
+    release.shadow_percent = percent
 
 
 def drop_canary(release: ModelRelease) -> int:
@@ -578,13 +589,13 @@ def drop_canary(release: ModelRelease) -> int:
     version = release.labels.pop(CANARY)
     release.weights = {STABLE: 100}
     if release.shadow_label != SHADOW:  # the canary's comparison with stable ends with it
-        release.shadow_percent, release.shadow_label = 0, SHADOW
+        release.stop_mirroring()
     return version
 
 
 def end_shadow(release: ModelRelease) -> int | None:
     """Removes the shadow label; returns the version that was the shadow (None if there was none)."""
-    release.shadow_percent, release.shadow_label = 0, SHADOW
+    release.stop_mirroring()
     return release.labels.pop(SHADOW, None)
 
 
@@ -624,7 +635,7 @@ def rollback(release: ModelRelease, to_version: int | None = None) -> int:
     shadow = release.labels.get(SHADOW)
     release.labels = {STABLE: to_version, **({SHADOW: shadow} if shadow not in (None, to_version) else {})}
     if SHADOW not in release.labels or release.shadow_label != SHADOW:
-        release.shadow_percent, release.shadow_label = 0, SHADOW
+        release.stop_mirroring()
     release.weights = {STABLE: 100}
     if not release.history or release.history[-1] != to_version:
         release.history.append(to_version)

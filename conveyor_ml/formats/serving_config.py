@@ -159,7 +159,8 @@ class TrafficWeights:
     """{model name: {version label: percent}}; labels resolve through models.config's version_labels.
 
     Two optional parts ride along (older servers ignore them): `shadows`, {model: {"label": L, "percent": P}}
-    (P % of live requests are mirrored to L's version in the background), and `route_keys`, {model: header}
+    (P % of live requests are mirrored to L's version in the background; with "pair": M, the requests L's
+    version serves are mirrored to M's), and `route_keys`, {model: header}
     (the split is by a hash of that request header, so one user stays on one version)."""
 
     models: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -188,8 +189,9 @@ def read_traffic(path: Path) -> TrafficWeights:
     shadows = document.get("shadow", {})
     if not isinstance(shadows, dict) or not all(
             isinstance(s, dict) and isinstance(s.get("label"), str) and isinstance(s.get("percent"), int)
-            and 0 <= s["percent"] <= 100 for s in shadows.values()):
-        raise ConveyorError(f'{path}: "shadow" must map models to {{"label": L, "percent": 0..100}}')
+            and 0 <= s["percent"] <= 100 and isinstance(s.get("pair", ""), str) for s in shadows.values()):
+        raise ConveyorError(f'{path}: "shadow" must map models to {{"label": L, "percent": 0..100}} (and an '
+                            'optional "pair": M)')
     route_keys = document.get("route_key", {})
     if not isinstance(route_keys, dict) or not all(isinstance(h, str) and h for h in route_keys.values()):
         raise ConveyorError(f'{path}: "route_key" must map models to a request header name')

@@ -1,7 +1,7 @@
 """The measurements an analysed canary is judged by: two scrapes of the model server's Prometheus endpoint
 make a window; per version the window holds its requests and failures, its latency histogram, its feedback,
-and — from the server's mirroring of canary requests to stable (serving/shadow.py) — how many canary
-answers agree with stable's on the same input. The canary is compared with stable over the same window.
+and — from the server's mirroring of requests between canary and stable (serving/shadow.py) — how many
+answers agree with the other version's on the same input. The canary is compared with stable over the same window.
 
 Only the server's own series are read (`conveyor_requests_total`, `conveyor_request_latency_seconds`,
 `conveyor_feedback_total`, `conveyor_shadow_instances_total`), so the analysis needs nothing but the
@@ -136,12 +136,13 @@ def judge(settings: CanaryAnalysisSettings, canary: VersionWindow, stable: Versi
                         None if ratio is None else ratio <= settings.max_p99_ratio,
                         f"p99 {_ms(canary_p99)} vs stable {_ms(baseline.p99_seconds)}"
                         + (f" (x{ratio:.2f}, max x{settings.max_p99_ratio:g})" if ratio is not None else "")))
-    # Agreement: the server mirrors canary requests to stable; stable's mirror figures count the canary
-    # instances whose class matches stable's answer to the same input.
-    agreement = stable.agreeing / stable.compared if stable.compared >= settings.min_requests else None
+    # Agreement: the server mirrors the canary's requests to stable and stable's to the canary; each
+    # version's mirror figures count the instances whose class matched the other version's answer.
+    compared, agreeing = stable.compared + canary.compared, stable.agreeing + canary.agreeing
+    agreement = agreeing / compared if compared >= settings.min_requests else None
     checks.append(Check("agreement", agreement, settings.min_agreement,
                         None if agreement is None else agreement >= settings.min_agreement,
-                        f"agreement {_percent(agreement)} on {stable.compared:.0f} (min {settings.min_agreement:.1%})"))
+                        f"agreement {_percent(agreement)} on {compared:.0f} (min {settings.min_agreement:.1%})"))
     drop = (canary.accuracy - stable.accuracy) * 100 if None not in (canary.accuracy, stable.accuracy) else None
     checks.append(Check("live_accuracy_drop_points", drop, settings.min_live_accuracy_drop,
                         None if drop is None else drop >= settings.min_live_accuracy_drop,

@@ -237,9 +237,12 @@ class CanaryAnalysis:
             if self.source.version is not None and release.labels.get(releases.SHADOW) == self.source.version:
                 version, figures, _ = end_shadow_phase(self.spec, release, self.url)
                 ended_shadow["summary"] = shadow_summary(figures)
-            if self.settings.min_agreement > 0 and releases.SHADOW not in release.labels:
-                # The server mirrors the canary's requests to stable: agreement request by request.
-                release.shadow_label, release.shadow_percent = releases.STABLE, 100
+            if self.settings.min_agreement > 0 and self.settings.mirror_percent and \
+                    releases.SHADOW not in release.labels:
+                # The server mirrors the canary's requests to stable and stable's to the canary: agreement
+                # request by request, with the same extra load on both versions' latency.
+                release.shadow_label, release.shadow_pair = releases.STABLE, releases.CANARY
+                release.shadow_percent = self.settings.mirror_percent
 
         started = start_canary(
             self.spec, self.model, self.source, steps[0], kind=CANARY_STEP_EXECUTION,

@@ -130,7 +130,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                                            model_spec.version.value if model_spec.HasField("version") else None,
                                            model_spec.version_label or None,
                                            route_key(self.server.traffic, model_spec.name,  # sticky split
-                                                     {k.lower(): v for k, v in context.invocation_metadata() or ()}))
+                                                     {k.lower(): v for k, v in context.invocation_metadata() or ()})
+                                           if self.server.traffic.route_keys else None)
             version = servable.version
             response = await work(servable)
         except ServingError as exc:

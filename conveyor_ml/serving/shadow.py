@@ -9,7 +9,9 @@ traffic) and records per shadowed request: whether the predicted classes agree, 
 are apart (total variation distance, 0..1, averaged over the request's instances), and both latencies.
 
 Which version shadows which model, and what share it sees, comes from traffic.json ("shadow": {model:
-{"label": "shadow", "percent": P}}), written by `conveyor release shadow` or a `release: shadow` push.
+{"label": "shadow", "percent": P}}), written by `conveyor release shadow` or a `release: shadow` push. A
+canary analysis mirrors both ways ({"label": "stable", "pair": "canary"}): the canary's requests to stable
+and stable's to the canary, so that both versions' latencies bear the same extra load.
 """
 from __future__ import annotations
 
@@ -134,7 +136,10 @@ class ShadowMirror:
             shadow = self._traffic().shadows.get(servable.model_name)
             if not shadow or random.random() * 100 >= shadow["percent"]:
                 return
-            version = self._registry.get(servable.model_name).labels().get(shadow["label"])
+            labels = self._registry.get(servable.model_name).labels()
+            version = labels.get(shadow["label"])
+            if version == servable.version and shadow.get("pair"):  # mirrored both ways (a canary analysis)
+                version = labels.get(shadow["pair"])
             if version is None or version == servable.version:
                 return
             copy = _Copy(servable.model_name, version, signature, inputs, outputs, live_seconds)

@@ -137,8 +137,9 @@ def test_a_shadowed_then_analysed_canary_walks_every_step_to_promotion(spec, ser
         traffic.join(timeout=30)
     assert analysis.returncode == 0, analysis.stdout[-3000:] + analysis.stderr[-3000:]
     output = analysis.stdout
+    print(output)
     assert "shadow phase of version 2 ended: shadowed on" in output
-    assert [line.split(":")[1].strip() for line in output.splitlines() if line.startswith("conveyor: step ")] == [
+    assert [line.split(": ")[2] for line in output.splitlines() if line.startswith("conveyor: step ")] == [
         "canary 2 at 20% for 3s", "canary 2 at 50% for 3s", "canary 2 at 100% for 3s"]
     assert output.count("-> pass") == 3 and "promoted: version 2 is stable (100%)" in output
     assert traffic.failures == []
@@ -207,7 +208,7 @@ def test_a_disagreeing_slow_shadow_is_measured_and_never_slows_live_requests(spe
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:  # until the server has the shadow split
         predict(server, images[0])
-        if requests.get(f"{server.rest_url}/v1/models/mnist/monitoring", timeout=5).json()["shadow"]["versions"]:
+        if "3" in requests.get(f"{server.rest_url}/v1/models/mnist/monitoring", timeout=5).json()["shadow"]["versions"]:
             break
         time.sleep(0.2)
     shadowed, failed = _latencies(server, images)
@@ -215,7 +216,7 @@ def test_a_disagreeing_slow_shadow_is_measured_and_never_slows_live_requests(spe
     three = figures["versions"]["3"]
     assert failed == []  # no live request failed
     assert three["dropped"] > 0  # 200 requests in flight against a shadow taking 100 ms each: the queue filled
-    assert three["requests"] >= 5 and three["agreement"] < 0.2 and three["mean_probability_difference"] > 0.3
+    assert three["requests"] >= 5 and three["agreement"] < 0.2 and three["mean_probability_difference"] > 0.3, three
     assert three["shadow_latency_ms"]["p50"] >= 100
     live_p50, base_p50 = np.percentile(shadowed, 50), np.percentile(baseline, 50)
     # Answered in line, every request would wait 100 ms for the shadow; the live median stays near its own.
@@ -269,5 +270,41 @@ def test_a_failing_canary_is_rolled_back_at_the_first_breach(spec, server, image
         if name == "conveyor_requests_total" and labels.get("api") == "predict" and labels.get("status") != "OK":
             failed_by_version[labels["version"]] += value - before.get((name, tuple(sorted(labels.items()))), 0)
     assert failed_by_version[str(stable)] == 0 and failed_by_version["4"] > 0  # ...and stable none
-    served_after, failed = _latencies(server, images, threads=1, per_thread=20)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the server applies the rollback within its poll interval
+        if requests.get(f"{server.rest_url}/v1/models/mnist/monitoring", timeout=5).json()["traffic"] == {
+                "stable": 100}:
+            break
+        time.sleep(0.2)
+    _, failed = _latencies(server, images, threads=1, per_thread=20)
     assert failed == []
+
+
+def test_sticky_routing_over_grpc_keeps_each_user_on_one_version(spec, server, images):
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from conveyor_ml.operations.release_commands import CanarySource, start_canary
+
+    loaded = load_spec(spec)
+    stable = releases.read_release(loaded.serving_base, "mnist").labels["stable"]
+    start_canary(loaded, "mnist", CanarySource(version=3), 50, route_key="X-User-Id")
+    server.wait_available("mnist", version=3)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # until the server serves the 50/50 split
+        if requests.get(f"{server.rest_url}/v1/models/mnist/monitoring", timeout=5).json()["traffic"] == {
+                "stable": 50, "canary": 50}:
+            break
+        time.sleep(0.2)
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(server.grpc_target))
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "mnist"
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto(images[:1]))
+    seen: dict[str, set[int]] = defaultdict(set)
+    for _ in range(3):
+        for user in USERS[:16]:
+            response = stub.Predict(request, timeout=30, metadata=(("x-user-id", user),))
+            seen[user].add(response.model_spec.version.value)
+    assert all(len(versions) == 1 for versions in seen.values()), seen
+    assert set().union(*seen.values()) == {stable, 3}  # 16 users at 50/50: both versions have some

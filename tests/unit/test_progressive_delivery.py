@@ -90,10 +90,11 @@ def test_a_shadow_that_becomes_the_canary_stops_being_mirrored(tmp_path):
 def test_the_canary_comparison_with_stable_ends_with_the_canary(tmp_path):
     release = _versions(tmp_path, 1, 2)
     releases.set_canary(release, 2, 100)
-    release.shadow_label, release.shadow_percent = "stable", 100
+    release.shadow_label, release.shadow_pair, release.shadow_percent = "stable", "canary", 100
     _commit(tmp_path, release)
-    assert config.read_traffic(tmp_path / config.TRAFFIC_FILE).shadows == {"mnist": {"label": "stable",
-                                                                                     "percent": 100}}
+    assert config.read_traffic(tmp_path / config.TRAFFIC_FILE).shadows == {"mnist": {
+        "label": "stable", "percent": 100, "pair": "canary"}}
+    assert releases.read_release(tmp_path, "mnist").shadow_pair == "canary"
     assert releases.drop_canary(release) == 2
     _commit(tmp_path, release)
     assert release.labels == {"stable": 1} and release.weights == {"stable": 100}
