@@ -54,12 +54,13 @@ def images(digits_eval):
 
 
 @pytest.fixture(scope="module")
-def misbehaving(trained_export, images, tmp_path_factory):
-    """The disagreeing-and-slow and the failing models, built from the pipeline's export in a child process;
+def misbehaving(spec, images, tmp_path_factory):
+    """The disagreeing-and-slow and the failing models, built from version 1's export in a child process;
     the failing one refuses images brighter than the median of the test images (about half of them)."""
     out = tmp_path_factory.mktemp("misbehaving")
+    export = load_spec(spec).serving_base / "mnist" / "1"
     threshold = float(np.median(images.reshape(len(images), -1).mean(axis=1)))
-    result = subprocess.run([sys.executable, "-m", "tests.progressive_models", str(trained_export), str(out),
+    result = subprocess.run([sys.executable, "-m", "tests.progressive_models", str(export), str(out),
                              "--delay-ms", "100", "--fail-above", str(threshold)], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -212,10 +213,15 @@ def test_a_disagreeing_slow_shadow_is_measured_and_never_slows_live_requests(spe
             break
         time.sleep(0.2)
     shadowed, failed = _latencies(server, images)
-    figures = requests.get(f"{server.rest_url}/v1/models/mnist/monitoring", timeout=5).json()["shadow"]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # the live requests are done; the shadow works off its queue
+        figures = requests.get(f"{server.rest_url}/v1/models/mnist/monitoring", timeout=5).json()["shadow"]
+        if figures["queue"]["depth"] == 0:
+            break
+        time.sleep(0.5)
     three = figures["versions"]["3"]
     assert failed == []  # no live request failed
-    assert three["dropped"] > 0  # 200 requests in flight against a shadow taking 100 ms each: the queue filled
+    assert three["dropped"] > 0  # 200 requests in a few seconds, a shadow taking 100 ms each: the queue filled
     assert three["requests"] >= 5 and three["agreement"] < 0.2 and three["mean_probability_difference"] > 0.3, three
     assert three["shadow_latency_ms"]["p50"] >= 100
     live_p50, base_p50 = np.percentile(shadowed, 50), np.percentile(baseline, 50)
