@@ -354,7 +354,8 @@ class CanaryAnalysis:
 
     def _superseded(self, measurements: list, steps_passed: int) -> Verdict:
         reason = "the canary was promoted, rolled back or replaced by another command during the analysis"
-        self._record(CANARY_VERDICT_EXECUTION, {"verdict": "superseded", "steps_passed": str(steps_passed)}, reason)
+        self._record(CANARY_VERDICT_EXECUTION, {"verdict": "superseded", "steps_passed": str(steps_passed),
+                                                "summary": f"superseded: {reason}"}, reason)
         self.say(f"conveyor: {self.model}: analysis stopped: {reason}")
         return Verdict("superseded", self.version, reason, steps_passed, measurements)
 
@@ -374,7 +375,8 @@ class CanaryAnalysis:
         if changed is None:
             return self._superseded(measurements, steps_passed)
         self._record(CANARY_VERDICT_EXECUTION, {"verdict": verdict, "steps_passed": str(steps_passed),
-                                                "stable_after": str(changed.labels[releases.STABLE])}, reason)
+                                                "stable_after": str(changed.labels[releases.STABLE]),
+                                                "summary": f"{verdict.replace('_', ' ')}: {reason}"}, reason)
         what = (f"promoted: version {self.version} is stable (100%)" if move == "promoted"
                 else f"rolled back: version {self.version} removed, stable {changed.labels[releases.STABLE]} at 100%")
         self.say(f"conveyor: {self.model}: {what} — {reason}")

@@ -169,7 +169,7 @@ def test_a_shadowed_then_analysed_canary_walks_every_step_to_promotion(spec, ser
     assert lineage.returncode == 0, lineage.stderr
     text = lineage.stdout
     for expected in ("shadowreport at", "shadowed on", "canarystep at", "canarymeasurement at", "step 3 (100%)",
-                     "canaryverdict at", "all 3 steps inside the thresholds"):
+                     "canaryverdict at", "promoted: all 3 steps inside the thresholds"):
         assert expected in text, text
     assert text.index("shadowed on") < text.index("canarymeasurement at") < text.index("canaryverdict at")
 
