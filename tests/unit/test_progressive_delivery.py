@@ -272,3 +272,16 @@ def test_the_scheduler_starts_a_pending_analysis_once(tmp_path):
         child.wait()
     log = (spec.workspace / ".conveyor" / "schedule.log").read_text()
     assert "canary analysis of mnist version 2 started" in log and log.count("started (pid") == 1
+
+
+def test_monitor_prints_one_line_per_shadow_version():
+    from conveyor_ml.operations.monitor import shadow_lines
+
+    document = {"shadow": {"queue": {"depth": 3, "capacity": 64}, "versions": {"3": {
+        "label": "shadow", "percent": 25, "requests": 4812, "instances": 4812, "agreement": 0.991,
+        "mean_probability_difference": 0.0123, "errors": 0, "dropped": 17,
+        "live_latency_ms": {"p50": 2.1, "p99": 9.0}, "shadow_latency_ms": {"p50": 3.4, "p99": 12.0}}}}}
+    [line] = shadow_lines({"mnist": document})
+    assert line == ("shadow mnist v3 (shadow, 25%): 4,812 requests, 99.1% agreement, mean probability difference "
+                    "0.012, p50 live 2.1 ms / shadow 3.4 ms, 17 dropped, 0 failed (queue 3/64)")
+    assert shadow_lines({"mnist": {"versions": {}}}) == []
