@@ -19,6 +19,7 @@ from pathlib import Path
 from benchmarks.common import RESULTS, machine
 
 ROOT = Path(__file__).resolve().parent.parent
+KILLS_PER_OPERATION = 100  # the suite runs 30 each to keep CI short
 START, END = "<!-- releases-and-cli: start -->", "<!-- releases-and-cli: end -->"
 
 
@@ -28,7 +29,8 @@ def run_suites() -> tuple[dict, dict, float]:
         started = time.monotonic()
         subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                         "tests/e2e/test_release_crashes.py", "tests/unit/test_cli_mistakes.py"], cwd=ROOT, check=True,
-                       env={**os.environ, "CONVEYOR_RELIABILITY_REPORT": str(crashes),
+                       env={**os.environ, "CONVEYOR_RELEASE_KILLS": str(KILLS_PER_OPERATION),
+                            "CONVEYOR_RELIABILITY_REPORT": str(crashes),
                             "CONVEYOR_RELIABILITY_REPORT_CLI": str(cli)})
         return json.loads(crashes.read_text()), json.loads(cli.read_text()), time.monotonic() - started
 

@@ -21,8 +21,10 @@ STEPS = [
     ("serving", ["--seconds", "3", "--repeats", "3"]),
     ("hot_swap", ["--swaps", "3"]),
     ("lineage", ["--runs", "200"]),
+    ("release_reliability", []),  # 300 SIGKILLs of releases, every CLI mistake
     ("scale", []),  # 10k, 100k and 1M examples end to end: the longest by far
 ]
+RESULT_FILE = {"release_reliability": "reliability"}  # shared with the model server's fault figures
 
 
 def plots() -> list[str]:
@@ -96,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     total = time.perf_counter() - started
     sections = []
     for name, _ in STEPS:
-        text = (RESULTS / f"{name}.md").read_text().split("\n", 1)[1].strip()
+        result = RESULT_FILE.get(name, name)
+        text = (RESULTS / f"{result}.md").read_text().split("\n", 1)[1].strip()
         took = f"{durations[name]:.0f} s" if name in durations else "from an earlier run"
-        sections.append(f"## {name.replace('_', ' ').capitalize()} ([{name}.md]({name}.md), {took})\n\n{text}")
+        sections.append(f"## {name.replace('_', ' ').capitalize()} ([{result}.md]({result}.md), {took})\n\n{text}")
     readme = (
         "# Benchmark results\n\n"
         f"`make bench` on {info['date']}: {info['cores']} cores ({info['cpu']}), {info['system']}, Python "
