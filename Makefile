@@ -6,6 +6,9 @@ PYTHON := $(VENV)/bin/python
 CONVEYOR := $(VENV)/bin/conveyor
 SPEC ?= pipelines/mnist.yaml
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist). Each test file runs whole on one worker, so its servers and fixtures are
+# started once; the session's pipeline runs are built once and shared (tests/e2e/conftest.py).
+TEST_WORKERS ?= 2
 # The container `make image` builds: set kubeflow.image and --sdk_container_image to it (README: Data at scale).
 VERSION := $(shell sed -n 's/.*version="\([^"]*\)".*/\1/p' setup.py)
 IMAGE ?= conveyor:$(VERSION)
@@ -26,10 +29,10 @@ pipeline: setup
 	$(CONVEYOR) run $(SPEC)
 
 test: setup
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PYTHON) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 serve: setup
 	$(CONVEYOR) serve --spec $(SPEC)

@@ -1,6 +1,11 @@
-"""The "custom Flask service" users start with: one SavedModel behind a JSON endpoint, Flask's threaded server.
+"""The "custom Flask service" users start with: one SavedModel behind a JSON endpoint.
 
-Run by benchmarks/serving.py as the baseline: python -m benchmarks.flask_baseline SAVED_MODEL_DIR PORT
+Run by benchmarks/serving.py as the baseline, two ways:
+- Werkzeug's development server (threaded): python -m benchmarks.flask_baseline SAVED_MODEL_DIR PORT
+- a production WSGI server, as a user comparing honestly would deploy it: gunicorn with one worker per core,
+  `gunicorn -w CORES --threads 4 'benchmarks.flask_baseline:create_app("SAVED_MODEL_DIR")'`.
+It answers what `conveyor serve` answers for the same request: every output of the signature, TF Serving's
+row format ({"predictions": [{"class_ids": …, "probabilities": …, "logits": …}]}).
 """
 from __future__ import annotations
 
@@ -24,8 +29,9 @@ def create_app(saved_model_dir: str) -> Flask:
     @app.post("/predict")
     def handle():
         images = np.asarray(request.get_json()["instances"], dtype=np.float32)
-        outputs = predict(**{input_name: tf.constant(images)})
-        return jsonify({"predictions": outputs["class_ids"].numpy().tolist()})
+        outputs = {name: value.numpy().tolist() for name, value in predict(**{input_name: tf.constant(images)}).items()}
+        rows = len(images)
+        return jsonify({"predictions": [{name: value[row] for name, value in outputs.items()} for row in range(rows)]})
 
     return app
 

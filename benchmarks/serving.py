@@ -1,20 +1,29 @@
-"""Serving throughput and latency: `conveyor serve` over REST and gRPC, batching on and off, against the Flask
-service users start with, and the in-process ceiling, at concurrency 1, 8 and 32.
+"""Serving throughput and latency, measured fairly: `conveyor serve` over REST and gRPC (batching on and off, the
+SavedModel and its TFLite float32 variant), the Flask service users start with (Werkzeug's development server,
+and the same app under gunicorn, one worker per core), and two ceilings from the same run: the model called
+in-process at each batch size, and the transport (the same HTTP and gRPC stack answering a fixed response).
 
-Load generators are native, so the client is not the bottleneck: wrk (Debian's `wrk`) for REST, and
-h2load (Debian's `nghttp2-client`) for gRPC, sending the serialized PredictRequest as a gRPC frame over
-HTTP/2 (the request is checked with the official client first, and every answer's grpc-status is read
-from h2load's log... h2load sees HTTP status only, so errors are counted by a post-run status query).
-Every request carries one image, so batching is what the server does with concurrent requests. Client
-and server share the machine's cores, as they do on a laptop; the results say how many.
+Fairness:
+- Load generators are native (wrk for REST, h2load for gRPC) with the same number of client threads (2, or
+  1 at concurrency 1) and the same shape of load: `concurrency` connections with one request in flight each.
+- Throughput divides answered requests by the duration each tool measured, not by the nominal one.
+- Errors count: wrk counts non-2xx answers; h2load sees only HTTP statuses, and gRPC errors travel in
+  trailers, so every gRPC run is checked on the server's side too: the OK count of TF Serving's
+  `:tensorflow:serving:request_count` series must grow by what h2load counted, anything else is an error.
+  Before and after each server's runs a sample of answers (REST and gRPC) is compared with the model's own
+  output for the request.
+- Every request carries one image; batching uses exactly what `make serve` uses (the spec's defaults,
+  conveyor_ml/base/spec.py BatchingSettings), and the results say so.
+Client and server share this machine's cores, as they do on a laptop; the results record the load average.
 
-Run: make bench (or .venv/bin/python -m benchmarks.serving). Needs a pushed model (make pipeline), wrk and h2load.
+Run: make bench (or .venv/bin/python -m benchmarks.serving). Needs a pushed model (make pipeline), wrk, h2load.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +35,7 @@ from pathlib import Path
 from benchmarks.common import spread, write_results
 
 CONCURRENCY = (1, 8, 32)
+TOP = max(CONCURRENCY)
 WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.body = [==[%s]==]
@@ -39,12 +49,17 @@ end
 """
 
 
+def client_threads(concurrency: int) -> int:
+    return min(2, concurrency)
+
+
 def wrk_load(url: str, body: str, concurrency: int, seconds: float) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
         script.write(WRK_SCRIPT % body)
     try:
-        out = subprocess.run(["wrk", f"-t{min(2, concurrency)}", f"-c{concurrency}", f"-d{seconds:g}s", "--timeout", "10s",
-                              "-s", script.name, url], capture_output=True, text=True, timeout=seconds + 60)
+        out = subprocess.run(["wrk", f"-t{client_threads(concurrency)}", f"-c{concurrency}", f"-d{seconds:g}s",
+                              "--timeout", "10s", "-s", script.name, url], capture_output=True, text=True,
+                             timeout=seconds + 60)
     finally:
         os.unlink(script.name)
     line = next((x for x in out.stdout.splitlines() if x.startswith("WRK_JSON ")), None)
@@ -56,8 +71,7 @@ def wrk_load(url: str, body: str, concurrency: int, seconds: float) -> dict:
             "p50_ms": raw["p50_us"] / 1000, "p95_ms": raw["p95_us"] / 1000, "p99_ms": raw["p99_us"] / 1000}
 
 
-def grpc_frame(model: str, image_shape) -> bytes:
-    """One gRPC message: a 0 compression flag, the big-endian length, then the serialized PredictRequest."""
+def predict_request(model: str, image_shape):
     import numpy as np
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2
@@ -65,46 +79,60 @@ def grpc_frame(model: str, image_shape) -> bytes:
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model
     request.inputs["images"].CopyFrom(tf.make_tensor_proto(np.full((1, *image_shape), 7.0, np.float32)))
+    return request
+
+
+def grpc_frame(request) -> bytes:
+    """One gRPC message: a 0 compression flag, the big-endian length, then the serialized request."""
     payload = request.SerializeToString()
     return b"\x00" + len(payload).to_bytes(4, "big") + payload
 
 
-def check_grpc_request(target: str, frame: bytes) -> None:
-    """The bytes h2load sends are a request the official client's server answers (not an error)."""
-    import grpc
-    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+def grpc_ok_count(rest_url: str, model: str) -> float:
+    """The server's count of gRPC-and-REST calls answered OK for `model` (TF Serving's series)."""
+    with urllib.request.urlopen(f"{rest_url}/monitoring/prometheus/metrics", timeout=30) as response:
+        page = response.read().decode()
+    series = f':tensorflow:serving:request_count{{model_name="{model}",status="OK"}} '
+    pattern = re.compile("^" + re.escape(series) + r"(\S+)$", re.M)
+    match = pattern.search(page)
+    return float(match.group(1)) if match else 0.0
 
-    request = predict_pb2.PredictRequest.FromString(frame[5:])
-    with grpc.insecure_channel(target) as channel:
-        prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
 
-
-def h2load_grpc(target: str, frame_file: str, concurrency: int, seconds: float) -> dict:
+def h2load_grpc(target: str, frame_file: str, concurrency: int, seconds: float,
+                ok_count=None) -> dict:
+    """h2load with wrk's shape of load: `concurrency` connections, one stream in flight on each. `ok_count()`
+    reads the server's OK count: what h2load saw answered but the server did not count OK is an error."""
     import numpy as np
 
-    connections = min(concurrency, 4)
+    before = ok_count() if ok_count else None
     with tempfile.NamedTemporaryFile(suffix=".log", delete=False) as log:
         pass
     try:
         out = subprocess.run(
-            ["h2load", "-t", "1", "-c", str(connections), "-m", str(concurrency // connections), "-D", f"{seconds:g}",
-             "-d", frame_file, "-H", "content-type: application/grpc", "-H", "te: trailers",
+            ["h2load", "-t", str(client_threads(concurrency)), "-c", str(concurrency), "-m", "1",
+             "-D", f"{seconds:g}", "-d", frame_file, "-H", "content-type: application/grpc", "-H", "te: trailers",
              "--log-file", log.name, f"http://{target}/tensorflow.serving.PredictionService/Predict"],
             capture_output=True, text=True, timeout=seconds + 60)
         rows = [line.split("\t") for line in Path(log.name).read_text().splitlines() if line.strip()]
     finally:
         os.unlink(log.name)
-    if not rows:
+    finished = re.search(r"finished in ([\d.]+)(m?s)", out.stdout)
+    if not rows or not finished:
         raise RuntimeError(f"no gRPC answers from {target} in {seconds:g}s: {out.stdout[-800:]}{out.stderr}")
+    duration = float(finished.group(1)) / (1000 if finished.group(2) == "ms" else 1)
     # log columns: start time (µs since epoch), HTTP status, elapsed µs
     latencies = np.array([int(r[2]) for r in rows if r[1] == "200"]) / 1000
     errors = sum(1 for r in rows if r[1] != "200")
-    return {"requests": len(rows), "errors": errors, "qps": len(latencies) / seconds,
+    if ok_count:
+        counted_ok = ok_count() - before
+        errors += max(0, int(len(latencies) - counted_ok))
+    ok = len(rows) - errors
+    return {"requests": len(rows), "errors": errors, "qps": ok / duration,
             "p50_ms": float(np.percentile(latencies, 50)), "p95_ms": float(np.percentile(latencies, 95)),
             "p99_ms": float(np.percentile(latencies, 99))}
 
 
-def wait_http(url: str, timeout: float = 120, body: bytes | None = None) -> None:
+def wait_http(url: str, timeout: float = 180, body: bytes | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -120,24 +148,112 @@ def repeated(measure, repeats: int) -> dict:
     runs = [measure() for _ in range(repeats)]
     figures = {key: spread([r[key] for r in runs]) for key in ("qps", "p50_ms", "p95_ms", "p99_ms")}
     figures["errors"] = sum(r["errors"] for r in runs)
+    figures["requests"] = sum(r["requests"] for r in runs)
     return figures
 
 
-def in_process_ceiling(saved_model_dir: str, image_shape, seconds: float) -> dict:
+def check_answers(rest_url: str, grpc_target: str, model: str, body: str, request, expected: dict,
+                  samples: int = 10) -> None:
+    """A sample of REST and gRPC answers equals the model's own output for the request."""
+    import grpc
     import numpy as np
     import tensorflow as tf
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-    predict = tf.saved_model.load(saved_model_dir).signatures["serving_default"]
+    for _ in range(samples):
+        with urllib.request.urlopen(urllib.request.Request(f"{rest_url}/v1/models/{model}:predict", data=body.encode(),
+                                                           headers={"Content-Type": "application/json"}), timeout=30) as r:
+            [row] = json.loads(r.read())["predictions"]
+        for name, value in expected.items():
+            np.testing.assert_allclose(np.asarray(row[name]), value[0], rtol=1e-4, atol=1e-5, err_msg=f"REST {name}")
+    with grpc.insecure_channel(grpc_target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        for _ in range(samples):
+            response = stub.Predict(request, timeout=30)
+            for name, value in expected.items():
+                np.testing.assert_allclose(tf.make_ndarray(response.outputs[name]), value, rtol=1e-4, atol=1e-5,
+                                           err_msg=f"gRPC {name}")
+
+
+def in_process_ceiling(saved_model_dir: str, image_shape, seconds: float) -> dict:
+    """Examples/s of the model alone at each batch size, run as the server runs it (its session, by tensor name)."""
+    import numpy as np
+
+    from conveyor_ml.serving.servable import SavedModelServable
+
+    servable = SavedModelServable("ceiling", 1, Path(saved_model_dir))
     ceiling = {}
     for batch in CONCURRENCY:
-        images = tf.constant(np.zeros((batch, *image_shape), np.float32))
-        predict(images=images)
+        images = {"images": np.zeros((batch, *image_shape), np.float32)}
+        servable.predict("", images)
         calls, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            predict(images=images)
+            servable.predict("", images)
             calls += 1
         ceiling[batch] = calls * batch / (time.perf_counter() - start)
+    servable.close()
     return ceiling
+
+
+def short_frame(frame: str) -> str:
+    """py-spy's "function (path/to/package/file.py:line)" as "function (package/file.py)": lines pooled."""
+    match = re.fullmatch(r"(.*) \((.*?)(?::\d+)?\)", frame.strip())
+    if not match:
+        return frame.strip()
+    return f"{match.group(1)} ({'/'.join(Path(match.group(2)).parts[-2:])})"
+
+
+# Frames every sampled stack of the event loop runs under (the process's start-up, the loop itself): their
+# "total" share says nothing about where the time goes, so the table leaves them out.
+OUTER_FRAMES = ("(runpy.py)", "(conveyor_ml/cli.py)", "(asyncio/runners.py)", "(serving/server.py)", "(threading.py)")
+
+
+def profile_server(pid: int, url: str, body: str, seconds: float, top: int = 30) -> dict:
+    """Samples the server with py-spy while wrk loads it at the top concurrency: per function (file and name, all
+    lines together), the share of samples it was running in itself (own) and anywhere on the stack (total).
+    Only the thread holding the GIL is sampled: this is where Python work goes (the model's own run, epoll
+    and grpc's poller release the GIL), and on 2 cores Python work is what the server is short of."""
+    spy_binary = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    with tempfile.NamedTemporaryFile(suffix=".txt", delete=False) as out:
+        pass
+    try:
+        spy = subprocess.Popen([spy_binary, "record", "--pid", str(pid), "--duration", f"{max(1, round(seconds))}",
+                                "--rate", "250", "--gil", "--nonblocking", "--format", "raw", "--output", out.name],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(0.5)  # attached before the load starts
+        wrk_load(url, body, TOP, seconds)
+        _, error = spy.communicate(timeout=seconds + 60)
+        stacks = Path(out.name).read_text().splitlines()
+    finally:
+        os.unlink(out.name)
+    own: dict[str, int] = {}
+    total: dict[str, int] = {}
+    samples = 0
+    for line in stacks:
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        samples += count
+        frames = [short_frame(frame) for frame in stack.split(";")]
+        frames = [frame for frame in frames if not frame.startswith(("process ", "thread "))]
+        if not frames:
+            continue
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            total[frame] = total.get(frame, 0) + count
+    if not samples:
+        return {"samples": 0, "error": (error or "no samples")[-300:], "own": [], "total": []}
+
+    def share(counts: dict[str, int]) -> list[list]:
+        ranked = sorted(counts.items(), key=lambda item: -item[1])[:top]
+        return [[name, count / samples] for name, count in ranked]
+
+    return {"samples": samples, "own": share(own), "total": share(total)}
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,10 +262,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="mnist")
     parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-profile", dest="profile", action="store_false",
+                        help="skip sampling the server with py-spy under load")
     args = parser.parse_args(argv)
 
     from conveyor_ml.base.ports import free_port
     from conveyor_ml.base.server_process import ServerProcess
+    from conveyor_ml.base.spec import BatchingSettings
     from conveyor_ml.formats.release_state import versions_on_disk
 
     model_dir = Path(args.base_path) / args.model
@@ -157,72 +276,198 @@ def main(argv: list[str] | None = None) -> int:
     if not versions:
         print(f"benchmarks.serving: no pushed versions under {model_dir}; run `make pipeline` first", file=sys.stderr)
         return 2
-    missing = [tool for tool, package in (("wrk", "wrk"), ("h2load", "nghttp2-client")) if shutil.which(tool) is None]
+    missing = [tool for tool in ("wrk", "h2load") if shutil.which(tool) is None]
     if missing:
         print(f"benchmarks.serving: {' and '.join(missing)} not found; install with `apt-get install wrk "
               "nghttp2-client` (make bench does)", file=sys.stderr)
         return 2
-    saved_model = str(versions[max(versions)])
-    import tensorflow as tf
+    saved_model = versions[max(versions)]
+    tflite_model = saved_model / "tflite" / "float32.tflite"
+    import numpy as np
 
-    loaded = tf.saved_model.load(saved_model).signatures["serving_default"]
-    image_shape = tuple(loaded.structured_input_signature[1]["images"].shape[1:])
+    from conveyor_ml.serving.servable import SavedModelServable
+
+    probe = SavedModelServable(args.model, 1, saved_model)
+    image_shape = tuple(d.size for d in probe.signature_defs["serving_default"].inputs["images"].tensor_shape.dim[1:])
+    expected = probe.predict("", {"images": np.full((1, *image_shape), 7.0, np.float32)})
+    probe.close()
     body = json.dumps({"instances": [[[7.0] * image_shape[1]] * image_shape[0]]})
+    request = predict_request(args.model, image_shape)
+    batching = BatchingSettings()
+    loads = [load_average()]
 
     results: dict[str, dict] = {}
+    profile: dict = {}
     with tempfile.TemporaryDirectory() as scratch:
-        frame_file = Path(scratch) / "predict.grpc"
-        frame_file.write_bytes(grpc_frame(args.model, image_shape))
-        batching_file = Path(scratch) / "batching.config"
-        batching_file.write_text("max_batch_size { value: 32 }\nbatch_timeout_micros { value: 1000 }\n"
-                                 "max_enqueued_batches { value: 100 }\nnum_batch_threads { value: 2 }\n")
-        for batching in (True, False):
-            flags = ["--model_name", args.model, "--model_base_path", str(model_dir.resolve())]
-            if batching:
-                flags += ["--enable_batching", "--batching_parameters_file", str(batching_file)]
-            server = ServerProcess(*flags)
+        scratch = Path(scratch)
+        frame_file = scratch / "predict.grpc"
+        frame_file.write_bytes(grpc_frame(request))
+        batching_file = scratch / "batching.config"
+        batching_file.write_text(f"max_batch_size {{ value: {batching.max_batch_size} }}\n"
+                                 f"batch_timeout_micros {{ value: {batching.batch_timeout_micros} }}\n"
+                                 f"max_enqueued_batches {{ value: {batching.max_enqueued_batches} }}\n"
+                                 f"num_batch_threads {{ value: {batching.num_batch_threads} }}\n")
+        tflite_base = scratch / "tflite" / args.model
+        (tflite_base / "1").mkdir(parents=True)
+        if tflite_model.is_file():  # TF Serving's layout: model.tflite in the version directory
+            shutil.copy(tflite_model, tflite_base / "1" / "model.tflite")
+        configurations = [
+            ("conveyor", "batching on", ["--model_base_path", str(model_dir.resolve()), "--enable_batching",
+                                         "--batching_parameters_file", str(batching_file)]),
+            ("conveyor", "batching off", ["--model_base_path", str(model_dir.resolve())]),
+        ]
+        if tflite_model.is_file():
+            configurations.append(("conveyor TFLite f32", "batching off",
+                                   ["--model_base_path", str(tflite_base), "--prefer_tflite_model"]))
+        for name, state, flags in configurations:
+            server = ServerProcess("--model_name", args.model, "--enable_prometheus", *flags)
             try:
-                server.wait_available(args.model)
+                server.wait_available(args.model, timeout=300)
                 url = f"{server.rest_url}/v1/models/{args.model}:predict"
+                check_answers(server.rest_url, server.grpc_target, args.model, body, request, expected)
                 wrk_load(url, body, 8, 1)  # warm-up
-                check_grpc_request(server.grpc_target, frame_file.read_bytes())
-                state = "on" if batching else "off"
+                h2load_grpc(server.grpc_target, str(frame_file), 8, 1)
                 for concurrency in CONCURRENCY:
-                    print(f"conveyor batching {state}, concurrency {concurrency}", flush=True)
-                    results[f"conveyor REST, batching {state}|{concurrency}"] = repeated(
+                    print(f"{name} {state}, concurrency {concurrency}", flush=True)
+                    results[f"{name} REST, {state}|{concurrency}"] = repeated(
                         lambda c=concurrency, u=url: wrk_load(u, body, c, args.seconds), args.repeats)
-                    results[f"conveyor gRPC, batching {state}|{concurrency}"] = repeated(
-                        lambda c=concurrency, t=server.grpc_target: h2load_grpc(t, str(frame_file), c, args.seconds),
-                        args.repeats)
+                    results[f"{name} gRPC, {state}|{concurrency}"] = repeated(
+                        lambda c=concurrency, s=server: h2load_grpc(
+                            s.grpc_target, str(frame_file), c, args.seconds,
+                            lambda: grpc_ok_count(s.rest_url, args.model)), args.repeats)
+                check_answers(server.rest_url, server.grpc_target, args.model, body, request, expected)
+                if args.profile and name == "conveyor" and state == "batching on":
+                    print(f"profiling {name} {state}, REST concurrency {TOP}", flush=True)
+                    profile = profile_server(server.pid, url, body, args.seconds)
             finally:
                 server.stop()
+            loads.append(load_average())
 
-        port = free_port()
-        flask = subprocess.Popen([sys.executable, "-m", "benchmarks.flask_baseline", saved_model, str(port)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # The same answers, precomputed, from the same stack with no model: the transport ceiling.
+        from tensorflow_serving.apis import predict_pb2
+
+        from conveyor_ml.serving.json_codec import encode_predict
+        from conveyor_ml.serving.tensors import tensor_proto
+
+        rest_answer, grpc_answer = scratch / "answer.json", scratch / "answer.pb"
+
+        rest_answer.write_bytes(encode_predict(expected, "row"))
+        answer = predict_pb2.PredictResponse()
+        answer.model_spec.name = args.model
+        for key, value in expected.items():
+            answer.outputs[key].CopyFrom(tensor_proto(value))
+        grpc_answer.write_bytes(answer.SerializeToString())
+        rest_port, grpc_port = free_port(), free_port()
+        ceiling_server = subprocess.Popen([sys.executable, "-m", "benchmarks.transport_ceiling", str(rest_port),
+                                           str(grpc_port), str(rest_answer), str(grpc_answer)],
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            url = f"http://127.0.0.1:{port}/predict"
+            url = f"http://127.0.0.1:{rest_port}/v1/models/{args.model}:predict"
             wait_http(url, body=body.encode())
             wrk_load(url, body, 8, 1)
             for concurrency in CONCURRENCY:
-                print(f"Flask, concurrency {concurrency}", flush=True)
-                results[f"Flask (threaded)|{concurrency}"] = repeated(
+                print(f"transport ceiling, concurrency {concurrency}", flush=True)
+                results[f"transport ceiling REST (no model)|{concurrency}"] = repeated(
                     lambda c=concurrency: wrk_load(url, body, c, args.seconds), args.repeats)
+                results[f"transport ceiling gRPC (no model)|{concurrency}"] = repeated(
+                    lambda c=concurrency: h2load_grpc(f"127.0.0.1:{grpc_port}", str(frame_file), c, args.seconds),
+                    args.repeats)
         finally:
-            flask.terminate()
-            flask.wait(timeout=30)
+            ceiling_server.terminate()
+            ceiling_server.wait(timeout=30)
+        loads.append(load_average())
 
-    ceiling = in_process_ceiling(saved_model, image_shape, args.seconds)
-    write_results("serving", {"model": saved_model, "seconds": args.seconds, "repeats": args.repeats,
-                              "results": results, "in_process_examples_per_s": ceiling},
-                  markdown(results, ceiling, args))
+        cores = os.cpu_count() or 1
+        baselines = [
+            ("Flask (Werkzeug dev server, threaded)", [sys.executable, "-m", "benchmarks.flask_baseline",
+                                                       str(saved_model), "{port}"]),
+            (f"Flask (gunicorn, {cores} workers x 4 threads)",
+             [str(Path(sys.executable).parent / "gunicorn"), "-w", str(cores), "--threads", "4", "-b",
+              "127.0.0.1:{port}", "--log-level", "warning", f'benchmarks.flask_baseline:create_app("{saved_model}")']),
+        ]
+        for name, command in baselines:
+            port = free_port()
+            process = subprocess.Popen([part.replace("{port}", str(port)) for part in command],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                url = f"http://127.0.0.1:{port}/predict"
+                wait_http(url, body=body.encode())
+                with urllib.request.urlopen(urllib.request.Request(url, data=body.encode(), headers={
+                        "Content-Type": "application/json"}), timeout=30) as answer_file:
+                    [row] = json.loads(answer_file.read())["predictions"]
+                for key, value in expected.items():  # the same outputs as conveyor serve's
+                    np.testing.assert_allclose(np.asarray(row[key]), value[0], rtol=1e-4, atol=1e-5)
+                wrk_load(url, body, 8, 1)
+                for concurrency in CONCURRENCY:
+                    print(f"{name}, concurrency {concurrency}", flush=True)
+                    results[f"{name}|{concurrency}"] = repeated(
+                        lambda c=concurrency, u=url: wrk_load(u, body, c, args.seconds), args.repeats)
+            finally:
+                process.terminate()
+                process.wait(timeout=30)
+            loads.append(load_average())
+
+    ceiling = in_process_ceiling(str(saved_model), image_shape, args.seconds)
+    settings = {"max_batch_size": batching.max_batch_size, "batch_timeout_micros": batching.batch_timeout_micros,
+                "max_enqueued_batches": batching.max_enqueued_batches,
+                "num_batch_threads": batching.num_batch_threads}
+    write_results("serving", {"model": str(saved_model), "seconds": args.seconds, "repeats": args.repeats,
+                              "batching": settings, "load_average_1_5_15": loads, "results": results,
+                              "in_process_examples_per_s": ceiling, "profile": profile},
+                  markdown(results, ceiling, args, settings, loads, profile))
     return 0
 
 
-def markdown(results: dict, ceiling: dict, args) -> str:
-    def median(name: str, concurrency: int, key: str) -> float:
-        return results[f"{name}|{concurrency}"][key]["median"]
+def targets(results: dict) -> list[tuple[str, float, float]]:
+    """(target, measured ratio, the ratio that meets it) at the top concurrency; missing rows are skipped."""
+    def median(name: str, concurrency: int, key: str) -> float | None:
+        row = results.get(f"{name}|{concurrency}")
+        return row[key]["median"] if row else None
 
+    gunicorn = next((key.split("|")[0] for key in results if key.startswith("Flask (gunicorn")), None)
+    rest_on, grpc_on = median("conveyor REST, batching on", TOP, "qps"), median("conveyor gRPC, batching on", TOP, "qps")
+    checks = [
+        ("REST (batching on) ≥ 3× gunicorn-Flask throughput", rest_on, median(gunicorn, TOP, "qps"), 3.0),
+        ("REST (batching on): lower P99 than gunicorn-Flask (ratio of P99s)",
+         median(gunicorn, TOP, "p99_ms"), median("conveyor REST, batching on", TOP, "p99_ms"), 1.0),
+        ("gRPC ≥ 1.2× REST (batching on)", grpc_on, rest_on, 1.2),
+        ("gRPC ≥ 1.2× REST (batching off)", median("conveyor gRPC, batching off", TOP, "qps"),
+         median("conveyor REST, batching off", TOP, "qps"), 1.2),
+        ("REST (batching on) ≥ 50 % of the REST transport ceiling", rest_on,
+         median("transport ceiling REST (no model)", TOP, "qps"), 0.5),
+        ("gRPC (batching on) ≥ 50 % of the gRPC transport ceiling", grpc_on,
+         median("transport ceiling gRPC (no model)", TOP, "qps"), 0.5),
+        ("batching on: P50 at concurrency 1 within 20 % of batching off (off/on ratio ≥ 0.83)",
+         median("conveyor REST, batching off", 1, "p50_ms"), median("conveyor REST, batching on", 1, "p50_ms"),
+         1 / 1.2),
+        ("TFLite f32 ≥ 2× the SavedModel at concurrency 1 (REST, batching off)",
+         median("conveyor TFLite f32 REST, batching off", 1, "qps"), median("conveyor REST, batching off", 1, "qps"),
+         2.0),
+        ("TFLite f32 ≥ 2× the SavedModel at concurrency 1 (gRPC, batching off)",
+         median("conveyor TFLite f32 gRPC, batching off", 1, "qps"), median("conveyor gRPC, batching off", 1, "qps"),
+         2.0),
+        ("REST (batching on) vs the Werkzeug dev server (for reference)", rest_on,
+         median("Flask (Werkzeug dev server, threaded)", TOP, "qps"), 0.0),
+    ]
+    return [(what, top / bottom, goal) for what, top, bottom, goal in checks if top and bottom]
+
+
+def profile_markdown(profile: dict) -> str:
+    if not profile.get("samples"):
+        return ("Profile: not taken" + (f" ({profile['error'].strip()})" if profile.get("error") else "")
+                + ".\n")
+    lines = [f"Where the server's Python time goes (py-spy --gil: {profile['samples']:,} samples of the thread "
+             f"holding the GIL while wrk ran REST at concurrency {TOP}, batching on; the model's own run releases "
+             "the GIL and is not in them): the functions it spent most time in themselves (own), and those most "
+             "often on the stack (total, the process's start-up and the event loop's own frames left out).\n",
+             "| own | function | | total | function |", "|---|---|---|---|---|"]
+    inner = [entry for entry in profile["total"] if not entry[0].endswith(OUTER_FRAMES)]
+    for (own_name, own_share), (total_name, total_share) in list(zip(profile["own"], inner))[:15]:
+        lines.append(f"| {own_share:.1%} | `{own_name}` | | {total_share:.1%} | `{total_name}` |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(results: dict, ceiling: dict, args, settings: dict, loads: list, profile: dict) -> str:
     rows = []
     for key, figures in results.items():
         name, concurrency = key.split("|")
@@ -230,30 +475,37 @@ def markdown(results: dict, ceiling: dict, args) -> str:
                     f"({figures['qps']['min']:,.0f}–{figures['qps']['max']:,.0f}) | {figures['p50_ms']['median']:.2f} | "
                     f"{figures['p95_ms']['median']:.2f} | {figures['p99_ms']['median']:.2f} "
                     f"({figures['p99_ms']['min']:.2f}–{figures['p99_ms']['max']:.2f}) | {figures['errors']} |")
-    c = max(CONCURRENCY)
-    rest_on, rest_off = median("conveyor REST, batching on", c, "qps"), median("conveyor REST, batching off", c, "qps")
-    grpc_on = median("conveyor gRPC, batching on", c, "qps")
-    flask = median("Flask (threaded)", c, "qps")
-    checks = [
-        ("REST with batching ≥ 2× Flask's throughput", rest_on / flask, 2.0),
-        ("REST with batching: lower P99 than Flask",
-         median("Flask (threaded)", c, "p99_ms") / median("conveyor REST, batching on", c, "p99_ms"), 1.0),
-        ("gRPC ≥ REST (batching on)", grpc_on / rest_on, 1.0),
-        ("REST batching on ≥ 1.5× off", rest_on / rest_off, 1.5),
-        ("gRPC batching on ≥ 1.5× off", grpc_on / median("conveyor gRPC, batching off", c, "qps"), 1.5),
-    ]
-    check_rows = [f"| {what} | {ratio:.2f}× | {'met' if ratio >= target else 'NOT met'} |" for what, ratio, target in checks]
+    check_rows = [f"| {what} | {ratio:.2f}× | {'met' if ratio >= goal else 'NOT met'} |" if goal else
+                  f"| {what} | {ratio:.2f}× | |" for what, ratio, goal in targets(results)]
+    fraction = []
+    for name in ("conveyor REST, batching on", "conveyor gRPC, batching on", "conveyor REST, batching off",
+                 "conveyor gRPC, batching off"):
+        protocol = "REST" if "REST" in name else "gRPC"
+        served = results.get(f"{name}|{TOP}")
+        transport = results.get(f"transport ceiling {protocol} (no model)|{TOP}")
+        if served and transport:
+            fraction.append(f"| {name} | {served['qps']['median'] / transport['qps']['median']:.0%} of the "
+                            f"{protocol} transport ceiling | {served['qps']['median'] / ceiling[TOP]:.0%} of the "
+                            f"model's examples/s at batch {TOP} |")
     return (
         "# Serving benchmark\n\n"
-        f"Model: the pipeline's pushed SavedModel; one image per request. {args.repeats} runs of {args.seconds:g} s per "
-        "row: medians, with min–max. REST load from wrk (2 threads), gRPC load from h2load (1 thread); client "
-        f"and server share this machine's {os.cpu_count()} cores. Batching: max_batch_size 32, batch_timeout_micros "
-        "1000, 2 batch threads.\n\n"
+        f"Model: the pipeline's pushed SavedModel (and its float32 TFLite variant, served as TF Serving's "
+        f"`model.tflite` with `--prefer_tflite_model`); one image per request. {args.repeats} runs of "
+        f"{args.seconds:g} s per row: medians, with min–max. REST load from wrk, gRPC load from h2load, both with "
+        f"{client_threads(TOP)} client threads and one request in flight per connection; gRPC answers checked "
+        "on the server's side (TF Serving's OK count must grow by what h2load counted) and a sample of REST and "
+        "gRPC answers compared with the model's own output. Client and server share this machine's "
+        f"{os.cpu_count()} cores; 1-minute load average before each server's runs and at the end: "
+        f"{', '.join(str(load[0]) for load in loads)}. Batching as `make serve` uses it (the spec's defaults): "
+        + ", ".join(f"{k} {v}" for k, v in settings.items()) + ".\n\n"
         "| server | concurrency | requests/s (min–max) | P50 ms | P95 ms | P99 ms (min–max) | errors |\n"
         "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n\n"
-        "In-process ceiling (the SavedModel called directly, examples/s): "
+        "In-process ceiling (the SavedModel run as the server runs it, examples/s): "
         + ", ".join(f"batch {b}: {v:,.0f}" for b, v in ceiling.items()) + "\n\n"
-        f"Targets at concurrency {c}:\n\n| target | measured | |\n|---|---|---|\n" + "\n".join(check_rows) + "\n")
+        f"How far each figure is from what the stack and the model allow (concurrency {TOP}):\n\n"
+        "| server | vs transport | vs model |\n|---|---|---|\n" + "\n".join(fraction) + "\n\n"
+        f"Targets (concurrency {TOP} unless stated):\n\n| target | measured | |\n|---|---|---|\n"
+        + "\n".join(check_rows) + "\n\n" + profile_markdown(profile))
 
 
 if __name__ == "__main__":

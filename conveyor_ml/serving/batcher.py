@@ -1,15 +1,24 @@
 """Dynamic batching, after TF Serving's BasicBatchScheduler.
 
-Requests for the same servable, signature and input shapes join an open batch; the batch closes when it
-is full (`max_batch_size`) or `batch_timeout_micros` after its first request, then waits for one of
-`num_batch_threads` workers. At most `max_enqueued_batches` batches (the open one included) wait per
+Requests for the same servable, signature and input shapes join an open batch. A free worker (one of
+`num_batch_threads`) takes the open batch as soon as no other request is on its way to the batcher (the
+front ends count the calls they admitted and have not handed over yet), or once it is full
+(`max_batch_size`), or `batch_timeout_micros` after its first request: an idle server adds no wait, and a
+busy one batches what arrives while its workers run (TF Serving waits out the timeout even when nothing
+else is coming). Until a worker takes it, an open batch keeps taking requests. At most `max_enqueued_batches` batches (the open one included) wait per
 queue; past that a request is refused with UNAVAILABLE, so memory stays bounded under overload. A batch is
 padded up to the next `allowed_batch_sizes` entry by repeating its last row. A request may carry a deadline
 (--rest_api_timeout_in_ms, a gRPC client's deadline): one already past when its batch runs fails with
 DEADLINE_EXCEEDED without running, and the batch's model run is bounded by the latest deadline in it.
+
+Requests submitted from an asyncio event loop get an asyncio future, settled with one call into the loop
+per batch (not one thread hand-off per request), and their batch is offered to the workers when the loop
+has run everything that was ready (so requests that arrived together are batched together, and workers
+are woken once per batch); others get a concurrent.futures.Future and their batch is ready at once.
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
@@ -29,8 +38,9 @@ from conveyor_ml.serving.servable import Servable
 class _Task:
     inputs: dict[str, np.ndarray]
     size: int
-    deadline: float | None = None  # time.monotonic() by which the client wants its answer
-    future: Future = field(default_factory=Future)
+    deadline: float | None  # time.monotonic() by which the client wants its answer
+    future: Future | asyncio.Future
+    loop: asyncio.AbstractEventLoop | None  # the loop of an asyncio future
 
 
 @dataclass
@@ -41,6 +51,7 @@ class _Batch:
     deadline: float
     tasks: list[_Task] = field(default_factory=list)
     size: int = 0
+    ready: bool = False  # a worker may take it once nothing else is arriving (else at its deadline)
 
 
 class _Queue:
@@ -54,12 +65,16 @@ class _Queue:
 
 class Batcher:
     def __init__(self, options: BatchingOptions,
-                 on_batch: Callable[[str, int, int], None] | None = None):
-        """`on_batch(model_name, batch_size, queue_depth)` is told of every batch run (for metrics)."""
+                 on_batch: Callable[[str, int, int], None] | None = None,
+                 arriving: Callable[[], int] = lambda: 0):
+        """`on_batch(model_name, batch_size, queue_depth)` is told of every batch run (for metrics);
+        `arriving()` is how many requests are on their way to the batcher (none: a free worker need not wait)."""
         self.options = options
         self._on_batch = on_batch
+        self._arriving = arriving
         self._queues: dict[tuple, _Queue] = {}
         self._condition = threading.Condition()
+        self._flush_scheduled = False
         self._stopping = False
         self._workers = [threading.Thread(target=self._work, name=f"batch-{i}", daemon=True)
                          for i in range(options.num_batch_threads)]
@@ -67,7 +82,7 @@ class Batcher:
             worker.start()
 
     def submit(self, servable: Servable, signature: str, inputs: dict[str, np.ndarray],
-               deadline: float | None = None) -> Future:
+               deadline: float | None = None) -> Future | asyncio.Future:
         sizes = {array.shape[0] if array.ndim else -1 for array in inputs.values()}
         if len(sizes) != 1 or -1 in sizes:
             raise invalid_argument("Batching Run() input tensors must have equal 0th-dimension size")
@@ -77,7 +92,11 @@ class Batcher:
                 f"Task size {size} is larger than maximum input batch size {self.options.max_batch_size}")
         key = (id(servable), signature,
                tuple(sorted((name, array.shape[1:], array.dtype.str) for name, array in inputs.items())))
-        task = _Task(inputs, size, deadline)
+        try:
+            loop = asyncio.get_running_loop()
+            task = _Task(inputs, size, deadline, loop.create_future(), loop)
+        except RuntimeError:  # not on an event loop
+            task = _Task(inputs, size, deadline, Future(), None)
         timeout = self.options.batch_timeout_micros / 1e6
         with self._condition:
             if self._stopping:
@@ -91,15 +110,32 @@ class Batcher:
                 if queue.depth() >= self.options.max_enqueued_batches:
                     raise unavailable("The batch scheduling queue to which this task was submitted is full")
                 batch = queue.open = _Batch(key, servable, signature, time.monotonic() + timeout)
+            opened = not batch.tasks
             batch.tasks.append(task)
             batch.size += size
-            # With a zero timeout the batch closes when a worker takes it: only requests that arrive
-            # while every worker is busy are merged, as in TF Serving.
             if batch.size == self.options.max_batch_size:
                 queue.closed.append(batch)
                 queue.open = None
-            self._condition.notify()
+                self._condition.notify()
+            elif task.loop is None:  # from a thread: ready now, unless announced requests are to join it
+                batch.ready = True
+                if opened or self._arriving() <= 0:
+                    self._condition.notify()
+            elif not self._flush_scheduled:
+                # From an event loop: offered to the workers once the loop has run everything ready now, so
+                # every request that arrived with this one joins it first, and workers are woken once per
+                # batch rather than once per request.
+                self._flush_scheduled = True
+                task.loop.call_soon(self._flush)
         return task.future
+
+    def _flush(self) -> None:
+        with self._condition:
+            self._flush_scheduled = False
+            opened = [queue.open for queue in self._queues.values() if queue.open is not None]
+            for batch in opened:
+                batch.ready = True
+            self._condition.notify(len(opened))
 
     def queue_depth(self) -> int:
         with self._condition:
@@ -115,7 +151,7 @@ class Batcher:
                     if queue.closed:
                         return queue.closed.popleft()
                     if queue.open is not None:
-                        if queue.open.deadline <= now:
+                        if queue.open.deadline <= now or (queue.open.ready and self._arriving() <= 0):
                             batch, queue.open = queue.open, None
                             return batch
                         next_deadline = min(next_deadline or queue.open.deadline, queue.open.deadline)
@@ -132,43 +168,46 @@ class Batcher:
             self._run(batch)
 
     def _run(self, batch: _Batch) -> None:
-        # A client that went away cancels its future; claiming each future first means a cancelled one is
-        # skipped and a claimed one can no longer be cancelled, so setting results below cannot fail (an
-        # unclaimed cancelled future made set_result raise and killed the worker: every later batch hung).
-        live = [task.future.set_running_or_notify_cancel() for task in batch.tasks]
+        outcomes: list[tuple[_Task, dict | None, BaseException | None]] = []
+        try:
+            self._run_batch(batch, outcomes)
+        except Exception as exc:  # a ServingError for the clients, or a bug: either way the worker lives on
+            settled = {id(task) for task, _, _ in outcomes}
+            outcomes.extend((task, None, exc) for task in batch.tasks if id(task) not in settled)
+        _settle(outcomes)
+
+    def _run_batch(self, batch: _Batch, outcomes: list) -> None:
         now = time.monotonic()
-        for index, task in enumerate(batch.tasks):
-            if live[index] and task.deadline is not None and task.deadline <= now:
-                task.future.set_exception(ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                                       "Deadline exceeded while the request waited for its batch"))
-                live[index] = False
-        if not any(live):
+        live = []
+        for task in batch.tasks:
+            if task.future.done():  # the client went away (its future was cancelled)
+                continue
+            if task.deadline is not None and task.deadline <= now:
+                outcomes.append((task, None, ServingError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                          "Deadline exceeded while the request waited for its batch")))
+                continue
+            live.append(task)
+        if not live:
             return
         if self._on_batch:
             self._on_batch(batch.servable.model_name, batch.size, self.queue_depth())
-        deadlines = [task.deadline for task, claimed in zip(batch.tasks, live) if claimed]
+        deadlines = [task.deadline for task in live]
         timeout_ms = None if None in deadlines else max(1, int((max(deadlines) - now) * 1000))
-        try:
-            outputs = batch.servable.predict(batch.signature, self._merge(batch), timeout_ms=timeout_ms)
-        except Exception as exc:  # a ServingError for the client, or a bug: either way the worker lives on
-            for task, claimed in zip(batch.tasks, live):
-                if claimed:
-                    task.future.set_exception(exc)
-            return
+        outputs = batch.servable.predict(batch.signature, self._merge(live), timeout_ms=timeout_ms)
         offset = 0
-        for task, claimed in zip(batch.tasks, live):
-            if claimed:
-                task.future.set_result({name: value[offset:offset + task.size] if np.ndim(value) else value
-                                        for name, value in outputs.items()})
+        for task in live:
+            outcomes.append((task, {name: value[offset:offset + task.size] if np.ndim(value) else value
+                                    for name, value in outputs.items()}, None))
             offset += task.size
 
-    def _merge(self, batch: _Batch) -> dict[str, np.ndarray]:
-        padded = next((s for s in self.options.allowed_batch_sizes if s >= batch.size), batch.size)
+    def _merge(self, tasks: list[_Task]) -> dict[str, np.ndarray]:
+        size = sum(task.size for task in tasks)
+        padded = next((s for s in self.options.allowed_batch_sizes if s >= size), size)
         merged = {}
-        for name in batch.tasks[0].inputs:
-            parts = [task.inputs[name] for task in batch.tasks]
-            if padded > batch.size:
-                parts.append(np.repeat(parts[-1][-1:], padded - batch.size, axis=0))
+        for name in tasks[0].inputs:
+            parts = [task.inputs[name] for task in tasks]
+            if padded > size:
+                parts.append(np.repeat(parts[-1][-1:], padded - size, axis=0))
             merged[name] = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
         return merged
 
@@ -180,7 +219,34 @@ class Batcher:
                        for task in batch.tasks]
             self._queues.clear()
             self._condition.notify_all()
-        for task in pending:
-            task.future.set_exception(unavailable("the server is shutting down"))
+        _settle([(task, None, unavailable("the server is shutting down")) for task in pending])
         for worker in self._workers:
-            worker.join(timeout=5)
+            worker.join(timeout=2)
+
+
+def _settle(outcomes: list[tuple[_Task, dict | None, BaseException | None]]) -> None:
+    """Gives each task its result or error: concurrent futures at once, asyncio futures in one call per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+    for task, result, error in outcomes:
+        if task.loop is not None:
+            by_loop.setdefault(task.loop, []).append((task.future, result, error))
+        elif task.future.set_running_or_notify_cancel():  # False: cancelled by a client that went away
+            if error is not None:
+                task.future.set_exception(error)
+            else:
+                task.future.set_result(result)
+    for loop, settled in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle_on_loop, settled)
+        except RuntimeError:  # the loop is closed: nobody waits for these answers any more
+            pass
+
+
+def _settle_on_loop(settled: list) -> None:
+    for future, result, error in settled:
+        if future.done():
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)

@@ -20,14 +20,15 @@ _HTTP_STATUS = {
 
 
 class ServingError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
+    def __init__(self, code: grpc.StatusCode, message: str, http_status: int | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self._http_status = http_status
 
     @property
     def http_status(self) -> int:
-        return _HTTP_STATUS.get(self.code, 500)
+        return self._http_status or _HTTP_STATUS.get(self.code, 500)
 
 
 def invalid_argument(message: str) -> ServingError:
@@ -40,6 +41,13 @@ def not_found(message: str) -> ServingError:
 
 def unavailable(message: str) -> ServingError:
     return ServingError(grpc.StatusCode.UNAVAILABLE, message)
+
+
+def too_large(limit: int) -> ServingError:
+    """A request over --max_request_body_bytes: REST's 413, gRPC's RESOURCE_EXHAUSTED (as grpc refuses a
+    message over its limit)."""
+    return ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"Request body too large: the limit is {limit} bytes "
+                        "(--max_request_body_bytes)", http_status=413)
 
 
 class ModelRunError(ServingError):

@@ -9,6 +9,7 @@ TCP port (--port, 0: none) and/or a Unix domain socket (--grpc_socket_path), wit
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -16,9 +17,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import tensorflow as tf
 from google.protobuf import any_pb2
-from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
@@ -31,9 +30,9 @@ from tensorflow_serving.apis import (
     regression_pb2,
     status_pb2,
 )
-from tensorflow_serving.config import model_server_config_pb2
 
 from conveyor_ml.serving.errors import ModelRunError, ServingError, invalid_argument
+from conveyor_ml.serving.metrics import UNKNOWN_MODEL
 from conveyor_ml.serving.model_server import ModelServer
 from conveyor_ml.serving.routing import route_key
 from conveyor_ml.serving.servable import (
@@ -43,47 +42,17 @@ from conveyor_ml.serving.servable import (
     Classification,
     serialized_examples,
 )
+from conveyor_ml.serving.tensors import (
+    DECODED_BYTES_PER_REQUEST_BYTE,
+    DecodeBudget,
+    decode_tensor,
+    fill_tensor_proto,
+)
 
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 # Service names the health service answers SERVING for, as TF Serving registers them ("" is the server).
+log = logging.getLogger("conveyor.serving")
 HEALTH_SERVICES = ("", "ModelService", "PredictionService",
                    "tensorflow.serving.ModelService", "tensorflow.serving.PredictionService")
-
-# TensorFlow's AsProtoField: which typed field holds the values of each dtype (TF Serving's default answer;
-# --enable_serialization_as_tensor_content packs numbers into tensor_content instead).
-_TYPED_FIELD = {
-    types_pb2.DT_FLOAT: "float_val", types_pb2.DT_DOUBLE: "double_val",
-    types_pb2.DT_INT32: "int_val", types_pb2.DT_INT16: "int_val", types_pb2.DT_INT8: "int_val",
-    types_pb2.DT_UINT8: "int_val", types_pb2.DT_UINT16: "int_val",
-    types_pb2.DT_INT64: "int64_val", types_pb2.DT_UINT32: "uint32_val", types_pb2.DT_UINT64: "uint64_val",
-    types_pb2.DT_BOOL: "bool_val", types_pb2.DT_STRING: "string_val",
-    types_pb2.DT_HALF: "half_val", types_pb2.DT_BFLOAT16: "half_val",
-    types_pb2.DT_COMPLEX64: "scomplex_val", types_pb2.DT_COMPLEX128: "dcomplex_val",
-}
-
-
-def tensor_proto(value: np.ndarray, as_tensor_content: bool = False) -> tensor_pb2.TensorProto:
-    """A TensorProto as TF Serving answers it: values in the dtype's typed field (float_val...), or raw
-    bytes in tensor_content when asked (strings always go to string_val)."""
-    array = np.asarray(value)
-    dtype = tf.string if array.dtype == object or array.dtype.kind in "SU" else tf.dtypes.as_dtype(array.dtype)
-    proto = tensor_pb2.TensorProto(dtype=dtype.as_datatype_enum)
-    for size in array.shape:
-        proto.tensor_shape.dim.add(size=size)
-    if dtype == tf.string:
-        proto.string_val.extend(item if isinstance(item, bytes) else str(item).encode() for item in array.reshape(-1))
-        return proto
-    if as_tensor_content:
-        proto.tensor_content = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
-        return proto
-    flat = array.reshape(-1)
-    if dtype in (tf.float16, tf.bfloat16):
-        flat = flat.view(np.uint16)
-    elif dtype.is_complex:
-        flat = np.stack([flat.real, flat.imag], axis=-1).reshape(-1)
-    getattr(proto, _TYPED_FIELD[dtype.as_datatype_enum]).extend(flat.tolist())
-    return proto
-
 
 def _timeout_ms(context) -> int | None:
     """The client's deadline as a model-run timeout, as TF Serving derives RunOptions.timeout_in_ms."""
@@ -119,10 +88,14 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, server: ModelServer):
         self.server = server
 
-    async def _handle(self, model_spec, api: str, context, work: Callable[..., Awaitable]):
-        """Resolves the servable, runs `work(servable)`, turns a ServingError into the matching gRPC status."""
-        started = time.perf_counter()
-        version = None
+    async def _handle(self, model_spec, api: str, request, context, work: Callable[..., Awaitable]):
+        """Admits the call, resolves the servable, runs `work(call, servable)`; every way it can end becomes
+        the matching gRPC status and is recorded with it."""
+        try:
+            call = self.server.begin(model_spec.name, api, "grpc", request.ByteSize())
+        except ServingError as exc:
+            await context.abort(exc.code, exc.message)
+        error = None
         try:
             if not model_spec.name:
                 raise invalid_argument("ModelSpec has no name specified.")
@@ -132,35 +105,49 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                                            route_key(self.server.traffic, model_spec.name,  # sticky split
                                                      {k.lower(): v for k, v in context.invocation_metadata() or ()})
                                            if self.server.traffic.route_keys else None)
-            version = servable.version
-            response = await work(servable)
+            call.version = servable.version
+            return await work(call, servable)
         except ServingError as exc:
-            self.server.observe(model_spec.name, version, api, "grpc", exc, time.perf_counter() - started)
-            await context.abort(exc.code, exc.message)
-        self.server.observe(model_spec.name, version, api, "grpc", None, time.perf_counter() - started)
-        return response
+            call.fail(exc)
+            error = exc
+        except asyncio.CancelledError:  # the client went away or its deadline passed
+            call.status = grpc.StatusCode.CANCELLED.name
+            raise
+        except Exception as exc:
+            error = self.server.internal_error(call, exc)
+        finally:
+            self.server.finish(call)
+        await context.abort(error.code, error.message)
 
     def _off_loop(self, function, *args) -> Awaitable:
         """Model work that does not go through the batcher runs on the gRPC pool, not the event loop."""
         return asyncio.wrap_future(self.server.run("grpc", function, *args))
 
+    def _decode_inputs(self, servable, request) -> dict[str, np.ndarray]:
+        budget = DecodeBudget(DECODED_BYTES_PER_REQUEST_BYTE * self.server.options.max_request_body_bytes)
+        inputs = {alias: decode_tensor(alias, proto, budget) for alias, proto in request.inputs.items()}
+        self.server.quality.check_inputs(servable.model_name, inputs)
+        return inputs
+
+    def _predict_response(self, servable, signature: str, outputs: dict[str, np.ndarray]):
+        response = predict_pb2.PredictResponse()
+        _fill_spec(response.model_spec, servable, signature)
+        as_content = self.server.options.enable_serialization_as_tensor_content
+        for key, value in outputs.items():
+            fill_tensor_proto(response.outputs[key], value, as_content)
+        return response
+
     async def Predict(self, request, context):
-        async def work(servable):
+        async def work(call, servable):
             signature = request.model_spec.signature_name or DEFAULT_SIGNATURE
             if signature not in servable.signature_defs:
                 raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f'Serving signature key "{signature}" not found.')
-            inputs = {}
-            for alias, proto in request.inputs.items():
-                try:
-                    inputs[alias] = tf.make_ndarray(proto)
-                except (TypeError, ValueError):
-                    raise invalid_argument(f"tensor parsing error: {alias}") from None
-            self.server.quality.check_inputs(servable.model_name, inputs)
+            inputs = await self.server.off_loop(call, self._decode_inputs, servable, request)
             started = time.perf_counter()
             try:
-                outputs = await asyncio.wrap_future(self.server.predict_future(
-                    servable, signature, inputs, tuple(request.output_filter), "grpc", _timeout_ms(context)))
+                outputs = await self.server.predict(call, servable, signature, inputs, tuple(request.output_filter),
+                                                    _timeout_ms(context))
             except ModelRunError as exc:
                 raise exc.for_request(inputs) from None
             if not request.output_filter:  # a filtered answer cannot be compared with the shadow's
@@ -168,17 +155,12 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             prediction_id = self.server.quality.record_predictions(servable.model_name, servable.version, outputs)
             if prediction_id:
                 context.set_trailing_metadata((("x-prediction-id", prediction_id),))
-            response = predict_pb2.PredictResponse()
-            _fill_spec(response.model_spec, servable, signature)
-            as_content = self.server.options.enable_serialization_as_tensor_content
-            for key, value in outputs.items():
-                response.outputs[key].CopyFrom(tensor_proto(value, as_content))
-            return response
+            return await self.server.off_loop(call, self._predict_response, servable, signature, outputs)
 
-        return await self._handle(request.model_spec, "predict", context, work)
+        return await self._handle(request.model_spec, "predict", request, context, work)
 
     async def Classify(self, request, context):
-        async def work(servable):
+        async def work(call, servable):
             examples = serialized_examples(request.input)
             result = await self._off_loop(servable.classify, request.model_spec.signature_name, examples,
                                           _timeout_ms(context))
@@ -187,10 +169,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             _classification_into(response.result, result)
             return response
 
-        return await self._handle(request.model_spec, "classify", context, work)
+        return await self._handle(request.model_spec, "classify", request, context, work)
 
     async def Regress(self, request, context):
-        async def work(servable):
+        async def work(call, servable):
             examples = serialized_examples(request.input)
             values = await self._off_loop(servable.regress, request.model_spec.signature_name, examples,
                                           _timeout_ms(context))
@@ -200,19 +182,22 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 response.result.regressions.add().value = float(value)
             return response
 
-        return await self._handle(request.model_spec, "regress", context, work)
+        return await self._handle(request.model_spec, "regress", request, context, work)
 
     async def MultiInference(self, request, context):
-        if not request.tasks:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Tasks field is empty")
         names = {task.model_spec.name for task in request.tasks}
-        if "" in names:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Found ModelSpec with an empty model name.")
-        if len(names) > 1:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                "All ModelSpecs in a MultiInferenceRequest must access the same model name.")
+        refusal = None
+        if not request.tasks:
+            refusal = invalid_argument("Tasks field is empty")
+        elif "" in names:
+            refusal = invalid_argument("Found ModelSpec with an empty model name.")
+        elif len(names) > 1:
+            refusal = invalid_argument("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
+        if refusal is not None:  # answered before any model is resolved, yet recorded like every answer
+            self.server.refuse(self.server.model_label(min(names, default="")), "multi_inference", "grpc", refusal)
+            await context.abort(refusal.code, refusal.message)
 
-        async def work(servable):
+        async def work(call, servable):
             tasks = [(task.model_spec.signature_name, task.method_name) for task in request.tasks]
             examples = serialized_examples(request.input)
             results = await self._off_loop(servable.multi_inference, tasks, examples, _timeout_ms(context))
@@ -228,10 +213,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             return response
 
         # TF Serving serves the whole request from the first task's model version.
-        return await self._handle(request.tasks[0].model_spec, "multi_inference", context, work)
+        return await self._handle(request.tasks[0].model_spec, "multi_inference", request, context, work)
 
     async def GetModelMetadata(self, request, context):
-        async def work(servable):
+        async def work(call, servable):
             if not request.metadata_field:
                 raise invalid_argument("GetModelMetadataRequest must specify at least one metadata_field")
             for field in request.metadata_field:
@@ -246,7 +231,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
         if not request.HasField("model_spec"):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Missing ModelSpec")
-        return await self._handle(request.model_spec, "metadata", context, work)
+        return await self._handle(request.model_spec, "metadata", request, context, work)
 
 
 def signature_def_map(servable) -> get_model_metadata_pb2.SignatureDefMap:
@@ -278,24 +263,35 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         self.server = server
 
     async def GetModelStatus(self, request, context):
+        """Admitted and recorded as REST's model status calls are (api "status")."""
         spec = request.model_spec
+        try:
+            call = self.server.begin(spec.name, "status", "grpc")
+        except ServingError as exc:
+            await context.abort(exc.code, exc.message)
         try:
             return model_status_response(self.server, spec.name,
                                          spec.version.value if spec.HasField("version") else None,
                                          spec.version_label or None)
         except ServingError as exc:
-            await context.abort(exc.code, exc.message)
+            call.fail(exc)
+            error = exc
+        except Exception as exc:
+            error = self.server.internal_error(call, exc)
+        finally:
+            self.server.finish(call)
+        await context.abort(error.code, error.message)
 
     async def HandleReloadConfigRequest(self, request, context):
-        if request.config.WhichOneof("config") != "model_config_list":
-            message = ("ServerModelConfig type not supported by HandleReloadConfigRequest. Only ModelConfigList "
-                       "is currently supported")
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
-        await self._off_loop_apply(request.config)
+        try:
+            await asyncio.wrap_future(self.server.run("grpc", self.server.apply_config, request.config))
+        except ServingError as exc:
+            log.error("ReloadConfig failed: %s", exc.message)
+            await context.abort(exc.code, exc.message)
+        except Exception as exc:  # a bug: logged with its traceback, answered in one line
+            log.error("ReloadConfig failed", exc_info=exc)
+            await context.abort(grpc.StatusCode.INTERNAL, f"Internal error: {type(exc).__name__}: {exc}")
         return model_management_pb2.ReloadConfigResponse(status=status_pb2.StatusProto(error_code=0))
-
-    async def _off_loop_apply(self, config: model_server_config_pb2.ModelServerConfig) -> None:
-        await asyncio.wrap_future(self.server.run("grpc", self.server.apply_config, config))
 
 
 def _health_protos():
@@ -341,16 +337,71 @@ class HealthService:
         self.services.add_HealthServicer_to_server(self, grpc_server)
 
 
+class _Unparsable:
+    """What a request that is not a valid protobuf of its type decodes to; the handler answers it."""
+
+    def __init__(self, what: str, error: Exception):
+        self.message = f"the request is not a valid {what}: {type(error).__name__}"
+
+
+def _handlers(service: str, servicer, methods: dict[str, tuple[type, str]],
+              server: ModelServer) -> grpc.GenericRpcHandler:
+    """The service's unary methods (as the generated add_*Servicer_to_server registers them), except that a
+    request grpc cannot parse answers INVALID_ARGUMENT, recorded like any call (grpc's own answer would be
+    INTERNAL, "Exception deserializing request!", a server fault for a client's garbage)."""
+
+    def deserializer(request_type: type):
+        def parse(data: bytes):
+            try:
+                return request_type.FromString(data)
+            except Exception as exc:  # DecodeError, or RuntimeError from a C++ parser
+                return _Unparsable(request_type.DESCRIPTOR.full_name, exc)
+        return parse
+
+    def answering(method, api: str):
+        async def handle(request, context):
+            if isinstance(request, _Unparsable):
+                server.refuse(UNKNOWN_MODEL, api, "grpc", invalid_argument(request.message))
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return await method(request, context)
+        return handle
+
+    handlers = {}
+    for name, (request_type, api) in methods.items():
+        handlers[name] = grpc.unary_unary_rpc_method_handler(
+            answering(getattr(servicer, name), api), request_deserializer=deserializer(request_type),
+            response_serializer=_serialize)
+    return grpc.method_handlers_generic_handler(service, handlers)
+
+
+def _serialize(message) -> bytes:
+    return message.SerializeToString()
+
+
 def build_grpc_server(server: ModelServer) -> tuple[grpc.aio.Server, HealthService | None]:
     """Must be called on the running event loop that will serve it; raises OSError naming what it could
     not listen on."""
     options = server.options
-    channel_options = dict([("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    # One request-size limit for both APIs: a gRPC message over --max_request_body_bytes is refused by grpc
+    # itself (RESOURCE_EXHAUSTED) before it is buffered whole; answers are not limited (TF Serving's -1).
+    channel_options = dict([("grpc.max_receive_message_length", options.max_request_body_bytes),
+                            ("grpc.max_send_message_length", -1)])
     channel_options.update(dict(options.grpc_channel_arguments))  # later wins, as in TF Serving
-    grpc_server = grpc.aio.server(options=list(channel_options.items()))
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(server), grpc_server)
-    model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(server), grpc_server)
+    # Calls past this many wait in grpc's own queue (HTTP/2 flow control holds their bytes back) instead of
+    # reaching the handlers: admission refuses what exceeds the request-byte budget among those admitted.
+    grpc_server = grpc.aio.server(options=list(channel_options.items()),
+                                  maximum_concurrent_rpcs=options.max_inflight_requests)
+    prediction = PredictionService(server)
+    grpc_server.add_generic_rpc_handlers((_handlers("tensorflow.serving.PredictionService", prediction, {
+        "Classify": (classification_pb2.ClassificationRequest, "classify"),
+        "Regress": (regression_pb2.RegressionRequest, "regress"),
+        "Predict": (predict_pb2.PredictRequest, "predict"),
+        "MultiInference": (inference_pb2.MultiInferenceRequest, "multi_inference"),
+        "GetModelMetadata": (get_model_metadata_pb2.GetModelMetadataRequest, "metadata"),
+    }, server), _handlers("tensorflow.serving.ModelService", ModelService(server), {
+        "GetModelStatus": (get_model_status_pb2.GetModelStatusRequest, "status"),
+        "HandleReloadConfigRequest": (model_management_pb2.ReloadConfigRequest, "reload_config"),
+    }, server)))
     health = None
     if options.enable_grpc_healthcheck_service:
         health = HealthService()

@@ -89,6 +89,8 @@ def to_array(value: Any, dtype: tf.DType, name: str) -> np.ndarray:
         raise invalid_argument(f"input '{name}': lists of unequal length (a tensor must be rectangular)") from None
     if array.dtype == object or array.dtype.kind in "OUS":
         bad = _first_non_number(value)
+        if bad is None:  # numbers only: integers beyond 64 bits
+            raise invalid_argument(f"input '{name}': a value is outside the range of {dtype.name}")
         raise invalid_argument(f"JSON Value: {_short(bad)} Type: {_json_type(bad)} is not of expected type: "
                                f"{dtype.name}")
     if array.dtype.kind == "b" and dtype != tf.bool:
@@ -96,6 +98,11 @@ def to_array(value: Any, dtype: tf.DType, name: str) -> np.ndarray:
                                f"expected type: {dtype.name}")
     if dtype.is_integer and array.dtype.kind == "f":
         raise invalid_argument(f"input '{name}': expected integers of type {dtype.name}, got decimals")
+    if dtype.is_integer and array.dtype.kind in "iu" and array.size:
+        limits = np.iinfo(dtype.as_numpy_dtype)  # a cast would wrap out-of-range values silently
+        if array.min() < limits.min or array.max() > limits.max:
+            raise invalid_argument(f"input '{name}': a value is outside the range of {dtype.name} "
+                                   f"[{limits.min}, {limits.max}]")
     try:
         return array.astype(dtype.as_numpy_dtype, copy=False)
     except (TypeError, ValueError, OverflowError) as exc:

@@ -27,6 +27,8 @@ LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.
                      0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 TF_SERVING_LATENCY_BUCKETS_US = tuple(10 * 1.8 ** i for i in range(33))  # TF Serving's exponential buckets
+# The model label of a call naming no configured model: one series for all of them, whatever names they send.
+UNKNOWN_MODEL = "(unknown)"
 
 
 class _TfServingSeries:
@@ -100,14 +102,23 @@ class ServingMetrics:
         self.live_accuracy = Gauge("conveyor_live_accuracy", "Accuracy on the labels received so far, per version.",
                                    ["model", "version"], registry=self.registry)
         self._versions_loaded_source = versions_loaded
+        self._request_children: dict[tuple, tuple] = {}
         self._tf_serving = _TfServingSeries()
         self.registry.register(self._tf_serving)
 
     def observe_request(self, model: str, version: int | None, api: str, protocol: str, status: str,
                         seconds: float) -> None:
-        version_label = str(version) if version is not None else ""
-        self.requests.labels(model, version_label, api, protocol, status).inc()
-        self.latency.labels(model, version_label, api, protocol).observe(seconds)
+        """One answered call. Every label must come from a bounded set (the caller maps a model name no
+        configuration knows to UNKNOWN_MODEL), so the exposition's size does not grow with what clients send."""
+        key = (model, version, api, protocol, status)
+        children = self._request_children.get(key)
+        if children is None:  # labels() costs a lock and a lookup per label set: done once per set
+            version_label = str(version) if version is not None else ""
+            children = (self.requests.labels(model, version_label, api, protocol, status),
+                        self.latency.labels(model, version_label, api, protocol))
+            self._request_children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
         self._tf_serving.observe(model, api, "GRPC" if protocol == "grpc" else "REST", status, seconds * 1e6)
 
     def observe_batch(self, model: str, size: int, queue_depth: int) -> None:

@@ -5,9 +5,9 @@ extension to TF Serving's API)."""
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
-import uuid
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +86,7 @@ class ModelQuality:
         self._lock = threading.Lock()
         self._versions: dict[tuple[str, int], VersionWatch] = {}
         self._predictions: OrderedDict[str, tuple[str, int, list[int]]] = OrderedDict()
+        self._class_counters: dict[tuple[str, int, int], object] = {}
         self._logged_samples = 0
 
     # -- inputs ------------------------------------------------------------------------------------------
@@ -134,21 +135,28 @@ class ModelQuality:
             classes = np.argmax(outputs["probabilities"], axis=-1)
         if classes is None:
             return None
-        classes = [int(c) for c in np.asarray(classes).reshape(-1)]
-        prediction_id = uuid.uuid4().hex
+        classes = np.asarray(classes).reshape(-1).astype(np.int64, copy=False).tolist()
+        prediction_id = secrets.token_hex(16)  # unguessable: feedback for it cannot be forged by others
         with self._lock:
-            watch = self._versions.setdefault((model, version), VersionWatch(deque(maxlen=self.window)))
+            watch = self._versions.get((model, version))
+            if watch is None:
+                watch = self._versions[(model, version)] = VersionWatch(deque(maxlen=self.window))
             watch.predictions.extend(classes)
             self._predictions[prediction_id] = (model, version, classes)
-            while len(self._predictions) > self.remembered:
+            if len(self._predictions) > self.remembered:
                 self._predictions.popitem(last=False)
-        for value, count in zip(*np.unique(classes, return_counts=True)):
-            self.metrics.predicted_class.labels(model, str(version), str(value)).inc(int(count))
+            for value, count in Counter(classes).items():  # one increment per class, not per row
+                counter = self._class_counters.get((model, version, value))
+                if counter is None:  # a labels() lookup once per class, not per request
+                    counter = self.metrics.predicted_class.labels(model, str(version), str(value))
+                    self._class_counters[(model, version, value)] = counter
+                counter.inc(count)
         return prediction_id
 
     def feedback(self, model: str, entries: list[dict]) -> dict:
         """Ground truth for logged predictions: [{"prediction_id": …, "labels": [3, …]}] (one label per
-        instance of that request). Unknown ids are reported, not fatal."""
+        instance of that request). Each id counts once: an id already used, like one never issued (or
+        forgotten), is reported among the unknown ids, not fatal."""
         accepted, unknown = 0, []
         touched = set()
         for entry in entries:
@@ -157,16 +165,17 @@ class ModelQuality:
             labels = entry.get("labels", [entry["label"]] if "label" in entry else None)
             if not isinstance(labels, list) or not all(isinstance(v, int) for v in labels):
                 raise invalid_argument(f'feedback for {entry["prediction_id"]}: "labels" must be a list of integers')
+            prediction_id = str(entry["prediction_id"])
             with self._lock:
-                logged = self._predictions.get(str(entry["prediction_id"]))
-            if logged is None or logged[0] != model:
-                unknown.append(str(entry["prediction_id"]))
-                continue
-            _, version, predicted = logged
-            if len(labels) != len(predicted):
-                raise invalid_argument(f'feedback for {entry["prediction_id"]}: {len(labels)} labels for '
-                                       f"{len(predicted)} predicted instances")
-            with self._lock:
+                logged = self._predictions.get(prediction_id)
+                if logged is None or logged[0] != model:
+                    unknown.append(prediction_id)
+                    continue
+                _, version, predicted = logged
+                if len(labels) != len(predicted):
+                    raise invalid_argument(f"feedback for {prediction_id}: {len(labels)} labels for "
+                                           f"{len(predicted)} predicted instances")
+                del self._predictions[prediction_id]  # usable once: a replay cannot skew live accuracy
                 watch = self._versions[(model, version)]
                 for label, guess in zip(labels, predicted):
                     watch.feedback += 1

@@ -1,23 +1,26 @@
 """The model server core shared by the REST and gRPC front ends: models, versions, batching, metrics."""
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import numpy as np
 from tensorflow_serving.config import model_server_config_pb2
 
 from conveyor_ml.formats import serving_config
 from conveyor_ml.serving.batcher import Batcher
-from conveyor_ml.serving.errors import ServingError
+from conveyor_ml.serving.errors import ServingError, invalid_argument, too_large, unavailable
 from conveyor_ml.serving.loader import load_servable
-from conveyor_ml.serving.metrics import ServingMetrics
+from conveyor_ml.serving.metrics import UNKNOWN_MODEL, ServingMetrics
 from conveyor_ml.serving.model_quality import ModelQuality
 from conveyor_ml.serving.routing import sticky_servable
 from conveyor_ml.serving.servable import LoadOptions, Servable
@@ -60,15 +63,100 @@ class ServerOptions:
     load: LoadOptions = field(default_factory=LoadOptions)
     load_retries: LoadRetries = field(default_factory=LoadRetries)
     num_load_threads: int = 0
-    max_request_body_bytes: int = 16 * 1024 * 1024
+    max_request_body_bytes: int = 16 * 1024 * 1024  # REST bodies and gRPC messages alike
+    max_inflight_bytes: int | None = None  # request bytes admitted at once; None: 4 x max_request_body_bytes
+    max_inflight_requests: int = 1000  # calls admitted at once
     traffic_file: str | None = None
     input_schema: str | None = None  # a TFDV schema: inputs outside its domains are counted (and maybe rejected)
     reject_anomalous_inputs: bool = False
 
 
+LARGE_REQUEST_BYTES = 256 * 1024  # bodies from this size are decoded and encoded off the event loop
+
+
+@dataclass
+class Call:
+    """One API call from its admission to its answer: the labels its metrics are recorded under, and the
+    request bytes it holds of the admission budget. `status` is a gRPC code name, REST calls included."""
+
+    model: str  # a metrics label: the model's name if configured, else UNKNOWN_MODEL
+    api: str
+    protocol: str
+    nbytes: int
+    started: float = field(default_factory=time.perf_counter)
+    version: int | None = None
+    status: str = "OK"
+    arriving: bool = False  # a Predict not yet handed to the batcher
+
+    def fail(self, error: ServingError) -> None:
+        self.status = error.code.name
+
+
+class Admission:
+    """Bounded admission: at most `max_requests` calls and `max_bytes` request bytes at once; past either a
+    call is refused at once with UNAVAILABLE (REST 503), before its body is read or decoded, so a flood
+    costs memory for what is admitted only. A single call of any allowed size is admitted when nothing else
+    is in flight. Used from the event loop only (both front ends run on it)."""
+
+    def __init__(self, max_requests: int, max_bytes: int):
+        self.max_requests = max_requests
+        self.max_bytes = max_bytes
+        self.requests = 0
+        self.bytes = 0
+        self.arriving = 0  # admitted Predict calls not yet handed to the batcher
+
+    def admit(self, call: Call) -> None:
+        if self.requests >= self.max_requests or (self.requests and self.bytes + call.nbytes > self.max_bytes):
+            raise unavailable(f"The server is at capacity ({self.requests} requests, {self.bytes:,} request bytes "
+                              "in flight); retry later")
+        self.requests += 1
+        self.bytes += call.nbytes
+        if call.arriving:
+            self.arriving += 1
+
+    def handed_over(self, call: Call) -> None:
+        if call.arriving:
+            call.arriving = False
+            self.arriving -= 1
+
+    def release(self, call: Call) -> None:
+        self.handed_over(call)
+        self.requests -= 1
+        self.bytes -= call.nbytes
+
+
+SUPPORTED_PLATFORMS = ("", "tensorflow", "tflite")
+
+
+def check_reload_config(config: model_server_config_pb2.ModelServerConfig) -> None:
+    """What TF Serving's ServerCore checks before a reload, in its words (a config that is not a
+    ModelConfigList, empty included; a model listed twice; a relative base path; an unknown platform), and
+    beyond it: a base path that is not a directory is refused here, where TF Serving's reload would wait for
+    it until the client's deadline."""
+    if config.WhichOneof("config") != "model_config_list":
+        raise invalid_argument("ServerModelConfig type not supported by HandleReloadConfigRequest. Only "
+                               "ModelConfigList is currently supported")
+    seen: set[str] = set()
+    for model in config.model_config_list.config:
+        if not model.name:
+            raise invalid_argument("Every model in a ModelConfigList needs a name")
+        if model.name in seen:
+            raise invalid_argument(f"Illegal to list model {model.name} multiple times in config list")
+        seen.add(model.name)
+        if not os.path.isabs(model.base_path):
+            raise invalid_argument(f"Expected model {model.name} to have an absolute path or URI; got "
+                                   f"base_path()={model.base_path}")
+        if model.model_platform not in SUPPORTED_PLATFORMS:
+            raise invalid_argument(f"Model {model.name} requests unsupported platform {model.model_platform}")
+        if not Path(model.base_path).is_dir():
+            raise invalid_argument(f"Could not find base path {model.base_path} for servable {model.name}")
+
+
 class ModelServer:
     def __init__(self, options: ServerOptions):
         self.options = options
+        self.admission = Admission(options.max_inflight_requests,
+                                   options.max_inflight_bytes or 4 * options.max_request_body_bytes)
         self.metrics = ServingMetrics(versions_loaded=self._versions_loaded)
         self.registry = ModelRegistry(functools.partial(load_servable, options=options.load),
                                       on_load=self.metrics.observe_load, retries=options.load_retries,
@@ -82,13 +170,17 @@ class ModelServer:
         if options.enable_batching:
             batching = (serving_config.read_batching_options(Path(options.batching_parameters_file))
                         if options.batching_parameters_file else serving_config.BatchingOptions())
-            self.batcher = Batcher(batching, on_batch=self.metrics.observe_batch)
+            self.batcher = Batcher(batching, on_batch=self.metrics.observe_batch,
+                                   arriving=lambda: self.admission.arriving)
         # Model calls without batching run off the event loop: REST's and gRPC's on their own pools, sized by
         # --rest_api_num_threads and --grpc_max_threads.
         self.executors = {
             "rest": ThreadPoolExecutor(max_workers=options.rest_api_num_threads, thread_name_prefix="rest"),
             "grpc": ThreadPoolExecutor(max_workers=options.grpc_max_threads, thread_name_prefix="grpc"),
         }
+        # Decoding and encoding large bodies: off the event loop, so one 16 MiB body does not stall every other
+        # call (health probes included) while it is parsed. One thread: admission bounds what waits for it.
+        self.codec_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codec")
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
         # Progressive delivery (serving/shadow.py): mirrored copies of live requests for the shadow version.
@@ -116,7 +208,9 @@ class ModelServer:
         self.registry.apply(config)
 
     def apply_config(self, config: model_server_config_pb2.ModelServerConfig) -> None:
-        """HandleReloadConfigRequest: replace the model list now and load what it wants."""
+        """HandleReloadConfigRequest: checks the config (INVALID_ARGUMENT naming the first problem, the
+        models served stay as they are), then replaces the model list and loads what it wants."""
+        check_reload_config(config)
         self.registry.apply(config)
         self.registry.poll_all()
 
@@ -199,22 +293,62 @@ class ModelServer:
         """Runs model work on the protocol's pool ("rest" or "grpc")."""
         return self.executors[protocol].submit(function, *args)
 
-    def predict_future(self, servable: Servable, signature: str, inputs: dict[str, np.ndarray],
-                       output_filter: tuple[str, ...] = (), protocol: str = "rest",
-                       timeout_ms: int | None = None) -> Future:
+    # -- calls ------------------------------------------------------------------------------------------
+    def model_label(self, model: str) -> str:
+        """The metrics label for a model a client named: its name if configured, else UNKNOWN_MODEL (labels
+        never take what clients invent, so the number of series stays bounded)."""
+        return model if model and self.registry.has(model) else UNKNOWN_MODEL
+
+    def begin(self, model: str, api: str, protocol: str, nbytes: int = 0) -> Call:
+        """Admits a call (UNAVAILABLE when the server is at capacity, recorded like any answer)."""
+        label = self.model_label(model)
+        call = Call(label, api, protocol, nbytes, arriving=api == "predict" and self.batcher is not None)
+        try:
+            if nbytes > self.options.max_request_body_bytes:
+                raise too_large(self.options.max_request_body_bytes)
+            self.admission.admit(call)
+        except ServingError as exc:
+            self.refuse(label, api, protocol, exc)
+            raise
+        return call
+
+    def refuse(self, model_label: str, api: str, protocol: str, error: ServingError) -> None:
+        """Records a call answered with `error` before it was admitted."""
+        self.metrics.observe_request(model_label, None, api, protocol, error.code.name, 0.0)
+
+    def finish(self, call: Call) -> None:
+        """Records the call's answer and gives its share of the admission budget back."""
+        self.admission.release(call)
+        self.metrics.observe_request(call.model, call.version, call.api, call.protocol, call.status,
+                                     time.perf_counter() - call.started)
+
+    async def off_loop(self, call: Call, function: Callable, *args):
+        """Runs `function(*args)` on the codec thread when the call's request is large, else here on the loop."""
+        if call.nbytes < LARGE_REQUEST_BYTES:
+            return function(*args)
+        return await asyncio.wrap_future(self.codec_executor.submit(function, *args))
+
+    async def predict(self, call: Call, servable: Servable, signature: str, inputs: dict[str, np.ndarray],
+                      output_filter: tuple[str, ...] = (), timeout_ms: int | None = None) -> dict[str, np.ndarray]:
         """Runs a prediction through the batcher when batching is on, else on the protocol's pool; the model
         run is bounded by `timeout_ms` (--rest_api_timeout_in_ms, a gRPC client's deadline)."""
         if self.batcher is not None and not output_filter:
             # Checked per request: after merging and padding, a bad request would fail the whole batch.
             name = servable.validate_inputs(signature, inputs)
             deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
-            return self.batcher.submit(servable, name, inputs, deadline)
-        return self.run(protocol, servable.predict, signature, inputs, output_filter, timeout_ms)
+            self.admission.handed_over(call)  # before submitting: the batcher may close the batch now
+            return await self.batcher.submit(servable, name, inputs, deadline)
+        self.admission.handed_over(call)
+        return await asyncio.wrap_future(self.run(call.protocol, servable.predict, signature, inputs, output_filter,
+                                                  timeout_ms))
 
-    def observe(self, model: str, version: int | None, api: str, protocol: str, error: ServingError | None,
-                seconds: float) -> None:
-        status = "OK" if error is None else error.code.name
-        self.metrics.observe_request(model, version, api, protocol, status, seconds)
+    def internal_error(self, call: Call, exc: BaseException) -> ServingError:
+        """An error no check foresaw: logged with its traceback, answered INTERNAL naming it in one line."""
+        log.error("%s %s of %s failed", call.protocol, call.api, call.model, exc_info=exc)
+        error = ServingError(grpc.StatusCode.INTERNAL, f"Internal error: {type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:500]}")
+        call.fail(error)
+        return error
 
     def stop(self) -> None:
         self._stop.set()
@@ -223,5 +357,5 @@ class ModelServer:
         self.shadow.stop()
         if self.batcher:
             self.batcher.stop()
-        for executor in self.executors.values():
+        for executor in (*self.executors.values(), self.codec_executor):
             executor.shutdown(wait=False, cancel_futures=True)

@@ -11,15 +11,16 @@ import asyncio
 import re
 import time
 
+import grpc
 import orjson
 from aiohttp import web
 from google.protobuf import json_format
 
 from conveyor_ml.serving import json_codec
-from conveyor_ml.serving.errors import ModelRunError, ServingError, invalid_argument
+from conveyor_ml.serving.errors import ModelRunError, ServingError, invalid_argument, too_large
 from conveyor_ml.serving.grpc_service import model_status_response, signature_def_map
 from conveyor_ml.serving.model_quality import parse_feedback
-from conveyor_ml.serving.model_server import ModelServer
+from conveyor_ml.serving.model_server import Call, ModelServer
 from conveyor_ml.serving.routing import route_key
 
 # TF Serving's own URL grammar (http_rest_api_handler.cc), so a malformed path fails the same way.
@@ -27,6 +28,7 @@ MODEL_PATH = re.compile(
     r"^/v1/models/(?P<name>[^/:]+)"
     r"(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
     r"(?P<action>/metadata|:predict|:classify|:regress)?$")
+EXTENSION_PATH = re.compile(r"^/v1/models/(?P<name>[^/]+)/(?P<what>feedback|monitoring)$")
 VERSION_HEADER = "X-Model-Version"
 PREDICTION_ID_HEADER = "X-Prediction-Id"  # our extension: the id to send ground truth for (feedback)
 JSON = "application/json"
@@ -35,10 +37,12 @@ CORS_HEADERS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Method
 
 
 def _json(body: bytes, status: int = 200, version: int | None = None, prediction_id: str | None = None) -> web.Response:
-    headers = {VERSION_HEADER: str(version)} if version is not None else {}
+    headers = {"Content-Type": JSON}  # as a header: content_type= would parse and rebuild it per response
+    if version is not None:
+        headers[VERSION_HEADER] = str(version)
     if prediction_id:
         headers[PREDICTION_ID_HEADER] = prediction_id
-    return web.Response(body=body, status=status, content_type=JSON, headers=headers or None)
+    return web.Response(body=body, status=status, headers=headers)
 
 
 def error_response(error: ServingError) -> web.Response:
@@ -71,49 +75,44 @@ class RestApi:
     def __init__(self, server: ModelServer):
         self.server = server
 
-    def app(self) -> web.Application:
-        middlewares = [self._errors] + ([self._cors] if self.server.options.rest_api_enable_cors_support else [])
-        app = web.Application(client_max_size=self.server.options.max_request_body_bytes, middlewares=middlewares)
-        # Our extensions first: the generic route below would take their paths.
-        app.router.add_post("/v1/models/{name}/feedback", self.feedback)
-        app.router.add_get("/v1/models/{name}/monitoring", self.monitoring)
-        app.router.add_route("GET", "/v1/models/{tail:.*}", self.handle_model)
-        app.router.add_route("POST", "/v1/models/{tail:.*}", self.handle_model)
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/readyz", self.readyz)
-        if self.server.options.prometheus_path:
-            app.router.add_get(self.server.options.prometheus_path, self.metrics)
-        return app
+    def make_request(self, message, payload, protocol, writer, task) -> web.BaseRequest:
+        """aiohttp's low-level server's request factory, with --max_request_body_bytes as the body limit."""
+        return web.BaseRequest(message, payload, protocol, writer, task, asyncio.get_running_loop(),
+                               client_max_size=self.server.options.max_request_body_bytes)
 
-    @web.middleware
-    async def _errors(self, request: web.Request, handler):
-        try:
-            return await handler(request)
-        except web.HTTPRequestEntityTooLarge:
-            limit = self.server.options.max_request_body_bytes
-            return _json(orjson.dumps({"error": f"Request body too large: the limit is {limit} bytes "
-                                                "(--max_request_body_bytes)"}), status=413)
-        except web.HTTPException as exc:
-            if exc.status == 404:
-                return _json(orjson.dumps({"error": f"Malformed request: {request.method} {request.path}"}),
-                             status=404)
-            raise
-
-    @web.middleware
-    async def _cors(self, request: web.Request, handler):
-        """--rest_api_enable_cors_support: TF Serving's CORS headers, and its preflight answer."""
-        if request.method == "OPTIONS":
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Every request, routed by one look at its path: the server runs on aiohttp's low-level server, as
+        its router and middleware machinery cost more per call than the rest of a small Predict."""
+        cors = self.server.options.rest_api_enable_cors_support
+        if cors and request.method == "OPTIONS":  # --rest_api_enable_cors_support: TF Serving's preflight
             if not re.match(r"^https?://", request.headers.get("Origin", "")):
                 return _json(orjson.dumps({"error": "Origin header is missing in CORS preflight"}), status=400)
             return web.Response(status=200, headers=CORS_HEADERS)
-        response = await handler(request)
-        response.headers.update(CORS_HEADERS)
+        response = await self._route(request)
+        if cors:
+            response.headers.update(CORS_HEADERS)
         return response
 
-    async def healthz(self, request: web.Request) -> web.Response:
-        return _json(b'{"status": "alive"}')
+    async def _route(self, request: web.BaseRequest) -> web.StreamResponse:
+        path, method = request.path, request.method
+        if path.startswith("/v1/models/"):
+            extension = EXTENSION_PATH.match(path)  # our extensions: the model URL grammar would refuse them
+            if extension and (extension.group("what"), method) in (("feedback", "POST"), ("monitoring", "GET")):
+                endpoint = self.feedback if method == "POST" else self.monitoring
+                return await endpoint(request, extension.group("name"))
+            if method in ("GET", "POST"):
+                return await self.handle_model(request)
+        elif method == "GET":
+            if path == "/healthz":
+                return _json(b'{"status": "alive"}')
+            if path == "/readyz":
+                return self.readyz()
+            if path == self.server.options.prometheus_path:
+                return web.Response(body=self.server.metrics.exposition(), content_type="text/plain",
+                                    charset="utf-8")
+        return _json(orjson.dumps({"error": f"Malformed request: {method} {path}"}), status=404)
 
-    async def readyz(self, request: web.Request) -> web.Response:
+    def readyz(self) -> web.Response:
         waiting = self.server.readiness()
         ready = bool(self.server.registry.models()) and not waiting
         body = {"ready": ready}
@@ -121,11 +120,7 @@ class RestApi:
             body["waiting"] = waiting
         return _json(orjson.dumps(body), status=200 if ready else 503)
 
-    async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.server.metrics.exposition(),
-                            content_type="text/plain", charset="utf-8")
-
-    async def handle_model(self, request: web.Request) -> web.Response:
+    async def handle_model(self, request: web.BaseRequest) -> web.Response:
         match = MODEL_PATH.match(request.path)
         action = match and (match.group("action") or "")
         is_post = request.method == "POST"
@@ -135,60 +130,105 @@ class RestApi:
         name, label = match.group("name"), match.group("label")
         version = int(match.group("version")) if match.group("version") else None
         api = action.lstrip(":/") or "status"
-        started = time.perf_counter()
-        served_version, error = None, None
         try:
-            if action == "":
-                return _json(proto_json(model_status_response(self.server, name, version, label),
-                                        proto_field_names=False).encode())
-            if action == "/metadata":
-                servable = self.server.resolve(name, version, label)
-                served_version = servable.version
-                return _json(metadata_json(servable), version=served_version)
-            body = await request.read()
-            document = json_codec.parse_body(body)
-            servable = self.server.resolve(name, version, label,
-                                           route_key(self.server.traffic, name, request.headers))  # sticky split
-            served_version = servable.version
-            prediction_id = None
-            if api == "predict":
-                payload, prediction_id = await self._predict(servable, document)
-            else:
-                payload = await self._classify_or_regress(servable, document, api)
-            return _json(payload, version=served_version, prediction_id=prediction_id)
+            call = self.server.begin(name, api, "rest", self._request_bytes(request) if is_post else 0)
         except ServingError as exc:
-            error = exc
             return error_response(exc)
-        finally:
-            self.server.observe(name, served_version, api, "rest", error, time.perf_counter() - started)
+        return await self._run(call, self._answer(call, request, name, version, label, action))
 
-    async def _predict(self, servable, document: dict) -> tuple[bytes, str | None]:
+    async def _run(self, call: Call, answer) -> web.Response:
+        """Awaits the call's answer; every way it can end is answered as JSON and recorded with its status."""
+        try:
+            return await answer
+        except ServingError as exc:
+            call.fail(exc)
+            return error_response(exc)
+        except web.HTTPRequestEntityTooLarge:
+            error = too_large(self.server.options.max_request_body_bytes)
+            call.fail(error)
+            return error_response(error)
+        except asyncio.CancelledError:  # the client went away
+            call.status = grpc.StatusCode.CANCELLED.name
+            raise
+        except Exception as exc:
+            return error_response(self.server.internal_error(call, exc))
+        finally:
+            self.server.finish(call)
+
+    def _request_bytes(self, request: web.BaseRequest) -> int:
+        """What a body will hold, for admission: its Content-Length, or the limit when it is chunked (a
+        declared length over the limit is refused by begin() before anything is read)."""
+        if request.content_length is None:
+            return self.server.options.max_request_body_bytes
+        return request.content_length
+
+    async def _answer(self, call: Call, request: web.BaseRequest, name: str, version: int | None, label: str | None,
+                      action: str) -> web.Response:
+        if action == "":
+            return _json(proto_json(model_status_response(self.server, name, version, label),
+                                    proto_field_names=False).encode())
+        if action == "/metadata":
+            servable = self.server.resolve(name, version, label)
+            call.version = servable.version
+            return _json(metadata_json(servable), version=servable.version)
+        body = await self._read_body(request)
+        document = await self.server.off_loop(call, json_codec.parse_body, body)
+        servable = self.server.resolve(name, version, label,
+                                       route_key(self.server.traffic, name, request.headers))  # sticky split
+        call.version = servable.version
+        if call.api == "predict":
+            payload, prediction_id = await self._predict(call, servable, document)
+            return _json(payload, version=servable.version, prediction_id=prediction_id)
+        return _json(await self._classify_or_regress(call, servable, document), version=servable.version)
+
+    async def _read_body(self, request: web.BaseRequest) -> bytes:
+        """The body, read within --rest_api_timeout_in_ms (TF Serving's HTTP server times out the whole call):
+        a client that sends it too slowly gets 408 and gives its admission share back."""
+        timeout = self._timeout_ms()
+        try:
+            if not timeout or request.content.is_eof():  # all of it is here already (small bodies usually are)
+                return await request.read()
+            return await asyncio.wait_for(request.read(), timeout / 1000)
+        except asyncio.TimeoutError:
+            raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, f"The request body did not arrive within "
+                               f"{timeout} ms (--rest_api_timeout_in_ms)", http_status=408) from None
+        except ConnectionError:  # the client went away mid-body: its call, not a server fault
+            raise ServingError(grpc.StatusCode.CANCELLED, "The client closed the connection before its body "
+                               "arrived") from None
+
+    def _decode_predict(self, servable, document: dict) -> tuple[str, dict, str]:
         signature = json_codec.signature_name(document)
         inputs, request_format = json_codec.decode_predict(document, servable.input_dtypes(signature))
         self.server.quality.check_inputs(servable.model_name, inputs)
+        return signature, inputs, request_format
+
+    async def _predict(self, call: Call, servable, document: dict) -> tuple[bytes, str | None]:
+        signature, inputs, request_format = await self.server.off_loop(call, self._decode_predict, servable,
+                                                                       document)
         started = time.perf_counter()
         try:
-            outputs = await asyncio.wrap_future(self.server.predict_future(servable, signature, inputs, (), "rest",
-                                                                           self._timeout_ms()))
+            outputs = await self.server.predict(call, servable, signature, inputs, (), self._timeout_ms())
         except ModelRunError as exc:
             raise exc.for_request(inputs) from None
         self.server.shadow.offer(servable, signature, inputs, outputs, time.perf_counter() - started)  # shadow.py
         prediction_id = self.server.quality.record_predictions(servable.model_name, servable.version, outputs)
-        return json_codec.encode_predict(outputs, request_format), prediction_id
+        return await self.server.off_loop(call, json_codec.encode_predict, outputs, request_format), prediction_id
 
-    async def feedback(self, request: web.Request) -> web.Response:
+    async def feedback(self, request: web.BaseRequest, name: str) -> web.Response:
         """Ground-truth labels for logged predictions (our extension; TF Serving has no such API)."""
-        name = request.match_info["name"]
         try:
-            self.server.model(name)
-            entries = parse_feedback(json_codec.parse_body(await request.read()))
-            return _json(orjson.dumps(self.server.quality.feedback(name, entries)))
+            call = self.server.begin(name, "feedback", "rest", self._request_bytes(request))
         except ServingError as exc:
             return error_response(exc)
+        return await self._run(call, self._feedback(call, request, name))
 
-    async def monitoring(self, request: web.Request) -> web.Response:
+    async def _feedback(self, call: Call, request: web.BaseRequest, name: str) -> web.Response:
+        self.server.model(name)
+        document = await self.server.off_loop(call, json_codec.parse_body, await self._read_body(request))
+        return _json(orjson.dumps(self.server.quality.feedback(name, parse_feedback(document))))
+
+    async def monitoring(self, request: web.BaseRequest, name: str) -> web.Response:
         """Per version: labels, the rolling predicted-class histogram and live accuracy (our extension)."""
-        name = request.match_info["name"]
         try:
             model = self.server.model(name)
         except ServingError as exc:
@@ -208,15 +248,15 @@ class RestApi:
     def _timeout_ms(self) -> int | None:
         return self.server.options.rest_api_timeout_in_ms or None
 
-    async def _classify_or_regress(self, servable, document: dict, api: str) -> bytes:
+    async def _classify_or_regress(self, call: Call, servable, document: dict) -> bytes:
         signature = json_codec.signature_name(document)
-        examples = json_codec.decode_examples(document)
-        if api == "classify":
+        examples = await self.server.off_loop(call, json_codec.decode_examples, document)
+        if call.api == "classify":
             result = await asyncio.wrap_future(self.server.run("rest", servable.classify, signature, examples,
                                                                self._timeout_ms()))
             return json_codec.encode_classification(result.classes, result.scores, len(examples))
-        if api == "regress":
+        if call.api == "regress":
             values = await asyncio.wrap_future(self.server.run("rest", servable.regress, signature, examples,
                                                                self._timeout_ms()))
             return json_codec.encode_regression(values)
-        raise invalid_argument(f"unknown method {api}")
+        raise invalid_argument(f"unknown method {call.api}")

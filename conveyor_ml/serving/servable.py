@@ -63,7 +63,10 @@ def read_signature_defs(export_dir: Path, tags: tuple[str, ...] = ("serve",)) ->
     export_dir = Path(export_dir)
     binary, text = export_dir / "saved_model.pb", export_dir / "saved_model.pbtxt"
     if binary.is_file():
-        saved_model = saved_model_pb2.SavedModel.FromString(binary.read_bytes())
+        content = binary.read_bytes()
+        if not content:
+            raise IncompleteModelError(f"{binary} is empty (not a complete SavedModel)")
+        saved_model = saved_model_pb2.SavedModel.FromString(content)
     elif text.is_file():
         saved_model = text_format.Parse(text.read_text(), saved_model_pb2.SavedModel())
     else:
@@ -80,6 +83,19 @@ def _names(keys) -> str:
 
 def _one_line(signature: meta_graph_pb2.SignatureDef) -> str:
     return text_format.MessageToString(signature, as_one_line=True)
+
+
+MAX_ERROR_MESSAGE_CHARS = 2000
+
+
+def model_error_message(text: str) -> str:
+    """TensorFlow's whole message on one line, bounded: its first line alone is often only a header such as
+    "Graph execution error:", with the cause and the node on the lines after."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].rstrip(":") in ("Graph execution error", "Detected at node"):
+        lines = lines[1:]
+    message = " ".join(" ".join(lines).split())
+    return message if len(message) <= MAX_ERROR_MESSAGE_CHARS else message[:MAX_ERROR_MESSAGE_CHARS] + "..."
 
 
 def grpc_code(exc: tf.errors.OpError) -> grpc.StatusCode:
@@ -101,6 +117,8 @@ class Servable:
         self.options = options
         self.signature_defs: dict[str, meta_graph_pb2.SignatureDef] = {}
         self.load_seconds = 0.0
+        self._validated: dict[tuple, str] = {}  # validate_inputs' passes: (signature, (alias, dtype)...) -> name
+        self._input_dtypes: dict[str, dict[str, tf.DType]] = {}  # per known signature name
 
     # -- signatures ---------------------------------------------------------------------------------------
     def signature(self, name: str) -> tuple[str, meta_graph_pb2.SignatureDef]:
@@ -111,8 +129,12 @@ class Servable:
         return name, self.signature_defs[name]
 
     def input_dtypes(self, signature_name: str) -> dict[str, tf.DType]:
-        _, signature = self.signature(signature_name)
-        return {key: tf.dtypes.as_dtype(info.dtype) for key, info in signature.inputs.items()}
+        dtypes = self._input_dtypes.get(signature_name)
+        if dtypes is None:
+            _, signature = self.signature(signature_name)
+            dtypes = {key: tf.dtypes.as_dtype(info.dtype) for key, info in signature.inputs.items()}
+            self._input_dtypes[signature_name] = dtypes
+        return dtypes
 
     def _verify_predict_method(self, signature: meta_graph_pb2.SignatureDef) -> None:
         if (self.options.signature_method_name_check
@@ -122,11 +144,17 @@ class Servable:
                                f"{CLASSIFY_METHOD}, {REGRESS_METHOD}}}. Was: {signature.method_name}")
 
     def validate_inputs(self, signature_name: str, inputs: dict[str, np.ndarray]) -> str:
-        """TF Serving's checks of a Predict request's input names (not shapes); returns the signature name."""
-        name, signature = self.signature(signature_name)
-        self._verify_predict_method(signature)
-        self._check_input_names(signature, inputs)
-        self._check_dtypes(signature, inputs)
+        """TF Serving's checks of a Predict request's input names (not shapes); returns the signature name.
+        They depend on the names and dtypes only, so what passed once is remembered (failures are not: their
+        keys are whatever clients send)."""
+        key = (signature_name, *((alias, value.dtype.str) for alias, value in inputs.items()))
+        name = self._validated.get(key)
+        if name is None:
+            name, signature = self.signature(signature_name)
+            self._verify_predict_method(signature)
+            self._check_input_names(signature, inputs)
+            self._check_dtypes(signature, inputs)
+            self._validated[key] = name
         return name
 
     def _check_dtypes(self, signature: meta_graph_pb2.SignatureDef, inputs: dict[str, np.ndarray]) -> None:
@@ -397,10 +425,8 @@ class SavedModelServable(Servable):
 
     def predict(self, signature_name: str, inputs: dict[str, np.ndarray], output_filter: tuple[str, ...] = (),
                 timeout_ms: int | None = None) -> dict[str, np.ndarray]:
-        name, signature = self.signature(signature_name)
-        self._verify_predict_method(signature)
-        self._check_input_names(signature, inputs)
-        self._check_dtypes(signature, inputs)
+        name = self.validate_inputs(signature_name, inputs)
+        signature = self.signature_defs[name]
         feeds = {info.name: inputs[alias] if alias in inputs else tf.make_ndarray(signature.defaults[alias])
                  for alias, info in signature.inputs.items()}
         aliases = self._output_aliases(signature, tuple(output_filter))
@@ -432,9 +458,9 @@ class SavedModelServable(Servable):
             # (C++ Session::Run) does not, so the lower-level call is used to feed what the graph accepts.
             return self._session._call_tf_sessionrun(options, feed_dict, fetch_list, [], None)
         except tf.errors.OpError as exc:
-            message = exc.message.strip().splitlines()[0] if exc.message.strip() else type(exc).__name__
+            message = model_error_message(exc.message) or type(exc).__name__
             if isinstance(exc, tf.errors.DeadlineExceededError):
-                message += f" (the model ran longer than the request's {timeout_ms} ms)"
+                message = f"Deadline exceeded: the model ran longer than the request's {timeout_ms} ms ({message})"
             raise ModelRunError(grpc_code(exc), message) from None
         finally:
             if options is not None:

@@ -23,6 +23,7 @@ log = logging.getLogger("conveyor.serving")
 UNIX_SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes, the terminating NUL included
 TF_SERVING = "TensorFlow Serving flags (tensorflow_model_server's, with its help text)"
 CONVEYOR = "Conveyor's own flags"
+SHUTDOWN_GRACE_SECONDS = 2.0  # how long requests in flight may finish after SIGTERM
 
 
 def tf_bool(text: str) -> bool:
@@ -218,7 +219,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "tensor's scale and zero point) and quantized outputs come back as floats, so a quantized "
                      "variant answers the float model's requests (quantized canary)")
     own.add_argument("--max_request_body_bytes", type=_flag_int, default=16 * 1024 * 1024,
-                     help="REST requests larger than this get 413 (default 16 MiB)")
+                     help="the largest request: a REST body over it gets 413, a gRPC message RESOURCE_EXHAUSTED "
+                     "(default 16 MiB); a request's tensors may decode to at most 4 times as many bytes")
+    own.add_argument("--max_inflight_bytes", type=_flag_int, default=None,
+                     help="request bytes admitted at once, REST and gRPC together; past it a request gets "
+                     "503/UNAVAILABLE at once (default 4 x --max_request_body_bytes)")
+    own.add_argument("--max_inflight_requests", type=_flag_int, default=1000,
+                     help="requests admitted at once; past it a request gets 503/UNAVAILABLE (default 1000)")
     own.add_argument("--input_schema", help="TFDV schema (pbtxt): count request values outside its domains "
                      "(--spec uses the spec's data.schema)")
     own.add_argument("--reject_anomalous_inputs", type=tf_bool, nargs="?", const=True, default=False,
@@ -353,7 +360,8 @@ def options_from_args(args: argparse.Namespace):
         if Path(socket_path).exists() and not Path(socket_path).is_socket():
             raise ConveyorError(f"--grpc_socket_path: {socket_path} exists and is not a socket")
     for name, minimum in (("rest_api_num_threads", 1), ("grpc_max_threads", 1), ("rest_api_timeout_in_ms", 0),
-                          ("max_request_body_bytes", 1), ("num_load_threads", 0), ("num_unload_threads", 0),
+                          ("max_request_body_bytes", 1), ("max_inflight_requests", 1),
+                          ("num_load_threads", 0), ("num_unload_threads", 0),
                           ("max_num_load_retries", 0), ("num_request_iterations_for_warmup", 0),
                           ("num_tflite_pools", 1), ("num_tflite_interpreters_per_pool", 1),
                           ("file_system_poll_wait_seconds", 0), ("model_config_file_poll_wait_seconds", 0)):
@@ -385,6 +393,10 @@ def options_from_args(args: argparse.Namespace):
     _existing_file("input_schema", input_schema)
     channel_arguments = parse_channel_arguments(args.grpc_channel_arguments)
     _check_session_flags(args)
+    if args.max_inflight_bytes is not None and args.max_inflight_bytes < args.max_request_body_bytes:
+        raise ConveyorError(f"--max_inflight_bytes {args.max_inflight_bytes}: must be at least "
+                            f"--max_request_body_bytes ({args.max_request_body_bytes}), or no large request "
+                            "could ever be admitted")
 
     from conveyor_ml.serving.model_server import ServerOptions, default_threads
     from conveyor_ml.serving.servable import LoadOptions
@@ -412,6 +424,7 @@ def options_from_args(args: argparse.Namespace):
         batching_parameters_file=batching_file, prometheus_path=prometheus_path, load=load_options,
         load_retries=LoadRetries(args.max_num_load_retries, max(0.0, args.load_retry_interval_micros / 1e6)),
         num_load_threads=args.num_load_threads, max_request_body_bytes=args.max_request_body_bytes,
+        max_inflight_bytes=args.max_inflight_bytes, max_inflight_requests=args.max_inflight_requests,
         traffic_file=args.traffic_file, input_schema=input_schema,
         reject_anomalous_inputs=args.reject_anomalous_inputs)
 
@@ -462,9 +475,12 @@ async def _serve(server, stop: asyncio.Event) -> None:
         raise ConveyorError(str(exc)) from None
     runner = None
     if options.rest_api_port:
-        runner = web.AppRunner(RestApi(server).app(), access_log=None)
+        # On SIGTERM, requests still running get SHUTDOWN_GRACE_SECONDS (aiohttp's default is 60 s).
+        rest = RestApi(server)
+        runner = web.ServerRunner(web.Server(rest.handle, request_factory=rest.make_request, access_log=None),
+                                  shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
         await runner.setup()
-        site = web.TCPSite(runner, options.rest_api_host, options.rest_api_port, reuse_address=True)
+        site = web.TCPSite(runner, options.rest_api_host, options.rest_api_port, reuse_address=True, backlog=1024)
         try:
             await site.start()
         except OSError as exc:
@@ -484,9 +500,20 @@ async def _serve(server, stop: asyncio.Event) -> None:
     await stop.wait()
     if health is not None:
         health.stopping = True
-    await grpc_server.stop(grace=2)
+    await grpc_server.stop(grace=SHUTDOWN_GRACE_SECONDS)
     if runner:
         await runner.cleanup()
+
+
+def _event_loop_policy() -> None:
+    """uvloop (libuv) runs REST, gRPC and the hand-offs between them and the model threads with less Python
+    per call than asyncio's own loop; asyncio's is kept where uvloop is not installed."""
+    try:
+        import uvloop
+    except ImportError:
+        log.info("uvloop is not installed: serving on asyncio's own event loop")
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -521,6 +548,7 @@ def run(args: argparse.Namespace) -> int:
         await _serve(server, stop)
 
     try:
+        _event_loop_policy()
         asyncio.run(main())
     finally:
         server.stop()

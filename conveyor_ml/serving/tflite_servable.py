@@ -28,6 +28,7 @@ import grpc
 import numpy as np
 import tensorflow as tf
 from ai_edge_litert.interpreter import Interpreter
+from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 
 from conveyor_ml.serving.errors import ModelRunError, ServingError, invalid_argument
@@ -37,6 +38,7 @@ from conveyor_ml.serving.servable import (
     TFLITE_MODEL_FILE,
     LoadOptions,
     Servable,
+    model_error_message,
 )
 
 log = logging.getLogger("conveyor.serving")
@@ -75,6 +77,14 @@ def _datatype(dtype: np.dtype) -> int:
     return tf.dtypes.as_dtype(np.dtype(dtype)).as_datatype_enum
 
 
+def _dtype_name(dtype: np.dtype) -> str:
+    """TF Serving's spelling (DT_FLOAT...), or numpy's for what TensorFlow has no type for."""
+    try:
+        return types_pb2.DataType.Name(_datatype(dtype))
+    except TypeError:
+        return str(dtype)
+
+
 class _Tensor:
     """One model input or output: where it is and how its values convert."""
 
@@ -102,12 +112,10 @@ class _Tensor:
             limits = np.iinfo(self.dtype)
             quantized = np.round(value.astype(np.float64) / self.scale) + self.zero_point
             return np.clip(quantized, limits.min, limits.max).astype(self.dtype)
-        if value.dtype == self.dtype:
-            return value
-        if value.dtype.kind not in "fiub" or self.dtype.kind not in "fiub":
-            raise invalid_argument(f"input '{alias}' is {value.dtype} but the TFLite tensor {self.name} takes "
-                                   f"{self.dtype}")
-        return value.astype(self.dtype)
+        if value.dtype != self.dtype:  # as a SavedModel's graph does: no silent cast (float64 to float32...)
+            raise invalid_argument(f"input '{alias}' is {_dtype_name(value.dtype)} but the TFLite tensor "
+                                   f"{self.name} takes {_dtype_name(self.dtype)}")
+        return value
 
     def from_model(self, value: np.ndarray) -> np.ndarray:
         if self.quantized:
@@ -203,9 +211,9 @@ class TfliteServable(Servable):
             else:
                 outputs = self._run_tensors_by_name(signature, inputs)
         except ValueError as exc:  # LiteRT's refusal of a shape or value
-            raise ModelRunError(grpc.StatusCode.INVALID_ARGUMENT, f"TFLite: {str(exc).strip().splitlines()[0]}") from None
+            raise ModelRunError(grpc.StatusCode.INVALID_ARGUMENT, f"TFLite: {model_error_message(str(exc))}") from None
         except RuntimeError as exc:
-            raise ServingError(grpc.StatusCode.INTERNAL, f"TFLite: {str(exc).strip().splitlines()[0]}") from None
+            raise ServingError(grpc.StatusCode.INTERNAL, f"TFLite: {model_error_message(str(exc))}") from None
         return {alias: outputs[alias] for alias in aliases}
 
     def _run_signature(self, name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -88,11 +88,16 @@ class ModelVersions:
         base_path = Path(self.config.base_path)
         on_disk = versions_on_disk(base_path)
         self._note_waiting(base_path, on_disk)
-        with self._lock:
-            wanted = self._wanted(on_disk)
-            to_load = sorted(v for v in wanted if v not in self._servables)
-        for version in reversed(to_load):  # newest first: it is usually the one clients wait for
-            self._load(version, on_disk[version])
+        tried: set[int] = set()
+        while True:  # a version that fails is skipped by the policy: load what it wants instead, this poll
+            with self._lock:
+                wanted = self._wanted(on_disk)
+                to_load = sorted(v for v in wanted if v not in self._servables and v not in tried)
+            if not to_load:
+                break
+            for version in reversed(to_load):  # newest first: it is usually the one clients wait for
+                tried.add(version)
+                self._load(version, on_disk[version])
         with self._lock:
             for version in on_disk:
                 if version not in wanted and version not in self._servables and version in self._failures:
@@ -125,12 +130,13 @@ class ModelVersions:
         started = time.perf_counter()
         try:
             servable = self._load_with_retries(version, path)
-        except IncompleteModelError as exc:
-            with self._lock:  # maybe still being written by a non-atomic copy: look again next poll
-                self._status[version] = VersionStatus(version, START, str(exc))
-            return
-        except Exception as exc:  # a corrupt model must not take the server down
+        except Exception as exc:  # a corrupt or incomplete model must not take the server down
+            # Marked failed either way, so the version policy skips it and serves the newest healthy version
+            # (TF Serving would keep aspiring to the broken newest one and serve nothing after a restart). An
+            # incomplete directory may still be being copied: it is retried when it changes (see _failed).
             message = f"Loading servable: {{name: {self.name} version: {version}}} failed: {exc}"
+            if isinstance(exc, IncompleteModelError):
+                message += "; retried when the directory changes"
             log.error(message)
             with self._lock:
                 self._failures[version] = (_mtime(path), message)
@@ -146,6 +152,7 @@ class ModelVersions:
             self._on_load(self.name, version, seconds)
 
     def _load_with_retries(self, version: int, path: Path) -> Servable:
+        """The servable, warmed up; an incomplete directory is not retried (it is when it changes)."""
         attempt = 0
         while True:
             try:
@@ -252,6 +259,10 @@ class ModelRegistry:
         if model is None:
             raise not_found(f"Servable not found for request: Latest({name})")
         return model
+
+    def has(self, name: str) -> bool:
+        """Whether `name` is a configured model (a dict lookup: safe without the lock)."""
+        return name in self._models
 
     def models(self) -> list[ModelVersions]:
         with self._lock:

@@ -93,8 +93,13 @@ def test_feedback_gives_live_accuracy_on_a_known_sequence(watched, digits_eval):
     bad = requests.post(f"{watched.rest_url}/v1/models/mnist/feedback", json={"feedback": [{"prediction_id": ids[1]}]},
                         timeout=10)
     assert bad.status_code == 400 and "labels" in bad.json()["error"]
+    replayed = requests.post(f"{watched.rest_url}/v1/models/mnist/feedback", timeout=10,
+                             json={"feedback": [{"prediction_id": ids[0], "labels": [predicted[0]]}]}).json()
+    assert replayed["accepted"] == 0 and replayed["unknown_prediction_ids"] == [ids[0]]  # an id counts once
+    assert metric(watched, 'conveyor_live_accuracy{model="mnist",version="1"}') == pytest.approx(expected)
+    fresh = predict(watched, digits_eval.images[12][None]).headers["X-Prediction-Id"]
     wrong_count = requests.post(f"{watched.rest_url}/v1/models/mnist/feedback", timeout=10,
-                                json={"feedback": [{"prediction_id": ids[1], "labels": [1, 2]}]})
+                                json={"feedback": [{"prediction_id": fresh, "labels": [1, 2]}]})
     assert wrong_count.status_code == 400
     assert requests.post(f"{watched.rest_url}/v1/models/nope/feedback", json={"feedback": []}, timeout=10).status_code == 404
 

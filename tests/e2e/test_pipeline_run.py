@@ -99,10 +99,11 @@ def test_trainer_facts_are_recorded_on_the_model(default_pipeline_run):
     assert facts["train_loss"] < 1.0
 
 
-def test_second_run_without_new_data_is_cached_and_pushes_nothing(default_pipeline_run):
-    serving = default_pipeline_run.workspace / "serving" / "mnist"
+def test_second_run_without_new_data_is_cached_and_pushes_nothing(default_pipeline_run, tmp_path):
+    rerun = default_pipeline_run.copy_to(tmp_path)
+    serving = rerun.workspace / "serving" / "mnist"
     versions_before = sorted(os.listdir(serving))
-    result = run_conveyor("run", default_pipeline_run.spec)
+    result = run_conveyor("run", rerun.spec)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "✓ Trainer" not in result.stdout and "↺ Trainer  cached" in result.stdout
     assert "↺ Evaluator  cached" in result.stdout

@@ -38,6 +38,12 @@ def wait_until_only(server, version: int, timeout: float = 5.0) -> float:
 
 
 @pytest.fixture(scope="module")
+def canary_pipeline(canary_pipeline, tmp_path_factory):
+    """A copy of the session's canary pipeline: this module promotes and rolls back, other modules read it."""
+    return canary_pipeline.copy_to(tmp_path_factory.mktemp("release-workflow"))
+
+
+@pytest.fixture(scope="module")
 def serving(canary_pipeline):
     with ServerProcess("--spec", str(canary_pipeline.spec)) as server:
         server.wait_available("mnist", version=2)

@@ -2,6 +2,7 @@
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from conveyor_ml.serving.batcher import Batcher
 from conveyor_ml.serving.errors import ServingError
 from conveyor_ml.serving.loader import load_servable
 from conveyor_ml.serving.servable import LoadOptions, SavedModelServable
-from conveyor_ml.serving.version_manager import AVAILABLE, END, START, LoadRetries, ModelVersions
+from conveyor_ml.serving.version_manager import AVAILABLE, END, LoadRetries, ModelVersions
 from tests.tiny_models import write_tiny_model
 
 
@@ -87,7 +88,7 @@ def test_new_version_replaces_old_only_when_loaded(tmp_path, tiny_export):
     (base / "2").mkdir()  # an incomplete copy: no saved_model.pb yet
     model.poll()
     assert model.available_versions() == [1]
-    assert model.statuses(2)[0].state == START and "not a complete SavedModel" in model.statuses(2)[0].error
+    assert model.statuses(2)[0].state == END and "not a complete SavedModel" in model.statuses(2)[0].error
     shutil.rmtree(base / "2")
     shutil.copytree(tiny_export, base / "2")
     model.poll()
@@ -108,6 +109,27 @@ def test_corrupt_version_never_replaces_a_healthy_one(tmp_path, tiny_export):
     status = model.statuses(2)[0]
     assert status.state == END and "failed" in status.error
     assert model.statuses(1)[0].state == AVAILABLE
+
+
+@pytest.mark.parametrize("breakage", ["missing saved_model.pb", "empty saved_model.pb"])
+def test_restart_with_a_broken_newest_version_serves_the_newest_healthy_one(tmp_path, tiny_export, breakage):
+    """A fresh ModelVersions is a restarted server: it never loaded version 1, yet serves it, not 503."""
+    base = tmp_path / "tiny"
+    for version in (1, 2):
+        shutil.copytree(tiny_export, base / str(version))
+    if breakage == "missing saved_model.pb":
+        (base / "2" / "saved_model.pb").unlink()
+    else:
+        (base / "2" / "saved_model.pb").write_bytes(b"")
+    model = ModelVersions(model_config(base))
+    model.poll()
+    assert model.available_versions() == [1]
+    assert model.resolve().version == 1
+    status = model.statuses(2)[0]
+    assert status.state == END and "not a complete SavedModel" in status.error
+    shutil.copy(tiny_export / "saved_model.pb", base / "2" / "saved_model.pb")  # the copy completes
+    model.poll()
+    assert model.available_versions() == [2]
 
 
 def test_labels_and_weighted_split(tmp_path, tiny_export):
@@ -140,8 +162,10 @@ def test_no_version_yet_is_unavailable(tmp_path):
 
 def test_batcher_merges_concurrent_requests_and_splits_results(servable):
     sizes = []
+    # Others are on their way (arriving > 0): a batch waits for them up to batch_timeout_micros.
     batcher = Batcher(BatchingOptions(max_batch_size=64, batch_timeout_micros=20000, max_enqueued_batches=10,
-                                      num_batch_threads=1), on_batch=lambda model, size, depth: sizes.append(size))
+                                      num_batch_threads=1), on_batch=lambda model, size, depth: sizes.append(size),
+                      arriving=lambda: 1)
     try:
         inputs = [np.full((2, 3), i, np.float32) for i in range(10)]
         with ThreadPoolExecutor(10) as pool:
@@ -150,6 +174,23 @@ def test_batcher_merges_concurrent_requests_and_splits_results(servable):
             np.testing.assert_array_equal(future.result(timeout=10)["y"], np.full((2, 3), 2.0 * i))
         assert max(sizes) > 2, sizes  # requests were merged
         assert sum(sizes) == 20
+    finally:
+        batcher.stop()
+
+
+def test_batcher_does_not_wait_for_company_when_nothing_else_is_arriving(servable):
+    """With nothing else on its way, a batch runs at once: a 60 s batch_timeout_micros is not waited out."""
+    arriving = [1]
+    batcher = Batcher(BatchingOptions(max_batch_size=64, batch_timeout_micros=60_000_000, max_enqueued_batches=10,
+                                      num_batch_threads=1), arriving=lambda: arriving[0])
+    try:
+        waiting = batcher.submit(servable, "serving_default", {"x": np.ones((1, 3), np.float32)})
+        with pytest.raises(FutureTimeout):  # another request is announced: the batch waits for it
+            waiting.result(timeout=0.5)
+        arriving[0] = 0
+        np.testing.assert_array_equal(batcher.submit(servable, "serving_default", {"x": np.ones((1, 3), np.float32)})
+                                      .result(timeout=10)["y"], np.full((1, 3), 2.0))
+        np.testing.assert_array_equal(waiting.result(timeout=10)["y"], np.full((1, 3), 2.0))
     finally:
         batcher.stop()
 
@@ -232,3 +273,38 @@ def test_a_model_with_nothing_to_load_says_why(tmp_path):
     (tmp_path / "absent").mkdir()
     missing.poll()
     assert missing.waiting_reason.startswith("No versions of servable tiny found under base path")
+
+
+def test_model_errors_keep_their_cause_on_one_line():
+    from conveyor_ml.serving.servable import model_error_message
+
+    text = ("Graph execution error:\n\nDetected at node 'reshape' defined at (most recent call last):\n"
+            "Input to reshape is a tensor with 64 values, but the requested shape has 512\n"
+            "\t [[{{node reshape}}]]")
+    assert model_error_message(text) == ("Detected at node 'reshape' defined at (most recent call last): Input to "
+                                         "reshape is a tensor with 64 values, but the requested shape has 512 "
+                                         "[[{{node reshape}}]]")
+    assert len(model_error_message("x" * 10_000)) == 2003
+
+
+@pytest.mark.parametrize("config, message", [
+    ("", "Only ModelConfigList is currently supported"),
+    ('model_config_list { config { name: "a" base_path: "relative/a" } }',
+     "Expected model a to have an absolute path or URI; got base_path\\(\\)=relative/a"),
+    ('model_config_list { config { name: "a" base_path: "/no/such/dir" } }', "Could not find base path /no/such/dir"),
+    ('model_config_list { config { name: "a" base_path: "{tmp}" } config { name: "a" base_path: "{tmp}" } }',
+     "Illegal to list model a multiple times"),
+    ('model_config_list { config { name: "a" base_path: "{tmp}" model_platform: "pytorch" } }',
+     "Model a requests unsupported platform pytorch"),
+])
+def test_reload_configs_are_checked_before_anything_changes(tmp_path, config, message):
+    from google.protobuf import text_format
+
+    from conveyor_ml.serving.model_server import check_reload_config
+
+    parsed = text_format.Parse(config.replace("{tmp}", str(tmp_path)), model_server_config_pb2.ModelServerConfig())
+    with pytest.raises(ServingError, match=message) as refused:
+        check_reload_config(parsed)
+    assert refused.value.code.name == "INVALID_ARGUMENT"
+    fine = f'model_config_list {{ config {{ name: "a" base_path: "{tmp_path}" model_platform: "tensorflow" }} }}'
+    check_reload_config(text_format.Parse(fine, model_server_config_pb2.ModelServerConfig()))

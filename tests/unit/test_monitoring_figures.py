@@ -47,6 +47,22 @@ def test_feedback_accuracy_on_a_known_sequence():
         quality.feedback("m", [{"prediction_id": ids[0], "labels": "one"}])
 
 
+def test_a_prediction_id_is_usable_once():
+    """Replaying feedback cannot skew live accuracy: a used id is unknown the second time."""
+    quality = ModelQuality(ServingMetrics())
+    right, wrong = (quality.record_predictions("m", 1, {"class_ids": np.array([c])}) for c in (4, 5))
+    assert quality.feedback("m", [{"prediction_id": right, "labels": [4]},
+                                  {"prediction_id": wrong, "labels": [4]}])["live_accuracy"] == {"1": 0.5}
+    replay = quality.feedback("m", [{"prediction_id": right, "labels": [4]}] * 3)
+    assert replay == {"accepted": 0, "unknown_prediction_ids": [right] * 3, "live_accuracy": {}}
+    assert quality.accuracy("m", 1) == 0.5
+    # A refused entry (wrong label count) does not use its id up.
+    third = quality.record_predictions("m", 1, {"class_ids": np.array([7])})
+    with pytest.raises(ServingError, match="2 labels for 1 predicted"):
+        quality.feedback("m", [{"prediction_id": third, "labels": [7, 7]}])
+    assert quality.feedback("m", [{"prediction_id": third, "labels": [7]}])["accepted"] == 1
+
+
 def test_schema_rules_use_the_serving_environment(tmp_path):
     from conveyor_ml.serving.model_quality import rules_from_schema
 

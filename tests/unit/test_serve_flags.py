@@ -9,7 +9,7 @@ import tensorflow as tf
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.cli import build_parser
 from conveyor_ml.serving import server
-from conveyor_ml.serving.grpc_service import tensor_proto
+from conveyor_ml.serving.tensors import tensor_proto
 from tests.conftest import run_conveyor
 
 # tensorflow_model_server's flags (TF Serving 2.16, model_servers/main.cc), with a value each would take.

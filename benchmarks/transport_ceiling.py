@@ -1,0 +1,53 @@
+"""The transport ceiling: the HTTP and gRPC stack `conveyor serve` runs on (aiohttp's low-level server and
+grpc.aio on one uvloop event loop, the same listener options) answering a fixed, precomputed Predict response with no model, no
+JSON or tensor conversion, no metrics. What the server reaches is compared with what this allows.
+
+Run by benchmarks/serving.py: python -m benchmarks.transport_ceiling REST_PORT GRPC_PORT RESPONSE.json RESPONSE.pb
+(the two files hold the real server's answers to the benchmark's request, so the bytes sent are the same).
+"""
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+
+
+async def serve(rest_port: int, grpc_port: int, rest_body: bytes, grpc_body: bytes) -> None:
+    async def predict_rest(request: web.BaseRequest) -> web.Response:
+        await request.read()
+        return web.Response(body=rest_body, content_type="application/json")
+
+    async def predict_grpc(request: bytes, context) -> bytes:
+        return grpc_body
+
+    runner = web.ServerRunner(web.Server(predict_rest, access_log=None))  # aiohttp's low-level server, as there
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", rest_port, reuse_address=True, backlog=1024).start()
+    server = grpc.aio.server()
+    # Raw bytes in and out: the request is not even parsed, the response not serialized per call.
+    handler = grpc.unary_unary_rpc_method_handler(predict_grpc, request_deserializer=None, response_serializer=None)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "tensorflow.serving.PredictionService", {"Predict": handler}),))
+    server.add_insecure_port(f"127.0.0.1:{grpc_port}")
+    await server.start()
+    print("transport ceiling: serving", flush=True)
+    await asyncio.Event().wait()
+
+
+def main() -> None:
+    rest_port, grpc_port = int(sys.argv[1]), int(sys.argv[2])
+    rest_body, grpc_body = Path(sys.argv[3]).read_bytes(), Path(sys.argv[4]).read_bytes()
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    asyncio.run(serve(rest_port, grpc_port, rest_body, grpc_body))
+
+
+if __name__ == "__main__":
+    main()
