@@ -50,7 +50,7 @@ def test_decoding_reads_the_new_and_the_float_list_format():
     (tf_example(image_raw=bytes(64)), "needs one int64 'label'"),
     (tf_example(label=[3]), "needs 'image_raw'"),
     (b"\x0a\x05abc", "not a tf.Example"),
-])
+], ids=["float pixels, wrong count", "no label", "no image_raw", "not a proto"])  # serialized maps vary in order
 def test_malformed_examples_say_what_is_wrong(record, message):
     with pytest.raises(ValueError, match=message):
         examples.decode_example(record, 64)
