@@ -41,8 +41,10 @@ def _flat_fields(settings_cls, renamed: dict[str, str] | None, prefix: str = "")
         annotation, optional = _unwrap_optional(hints[field.name])
         name = prefix + (renamed or {}).get(field.name, field.name)
         if dataclasses.is_dataclass(annotation):
+            # An optional section (e.g. serving_pusher.analysis) makes each of its options optional: absent
+            # when the section is, so the executor gets None back for it.
             for leaf, path, leaf_annotation, leaf_optional in _flat_fields(annotation, None, f"{name}_"):
-                yield leaf, (field.name, *path), leaf_annotation, leaf_optional
+                yield leaf, (field.name, *path), leaf_annotation, leaf_optional or optional
         else:
             yield name, (field.name,), annotation, optional
 
@@ -61,7 +63,7 @@ def parameter_values(settings, renamed: dict[str, str] | None = None) -> dict[st
     for name, path, _, _ in _flat_fields(type(settings), renamed):
         value = document
         for key in path:
-            value = value[key]
+            value = value[key] if value is not None else None  # inside a section left out: None
         if value is not None:
             values[name] = value
     return values

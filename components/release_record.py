@@ -24,6 +24,7 @@ from conveyor_ml.base.names import (
     PIPELINE_CONTEXT,
     PROMOTE_EXECUTION,
     RELEASE_CHANGE_PROPERTY,
+    RELEASE_CONTEXT,
     ROLLBACK_EXECUTION,
 )
 from conveyor_ml.base.spec import PipelineSpec
@@ -52,9 +53,40 @@ def _execution_type_id(store, kind: str) -> int:
     return store.put_execution_type(metadata_store_pb2.ExecutionType(name=kind), can_add_fields=True)
 
 
-def _contexts(store, spec: PipelineSpec) -> list:
+def _contexts(store, spec: PipelineSpec, release=None) -> list:
     pipeline_context = store.get_context_by_type_and_name(PIPELINE_CONTEXT, spec.name)
-    return [pipeline_context] if pipeline_context is not None else []
+    return ([pipeline_context] if pipeline_context is not None else []) + ([release] if release is not None else [])
+
+
+def release_context(spec: PipelineSpec, model_name: str, name: str, properties: dict[str, str]):
+    """The context that groups one progressive release's executions (its steps, measurements and verdict,
+    or a shadow phase) as a timeline; created once per `name`."""
+    store = metadata.open_store(spec.metadata)
+    type_id = store.put_context_type(metadata_store_pb2.ContextType(name=RELEASE_CONTEXT), can_add_fields=True)
+    found = store.get_context_by_type_and_name(RELEASE_CONTEXT, name)
+    if found is not None:
+        return found
+    context = metadata_store_pb2.Context(type_id=type_id, name=name)
+    for key, value in {"model_name": model_name, **properties}.items():
+        context.custom_properties[key].string_value = str(value)
+    [context_id] = store.put_contexts([context])
+    [stored] = store.get_contexts_by_id([context_id])
+    return stored
+
+
+def record_observation(spec: PipelineSpec, kind: str, model_name: str, details: dict, *, release=None,
+                       target: str = "local", reason: str = "", store=None) -> int:
+    """An execution that judged the release without changing it (a canary measurement, a verdict, a shadow
+    phase's figures): it reads the model's current Deployments (INPUT events), so lineage finds it from the
+    versions, and joins the release's context (`release_context`) when one is given."""
+    store = store or metadata.open_store(spec.metadata)
+    execution = metadata_store_pb2.Execution(type_id=_execution_type_id(store, kind), last_known_state=COMPLETE)
+    _set_properties(execution, {**_who(model_name, target, reason), **details})
+    events = [(artifact, metadata_store_pb2.Event(type=metadata_store_pb2.Event.INPUT))
+              for artifact in latest_deployments(store, model_name, target)]
+    execution_id, _, _ = store.put_execution(execution, events, _contexts(store, spec, release),
+                                             reuse_context_if_already_exist=True)
+    return execution_id
 
 
 def record_intent(spec: PipelineSpec, kind: str, model_name: str, target: str, *, change_id: str, reason: str,
@@ -94,7 +126,7 @@ def _set_properties(execution: metadata_store_pb2.Execution, values: dict[str, s
 def record_release_execution(spec: PipelineSpec, kind: str, model_name: str, target: str, rows: list[dict], *,
                              base_path: str, reason: str, details: dict, endpoint: str = "", change_id: str = "",
                              state: int = COMPLETE, intent: metadata_store_pb2.Execution | None = None,
-                             store=None) -> int:
+                             store=None, release=None) -> int:
     """An MLMD execution consuming the model's Deployments on `target` that were current and producing one
     Deployment per row of the new state, in the pipeline's context; `intent` completes an execution
     `record_intent` wrote instead of adding one. `state` FAILED records a change that went part of the way:
@@ -127,7 +159,7 @@ def record_release_execution(spec: PipelineSpec, kind: str, model_name: str, tar
         new.type_id = deployment_type_id
         new.state = metadata_store_pb2.Artifact.LIVE
         artifact_and_events.append((new, metadata_store_pb2.Event(type=metadata_store_pb2.Event.OUTPUT)))
-    execution_id, _, _ = store.put_execution(execution, artifact_and_events, _contexts(store, spec),
+    execution_id, _, _ = store.put_execution(execution, artifact_and_events, _contexts(store, spec, release),
                                              reuse_context_if_already_exist=True)
     return execution_id
 

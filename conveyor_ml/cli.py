@@ -257,6 +257,42 @@ def cmd_canary(args) -> int:
     return 0
 
 
+def cmd_release_shadow(args) -> int:
+    from conveyor_ml.base.spec import load_spec
+    from conveyor_ml.operations.progressive_delivery import end_shadow, shadow_summary, start_shadow
+
+    spec = load_spec(args.spec)
+    if args.end:
+        version, figures = end_shadow(spec, args.model, args.url, reason=args.reason)
+        print(f"conveyor: {args.model}: shadow phase of version {version} ended: {shadow_summary(figures)} "
+              "(recorded in ML Metadata)")
+        return 0
+    if args.version is None:
+        raise ConveyorError("release shadow: give --version N (and --percent P), or --end")
+    release = start_shadow(spec, args.model, args.version, args.percent, reason=args.reason)
+    print(f"conveyor: {args.model}: version {args.version} shadows {args.percent}% of live requests "
+          f"(stable {release.labels.get('stable')} answers them); `conveyor monitor {args.model}` compares them")
+    return 0
+
+
+def cmd_release_canary(args) -> int:
+    from conveyor_ml.base.spec import load_spec
+    from conveyor_ml.operations.progressive_delivery import analyse_canary, analysis_settings
+    from conveyor_ml.operations.release_commands import CanarySource
+
+    if (args.version is None) == (args.variant is None):
+        raise ConveyorError("release canary: give one of --version N (a pushed version) or --variant V")
+    spec = load_spec(args.spec)
+    settings = analysis_settings(
+        spec, steps=args.steps, interval_seconds=args.interval, max_error_rate=args.max_error_rate,
+        max_p99_ratio=args.max_p99_ratio, min_agreement=args.min_agreement,
+        min_live_accuracy_drop=args.min_live_accuracy_drop, min_requests=args.min_requests,
+        route_key=args.route_key, server_url=args.url)
+    source = CanarySource(version=args.version, variant=args.variant, from_version=args.from_version)
+    verdict = analyse_canary(spec, args.model, source, settings, reason=args.reason)
+    return 0 if verdict.verdict == "promoted" else 1
+
+
 def cmd_models(args) -> int:
     from conveyor_ml.base.spec import load_spec
     from conveyor_ml.operations.lineage_commands import models
@@ -439,6 +475,49 @@ def build_parser() -> argparse.ArgumentParser:
     canary.add_argument("--spec", default=DEFAULT_SPEC, type=values.spec_path, help=spec_help)
     canary.add_argument("--reason", default="", help="recorded with the change in ML Metadata")
     canary.set_defaults(handler=cmd_canary)
+
+    release = commands.add_parser("release", help="progressive delivery: shadow traffic, analysed canaries").add_subparsers(
+        dest="release_command", metavar="ACTION", required=True)
+    shadow = release.add_parser("shadow", help="mirror a share of live requests to a version in the background and "
+                                "compare its answers (never returned); --end records the figures")
+    shadow.add_argument("model")
+    shadow.add_argument("--version", type=values.integer(minimum=1), help="the version to shadow (on disk)")
+    shadow.add_argument("--percent", type=values.integer(1, 100), default=100,
+                        help="percent of live requests mirrored (default 100)")
+    shadow.add_argument("--end", action="store_true", help="end the shadow phase: record the server's figures "
+                        "in ML Metadata and remove the shadow label")
+    shadow.add_argument("--url", default="http://127.0.0.1:8501", type=values.http_url,
+                        help="the server whose figures --end records")
+    shadow.add_argument("--spec", default=DEFAULT_SPEC, type=values.spec_path, help=spec_help)
+    shadow.add_argument("--reason", default="", help="recorded with the change in ML Metadata")
+    shadow.set_defaults(handler=cmd_release_shadow)
+    analysed = release.add_parser("canary", help="a canary whose weight rises step by step while the server's "
+                                  "metrics stay inside the thresholds; any breach rolls it back, the last step "
+                                  "promotes it (exit 0: promoted, 1: not)")
+    analysed.add_argument("model")
+    analysed.add_argument("--version", type=values.integer(minimum=1), help="the version to release (on disk)")
+    analysed.add_argument("--variant", help="release the stable version's pushed TFLite variant (e.g. int8) instead")
+    analysed.add_argument("--from-version", type=values.integer(minimum=1),
+                          help="--variant: the version whose variant to release (default: the stable one)")
+    defaults = "default: the spec's serving_pusher.analysis, else"
+    analysed.add_argument("--steps", type=values.percent_steps, help=f"canary percents ({defaults} 10,25,50,100)")
+    analysed.add_argument("--interval", type=values.duration, help=f"each step's window, e.g. 30s, 5m ({defaults} 5m)")
+    analysed.add_argument("--max-error-rate", type=values.share, help=f"e.g. 1%% ({defaults} 1%%)")
+    analysed.add_argument("--max-p99-ratio", type=values.number(minimum=0.01),
+                          help=f"canary p99 / stable p99 ({defaults} 1.2)")
+    analysed.add_argument("--min-agreement", type=values.share,
+                          help=f"canary answers agreeing with stable's on the same input, e.g. 98%% ({defaults} 98%%)")
+    analysed.add_argument("--min-live-accuracy-drop", type=values.points,
+                          help=f"canary live accuracy minus stable's, e.g. -1pt ({defaults} -1pt)")
+    analysed.add_argument("--min-requests", type=values.integer(minimum=1),
+                          help=f"canary requests a window needs to decide ({defaults} 20)")
+    analysed.add_argument("--route-key", type=values.header_name,
+                          help="split by a hash of this request header (sticky per user)")
+    analysed.add_argument("--url", type=values.http_url, help=f"the server whose metrics decide ({defaults} "
+                          "http://127.0.0.1:8501)")
+    analysed.add_argument("--spec", default=DEFAULT_SPEC, type=values.spec_path, help=spec_help)
+    analysed.add_argument("--reason", default="", help="recorded with the release in ML Metadata")
+    analysed.set_defaults(handler=cmd_release_canary)
 
     doctor = commands.add_parser("doctor", help="check a model, its serving directory and a running server against "
                                  "the serving guide's checklist (OK / WARN / FAIL, with the fix)")

@@ -8,7 +8,12 @@ trains on its window). A span the drift gate blocked is settled: it is not retri
 
 Each run is a child `conveyor run` process: a crash or a leak in one run cannot take the scheduler down,
 and SIGTERM can be passed on to it. The run lock (pipelines/run_lock.py) keeps a manual `conveyor run`
-and the scheduler from running the same pipeline at once."""
+and the scheduler from running the same pipeline at once.
+
+A run that pushed a canary with `serving_pusher.analysis` leaves the analysis pending in the release state;
+the scheduler then starts it (`conveyor release canary MODEL --version N`) as a child of its own that
+outlives the run, logged to .conveyor/analysis-<model>-<version>.log. While it runs, the ServingPusher of
+later runs does not push over it (the analysis owns the canary until its verdict)."""
 from __future__ import annotations
 
 import os
@@ -22,6 +27,7 @@ from pathlib import Path
 from conveyor_ml.base.clock import utc_now
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.spec import PipelineSpec
+from conveyor_ml.formats import release_state as releases
 from conveyor_ml.formats.spans import span_numbers
 from conveyor_ml.metadata import store as metadata
 from conveyor_ml.metadata.index import MetadataIndex
@@ -67,6 +73,7 @@ class Scheduler:
         self.log_path = spec.workspace / ".conveyor" / "schedule.log"
         self.stopping = False
         self.child: subprocess.Popen | None = None
+        self.analysis: subprocess.Popen | None = None
         self.runs_started = 0
 
     def log(self, message: str) -> None:
@@ -138,6 +145,7 @@ class Scheduler:
             seconds = time.monotonic() - started
             if outcome.ok:
                 self.log(f"run succeeded in {seconds:.1f}s: {'; '.join(filter(None, [outcome.last_line, outcome.results]))}")
+                self.start_pending_analysis()
                 return
             if self.stopping:
                 self.log(f"run abandoned on SIGTERM (exit {outcome.code}); its pushes are atomic, nothing half-written")
@@ -154,6 +162,35 @@ class Scheduler:
                 if self.stopping:
                     return
         self.log("giving up on this trigger; waiting for the next one")
+
+    def start_pending_analysis(self) -> None:
+        """Starts the canary analysis a run's push left pending (one at a time; none while one runs)."""
+        pusher = self.spec.components.serving_pusher
+        if pusher is None or pusher.analysis is None or (self.analysis and self.analysis.poll() is None):
+            return
+        version = releases.read_release(self.spec.serving_base, pusher.model_name).pending_analysis()
+        if version is None:
+            return
+        log_path = self.log_path.parent / f"analysis-{pusher.model_name}-{version}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("a") as stream:
+            self.analysis = subprocess.Popen(
+                [sys.executable, "-m", "conveyor_ml.cli", "release", "canary", pusher.model_name, "--version",
+                 str(version), "--spec", str(self.spec_file)], stdout=stream, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        self.log(f"canary analysis of {pusher.model_name} version {version} started (pid {self.analysis.pid}, "
+                 f"log {log_path}); later runs do not push over it")
+
+    def _finish_analysis(self) -> None:
+        """On exit: a running analysis is asked to stop (it rolls the canary back) on SIGTERM, else awaited."""
+        if self.analysis is None or self.analysis.poll() is not None:
+            return
+        if self.stopping:
+            self.analysis.send_signal(signal.SIGTERM)
+        else:
+            self.log(f"waiting for the canary analysis (pid {self.analysis.pid}) to reach its verdict")
+        code = self.analysis.wait()
+        self.log(f"canary analysis ended (exit {code}: {'promoted' if code == 0 else 'not promoted'})")
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
@@ -200,6 +237,7 @@ class Scheduler:
                 handled_through = max(handled_through, through)
                 if next_tick is not None:
                     next_tick = time.monotonic() + self.every
+            self._finish_analysis()
             self.log(f"stopped after {self.runs_started} runs")
             return 0
         finally:

@@ -45,12 +45,24 @@ class Executor(BlessedModelPusher):
             for line in releases.repair_files(state):
                 log.info("repaired: %s", line)
             release = state.release(model_name)
+            if release.analysis_running():
+                # A canary analysis owns the release: a push now would replace the canary it is judging.
+                reason = (f"a canary analysis of version {release.analysis['version']} is in progress (process "
+                          f"{release.analysis['pid']}); the next run pushes once it has a verdict")
+                self.mark_not_pushed(pushed_model, reason)
+                log.info("not pushed: %s", reason)
+                return pusher_output(pushed_model, [])
             before = release.copy()
             version = releases.next_version(release)
             with tempfile.TemporaryDirectory() as scratch:
                 sources = self.release_sources(input_dict, variants, scratch)
                 version_dir = releases.write_version_atomically(release.model_dir, version, sources)
-            releases.release_new_version(release, version, settings.release, settings.canary_weight)
+            canary_weight = settings.analysis.steps[0] if settings.analysis else settings.canary_weight
+            releases.release_new_version(release, version, settings.release, min(canary_weight, 99),
+                                         settings.shadow_percent)
+            if settings.release == "canary" and settings.analysis and release.labels.get(releases.CANARY) == version:
+                # Left for `conveyor release canary` (which `conveyor schedule` starts after the run).
+                release.analysis = {"version": version, "pending": True}
             rows = releases.snapshot(before.labels, release)
             change = releases.ReleaseChange.new(
                 PUSH_EXECUTION, model_name, rows,
@@ -73,4 +85,7 @@ class Executor(BlessedModelPusher):
             for row in rows]
         log.info("pushed version %d of %s as %s (%d%% of unversioned traffic)%s", version, model_name, label, traffic,
                  f"; retired versions {removed}" if removed else "")
+        if release.pending_analysis() == version:
+            log.info("canary analysis of version %d pending: `conveyor release canary %s --version %d` runs it "
+                     "(`conveyor schedule` starts it after the run)", version, model_name, version)
         return pusher_output(pushed_model, deployments)

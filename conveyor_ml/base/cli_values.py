@@ -68,6 +68,43 @@ def duration(text: str) -> float:
     return float(match.group(1)) * DURATION_UNITS[match.group(2)]
 
 
+def share(text: str) -> float:
+    """A share from 0 to 1, written as a percent ("1%", "98.5%") or a fraction ("0.01")."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(%?)", text.strip())
+    value = float(match.group(1)) / (100 if match.group(2) else 1) if match else -1.0
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a percent such as 1% or 98%, or a fraction from 0 to 1, not {text!r}")
+    return value
+
+
+def points(text: str) -> float:
+    """Percentage points, from -100 to 100: "-1pt", "-0.5pt" or a plain number."""
+    match = re.fullmatch(r"([-+]?\d+(?:\.\d+)?)\s*(?:pts?|pp)?", text.strip())
+    if not match or not -100 <= float(match.group(1)) <= 100:
+        raise argparse.ArgumentTypeError(f"expected percentage points such as -1pt, not {text!r}")
+    return float(match.group(1))
+
+
+def percent_steps(text: str) -> tuple[int, ...]:
+    """Comma-separated percents that rise and end at 100, e.g. 10,25,50,100."""
+    from conveyor_ml.base.spec import canary_steps_problem
+
+    try:
+        steps = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected percents such as 10,25,50,100, not {text!r}") from None
+    problem = canary_steps_problem(steps)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return steps
+
+
+def header_name(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", text):
+        raise argparse.ArgumentTypeError(f"expected an HTTP header name such as X-User-Id, not {text!r}")
+    return text
+
+
 def http_url(text: str) -> str:
     """An http(s) URL with a host (and a port within 1..65535 if given)."""
     parts = urlsplit(text)

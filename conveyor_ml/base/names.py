@@ -35,6 +35,16 @@ DRIFT_BLOCKED = "blocked"
 ROLLBACK_EXECUTION = "conveyor.Rollback"
 # A pushed TFLite variant released as the canary version (`conveyor canary`).
 VARIANT_CANARY_EXECUTION = "conveyor.VariantCanary"
+# Progressive delivery (`conveyor release canary | shadow`): each weight step of an analysed canary is a
+# release change; each measurement that decided a step, the verdict and a shadow phase's figures are
+# executions reading the Deployments they judged; one context per release groups them as its timeline.
+CANARY_STEP_EXECUTION = "conveyor.CanaryStep"
+CANARY_MEASUREMENT_EXECUTION = "conveyor.CanaryMeasurement"
+CANARY_VERDICT_EXECUTION = "conveyor.CanaryVerdict"
+SHADOW_START_EXECUTION = "conveyor.ShadowStart"
+SHADOW_REPORT_EXECUTION = "conveyor.ShadowReport"
+SHADOW_END_EXECUTION = "conveyor.ShadowEnd"
+RELEASE_CONTEXT = "conveyor.Release"
 # A push the ServingPusher made whose TFX record never arrived (the run was killed): recorded on repair.
 PUSH_EXECUTION = "conveyor.Push"
 # The id of one release change, on its MLMD execution and Deployments: how a repair finds what is recorded.
@@ -51,3 +61,5 @@ NUM_CLASSES = 10
 # The model server: TF Serving's Prometheus path, and our header for a prediction's id.
 PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
 PREDICTION_ID_HEADER = "X-Prediction-Id"
+# Release labels: what live traffic is split between, and the version that only sees mirrored copies.
+STABLE_LABEL, CANARY_LABEL, SHADOW_LABEL = "stable", "canary", "shadow"

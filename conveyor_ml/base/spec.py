@@ -189,15 +189,51 @@ class AutoscalingSettings:
 
 
 @dataclass(frozen=True)
+class CanaryAnalysisSettings:
+    """An analysed canary: its weight rises step by step while its metrics, read from the server's Prometheus
+    endpoint and compared with stable's over the same window, stay inside the thresholds; any breach rolls it
+    back at once; the last step promotes it (`conveyor release canary`, whose flags override these keys)."""
+
+    steps: tuple[int, ...] = option((10, 25, 50, 100), doc="The canary's traffic percent at each step; the last "
+                                    "must be 100.", items={"type": "integer", "minimum": 1, "maximum": 100},
+                                    minItems=1, maxItems=20)
+    interval_seconds: float = option(300.0, doc="How long each step is measured before the next.",
+                                     exclusiveMinimum=0)
+    max_error_rate: float = option(0.01, doc="Highest share of the canary's requests that may fail.",
+                                   minimum=0, maximum=1)
+    max_p99_ratio: float = option(1.2, doc="Highest canary p99 latency as a multiple of stable's.", exclusiveMinimum=0)
+    min_agreement: float = option(0.98, doc="Lowest overlap of the canary's and stable's predicted-class "
+                                  "distributions (1: the same).", minimum=0, maximum=1)
+    min_live_accuracy_drop: float = option(-1.0, doc="Lowest canary live accuracy minus stable's, in points "
+                                           "(judged once both have feedback in the window).", minimum=-100, maximum=100)
+    mirror_percent: int = option(100, doc="Percent of requests also answered by the other version (canary or "
+                                 "stable) in the background, to measure agreement; each costs a second model run.",
+                                 minimum=0, maximum=100)
+    min_requests: int = option(20, doc="Canary requests a window needs before it can decide (a quieter window "
+                               "is measured again, up to 3 times, then rolled back).", **POSITIVE)
+    route_key: str | None = option(None, doc="Request header whose hash picks the version (sticky per user); "
+                                   "requests without it are split by weight.", pattern="^[A-Za-z0-9-]{1,64}$")
+    server_url: str = option("http://127.0.0.1:8501", doc="The model server whose metrics decide.",
+                             pattern="^https?://")
+
+
+@dataclass(frozen=True)
 class ServingPusherSettings:
     """Blessed models into a TF Serving base path, as atomic integer versions with release labels."""
 
     model_name: str = option(doc="The served model's name.", pattern="^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     base_path: Path | None = option(None, doc="The serving base path.", default_text="`<workspace>/serving`",
                                     minLength=1)
-    release: Literal["direct", "canary"] = option(
-        "direct", doc="direct: a new version becomes stable (100%); canary: it becomes canary at canary_weight %.")
+    release: Literal["direct", "canary", "shadow"] = option(
+        "direct", doc="direct: a new version becomes stable (100%); canary: it becomes canary at canary_weight % "
+                      "(or the first analysis step); shadow: it answers shadow_percent % of live requests' copies "
+                      "in the background, never the client.")
     canary_weight: int = option(10, doc="Percent of unversioned traffic a new canary takes.", minimum=1, maximum=99)
+    shadow_percent: int = option(100, doc="release: shadow: percent of live requests mirrored to the new version.",
+                                 minimum=1, maximum=100)
+    analysis: CanaryAnalysisSettings | None = option(
+        None, doc="release: canary: analyse the canary and promote or roll it back automatically; `conveyor "
+                  "schedule` runs the analysis after the run, and no later run pushes over it.")
     keep_versions: int = option(5, doc="Versions kept on disk (labelled ones are always kept).", **POSITIVE)
     batching: BatchingSettings = option(default_factory=BatchingSettings, doc="batching.config.")
     autoscaling: AutoscalingSettings = option(default_factory=AutoscalingSettings,
@@ -442,7 +478,23 @@ def _cross_field_problems(document: dict) -> list[str]:
             section = section.get(key, {})
         if low in section and high in section and section[low] > section[high]:
             problems.append(f"components.{path}.{low}: must be <= {high} ({section[high]})")
+    steps = components.get("serving_pusher", {}).get("analysis", {}).get("steps")
+    problem = canary_steps_problem(tuple(steps)) if steps else None
+    if problem:
+        problems.append(f"components.serving_pusher.analysis.steps: {problem}")
     return problems
+
+
+def canary_steps_problem(steps: tuple[int, ...]) -> str | None:
+    """Why `steps` cannot be an analysed canary's weights (None when they can): each 1..100, rising, ending
+    at 100 (the last step is the whole traffic, judged before the promotion)."""
+    if not steps or any(not 1 <= s <= 100 for s in steps):
+        return "each step is a percent from 1 to 100"
+    if list(steps) != sorted(set(steps)):
+        return f"steps must rise: {', '.join(map(str, steps))}"
+    if steps[-1] != 100:
+        return f"the last step must be 100 (the whole traffic), not {steps[-1]}"
+    return None
 
 
 def _yaml_path(parts) -> str:

@@ -44,9 +44,10 @@ from tensorflow_serving.config import model_server_config_pb2
 from conveyor_ml.base.clock import utc_now
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.files import fsync_directory, fsync_tree, write_atomically
+from conveyor_ml.base.names import CANARY_LABEL, SHADOW_LABEL, STABLE_LABEL
 from conveyor_ml.formats import serving_config
 
-STABLE, CANARY = "stable", "canary"
+STABLE, CANARY, SHADOW = STABLE_LABEL, CANARY_LABEL, SHADOW_LABEL
 STATE_FILE = "release_state.json"
 LEGACY_HISTORY_FILE = "release_history.json"  # before release_state.json: the history alone
 STATE_FORMAT = 1
@@ -82,6 +83,17 @@ class ModelRelease:
     labels: dict[str, int] = field(default_factory=dict)
     weights: dict[str, int] = field(default_factory=dict)
     history: list[int] = field(default_factory=list)  # stable versions, oldest first
+    # Mirroring: `shadow_percent`% of live requests also go to the version `shadow_label` names, answered in
+    # the background and compared. The label is `shadow` for a candidate. A canary analysis mirrors both
+    # ways to measure agreement request by request: `shadow_label` stable with `shadow_pair` canary sends
+    # the canary's requests to stable and stable's to the canary, so both bear the same extra load.
+    shadow_percent: int = 0
+    shadow_label: str = SHADOW
+    shadow_pair: str = ""
+    route_key: str = ""  # a request header whose hash picks the version ("": by weight only)
+    # The canary analysis that owns the canary ({"version", "pid", "host", "started", "release"}), or a
+    # pending one a pipeline push asked for ({"version", "pending": True}); None without one.
+    analysis: dict | None = None
 
     @property
     def model_dir(self) -> Path:
@@ -91,7 +103,27 @@ class ModelRelease:
         return sorted(versions_on_disk(self.model_dir))
 
     def copy(self) -> ModelRelease:
-        return ModelRelease(self.name, self.base_path, dict(self.labels), dict(self.weights), list(self.history))
+        return ModelRelease(self.name, self.base_path, dict(self.labels), dict(self.weights), list(self.history),
+                            self.shadow_percent, self.shadow_label, self.shadow_pair, self.route_key,
+                            dict(self.analysis) if self.analysis else None)
+
+    def stop_mirroring(self) -> None:
+        self.shadow_percent, self.shadow_label, self.shadow_pair = 0, SHADOW, ""
+
+    def pending_analysis(self) -> int | None:
+        """The canary version a pipeline push left for an analysis nobody runs yet (None if none)."""
+        owner = self.analysis or {}
+        if owner.get("pending") and self.labels.get(CANARY) == owner.get("version"):
+            return owner["version"]
+        return None
+
+    def analysis_running(self) -> bool:
+        """Whether a live process is analysing this model's canary now (a dead one's claim does not count)."""
+        owner = self.analysis or {}
+        if "pid" not in owner or self.labels.get(CANARY) != owner.get("version"):
+            return False
+        return (owner.get("host") == socket.gethostname() and _pid_alive(owner["pid"])
+                and process_start(owner["pid"]) == owner.get("started"))
 
 
 @dataclass
@@ -185,8 +217,17 @@ def _parse_state(base_path: Path, document) -> ReleaseState:
         history = entry["history"]
         if not isinstance(history, list) or not all(type(v) is int for v in history):
             raise ValueError(f"models.{name}.history must be a list of versions")
+        shadow_percent, route_key = entry.get("shadow_percent", 0), entry.get("route_key", "")
+        shadow_label, analysis = entry.get("shadow_label", SHADOW), entry.get("analysis")
+        shadow_pair = entry.get("shadow_pair", "")
+        if type(shadow_percent) is not int or not 0 <= shadow_percent <= 100 or not isinstance(route_key, str) \
+                or not isinstance(shadow_label, str) or not isinstance(shadow_pair, str) \
+                or not (analysis is None or isinstance(analysis, dict)):
+            raise ValueError(f"models.{name}: shadow_percent 0..100, shadow_label and route_key names, analysis "
+                             "an object")
         models[name] = ModelRelease(name, base_path, _int_map(entry["labels"], f"models.{name}.labels"),
-                                    _int_map(entry["weights"], f"models.{name}.weights"), list(history))
+                                    _int_map(entry["weights"], f"models.{name}.weights"), list(history),
+                                    shadow_percent, shadow_label, shadow_pair, route_key, analysis)
     unrecorded = []
     for entry in document["unrecorded"]:
         change = ReleaseChange(**entry)
@@ -229,10 +270,25 @@ def known_models(base_path: Path) -> list[str]:
 
 
 # -- writing ---------------------------------------------------------------------------------------------
+def _model_document(release: ModelRelease) -> dict:
+    """One model's entry; the progressive-delivery keys only when set, so older readers see what they knew."""
+    document = {"labels": dict(sorted(release.labels.items())), "weights": dict(sorted(release.weights.items())),
+                "history": list(release.history)}
+    if release.shadow_percent:
+        document["shadow_percent"] = release.shadow_percent
+        document["shadow_label"] = release.shadow_label
+        if release.shadow_pair:
+            document["shadow_pair"] = release.shadow_pair
+    if release.route_key:
+        document["route_key"] = release.route_key
+    if release.analysis:
+        document["analysis"] = release.analysis
+    return document
+
+
 def _state_document(state: ReleaseState) -> dict:
     return {"format": STATE_FORMAT,
-            "models": {name: {"labels": dict(sorted(r.labels.items())), "weights": dict(sorted(r.weights.items())),
-                              "history": list(r.history)} for name, r in sorted(state.models.items())},
+            "models": {name: _model_document(r) for name, r in sorted(state.models.items())},
             "unrecorded": [asdict(change) for change in state.unrecorded]}
 
 
@@ -283,18 +339,29 @@ def sync_served_files(state: ReleaseState) -> bool:
     for name, release in sorted(state.models.items()):
         entry = next((m for m in entries if m.name == name), None) or entries.add()
         _served_entry(entry, release)
-    traffic = serving_config.TrafficWeights({**current_traffic.models,
-                                             **{name: dict(r.weights) for name, r in state.models.items()}})
+    traffic = serving_config.TrafficWeights(
+        {**current_traffic.models, **{name: dict(r.weights) for name, r in state.models.items()}},
+        {**{n: s for n, s in current_traffic.shadows.items() if n not in state.models},
+         **{name: {"label": r.shadow_label, "percent": r.shadow_percent,
+                   **({"pair": r.shadow_pair} if r.shadow_pair in r.labels else {})}
+            for name, r in state.models.items() if r.shadow_label in r.labels and r.shadow_percent}},
+        {**{n: h for n, h in current_traffic.route_keys.items() if n not in state.models},
+         **{name: r.route_key for name, r in state.models.items() if r.route_key}})
 
     labels_now = {m.name: set(m.version_labels) for m in current_config.model_config_list.config} \
         if current_config is not None else {}
     dropped = any(label not in state.models[name].labels
-                  for name, split in current_traffic.models.items() if name in state.models for label in split)
+                  for name, split in current_traffic.models.items() if name in state.models for label in split) \
+        or any(shadow["label"] not in state.models[name].labels
+               for name, shadow in current_traffic.shadows.items() if name in state.models)
     wrote = False
     if dropped:
         interim = serving_config.TrafficWeights({**traffic.models, **{
             name: {label: w for label, w in r.weights.items() if label in labels_now.get(name, set())}
-            for name, r in state.models.items()}})
+            for name, r in state.models.items()}},
+            {name: shadow for name, shadow in traffic.shadows.items()
+             if shadow["label"] in labels_now.get(name, set()) or name not in state.models},
+            traffic.route_keys)
         wrote |= _write_if_changed(traffic_path, serving_config.traffic_text(interim))
     wrote |= _write_if_changed(config_path, text_format.MessageToString(config))
     wrote |= _write_if_changed(traffic_path, serving_config.traffic_text(traffic))
@@ -454,7 +521,10 @@ def write_version_atomically(model_dir: Path, version: int, sources: dict[str, P
 
 # -- the moves -------------------------------------------------------------------------------------------
 def _set_stable(release: ModelRelease, version: int) -> None:
-    release.labels = {STABLE: version}
+    shadow = release.labels.get(SHADOW)
+    release.labels = {STABLE: version, **({SHADOW: shadow} if shadow not in (None, version) else {})}
+    if SHADOW not in release.labels or release.shadow_label != SHADOW:
+        release.stop_mirroring()
     release.weights = {STABLE: 100}
     if not release.history or release.history[-1] != version:
         release.history.append(version)
@@ -473,14 +543,60 @@ def retention(release: ModelRelease, keep: int) -> list[int]:
     return [version for version in versions if version not in protected]
 
 
-def release_new_version(release: ModelRelease, version: int, mode: str, canary_weight: int) -> None:
+def release_new_version(release: ModelRelease, version: int, mode: str, canary_weight: int,
+                        shadow_percent: int = 100) -> None:
     """direct: the version becomes stable at 100%. canary: it becomes canary at `canary_weight`% and stable
-    stays (the very first version is always stable: there is nothing to compare a canary with)."""
+    stays. shadow: it is labelled shadow and sees `shadow_percent`% of live requests' copies, answering none.
+    The very first version is always stable: there is nothing to compare with."""
     if mode == "direct" or STABLE not in release.labels:
         _set_stable(release, version)
+    elif mode == "shadow":
+        set_shadow(release, version, shadow_percent)
     else:
-        release.labels[CANARY] = version
-        release.weights = {STABLE: 100 - canary_weight, CANARY: canary_weight}
+        set_canary(release, version, canary_weight)
+
+
+def set_canary(release: ModelRelease, version: int, weight: int) -> None:
+    """`version` labelled canary at `weight`% (0..100: at 100 stable stays labelled but takes no traffic, the
+    last step an analysis judges before promoting); a version that was the shadow stops being it."""
+    if not 0 <= weight <= 100:
+        raise ConveyorError(f"a canary takes 0..100 percent, not {weight}")
+    if release.labels.get(STABLE) == version:
+        raise ConveyorError(f"model {release.name}: version {version} is stable already")
+    if release.labels.get(SHADOW) == version:
+        end_shadow(release)
+    release.labels[CANARY] = version
+    release.weights = {STABLE: 100 - weight, CANARY: weight}
+
+
+def set_shadow(release: ModelRelease, version: int, percent: int) -> None:
+    """`version` labelled shadow: `percent`% of live requests are also sent to it, its answers only compared."""
+    if not 1 <= percent <= 100:
+        raise ConveyorError(f"--percent {percent}: a shadow sees 1..100 percent of live requests")
+    if version in (release.labels.get(STABLE), release.labels.get(CANARY)):
+        raise ConveyorError(f"model {release.name}: version {version} already takes live traffic; a shadow is a "
+                            "candidate that does not")
+    release.labels[SHADOW] = version
+    release.stop_mirroring()
+    release.shadow_percent = percent
+
+
+def drop_canary(release: ModelRelease) -> int:
+    """The canary removed and stable back at 100% (an analysis' rollback: stable itself does not move);
+    returns the version that was the canary."""
+    if CANARY not in release.labels:
+        raise ConveyorError(f"model {release.name} has no canary (labels: {_labels_text(release)})")
+    version = release.labels.pop(CANARY)
+    release.weights = {STABLE: 100}
+    if release.shadow_label != SHADOW:  # the canary's comparison with stable ends with it
+        release.stop_mirroring()
+    return version
+
+
+def end_shadow(release: ModelRelease) -> int | None:
+    """Removes the shadow label; returns the version that was the shadow (None if there was none)."""
+    release.stop_mirroring()
+    return release.labels.pop(SHADOW, None)
 
 
 def promote(release: ModelRelease, weight: int | None = None) -> None:
@@ -516,7 +632,10 @@ def rollback(release: ModelRelease, to_version: int | None = None) -> int:
     if to_version in release.history:
         # Going back: forget the releases after it, so a second rollback steps back further.
         release.history = release.history[:len(release.history) - release.history[::-1].index(to_version)]
-    release.labels = {STABLE: to_version}
+    shadow = release.labels.get(SHADOW)
+    release.labels = {STABLE: to_version, **({SHADOW: shadow} if shadow not in (None, to_version) else {})}
+    if SHADOW not in release.labels or release.shadow_label != SHADOW:
+        release.stop_mirroring()
     release.weights = {STABLE: 100}
     if not release.history or release.history[-1] != to_version:
         release.history.append(to_version)
@@ -529,7 +648,7 @@ def snapshot(before: dict[str, int], after: ModelRelease) -> list[dict]:
     rows = []
     for label, version in sorted(after.labels.items()):
         rows.append({"version": version, "label": label, "traffic_percent": after.weights.get(label, 0),
-                     "release_state": "canary" if label == CANARY else "live"})
+                     "release_state": {CANARY: "canary", SHADOW: "shadow"}.get(label, "live")})
     for label, version in sorted(before.items()):
         if version not in after.labels.values():
             rows.append({"version": version, "label": "", "traffic_percent": 0, "release_state": "retired",

@@ -156,9 +156,16 @@ def monitoring_config_text(path: str = PROMETHEUS_PATH) -> str:
 
 @dataclass
 class TrafficWeights:
-    """{model name: {version label: percent}}; labels resolve through models.config's version_labels."""
+    """{model name: {version label: percent}}; labels resolve through models.config's version_labels.
+
+    Two optional parts ride along (older servers ignore them): `shadows`, {model: {"label": L, "percent": P}}
+    (P % of live requests are mirrored to L's version in the background; with "pair": M, the requests L's
+    version serves are mirrored to M's), and `route_keys`, {model: header}
+    (the split is by a hash of that request header, so one user stays on one version)."""
 
     models: dict[str, dict[str, int]] = field(default_factory=dict)
+    shadows: dict[str, dict] = field(default_factory=dict)
+    route_keys: dict[str, str] = field(default_factory=dict)
 
     def for_model(self, name: str) -> dict[str, int]:
         return dict(self.models.get(name, {}))
@@ -179,11 +186,25 @@ def read_traffic(path: Path) -> TrafficWeights:
         if not isinstance(split, dict) or not all(isinstance(v, int) and v >= 0 for v in split.values()):
             raise ConveyorError(f"{path}: weights of {name!r} must be non-negative integers per label")
         weights[name] = dict(split)
-    return TrafficWeights(weights)
+    shadows = document.get("shadow", {})
+    if not isinstance(shadows, dict) or not all(
+            isinstance(s, dict) and isinstance(s.get("label"), str) and isinstance(s.get("percent"), int)
+            and 0 <= s["percent"] <= 100 and isinstance(s.get("pair", ""), str) for s in shadows.values()):
+        raise ConveyorError(f'{path}: "shadow" must map models to {{"label": L, "percent": 0..100}} (and an '
+                            'optional "pair": M)')
+    route_keys = document.get("route_key", {})
+    if not isinstance(route_keys, dict) or not all(isinstance(h, str) and h for h in route_keys.values()):
+        raise ConveyorError(f'{path}: "route_key" must map models to a request header name')
+    return TrafficWeights(weights, {k: dict(v) for k, v in shadows.items()}, dict(route_keys))
 
 
 def traffic_text(traffic: TrafficWeights) -> str:
-    return json.dumps({"models": traffic.models}, indent=2, sort_keys=True) + "\n"
+    document: dict = {"models": traffic.models}
+    if traffic.shadows:
+        document["shadow"] = traffic.shadows
+    if traffic.route_keys:
+        document["route_key"] = traffic.route_keys
+    return json.dumps(document, indent=2, sort_keys=True) + "\n"
 
 
 def write_traffic(path: Path, traffic: TrafficWeights) -> None:

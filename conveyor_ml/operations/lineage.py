@@ -14,11 +14,14 @@ from ml_metadata.proto import metadata_store_pb2 as pb
 from conveyor_ml.base.clock import utc_from_milliseconds
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.names import (
+    CANARY_MEASUREMENT_EXECUTION,
+    CANARY_VERDICT_EXECUTION,
     EVALUATOR,
     EXAMPLE_VALIDATOR,
     INFRA_VALIDATOR,
     PUSH_TARGETS,
     QUANTIZER,
+    SHADOW_REPORT_EXECUTION,
     STATISTICS_GEN,
 )
 from conveyor_ml.metadata.index import ExecutionView, MetadataIndex
@@ -46,6 +49,8 @@ EVIDENCE_KEYS = ("decision", "eval_examples", "eval_spans", "candidate_accuracy"
                  "accuracy_difference", "difference_interval_low", "difference_interval_high")
 EVALUATION_PARAMETERS = ("max_accuracy_drop", "alpha", "test", "golden_span", "min_eval_examples")
 RELEASE_FIELDS = ("target", "version", "label", "traffic_percent", "release_state", "endpoint")
+# Executions that judged a release without changing it: shown in the release timeline by their summary.
+RELEASE_OBSERVATIONS = (CANARY_MEASUREMENT_EXECUTION, CANARY_VERDICT_EXECUTION, SHADOW_REPORT_EXECUTION)
 
 
 class Lineage:
@@ -55,6 +60,8 @@ class Lineage:
         self.index = index
         self.model_name = model_name
         self.changes = index.release_changes(model_name)
+        self.observations = [view for view in index.executions.values() if view.type_name in RELEASE_OBSERVATIONS
+                             and props(view.execution).get("model_name") == model_name]
         # (target, version) -> model artifact id, from the pushes that created each version
         self.version_owner: dict[tuple[str, str], int] = {}
         self.pushes: dict[int, list[Push]] = defaultdict(list)
@@ -228,6 +235,14 @@ class Lineage:
                 time=utc_from_milliseconds(view.execution.create_time_since_epoch), by=details.get("user"),
                 reason=details.get("reason"),
                 state=[ReleaseState(**{k: s.get(k) for k in RELEASE_FIELDS}) for s in mine]))
+        for view in self.observations:  # canary measurements and verdicts, shadow reports, of these versions
+            details = props(view.execution)
+            if (details.get("target", "local"), details.get("version")) in versions:
+                releases.append(ReleaseChange(
+                    kind=view.type_name, execution_id=view.id,
+                    time=utc_from_milliseconds(view.execution.create_time_since_epoch), by=details.get("user"),
+                    reason=details.get("summary") or details.get("reason")))
+        releases.sort(key=lambda change: change.execution_id)  # MLMD's ids follow the order of the records
         return self._model_row(
             model, deployed, into=ModelLineage, model=self.model_name, data=data, schema=schema, training=training,
             evaluation=self._evaluation(model_id), infra_validation=infra, pushes=self.pushes.get(model_id, []),

@@ -89,7 +89,8 @@ def lineage_graph(chain: ModelLineage) -> Graph:
         if release.kind in PUSH_TARGETS:
             continue
         target = (release.state[0].target or "local") if release.state else "local"
-        mine = ", ".join(f"{s.label or s.release_state} {s.traffic_percent or 0}%" for s in release.state)
+        mine = ", ".join(f"{s.label or s.release_state} {s.traffic_percent or 0}%" for s in release.state) \
+            or _wrapped(release.reason or "", 48)  # a measurement, verdict or shadow report: what it found
         node = graph.node(f"release:{release.execution_id}",
                           f"{release.kind.split('.')[-1]} {(release.time or '')[:16]}\n{mine}", "release")
         if target in last_by_target:
@@ -248,6 +249,12 @@ def models_table(rows: list[ModelVersion], model_name: str):
     return table
 
 
+def _wrapped(text: str, width: int) -> str:
+    import textwrap
+
+    return "\n".join(textwrap.wrap(text, width)[:4])
+
+
 def lineage_text(chain: ModelLineage) -> list[str]:
     """The chain as indented lines, upstream first."""
     lines = [f"{chain.model} model #{chain.model_id}" + (f" (version {chain.version})" if chain.version else "")
@@ -295,6 +302,9 @@ def lineage_text(chain: ModelLineage) -> list[str]:
             lines.append(f"  not pushed ({push.target}): {push.skipped}")
     for release in chain.releases:
         state = ", ".join(f"v{s.version} {s.label or s.release_state} {s.traffic_percent or 0}%" for s in release.state)
+        if not release.state:  # a measurement, a verdict, a shadow report: its summary is the line
+            lines.append(f"  {release.kind.split('.')[-1].lower()} at {release.time}: {release.reason}")
+            continue
         who = f" by {release.by}" if release.by else ""
         why = f" ({release.reason})" if release.reason else ""
         lines.append(f"  {release.kind.split('.')[-1].lower()} at {release.time}{who}{why}: {state}")

@@ -227,7 +227,25 @@ def render(report: MonitorSnapshot):
     footer = (f"batches {batching.batches:.0f}, mean size {batching.mean_batch_size or '-'}, "
               f"queue depth {batching.queue_depth:.0f}; input anomalies {report.input_anomalies_total or 'none'}; "
               f"GPU: {gpu_text}")
-    return Group(traffic, footer)
+    return Group(traffic, footer, *shadow_lines(quality))
+
+
+def shadow_lines(quality: dict) -> list[str]:
+    """One line per shadow version the server compares (GET /v1/models/{m}/monitoring's "shadow")."""
+    lines = []
+    for name, document in sorted(quality.items()):
+        shadow = document.get("shadow") or {}
+        for version, figures in sorted(shadow.get("versions", {}).items()):
+            agreement = figures.get("agreement")
+            live, mirrored = figures.get("live_latency_ms", {}), figures.get("shadow_latency_ms", {})
+            lines.append(f"shadow {name} v{version} ({figures['label']}, {figures['percent']}%): "
+                         f"{figures['requests']:,} requests, "
+                         f"{'-' if agreement is None else f'{agreement:.1%}'} agreement, mean probability "
+                         f"difference {figures.get('mean_probability_difference') or 0:.3f}, p50 live "
+                         f"{live.get('p50') or '-'} ms / shadow {mirrored.get('p50') or '-'} ms, "
+                         f"{figures['dropped']:,} dropped, {figures['errors']:,} failed "
+                         f"(queue {shadow['queue']['depth']}/{shadow['queue']['capacity']})")
+    return lines
 
 
 def monitor(url: str, model: str | None, spec, *, once: bool, fmt: str, interval: float, drift_threshold: float) -> int:

@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from conveyor_ml.base.errors import ConveyorError
@@ -144,27 +145,57 @@ def _change_locked(spec: PipelineSpec, state: releases.ReleaseState, model: str,
 
 
 def _commit_and_record(spec: PipelineSpec, state: releases.ReleaseState, kind: str, before: releases.ModelRelease,
-                       release: releases.ModelRelease, reason: str) -> None:
-    """Commits `release` with the change remembered, records it in MLMD under its id, then forgets it; a
-    failed record puts the state and the served files back (a kill instead is repaired by the next command)."""
+                       release: releases.ModelRelease, reason: str, *, context=None,
+                       details: dict[str, str] | None = None) -> int:
+    """Commits `release` with the change remembered, records it in MLMD under its id (in the release's
+    `context` too, when given), then forgets it; a failed record puts the state and the served files back (a
+    kill instead is repaired by the next command). Returns the execution's id."""
     rows = releases.snapshot(before.labels, release)
     change = releases.ReleaseChange.new(kind, release.name, rows, releases.change_details(
-        before, release, reason=reason, user=getpass.getuser(), host=socket.gethostname()))
+        before, release, reason=reason, user=getpass.getuser(), host=socket.gethostname(), **(details or {})))
     releases.apply_change(state, release, change)
     try:
-        record_release_execution(spec, kind, release.name, "local", rows, base_path=str(state.base_path.resolve()),
-                                 reason=reason, details=change.details, change_id=change.id)
+        execution_id = record_release_execution(
+            spec, kind, release.name, "local", rows, base_path=str(state.base_path.resolve()), reason=reason,
+            details=change.details, change_id=change.id, release=context)
     except Exception:
         releases.revert_change(state, before, change)  # a failed record (not a crash): files follow it
         raise
     releases.forget_change(state, change.id)
+    return execution_id
 
 
-def release_variant_canary(spec: PipelineSpec, model: str, variant: str, *, weight: int = 10,
-                           from_version: int | None = None, reason: str = "",
-                           say: Callable[[str], None] = say_repair) -> releases.ModelRelease:
-    """`conveyor canary MODEL --variant V`: the pushed TFLite variant V of the stable version (or of
-    `from_version`) becomes a new version labelled canary at `weight` percent, recorded like a promotion."""
+@dataclass(frozen=True)
+class CanarySource:
+    """What becomes the canary: a version on disk (`version`), or a new version made of the pushed TFLite
+    `variant` of the stable version (or of `from_version`)."""
+
+    version: int | None = None
+    variant: str | None = None
+    from_version: int | None = None
+
+    def describe(self, stable: int | None) -> str:
+        if self.variant:
+            return f"the {self.variant} variant of version {self.from_version or stable}"
+        return f"version {self.version}"
+
+
+@dataclass
+class CanaryStart:
+    release: releases.ModelRelease
+    version: int
+    execution_id: int
+
+
+def start_canary(spec: PipelineSpec, model: str, source: CanarySource, weight: int, *, reason: str = "",
+                 kind: str | None = None, route_key: str | None = None, claim: dict | None = None, context=None,
+                 details: dict[str, str] | None = None, before_change: Callable | None = None,
+                 say: Callable[[str], None] = say_repair) -> CanaryStart:
+    """The one way a version becomes the canary outside a pipeline push: `conveyor canary --variant`, and the
+    first step of `conveyor release canary`. Under the base path's lock: repairs, checks that no running
+    analysis owns the canary, labels the version canary at `weight`% (with `route_key` for sticky routing
+    and the analysis' `claim`), commits and records it. `before_change(release)` may change the release
+    first (e.g. end a shadow phase). A new variant version that is not committed is removed again."""
     base = _serving_base(spec)
     if not base.is_dir():
         _existing_release(releases.ReleaseState(base), model)
@@ -172,16 +203,52 @@ def release_variant_canary(spec: PipelineSpec, model: str, variant: str, *, weig
         state = releases.read_state(base)
         reconcile_release_state(spec, state, say)
         release = _existing_release(state, model)
+        if release.analysis_running():
+            raise ConveyorError(f"model {model}: a canary analysis of version {release.analysis['version']} is in "
+                                f"progress (process {release.analysis['pid']}); wait for its verdict or stop it")
+        if releases.STABLE not in release.labels:
+            raise ConveyorError(f"model {model} has no stable version under {base}: push one first (make pipeline)")
         before = release.copy()
-        version_dir = add_variant_canary(release, variant, weight, from_version)
+        if before_change is not None:
+            before_change(release)
+        version_dir = None
+        if source.variant:
+            version_dir = add_variant_canary(release, source.variant, max(1, min(weight, 99)), source.from_version)
+            version = release.labels[releases.CANARY]
+        else:
+            version = source.version
+            if version not in releases.versions_on_disk(release.model_dir):
+                raise ConveyorError(f"model {model}: version {version} is not on disk (versions: "
+                                    f"{', '.join(map(str, release.versions())) or 'none'})")
+            current = release.labels.get(releases.CANARY)
+            if current not in (None, version):
+                raise ConveyorError(f"model {model} already has a canary (version {current}): promote or roll it "
+                                    "back first")
+        releases.set_canary(release, version, weight)
+        release.route_key = route_key or ""
+        release.analysis = claim
+        stable = release.labels[releases.STABLE]
         try:
-            _commit_and_record(spec, state, VARIANT_CANARY, before, release,
-                               reason or f"{variant} variant of version {before.labels[releases.STABLE]} as canary")
+            execution_id = _commit_and_record(
+                spec, state, kind or VARIANT_CANARY, before, release,
+                reason or f"{source.describe(stable)} as canary at {weight}%", context=context, details=details)
         except Exception:
-            if state.models.get(model) == before:  # reverted: the new version directory is nobody's
+            if version_dir is not None and state.models.get(model) == before:  # reverted: nobody's directory
                 releases.remove_version_directory(release.model_dir, version_dir)
             raise
-    return release
+    return CanaryStart(release, version, execution_id)
+
+
+def release_variant_canary(spec: PipelineSpec, model: str, variant: str, *, weight: int = 10,
+                           from_version: int | None = None, reason: str = "",
+                           say: Callable[[str], None] = say_repair) -> releases.ModelRelease:
+    """`conveyor canary MODEL --variant V`: the pushed TFLite variant V of the stable version (or of
+    `from_version`) becomes a new version labelled canary at `weight` percent, recorded like a promotion;
+    `conveyor release canary MODEL --variant V` is the same start followed by an analysis."""
+    if not 1 <= weight <= 99:
+        raise ConveyorError(f"--weight {weight}: a canary takes 1..99 percent")
+    return start_canary(spec, model, CanarySource(variant=variant, from_version=from_version), weight,
+                        reason=reason, say=say).release
 
 
 def _observed_rows(vertex, endpoint: str, before) -> list[dict]:

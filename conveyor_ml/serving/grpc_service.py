@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from tensorflow_serving.apis import (
 from conveyor_ml.serving.errors import ModelRunError, ServingError, invalid_argument
 from conveyor_ml.serving.metrics import UNKNOWN_MODEL
 from conveyor_ml.serving.model_server import ModelServer
+from conveyor_ml.serving.routing import route_key
 from conveyor_ml.serving.servable import (
     CLASSIFY_METHOD,
     DEFAULT_SIGNATURE,
@@ -99,7 +101,10 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 raise invalid_argument("ModelSpec has no name specified.")
             servable = self.server.resolve(model_spec.name,
                                            model_spec.version.value if model_spec.HasField("version") else None,
-                                           model_spec.version_label or None)
+                                           model_spec.version_label or None,
+                                           route_key(self.server.traffic, model_spec.name,  # sticky split
+                                                     {k.lower(): v for k, v in context.invocation_metadata() or ()})
+                                           if self.server.traffic.route_keys else None)
             call.version = servable.version
             return await work(call, servable)
         except ServingError as exc:
@@ -139,11 +144,14 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
                 raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f'Serving signature key "{signature}" not found.')
             inputs = await self.server.off_loop(call, self._decode_inputs, servable, request)
+            started = time.perf_counter()
             try:
                 outputs = await self.server.predict(call, servable, signature, inputs, tuple(request.output_filter),
                                                     _timeout_ms(context))
             except ModelRunError as exc:
                 raise exc.for_request(inputs) from None
+            if not request.output_filter:  # a filtered answer cannot be compared with the shadow's
+                self.server.shadow.offer(servable, signature, inputs, outputs, time.perf_counter() - started)
             prediction_id = self.server.quality.record_predictions(servable.model_name, servable.version, outputs)
             if prediction_id:
                 context.set_trailing_metadata((("x-prediction-id", prediction_id),))

@@ -22,7 +22,9 @@ from conveyor_ml.serving.errors import ServingError, invalid_argument, too_large
 from conveyor_ml.serving.loader import load_servable
 from conveyor_ml.serving.metrics import UNKNOWN_MODEL, ServingMetrics
 from conveyor_ml.serving.model_quality import ModelQuality
+from conveyor_ml.serving.routing import sticky_servable
 from conveyor_ml.serving.servable import LoadOptions, Servable
+from conveyor_ml.serving.shadow import ShadowMirror
 from conveyor_ml.serving.version_manager import LoadRetries, ModelRegistry, ModelVersions
 
 log = logging.getLogger("conveyor.serving")
@@ -181,6 +183,9 @@ class ModelServer:
         self.codec_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codec")
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        # Progressive delivery (serving/shadow.py): mirrored copies of live requests for the shadow version.
+        self.shadow = ShadowMirror(self.registry, lambda: self.traffic, self.metrics,
+                                   options.rest_api_timeout_in_ms or None)
         self._load_config(initial=True)
 
     def _traffic_file(self) -> Path | None:
@@ -273,9 +278,15 @@ class ModelServer:
     def model(self, name: str) -> ModelVersions:
         return self.registry.get(name)
 
-    def resolve(self, name: str, version: int | None, label: str | None) -> Servable:
+    def resolve(self, name: str, version: int | None, label: str | None, route_key: str | None = None) -> Servable:
+        """The servable for a request; an unversioned one with a route key (serving/routing.py) is served by
+        the version its key hashes to."""
         model = self.registry.get(name)
         weights = self.traffic.for_model(name) if version is None and not label else None
+        if weights and route_key is not None:
+            servable = sticky_servable(model, weights, route_key)
+            if servable is not None:
+                return servable
         return model.resolve(version, label, weights)
 
     def run(self, protocol: str, function, *args) -> Future:
@@ -343,6 +354,7 @@ class ModelServer:
         self._stop.set()
         if self._poller:
             self._poller.join(timeout=5)
+        self.shadow.stop()
         if self.batcher:
             self.batcher.stop()
         for executor in (*self.executors.values(), self.codec_executor):

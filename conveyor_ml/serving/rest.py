@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 
 import grpc
 import orjson
@@ -20,6 +21,7 @@ from conveyor_ml.serving.errors import ModelRunError, ServingError, invalid_argu
 from conveyor_ml.serving.grpc_service import model_status_response, signature_def_map
 from conveyor_ml.serving.model_quality import parse_feedback
 from conveyor_ml.serving.model_server import Call, ModelServer
+from conveyor_ml.serving.routing import route_key
 
 # TF Serving's own URL grammar (http_rest_api_handler.cc), so a malformed path fails the same way.
 MODEL_PATH = re.compile(
@@ -171,7 +173,8 @@ class RestApi:
             return _json(metadata_json(servable), version=servable.version)
         body = await self._read_body(request)
         document = await self.server.off_loop(call, json_codec.parse_body, body)
-        servable = self.server.resolve(name, version, label)
+        servable = self.server.resolve(name, version, label,
+                                       route_key(self.server.traffic, name, request.headers))  # sticky split
         call.version = servable.version
         if call.api == "predict":
             payload, prediction_id = await self._predict(call, servable, document)
@@ -202,10 +205,12 @@ class RestApi:
     async def _predict(self, call: Call, servable, document: dict) -> tuple[bytes, str | None]:
         signature, inputs, request_format = await self.server.off_loop(call, self._decode_predict, servable,
                                                                        document)
+        started = time.perf_counter()
         try:
             outputs = await self.server.predict(call, servable, signature, inputs, (), self._timeout_ms())
         except ModelRunError as exc:
             raise exc.for_request(inputs) from None
+        self.server.shadow.offer(servable, signature, inputs, outputs, time.perf_counter() - started)  # shadow.py
         prediction_id = self.server.quality.record_predictions(servable.model_name, servable.version, outputs)
         return await self.server.off_loop(call, json_codec.encode_predict, outputs, request_format), prediction_id
 
@@ -237,7 +242,8 @@ class RestApi:
         for version, entry in versions.items():
             entry["labels"] = sorted(labels.get(version, []))
         return _json(orjson.dumps({"model": name, "versions": versions,
-                                   "traffic": self.server.traffic.for_model(name) or {}}))
+                                   "traffic": self.server.traffic.for_model(name) or {},
+                                   "shadow": self.server.shadow.snapshot(name)}))
 
     def _timeout_ms(self) -> int | None:
         return self.server.options.rest_api_timeout_in_ms or None

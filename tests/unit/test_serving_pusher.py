@@ -28,7 +28,7 @@ def blessing(kind, blessed: int, tmp: Path, reason: str = ""):
     return artifact
 
 
-def push(model, base: Path, tmp: Path, *, blessed=1, infra=1, release="direct", keep=5, quantized=()):
+def push(model, base: Path, tmp: Path, *, blessed=1, infra=1, release="direct", keep=5, quantized=(), **more):
     inputs = {"model": [model], "model_blessing": [blessing(standard_artifacts.ModelBlessing, blessed, tmp)],
               "infra_blessing": [blessing(standard_artifacts.InfraBlessing, infra, tmp, "server did not start")],
               "quantized_models": list(quantized)}
@@ -37,7 +37,8 @@ def push(model, base: Path, tmp: Path, *, blessed=1, infra=1, release="direct", 
     result = executor.Executor().Do(inputs, outputs, {
         "model_name": "tiny", "base_path": str(base), "release": release, "canary_weight": 20,
         "keep_versions": keep, "batching": json.dumps({"max_batch_size": 32, "batch_timeout_micros": 1000,
-                                                       "max_enqueued_batches": 4, "num_batch_threads": 1})})
+                                                       "max_enqueued_batches": 4, "num_batch_threads": 1}),
+        **more})
     return outputs["pushed_model"][0], result
 
 
@@ -130,3 +131,41 @@ def test_a_push_killed_mid_copy_leaves_no_partial_version(tiny_model_artifact, t
     assert sorted(versions_on_disk(model_dir)) == [1]
     watcher.poll()
     assert watcher.available_versions() == [1]
+
+
+def test_a_shadow_push_is_mirrored_and_takes_no_live_weight(tiny_model_artifact, tmp_path):
+    base = tmp_path / "serving"
+    push(tiny_model_artifact, base, tmp_path)
+    push(tiny_model_artifact, base, tmp_path, release="shadow", shadow_percent=25)
+    state = releases.read_release(base, "tiny")
+    assert state.labels == {"stable": 1, "shadow": 2} and state.weights == {"stable": 100}
+    traffic = json.loads((base / "traffic.json").read_text())
+    assert traffic["shadow"] == {"tiny": {"label": "shadow", "percent": 25}}
+
+
+def test_an_analysed_canary_push_waits_for_its_analysis_and_no_push_replaces_a_running_one(tiny_model_artifact,
+                                                                                           tmp_path):
+    import socket
+
+    base = tmp_path / "serving"
+    push(tiny_model_artifact, base, tmp_path)
+    push(tiny_model_artifact, base, tmp_path, release="canary", analysis_steps=[5, 50, 100])
+    state = releases.read_release(base, "tiny")
+    assert state.labels == {"stable": 1, "canary": 2} and state.weights == {"stable": 95, "canary": 5}
+    assert state.pending_analysis() == 2  # for `conveyor release canary` (the scheduler starts it)
+    owner = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with releases.locked(base):  # an analysis process claims the canary, as progressive_delivery does
+            current = releases.read_state(base)
+            current.models["tiny"].analysis = {"version": 2, "pid": owner.pid, "host": socket.gethostname(),
+                                               "started": releases.process_start(owner.pid)}
+            releases.commit(current)
+        pushed, result = push(tiny_model_artifact, base, tmp_path, release="canary", analysis_steps=[5, 50, 100])
+        assert pushed.get_int_custom_property("pushed") == 0
+        assert "a canary analysis of version 2 is in progress" in pushed.get_string_custom_property("skip_reason")
+        assert sorted(versions_on_disk(base / "tiny")) == [1, 2]
+    finally:
+        owner.kill()
+        owner.wait()
+    pushed, _ = push(tiny_model_artifact, base, tmp_path, release="canary", analysis_steps=[5, 50, 100])
+    assert pushed.get_string_custom_property("pushed_version") == "3"  # its owner is gone: the claim lapsed
