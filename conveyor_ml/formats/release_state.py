@@ -612,8 +612,8 @@ def promote(release: ModelRelease, weight: int | None = None) -> None:
 
 
 def rollback(release: ModelRelease, to_version: int | None = None) -> int:
-    """stable back to `to_version`, or one step back in the stable history; the canary is removed.
-    Returns the version now stable."""
+    """stable back to `to_version`, or one step back in the stable history; the canary is removed. With a
+    canary and no earlier stable version, only the canary is removed. Returns the version now stable."""
     if STABLE not in release.labels:
         raise ConveyorError(f"model {release.name} has no stable version to roll back")
     current = release.labels[STABLE]
@@ -622,10 +622,13 @@ def rollback(release: ModelRelease, to_version: int | None = None) -> int:
         earlier = [v for v in release.history if v in on_disk]
         while earlier and earlier[-1] == current:
             earlier.pop()
-        if not earlier:
+        if not earlier and CANARY in release.labels:
+            to_version = current  # nothing earlier to go back to: rolling back undoes the canary alone
+        elif not earlier:
             raise ConveyorError(f"model {release.name}: no previous stable version to roll back to "
                                 f"(stable is {current}); name one with --to")
-        to_version = earlier[-1]
+        else:
+            to_version = earlier[-1]
     if to_version not in on_disk:
         raise ConveyorError(f"model {release.name}: version {to_version} is not on disk "
                             f"(versions: {', '.join(map(str, on_disk)) or 'none'})")

@@ -79,6 +79,16 @@ def test_rollback_steps_back_through_history(base, tmp_path):
     assert releases.rollback(state, to_version=3) == 3
 
 
+def test_rollback_of_a_first_canary_removes_it_and_keeps_stable(base, tmp_path):
+    push(base, tmp_path / "src")
+    push(base, tmp_path / "src", mode="canary", weight=10)
+    state = releases.read_release(base, "mnist")
+    assert releases.rollback(state) == 1
+    assert state.labels == {"stable": 1} and state.weights == {"stable": 100} and state.history == [1]
+    with pytest.raises(ConveyorError, match="no previous stable version"):
+        releases.rollback(state)  # no canary left, nothing earlier
+
+
 def test_invalid_release_moves(base, tmp_path):
     push(base, tmp_path / "src")
     state = releases.read_release(base, "mnist")
