@@ -44,9 +44,8 @@ from conveyor_ml.operations.monitor import fetch, scrape
 from conveyor_ml.operations.release_commands import (
     CanarySource,
     _commit_and_record,
-    _existing_release,
     _serving_base,
-    reconcile_release_state,
+    locked_release,
     say_repair,
     start_canary,
 )
@@ -91,13 +90,7 @@ def _report_properties(version: int, figures: dict | None, url: str) -> dict[str
 def start_shadow(spec: PipelineSpec, model: str, version: int, percent: int, *, reason: str = "",
                  say: Callable[[str], None] = say_repair) -> releases.ModelRelease:
     """Labels `version` shadow at `percent`% of live requests (a release change, recorded)."""
-    base = _serving_base(spec)
-    if not base.is_dir():
-        _existing_release(releases.ReleaseState(base), model)
-    with releases.locked(base):
-        state = releases.read_state(base)
-        reconcile_release_state(spec, state, say)
-        release = _existing_release(state, model)
+    with locked_release(spec, model, say) as (state, release):
         if version not in release.versions():
             raise ConveyorError(f"model {model}: version {version} is not on disk (versions: "
                                 f"{', '.join(map(str, release.versions())) or 'none'})")
@@ -145,13 +138,7 @@ def end_shadow_phase(spec: PipelineSpec, release: releases.ModelRelease, url: st
 def end_shadow(spec: PipelineSpec, model: str, url: str, *, reason: str = "",
                say: Callable[[str], None] = say_repair) -> tuple[int, dict | None]:
     """`conveyor release shadow MODEL --end`: the phase's figures recorded, the shadow label removed."""
-    base = _serving_base(spec)
-    if not base.is_dir():
-        _existing_release(releases.ReleaseState(base), model)
-    with releases.locked(base):
-        state = releases.read_state(base)
-        reconcile_release_state(spec, state, say)
-        release = _existing_release(state, model)
+    with locked_release(spec, model, say) as (state, release):
         if releases.SHADOW not in release.labels:
             raise ConveyorError(f"model {model} has no shadow version (labels: "
                                 f"{', '.join(f'{k}={v}' for k, v in sorted(release.labels.items()))})")
@@ -201,10 +188,7 @@ class CanaryAnalysis:
                        details: dict[str, str]) -> releases.ModelRelease | None:
         """Applies `move` to the model's release and records it, if the analysis still owns the canary;
         None when it does not (promoted, rolled back or replaced by someone else: superseded)."""
-        with releases.locked(self.base):
-            state = releases.read_state(self.base)
-            reconcile_release_state(self.spec, state, say_repair)
-            release = _existing_release(state, self.model)
+        with locked_release(self.spec, self.model) as (state, release):
             if not self._owns(release):
                 return None
             before = release.copy()

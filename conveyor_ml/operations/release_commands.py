@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,19 @@ def _existing_release(state: releases.ReleaseState, model: str) -> releases.Mode
         raise ConveyorError(f"unknown model {model!r} under {state.base_path} (known: "
                             f"{', '.join(sorted(state.models)) or 'none'}; run `make pipeline` to push one)")
     return state.release(model)
+
+
+@contextmanager
+def locked_release(spec: PipelineSpec, model: str, say: Callable[[str], None] = say_repair):
+    """(state, the model's release) under the base path's lock, after repairing what an interrupted command
+    left; an unknown model is an error that creates nothing."""
+    base = _serving_base(spec)
+    if not base.is_dir():
+        _existing_release(releases.ReleaseState(base), model)
+    with releases.locked(base):
+        state = releases.read_state(base)
+        reconcile_release_state(spec, state, say)
+        yield state, _existing_release(state, model)
 
 
 def server_statuses(url: str, model: str) -> dict[str, str] | None:
@@ -196,13 +210,8 @@ def start_canary(spec: PipelineSpec, model: str, source: CanarySource, weight: i
     analysis owns the canary, labels the version canary at `weight`% (with `route_key` for sticky routing
     and the analysis' `claim`), commits and records it. `before_change(release)` may change the release
     first (e.g. end a shadow phase). A new variant version that is not committed is removed again."""
-    base = _serving_base(spec)
-    if not base.is_dir():
-        _existing_release(releases.ReleaseState(base), model)
-    with releases.locked(base):
-        state = releases.read_state(base)
-        reconcile_release_state(spec, state, say)
-        release = _existing_release(state, model)
+    with locked_release(spec, model, say) as (state, release):
+        base = state.base_path
         if release.analysis_running():
             raise ConveyorError(f"model {model}: a canary analysis of version {release.analysis['version']} is in "
                                 f"progress (process {release.analysis['pid']}); wait for its verdict or stop it")
