@@ -50,3 +50,16 @@ def write_results(name: str, document: dict, markdown: str) -> tuple[Path, Path]
     md_path.write_text(markdown)
     print(f"wrote {md_path}")
     return json_path, md_path
+
+
+def replace_section(path: Path, start: str, end: str, section: str, heading: str) -> None:
+    """Writes `section` (which begins with `start` and ends with `end`) into the results file `path` in place
+    of its previous version, keeping the sections other benchmarks wrote there; a new file starts with
+    `heading`."""
+    text = path.read_text() if path.is_file() else f"{heading}\n\n"
+    if start in text and end in text:
+        text = text[:text.index(start)] + section.rstrip("\n") + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine
+from benchmarks.common import RESULTS, machine, replace_section
 
 ROOT = Path(__file__).resolve().parent.parent
 KILLS_PER_OPERATION = 100  # the suite runs 30 each to keep CI short
@@ -75,14 +75,7 @@ def section(crashes: dict, cli: dict, seconds: float) -> str:
 def main() -> int:
     crashes, cli, seconds = run_suites()
     path = RESULTS / "reliability.md"
-    text = path.read_text() if path.is_file() else "# Reliability\n\n"
-    new = section(crashes, cli, seconds)
-    if START in text and END in text:
-        text = text[:text.index(START)] + new.rstrip("\n") + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + new
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    replace_section(path, START, END, section(crashes, cli, seconds), "# Reliability")
     (RESULTS / "reliability-releases.json").write_text(
         json.dumps({"machine": machine(), "crashes": crashes, "cli": cli, "seconds": seconds}, indent=2) + "\n")
     print(f"wrote {path}")

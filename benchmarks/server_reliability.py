@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine
+from benchmarks.common import RESULTS, machine, replace_section
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- server: start -->", "<!-- server: end -->"
@@ -86,14 +86,7 @@ def section(figures: dict, seconds: float) -> str:
 def main() -> int:
     figures, seconds = run_suite()
     path = RESULTS / "reliability.md"
-    text = path.read_text() if path.is_file() else "# Reliability\n\n"
-    new = section(figures, seconds)
-    if START in text and END in text:
-        text = text[:text.index(START)] + new.rstrip("\n") + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + new
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    replace_section(path, START, END, section(figures, seconds), "# Reliability")
     (RESULTS / "reliability-server.json").write_text(
         json.dumps({"machine": machine(), "figures": figures, "seconds": seconds}, indent=2) + "\n")
     print(f"wrote {path}")
