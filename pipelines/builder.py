@@ -4,9 +4,18 @@ from __future__ import annotations
 from dataclasses import replace
 
 import tensorflow_model_analysis as tfma
-from tfx import v1 as tfx
+from tfx.components.example_validator.component import ExampleValidator
+from tfx.components.schema_gen.import_schema_gen.component import ImportSchemaGen
+from tfx.dsl.components.common.resolver import Resolver
+from tfx.dsl.input_resolution.strategies.latest_artifact_strategy import LatestArtifactStrategy
+from tfx.dsl.input_resolution.strategies.latest_blessed_model_strategy import LatestBlessedModelStrategy
+from tfx.orchestration.pipeline import Pipeline
 from tfx.proto import example_gen_pb2, range_config_pb2
+from tfx.types import standard_artifacts
+from tfx.types.channel import Channel
 
+# The classes are imported from their modules, not through `tfx.v1`: that public facade also imports its
+# Google Cloud extensions (the Vertex AI SDK), seconds of every `conveyor run` that builds nothing for them.
 from conveyor_ml.base.names import (
     BASELINE_RESOLVER,
     DRIFT_GATE,
@@ -87,7 +96,7 @@ def build_components(spec: PipelineSpec, portable: bool = False, *, span: int | 
     example_gen = SpanExampleGen(input_base=data_root, input_config=example_gen_input_config(),
                                  range_config=single_span(span) if span is not None else None)
     example_gen = example_gen.with_id(EXAMPLE_GEN)
-    schema_gen = tfx.components.ImportSchemaGen(schema_file=str(spec.data.schema.resolve())).with_id(SCHEMA_GEN)
+    schema_gen = ImportSchemaGen(schema_file=str(spec.data.schema.resolve())).with_id(SCHEMA_GEN)
     nodes = [example_gen, schema_gen]
     examples, schema = example_gen.outputs["examples"], schema_gen.outputs["schema"]
 
@@ -100,7 +109,7 @@ def build_components(spec: PipelineSpec, portable: bool = False, *, span: int | 
         nodes.append(statistics_gen)
         drift_report = _drift_gate(spec, nodes, examples, statistics_gen.outputs["statistics"], schema, portable)
         if components.example_validator:
-            validator = tfx.components.ExampleValidator(
+            validator = ExampleValidator(
                 statistics=statistics_gen.outputs["statistics"], schema=schema).with_id(EXAMPLE_VALIDATOR)
             nodes.append(validator)
             anomalies = validator.outputs["anomalies"]
@@ -111,10 +120,10 @@ def build_components(spec: PipelineSpec, portable: bool = False, *, span: int | 
         training_examples = examples
     else:
         # The rolling window of TFX's guide; by default it covers every span, so the training set only grows.
-        window = tfx.dsl.Resolver(
+        window = Resolver(
             strategy_class=SpanWindowStrategy, config={"window": spec.data.window_spans or 0},
-            newest=examples, examples=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Examples),
-            drift_reports=tfx.dsl.Channel(type=DataDriftReport),
+            newest=examples, examples=Channel(type=standard_artifacts.Examples),
+            drift_reports=Channel(type=DataDriftReport),
         ).with_id(SPAN_WINDOW)
         nodes.append(window)
         training_examples = window.outputs["examples"]
@@ -123,14 +132,14 @@ def build_components(spec: PipelineSpec, portable: bool = False, *, span: int | 
     trainer_settings = components.trainer
     warm_start_model = None
     if trainer_settings.warm_start:
-        all_models = tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model)
-        all_blessings = tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing)
+        all_models = Channel(type=standard_artifacts.Model)
+        all_blessings = Channel(type=standard_artifacts.ModelBlessing)
         if portable:
-            warm_start = tfx.dsl.Resolver(strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+            warm_start = Resolver(strategy_class=LatestBlessedModelStrategy,
                                           model=all_models, model_blessing=all_blessings)
         else:
             serving = components.serving_pusher
-            warm_start = tfx.dsl.Resolver(
+            warm_start = Resolver(
                 strategy_class=WarmStartModelStrategy, config={"model_name": serving.model_name if serving else ""},
                 newest=examples, model=all_models, model_blessing=all_blessings)
         warm_start = warm_start.with_id(WARM_START_RESOLVER)
@@ -141,13 +150,13 @@ def build_components(spec: PipelineSpec, portable: bool = False, *, span: int | 
         base_model=warm_start_model, image_shape=spec.data.image_shape, settings=trainer_settings,
     ).with_id(TRAINER)
     model = trainer.outputs["model"]
-    all_models = tfx.dsl.Channel(type=tfx.types.standard_artifacts.Model)
-    all_blessings = tfx.dsl.Channel(type=tfx.types.standard_artifacts.ModelBlessing)
+    all_models = Channel(type=standard_artifacts.Model)
+    all_blessings = Channel(type=standard_artifacts.ModelBlessing)
     if portable:
-        baseline = tfx.dsl.Resolver(strategy_class=tfx.dsl.experimental.LatestBlessedModelStrategy,
+        baseline = Resolver(strategy_class=LatestBlessedModelStrategy,
                                     model=all_models, model_blessing=all_blessings).with_id(BASELINE_RESOLVER)
     else:
-        baseline = tfx.dsl.Resolver(strategy_class=PreviousBlessedModelStrategy, candidate=model, model=all_models,
+        baseline = Resolver(strategy_class=PreviousBlessedModelStrategy, candidate=model, model=all_models,
                                     model_blessing=all_blessings).with_id(BASELINE_RESOLVER)
     nodes += [trainer, baseline]
 
@@ -158,9 +167,9 @@ def build_components(spec: PipelineSpec, portable: bool = False, *, span: int | 
         evaluation_settings = components.evaluator
         eval_examples = examples if portable else training_examples
         if evaluation_settings.golden_span is not None and not portable:
-            golden = tfx.dsl.Resolver(
+            golden = Resolver(
                 strategy_class=GoldenSpanStrategy, config={"span": evaluation_settings.golden_span},
-                newest=examples, examples=tfx.dsl.Channel(type=tfx.types.standard_artifacts.Examples),
+                newest=examples, examples=Channel(type=standard_artifacts.Examples),
             ).with_id(GOLDEN_SPAN)
             nodes.append(golden)
             eval_examples = golden.outputs["examples"]
@@ -216,13 +225,13 @@ def _drift_gate(spec: PipelineSpec, nodes: list, examples, statistics, schema, p
     """The newest span's statistics against the previous span's (resolved from MLMD), with the spec's policy."""
     from conveyor_ml.components.drift_gate.component import DriftGate
 
-    all_statistics = tfx.dsl.Channel(type=tfx.types.standard_artifacts.ExampleStatistics)
+    all_statistics = Channel(type=standard_artifacts.ExampleStatistics)
     if portable:
-        previous = tfx.dsl.Resolver(strategy_class=tfx.dsl.experimental.LatestArtifactStrategy,
+        previous = Resolver(strategy_class=LatestArtifactStrategy,
                                     statistics=all_statistics).with_id(PREVIOUS_STATISTICS)
     else:
-        previous = tfx.dsl.Resolver(strategy_class=PreviousSpanStatisticsStrategy, newest=statistics,
-                                    statistics=all_statistics, drift_reports=tfx.dsl.Channel(type=DataDriftReport),
+        previous = Resolver(strategy_class=PreviousSpanStatisticsStrategy, newest=statistics,
+                                    statistics=all_statistics, drift_reports=Channel(type=DataDriftReport),
                                     ).with_id(PREVIOUS_STATISTICS)
     gate = DriftGate(examples=examples, statistics=statistics, schema=schema,
                      baseline_statistics=previous.outputs["statistics"], settings=spec.data.drift).with_id(DRIFT_GATE)
@@ -230,8 +239,8 @@ def _drift_gate(spec: PipelineSpec, nodes: list, examples, statistics, schema, p
     return gate.outputs["drift_report"]
 
 
-def build_pipeline(spec: PipelineSpec, *, span: int | None = None, data_only: bool = False) -> tfx.dsl.Pipeline:
-    return tfx.dsl.Pipeline(
+def build_pipeline(spec: PipelineSpec, *, span: int | None = None, data_only: bool = False) -> Pipeline:
+    return Pipeline(
         pipeline_name=spec.name,
         pipeline_root=str(spec.pipeline_root.resolve()),
         components=build_components(spec, span=span, data_only=data_only),
