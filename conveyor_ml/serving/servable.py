@@ -188,20 +188,13 @@ class Servable:
             seen.add(alias)
         return list(output_filter) or list(signature.outputs)
 
-    def _classification_signature(self, signature_name: str) -> tuple[str, meta_graph_pb2.SignatureDef]:
+    def _checked_signature(self, signature_name: str, check) -> tuple[str, meta_graph_pb2.SignatureDef]:
+        """The named (or default) signature, after `check` (TF Serving's classify or regress rules)."""
         name = signature_name or DEFAULT_SIGNATURE
         if name not in self.signature_defs:
             raise invalid_argument(f"No signature was found with the name: {name}")
         signature = self.signature_defs[name]
-        check_classification_signature(signature, self.options.signature_method_name_check)
-        return name, signature
-
-    def _regression_signature(self, signature_name: str) -> tuple[str, meta_graph_pb2.SignatureDef]:
-        name = signature_name or DEFAULT_SIGNATURE
-        if name not in self.signature_defs:
-            raise invalid_argument(f"No signature was found with the name: {name}")
-        signature = self.signature_defs[name]
-        check_regression_signature(signature, self.options.signature_method_name_check)
+        check(signature, self.options.signature_method_name_check)
         return name, signature
 
     # -- running ------------------------------------------------------------------------------------------
@@ -210,12 +203,12 @@ class Servable:
         raise NotImplementedError
 
     def classify(self, signature_name: str, examples: list[bytes], timeout_ms: int | None = None) -> Classification:
-        name, signature = self._classification_signature(signature_name)
+        name, signature = self._checked_signature(signature_name, check_classification_signature)
         [result] = self._infer([(name, CLASSIFY_METHOD, signature)], examples, timeout_ms)
         return result
 
     def regress(self, signature_name: str, examples: list[bytes], timeout_ms: int | None = None) -> np.ndarray:
-        name, signature = self._regression_signature(signature_name)
+        name, signature = self._checked_signature(signature_name, check_regression_signature)
         [result] = self._infer([(name, REGRESS_METHOD, signature)], examples, timeout_ms)
         return result
 
