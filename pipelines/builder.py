@@ -70,8 +70,10 @@ def eval_config(min_accuracy: float) -> tfma.EvalConfig:
             value_threshold=tfma.GenericValueThreshold(lower_bound={"value": min_accuracy})),
     )
     return tfma.EvalConfig(
+        # A generic SavedModel, not Keras: TFMA otherwise loads the model as Keras just to find that out, then
+        # again for its metrics (twice the Evaluator's time on the default pipeline); it calls the signature.
         model_specs=[tfma.ModelSpec(signature_name="serving_examples", label_key=LABEL_KEY,
-                                    prediction_key="probabilities")],
+                                    prediction_key="probabilities", model_type=tfma.TF_GENERIC)],
         slicing_specs=[tfma.SlicingSpec()],
         metrics_specs=[tfma.MetricsSpec(metrics=[accuracy, tfma.MetricConfig(class_name="ExampleCount")])],
     )
@@ -239,12 +241,14 @@ def _drift_gate(spec: PipelineSpec, nodes: list, examples, statistics, schema, p
     return gate.outputs["drift_report"]
 
 
-def build_pipeline(spec: PipelineSpec, *, span: int | None = None, data_only: bool = False) -> Pipeline:
+def build_pipeline(spec: PipelineSpec, *, span: int | None = None, data_only: bool = False,
+                   beam_args: list[str] | None = None) -> Pipeline:
+    """The local pipeline; `beam_args` replace the spec's (the runner adds the workers' TFX package)."""
     return Pipeline(
         pipeline_name=spec.name,
         pipeline_root=str(spec.pipeline_root.resolve()),
         components=build_components(spec, span=span, data_only=data_only),
         enable_cache=True,
         metadata_connection_config=connection_config(spec.metadata),
-        beam_pipeline_args=list(spec.beam.args),
+        beam_pipeline_args=list(spec.beam.args) if beam_args is None else beam_args,
     )

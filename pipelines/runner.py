@@ -17,6 +17,7 @@ from conveyor_ml.base.spec import PipelineSpec
 from conveyor_ml.formats.spans import span_numbers
 from conveyor_ml.metadata import store as metadata
 from conveyor_ml.metadata.values import props
+from conveyor_ml.pipelines.beam_dependencies import with_tfx_package
 from conveyor_ml.pipelines.builder import build_pipeline
 from conveyor_ml.pipelines.headline_metrics import record_headline_metrics
 from conveyor_ml.pipelines.run_result import NodeOutcome, RunResult
@@ -30,6 +31,8 @@ _active_outcomes: list[NodeOutcome] | None = None
 # Components log what they do (logging.getLogger(__name__) under conveyor_ml.components); the runner shows
 # those records as progress lines under the component's own line.
 COMPONENT_LOGGER = "conveyor_ml.components"
+# Under the workspace: what runs build once and reuse (the TFX package Beam workers need).
+BEAM_CACHE = ".cache"
 
 
 def _say(line: str) -> None:
@@ -134,16 +137,17 @@ def run_pipeline(spec: PipelineSpec, run_id: str | None = None) -> RunResult:
 def _run_locked(spec: PipelineSpec, run_id: str | None) -> RunResult:
     latest_span = prepare_data(spec)
     run_id = run_id or new_run_id()
+    beam_args = with_tfx_package(list(spec.beam.args), spec.workspace / BEAM_CACHE)
     for span in spans_to_import(spec, latest_span):
         # A span that arrived together with a newer one (or while nothing ran) gets its data checks and its
         # import now, so this run's window trains on it; each is a pipeline run of its own in MLMD.
         _say(f"conveyor: importing span {span} first: no run has imported it, and span {latest_span} is the newest "
              f"(run {run_id}-span-{span})")
-        _execute(build_pipeline(spec, span=span, data_only=True), RunResult(f"{run_id}-span-{span}", 0.0))
+        _execute(build_pipeline(spec, span=span, data_only=True, beam_args=beam_args), RunResult(f"{run_id}-span-{span}", 0.0))
     _say(f"conveyor: running pipeline '{spec.name}' on span {latest_span} (run {run_id})")
     result = RunResult(run_id=run_id, seconds=0.0)
     try:
-        _execute(build_pipeline(spec), result)
+        _execute(build_pipeline(spec, beam_args=beam_args), result)
     finally:
         record_headline_metrics(spec, run_id)
     return result

@@ -25,6 +25,7 @@ from conveyor_ml.components.evaluator.comparison import (
     decide,
     required_eval_examples,
 )
+from conveyor_ml.components.keras_tracing import keep_autograph_out_of_keras
 from conveyor_ml.components.parameters import settings_from
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ def evidence(table: PairedTable, settings: EvaluatorSettings, has_baseline: bool
 class Executor(tfx_evaluator.Executor):
     def Do(self, input_dict: dict[str, list], output_dict: dict[str, list], exec_properties: dict[str, Any]) -> None:
         settings = settings_from(EvaluatorSettings, exec_properties)
+        keep_autograph_out_of_keras()  # TFMA traces its Keras metrics
         baselines = input_dict.get("baseline_model") or []
         baseline = baselines[0] if baselines else None
         # TFMA measures the candidate and checks min_accuracy; the baseline is compared below, example by

@@ -22,6 +22,7 @@ os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 from conveyor_ml.base.dataclass_schema import from_document, to_document
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.spec import STRATEGIES, TrainerSettings
+from conveyor_ml.components.keras_tracing import keep_autograph_out_of_keras
 
 ERROR_PREFIX = "conveyor-error: "
 log = logging.getLogger(__name__)
@@ -204,6 +205,7 @@ def train(job: TrainingJob) -> dict:
     import tensorflow as tf
 
     tf.get_logger().setLevel("ERROR")
+    keep_autograph_out_of_keras()
     if job.settings.strategy not in STRATEGIES:
         raise ConveyorError(f"trainer.strategy: unknown strategy {job.settings.strategy!r} (use {', '.join(STRATEGIES)})")
     if job.settings.cpu_replicas < 1:
@@ -259,7 +261,9 @@ def train(job: TrainingJob) -> dict:
 
     export_dir = job.serving_model_dir if chief else tempfile.mkdtemp(prefix="conveyor-worker-export-")
     # Every worker must save (saving runs collective ops); only the chief's copy is kept.
-    model.save(export_dir, save_format="tf", signatures=serving_signatures(model, job.image_shape))
+    # Without per-layer traces: Keras rebuilds the model from its config (only built-in layers), TF Serving
+    # and TFLite read the signatures; the save takes ~1 s less.
+    model.save(export_dir, save_format="tf", signatures=serving_signatures(model, job.image_shape), save_traces=False)
     if chief:
         warmup_images = next(iter(eval_data.take(1)))[0].numpy()[:8]
         finish_export(export_dir, warmup_images)
