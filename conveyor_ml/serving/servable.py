@@ -119,6 +119,13 @@ class Servable:
         self.load_seconds = 0.0
         self._validated: dict[tuple, str] = {}  # validate_inputs' passes: (signature, (alias, dtype)...) -> name
         self._input_dtypes: dict[str, dict[str, tf.DType]] = {}  # per known signature name
+        # A moving average of unbatched predict calls' durations; None until one has run.
+        self.typical_run_seconds: float | None = None
+
+    def note_run_seconds(self, seconds: float, weight: float = 0.1) -> None:
+        """Adds one call's duration to the moving average (a single float store: safe across pool threads)."""
+        previous = self.typical_run_seconds
+        self.typical_run_seconds = seconds if previous is None else previous + weight * (seconds - previous)
 
     # -- signatures ---------------------------------------------------------------------------------------
     def signature(self, name: str) -> tuple[str, meta_graph_pb2.SignatureDef]:

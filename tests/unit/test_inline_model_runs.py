@@ -1,0 +1,103 @@
+"""Where an unbatched predict call runs: a model measured as fast runs on the event loop (a pool hand-off
+costs more than the call), a slow one, a large request, or one not yet measured, on the protocol's pool."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from conveyor_ml.serving.model_server import (
+    INLINE_RUN_SECONDS,
+    LARGE_REQUEST_BYTES,
+    ModelServer,
+    ServerOptions,
+)
+from conveyor_ml.serving.servable import LoadOptions
+from tests.tf_serving_models import write_half_plus_two_tflite
+
+
+@pytest.fixture
+def server(tmp_path):
+    write_half_plus_two_tflite(tmp_path / "half_plus_two" / "1", with_signature_defs=True)
+    options = ServerOptions(model_name="half_plus_two", model_base_path=str(tmp_path / "half_plus_two"),
+                            rest_api_num_threads=1, file_system_poll_wait_seconds=0,
+                            load=LoadOptions(prefer_tflite_model=True))
+    server = ModelServer(options)
+    server.start_polling()
+    yield server
+    server.stop()
+
+
+def predict_while_the_pool_is_busy(server: ModelServer, nbytes: int = 64) -> tuple[bool, np.ndarray]:
+    """(answered while the REST pool's only thread was blocked?, the answer once it was released)."""
+    release = threading.Event()
+    blocker = server.executors["rest"].submit(release.wait, 30)
+
+    async def scenario():
+        servable = server.resolve("half_plus_two", None, None, None)
+        call = server.begin("half_plus_two", "predict", "rest", nbytes)
+        try:
+            task = asyncio.ensure_future(server.predict(call, servable, "serving_default",
+                                                        {"x": np.array([[1.0], [3.0]], np.float32)}))
+            done, _ = await asyncio.wait([task], timeout=0.5)
+            release.set()
+            return bool(done), (await task)["y"]
+        finally:
+            release.set()
+            server.finish(call)
+
+    try:
+        return asyncio.run(scenario())
+    finally:
+        blocker.result(timeout=30)
+
+
+def predict(server: ModelServer, times: int) -> None:
+    async def calls():
+        servable = server.resolve("half_plus_two", None, None, None)
+        for _ in range(times):
+            call = server.begin("half_plus_two", "predict", "rest", 64)
+            try:
+                await server.predict(call, servable, "serving_default", {"x": np.ones((1, 1), np.float32)})
+            finally:
+                server.finish(call)
+
+    asyncio.run(calls())
+
+
+def test_a_model_measured_as_fast_runs_on_the_event_loop(server):
+    servable = server.resolve("half_plus_two", None, None, None)
+    assert servable.typical_run_seconds is None  # not measured yet: the first call goes to the pool
+    answered, y = predict_while_the_pool_is_busy(server)
+    assert not answered
+    np.testing.assert_allclose(y, [[2.5], [3.5]])
+    predict(server, 100)  # the first calls include one-time set-up; the average then follows the steady cost
+    assert servable.typical_run_seconds < INLINE_RUN_SECONDS  # half_plus_two on LiteRT takes microseconds
+    answered, y = predict_while_the_pool_is_busy(server)
+    assert answered  # it did not need the blocked pool thread
+    np.testing.assert_allclose(y, [[2.5], [3.5]])
+
+
+def test_slow_models_and_large_requests_stay_on_the_pool(server):
+    servable = server.resolve("half_plus_two", None, None, None)
+    predict(server, 100)
+    assert servable.typical_run_seconds < INLINE_RUN_SECONDS
+    assert not predict_while_the_pool_is_busy(server, nbytes=LARGE_REQUEST_BYTES)[0]
+
+    servable.typical_run_seconds = None
+    servable.note_run_seconds(0.005)  # a model whose calls take 5 ms
+    answered, y = predict_while_the_pool_is_busy(server)
+    assert not answered
+    np.testing.assert_allclose(y, [[2.5], [3.5]])
+
+
+def test_the_moving_average_follows_recent_calls(server):
+    servable = server.resolve("half_plus_two", None, None, None)
+    servable.typical_run_seconds = None
+    servable.note_run_seconds(0.010)
+    assert servable.typical_run_seconds == pytest.approx(0.010)
+    for _ in range(60):
+        servable.note_run_seconds(0.0001)
+    assert servable.typical_run_seconds < INLINE_RUN_SECONDS  # a slow start does not pin it to the pool
