@@ -96,7 +96,10 @@ def test_batching_off_warns(default_pipeline_run, trained_export, tmp_path):
     on = findings(diagnose(resolve_target(None, str(trained_export), str(base), "http://127.0.0.1:9")))
     (base / "batching.config").unlink()
     off = findings(diagnose(resolve_target(None, str(trained_export), str(base), "http://127.0.0.1:9")))
-    assert on["batching"].status in (OK, WARN) and "max_batch_size" in on["batching"].reason
+    # On: OK, or WARN when the 5 ms timeout is over twice what a full batch measures on this machine at the
+    # moment (idle: ~1.7 ms), a timing the test does not control; either way the finding is about the timeout.
+    assert on["batching"].status in (OK, WARN) and "batch_timeout_micros 5000" in on["batching"].reason
+    assert "batching is off" not in on["batching"].reason
     assert off["batching"].status == WARN and "batching is off" in off["batching"].reason
 
 
