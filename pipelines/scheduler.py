@@ -78,10 +78,11 @@ class Scheduler:
 
     def log(self, message: str) -> None:
         line = f"{utc_now()} conveyor schedule: {message}"
-        print(line, flush=True)
+        # The file first: whatever a watcher has seen on stdout is already in the log when it kills us.
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("a") as stream:
             stream.write(line + "\n")
+        print(line, flush=True)
 
     def _on_sigterm(self, signum, frame) -> None:
         self.stopping = True
