@@ -23,9 +23,20 @@ DEPENDENCY_OPTIONS = ("extra_package", "extra_packages", "setup_file", "requirem
                       "worker_harness_container_image", "sdk_container_image")
 
 
+def beam_option(args: tuple[str, ...] | list[str], name: str) -> str | None:
+    """The value of `--name=value` (or `--name value`) in Beam arguments, the last one winning."""
+    value = None
+    for index, arg in enumerate(args):
+        if arg.startswith(f"--{name}="):
+            value = arg.split("=", 1)[1]
+        elif arg == f"--{name}" and index + 1 < len(args):
+            value = args[index + 1]
+    return value
+
+
 def names_dependencies(beam_args: list[str]) -> bool:
-    """Whether the arguments already say how workers get their dependencies."""
-    return any(arg.lstrip("-").split("=", 1)[0] in DEPENDENCY_OPTIONS for arg in beam_args)
+    """Whether the arguments already say how workers get their dependencies (a non-empty value, as TFX checks)."""
+    return any(beam_option(beam_args, name) for name in DEPENDENCY_OPTIONS)
 
 
 def with_tfx_package(beam_args: list[str], cache_dir: Path) -> list[str]:

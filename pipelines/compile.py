@@ -6,6 +6,7 @@ from pathlib import Path
 
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.spec import PipelineSpec
+from conveyor_ml.pipelines.beam_dependencies import beam_option
 
 
 def compile_pipeline(spec: PipelineSpec, output: Path) -> dict:
@@ -27,17 +28,6 @@ def compile_pipeline(spec: PipelineSpec, output: Path) -> dict:
                                                         output_filename=output.name)
     runner.run(pipeline, write_out=True)
     return json.loads(output.read_text())
-
-
-def beam_option(args: tuple[str, ...], name: str) -> str | None:
-    """The value of `--name=value` (or `--name value`) in Beam arguments, the last one winning."""
-    value = None
-    for index, arg in enumerate(args):
-        if arg.startswith(f"--{name}="):
-            value = arg.split("=", 1)[1]
-        elif arg == f"--{name}" and index + 1 < len(args):
-            value = args[index + 1]
-    return value
 
 
 def check_worker_image(spec: PipelineSpec) -> None:

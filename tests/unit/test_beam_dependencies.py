@@ -19,7 +19,9 @@ from conveyor_ml.pipelines.beam_dependencies import names_dependencies, tfx_pack
     (["--extra_package", "dist/x.tar.gz"], True),
     (["--requirements_file=requirements.txt"], True),
     (["--temp_location=gs://bucket/setup_file"], False),
-], ids=["none", "direct-runner", "setup-file", "container-image", "extra-package", "requirements", "value-only"])
+    (["--setup_file="], False),  # empty: TFX counts only a non-empty value
+], ids=["none", "direct-runner", "setup-file", "container-image", "extra-package", "requirements", "value-only",
+        "empty-value"])
 def test_dependency_flags_are_recognised(args, named):
     assert names_dependencies(args) is named
 

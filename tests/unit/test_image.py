@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from conveyor_ml.pipelines.compile import beam_option
+from conveyor_ml.pipelines.beam_dependencies import beam_option
 from tests.conftest import ROOT
 
 HADOLINT = Path(sys.executable).with_name("hadolint")
