@@ -18,7 +18,8 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.metrics_core import Metric
+from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 # `*_created` timestamps double the exposition for no dashboard's benefit.
 disable_created_metrics()
@@ -31,58 +32,95 @@ TF_SERVING_LATENCY_BUCKETS_US = tuple(10 * 1.8 ** i for i in range(33))  # TF Se
 UNKNOWN_MODEL = "(unknown)"
 
 
-class _TfServingSeries:
-    """TF Serving's request_count and request_latency series, with its names and labels."""
+class _RequestSeries:
+    """Every answered call, recorded once under one lock (a few dict updates: this runs for every request on
+    the event loop), and exported as four series: ours, `conveyor_requests_total` and
+    `conveyor_request_latency_seconds` (by model, version, API, protocol, status), and TF Serving's
+    `:tensorflow:serving:request_count` and `:tensorflow:serving:request_latency` with its names, labels and
+    microsecond buckets, summed from the same records when scraped."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._counts: dict[tuple[str, str], float] = {}
-        self._latency: dict[tuple[str, str, str], list] = {}  # -> [bucket counts..., sum, count]
+        self._counts: dict[tuple[str, str, str, str, str], int] = {}  # (model, version, api, protocol, status)
+        # (model, version, api, protocol) -> [count per LATENCY_BUCKETS_S bound..., count per TF Serving bound...,
+        # sum of seconds, calls]; a bucket holds the calls at most its bound and over the previous one.
+        self._latency: dict[tuple[str, str, str, str], list] = {}
 
-    def observe(self, model: str, api: str, entrypoint: str, status: str, microseconds: float) -> None:
+    def observe(self, model: str, version: str, api: str, protocol: str, status: str, seconds: float) -> None:
+        key = (model, version, api, protocol)
         with self._lock:
-            key = (model, "OK" if status == "OK" else status)
-            self._counts[key] = self._counts.get(key, 0) + 1
-            series = self._latency.setdefault((model, api, entrypoint),
-                                              [0] * len(TF_SERVING_LATENCY_BUCKETS_US) + [0.0, 0])
-            index = bisect.bisect_left(TF_SERVING_LATENCY_BUCKETS_US, microseconds)
-            if index < len(TF_SERVING_LATENCY_BUCKETS_US):
+            counted = key + (status,)
+            self._counts[counted] = self._counts.get(counted, 0) + 1
+            series = self._latency.get(key)
+            if series is None:
+                series = self._latency[key] = [0] * (len(LATENCY_BUCKETS_S) + len(TF_SERVING_LATENCY_BUCKETS_US)) + [0.0, 0]
+            index = bisect.bisect_left(LATENCY_BUCKETS_S, seconds)
+            if index < len(LATENCY_BUCKETS_S):
                 series[index] += 1
-            series[-2] += microseconds
+            index = bisect.bisect_left(TF_SERVING_LATENCY_BUCKETS_US, seconds * 1e6)
+            if index < len(TF_SERVING_LATENCY_BUCKETS_US):
+                series[len(LATENCY_BUCKETS_S) + index] += 1
+            series[-2] += seconds
             series[-1] += 1
 
     def collect(self):
         with self._lock:
             counts = dict(self._counts)
             latency = {key: list(value) for key, value in self._latency.items()}
+        requests = CounterMetricFamily("conveyor_requests", "Requests by model, version, API, protocol and status.",
+                                       labels=("model", "version", "api", "protocol", "status"))
+        tf_counts: dict[tuple[str, str], int] = {}
+        for (model, version, api, protocol, status), value in sorted(counts.items()):
+            requests.add_metric((model, version, api, protocol, status), value)
+            tf_key = (model, "OK" if status == "OK" else status)
+            tf_counts[tf_key] = tf_counts.get(tf_key, 0) + value
+        yield requests
+        ours = HistogramMetricFamily("conveyor_request_latency_seconds", "Request latency, end to end in the server.",
+                                     labels=("model", "version", "api", "protocol"))
+        tf_latency: dict[tuple[str, str, str], list] = {}
+        split = len(LATENCY_BUCKETS_S)
+        for (model, version, api, protocol), series in sorted(latency.items()):
+            ours.add_metric((model, version, api, protocol), _cumulative(LATENCY_BUCKETS_S, series[:split], series[-1]),
+                            series[-2])
+            tf_key = (model, api, "GRPC" if protocol == "grpc" else "REST")
+            total = tf_latency.setdefault(tf_key, [0] * (len(TF_SERVING_LATENCY_BUCKETS_US) + 2))
+            for position, value in enumerate(series[split:-2]):
+                total[position] += value
+            total[-2] += series[-2] * 1e6  # TF Serving's sum is in microseconds
+            total[-1] += series[-1]
+        yield ours
         name = ":tensorflow:serving:request_count"
         count_metric = Metric(name, "The total number of requests.", "counter")
-        for (model, status), value in sorted(counts.items()):
+        for (model, status), value in sorted(tf_counts.items()):
             count_metric.add_sample(name, {"model_name": model, "status": status}, value)
         yield count_metric
         name = ":tensorflow:serving:request_latency"
         latency_metric = Metric(name, "Distribution of wall time (in microseconds) for Tensorflow Serving"
                                       " request.", "histogram")
-        for (model, api, entrypoint), series in sorted(latency.items()):
+        for (model, api, entrypoint), series in sorted(tf_latency.items()):
             labels = {"model_name": model, "API": api, "entrypoint": entrypoint}
-            cumulative = 0
-            for bound, count in zip(TF_SERVING_LATENCY_BUCKETS_US, series):
-                cumulative += count
-                latency_metric.add_sample(f"{name}_bucket", {**labels, "le": f"{bound:g}"}, cumulative)
-            latency_metric.add_sample(f"{name}_bucket", {**labels, "le": "+Inf"}, series[-1])
+            for bound, cumulative in _cumulative(TF_SERVING_LATENCY_BUCKETS_US, series[:-2], series[-1],
+                                                  lambda bound: f"{bound:g}"):
+                latency_metric.add_sample(f"{name}_bucket", {**labels, "le": bound}, cumulative)
             latency_metric.add_sample(f"{name}_sum", labels, series[-2])
             latency_metric.add_sample(f"{name}_count", labels, series[-1])
         yield latency_metric
 
 
+def _cumulative(bounds: tuple[float, ...], counts: list[int], calls: int,
+                bound_text: Callable[[float], str] = floatToGoString) -> list[tuple[str, int]]:
+    """Prometheus buckets (le, calls at most le) from per-bucket counts; +Inf holds every call."""
+    buckets, cumulative = [], 0
+    for bound, count in zip(bounds, counts):
+        cumulative += count
+        buckets.append((bound_text(bound), cumulative))
+    buckets.append(("+Inf", calls))
+    return buckets
+
+
 class ServingMetrics:
     def __init__(self, versions_loaded: Callable[[], dict[str, int]] | None = None):
         self.registry = CollectorRegistry()
-        self.requests = Counter("conveyor_requests", "Requests by model, version, API, protocol and status.",
-                                ["model", "version", "api", "protocol", "status"], registry=self.registry)
-        self.latency = Histogram("conveyor_request_latency_seconds", "Request latency, end to end in the server.",
-                                 ["model", "version", "api", "protocol"], buckets=LATENCY_BUCKETS_S,
-                                 registry=self.registry)
         self.batch_size = Histogram("conveyor_batch_size", "Requests merged into one model call (rows).",
                                     ["model"], buckets=BATCH_SIZE_BUCKETS, registry=self.registry)
         self.queue_depth = Gauge("conveyor_batch_queue_depth", "Batches waiting or open in the batching queues.",
@@ -102,24 +140,14 @@ class ServingMetrics:
         self.live_accuracy = Gauge("conveyor_live_accuracy", "Accuracy on the labels received so far, per version.",
                                    ["model", "version"], registry=self.registry)
         self._versions_loaded_source = versions_loaded
-        self._request_children: dict[tuple, tuple] = {}
-        self._tf_serving = _TfServingSeries()
-        self.registry.register(self._tf_serving)
+        self._requests = _RequestSeries()
+        self.registry.register(self._requests)
 
     def observe_request(self, model: str, version: int | None, api: str, protocol: str, status: str,
                         seconds: float) -> None:
         """One answered call. Every label must come from a bounded set (the caller maps a model name no
         configuration knows to UNKNOWN_MODEL), so the exposition's size does not grow with what clients send."""
-        key = (model, version, api, protocol, status)
-        children = self._request_children.get(key)
-        if children is None:  # labels() costs a lock and a lookup per label set: done once per set
-            version_label = str(version) if version is not None else ""
-            children = (self.requests.labels(model, version_label, api, protocol, status),
-                        self.latency.labels(model, version_label, api, protocol))
-            self._request_children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
-        self._tf_serving.observe(model, api, "GRPC" if protocol == "grpc" else "REST", status, seconds * 1e6)
+        self._requests.observe(model, "" if version is None else str(version), api, protocol, status, seconds)
 
     def observe_batch(self, model: str, size: int, queue_depth: int) -> None:
         self.batch_size.labels(model).observe(size)

@@ -165,8 +165,11 @@ def check_reload_config(config: model_server_config_pb2.ModelServerConfig) -> No
 
 
 class ModelServer:
-    def __init__(self, options: ServerOptions):
+    def __init__(self, options: ServerOptions, on_servables_changed: Callable[[], None] | None = None):
+        """`on_servables_changed()` runs after a version was loaded or unloaded, on the thread that did it
+        (`conveyor serve` refreezes its heap there: serving/heap.py)."""
         self.options = options
+        self._on_servables_changed = on_servables_changed
         self.admission = Admission(options.max_inflight_requests,
                                    options.max_inflight_bytes or 4 * options.max_request_body_bytes)
         self.metrics = ServingMetrics(versions_loaded=self._versions_loaded)
@@ -217,14 +220,16 @@ class ModelServer:
             self._config_text = text
         else:
             config = serving_config.single_model_config(self.options.model_name, self.options.model_base_path)
-        self.registry.apply(config)
+        if self.registry.apply(config):
+            self._servables_changed()
 
     def apply_config(self, config: model_server_config_pb2.ModelServerConfig) -> None:
         """HandleReloadConfigRequest: checks the config (INVALID_ARGUMENT naming the first problem, the
         models served stay as they are), then replaces the model list and loads what it wants."""
         check_reload_config(config)
-        self.registry.apply(config)
-        self.registry.poll_all()
+        dropped = self.registry.apply(config)
+        if self.registry.poll_all() or dropped:
+            self._servables_changed()
 
     def _load_traffic(self) -> None:
         if self._traffic_path is None:
@@ -236,7 +241,15 @@ class ModelServer:
 
     def poll_once(self) -> None:
         self._load_traffic()
-        self.registry.poll_all()
+        self._poll_versions()
+
+    def _poll_versions(self) -> None:
+        if self.registry.poll_all():
+            self._servables_changed()
+
+    def _servables_changed(self) -> None:
+        if self._on_servables_changed is not None:
+            self._on_servables_changed()
 
     def start_polling(self) -> None:
         """Loads what is on disk now (before the ports open, as TF Serving does), then polls in the background:
@@ -265,13 +278,13 @@ class ModelServer:
                     self._load_config()
                 except Exception as exc:  # keep serving the last good config
                     log.error("Failed to read ModelServerConfig file: %s", exc)
-                self.registry.poll_all()  # load what a changed config wants now
+                self._poll_versions()  # load what a changed config wants now
             if due["traffic"] is not None and now >= due["traffic"]:
                 due["traffic"] = now + traffic_wait
                 self._load_traffic()
             if due["versions"] is not None and now >= due["versions"]:
                 due["versions"] = now + fs_wait
-                self.registry.poll_all()
+                self._poll_versions()
 
     def _versions_loaded(self) -> dict[str, int]:
         return {model.name: len(model.available_versions()) for model in self.registry.models()}

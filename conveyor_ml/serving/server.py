@@ -535,9 +535,11 @@ def run(args: argparse.Namespace) -> int:
     # The process-wide pools (eager work such as reading warmup files) get the sessions' sizes too.
     tf.config.threading.set_intra_op_parallelism_threads(session.intra_op_parallelism_threads)
     tf.config.threading.set_inter_op_parallelism_threads(session.inter_op_parallelism_threads)
+    from conveyor_ml.serving import heap
     from conveyor_ml.serving.model_server import ModelServer
 
-    server = ModelServer(options)
+    heap.tune_collector()
+    server = ModelServer(options, on_servables_changed=heap.freeze_long_lived)
     server.start_polling()
 
     async def main() -> None:

@@ -83,8 +83,11 @@ class ModelVersions:
         failure = self._failures.get(version)
         return failure is not None and failure[0] == _mtime(path)
 
-    def poll(self) -> None:
-        """One pass of the file-system source: load what the policy wants, then unload what it no longer does."""
+    def poll(self) -> bool:
+        """One pass of the file-system source: load what the policy wants, then unload what it no longer does.
+        True when a version was loaded or unloaded."""
+        with self._lock:
+            served_before = set(self._servables)
         base_path = Path(self.config.base_path)
         on_disk = versions_on_disk(base_path)
         self._note_waiting(base_path, on_disk)
@@ -110,6 +113,7 @@ class ModelVersions:
                     log.info("unloaded %s version %d", self.name, version)
             for version in [v for v in self._status if v not in on_disk and v not in self._servables]:
                 self._status[version] = VersionStatus(version, END, self._status[version].error)
+            return set(self._servables) != served_before
 
     def _note_waiting(self, base_path: Path, on_disk: dict[int, Path]) -> None:
         """TF Serving's warnings when a model has nothing to load, logged when the reason changes."""
@@ -241,17 +245,19 @@ class ModelRegistry:
         self._models: dict[str, ModelVersions] = {}
         self._lock = threading.Lock()
 
-    def apply(self, config: model_server_config_pb2.ModelServerConfig) -> None:
+    def apply(self, config: model_server_config_pb2.ModelServerConfig) -> bool:
+        """Replaces the model list; True when a model (and so its loaded versions) was dropped."""
         with self._lock:
             configured = {model.name: model for model in config.model_config_list.config}
-            for name in list(self._models):
-                if name not in configured:
-                    del self._models[name]
+            dropped = [name for name in self._models if name not in configured]
+            for name in dropped:
+                del self._models[name]
             for name, model_config in configured.items():
                 if name in self._models:
                     self._models[name].update_config(model_config)
                 else:
                     self._models[name] = ModelVersions(model_config, self._loader, self._on_load, self._retries)
+            return bool(dropped)
 
     def get(self, name: str) -> ModelVersions:
         with self._lock:
@@ -268,20 +274,20 @@ class ModelRegistry:
         with self._lock:
             return list(self._models.values())
 
-    def poll_all(self) -> None:
+    def poll_all(self) -> bool:
+        """Polls every model; True when any loaded or unloaded a version."""
         models = self.models()
         if self._load_threads > 1 and len(models) > 1:
             with ThreadPoolExecutor(self._load_threads, thread_name_prefix="load") as pool:
-                list(pool.map(self._poll_one, models))
-        else:
-            for model in models:
-                self._poll_one(model)
+                return any(list(pool.map(self._poll_one, models)))
+        return any([self._poll_one(model) for model in models])  # a list: every model is polled
 
     @staticmethod
-    def _poll_one(model: ModelVersions) -> None:
+    def _poll_one(model: ModelVersions) -> bool:
         try:
-            model.poll()
+            return model.poll()
         except ServingError:
             raise
         except Exception:  # keep polling the other models
             log.exception("polling %s failed", model.name)
+            return False
