@@ -12,6 +12,9 @@ Fairness:
   `:tensorflow:serving:request_count` series must grow by what h2load counted, anything else is an error.
   Before and after each server's runs a sample of answers (REST and gRPC) is compared with the model's own
   output for the request.
+- Every server runs at once, and each round measures every row in turn at one concurrency: the figures a
+  ratio compares are taken within a minute of each other (this VM's speed drifts by more than the margins
+  between one server's runs and the next's).
 - Every request carries one image; batching uses exactly what `make serve` uses (the spec's defaults,
   conveyor_ml/base/spec.py BatchingSettings), and the results say so.
 Client and server share this machine's cores, as they do on a laptop; the results record the load average.
@@ -21,6 +24,7 @@ Run: make bench (or .venv/bin/python -m benchmarks.serving). Needs a pushed mode
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -30,6 +34,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.common import spread, write_results
@@ -132,9 +137,12 @@ def h2load_grpc(target: str, frame_file: str, concurrency: int, seconds: float,
             "p99_ms": float(np.percentile(latencies, 99))}
 
 
-def wait_http(url: str, timeout: float = 180, body: bytes | None = None) -> None:
+def wait_http(url: str, timeout: float = 180, body: bytes | None = None,
+              process: subprocess.Popen | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the server for {url} exited with {process.returncode} before answering")
         try:
             urllib.request.urlopen(urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}),
                                    timeout=2).read()
@@ -144,8 +152,24 @@ def wait_http(url: str, timeout: float = 180, body: bytes | None = None) -> None
     raise RuntimeError(f"{url} did not answer in {timeout:g}s")
 
 
-def repeated(measure, repeats: int) -> dict:
-    runs = [measure() for _ in range(repeats)]
+def start_process(command: list[str], running: contextlib.ExitStack) -> subprocess.Popen:
+    """A baseline server, stopped (SIGTERM, then SIGKILL) when `running` closes."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def stop() -> None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    running.callback(stop)
+    return process
+
+
+def summary(runs: list[dict]) -> dict:
+    """A row's repeated measurements: median and min–max of each figure, errors and requests summed."""
     figures = {key: spread([r[key] for r in runs]) for key in ("qps", "p50_ms", "p95_ms", "p99_ms")}
     figures["errors"] = sum(r["errors"] for r in runs)
     figures["requests"] = sum(r["requests"] for r in runs)
@@ -296,9 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     batching = BatchingSettings()
     loads = [load_average()]
 
-    results: dict[str, dict] = {}
     profile: dict = {}
-    with tempfile.TemporaryDirectory() as scratch:
+    # Every server runs at once and each round measures all of them in turn, concurrency by concurrency: the
+    # figures a ratio compares are taken within a minute of each other. (One server after another, this VM's
+    # speed drifted by up to 1.6x between the rows a ratio compared.)
+    rows: dict[str, Callable[[int, float], dict]] = {}
+    with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as running:
         scratch = Path(scratch)
         frame_file = scratch / "predict.grpc"
         frame_file.write_bytes(grpc_frame(request))
@@ -319,29 +346,18 @@ def main(argv: list[str] | None = None) -> int:
         if tflite_model.is_file():
             configurations.append(("conveyor TFLite f32", "batching off",
                                    ["--model_base_path", str(tflite_base), "--prefer_tflite_model"]))
+        servers = []
         for name, state, flags in configurations:
             server = ServerProcess("--model_name", args.model, "--enable_prometheus", *flags)
-            try:
-                server.wait_available(args.model, timeout=300)
-                url = f"{server.rest_url}/v1/models/{args.model}:predict"
-                check_answers(server.rest_url, server.grpc_target, args.model, body, request, expected)
-                wrk_load(url, body, 8, 1)  # warm-up
-                h2load_grpc(server.grpc_target, str(frame_file), 8, 1)
-                for concurrency in CONCURRENCY:
-                    print(f"{name} {state}, concurrency {concurrency}", flush=True)
-                    results[f"{name} REST, {state}|{concurrency}"] = repeated(
-                        lambda c=concurrency, u=url: wrk_load(u, body, c, args.seconds), args.repeats)
-                    results[f"{name} gRPC, {state}|{concurrency}"] = repeated(
-                        lambda c=concurrency, s=server: h2load_grpc(
-                            s.grpc_target, str(frame_file), c, args.seconds,
-                            lambda: grpc_ok_count(s.rest_url, args.model)), args.repeats)
-                check_answers(server.rest_url, server.grpc_target, args.model, body, request, expected)
-                if args.profile and name == "conveyor" and state == "batching on":
-                    print(f"profiling {name} {state}, REST concurrency {TOP}", flush=True)
-                    profile = profile_server(server.pid, url, body, args.seconds)
-            finally:
-                server.stop()
-            loads.append(load_average())
+            running.callback(server.stop)
+            servers.append((name, state, server))
+        for name, state, server in servers:
+            server.wait_available(args.model, timeout=300)
+            check_answers(server.rest_url, server.grpc_target, args.model, body, request, expected)
+            url = f"{server.rest_url}/v1/models/{args.model}:predict"
+            rows[f"{name} REST, {state}"] = lambda c, seconds, u=url: wrk_load(u, body, c, seconds)
+            rows[f"{name} gRPC, {state}"] = lambda c, seconds, s=server: h2load_grpc(
+                s.grpc_target, str(frame_file), c, seconds, lambda: grpc_ok_count(s.rest_url, args.model))
 
         # The same answers, precomputed, from the same stack with no model: the transport ceiling.
         from tensorflow_serving.apis import predict_pb2
@@ -350,7 +366,6 @@ def main(argv: list[str] | None = None) -> int:
         from conveyor_ml.serving.tensors import tensor_proto
 
         rest_answer, grpc_answer = scratch / "answer.json", scratch / "answer.pb"
-
         rest_answer.write_bytes(encode_predict(expected, "row"))
         answer = predict_pb2.PredictResponse()
         answer.model_spec.name = args.model
@@ -358,24 +373,13 @@ def main(argv: list[str] | None = None) -> int:
             answer.outputs[key].CopyFrom(tensor_proto(value))
         grpc_answer.write_bytes(answer.SerializeToString())
         rest_port, grpc_port = free_port(), free_port()
-        ceiling_server = subprocess.Popen([sys.executable, "-m", "benchmarks.transport_ceiling", str(rest_port),
-                                           str(grpc_port), str(rest_answer), str(grpc_answer)],
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            url = f"http://127.0.0.1:{rest_port}/v1/models/{args.model}:predict"
-            wait_http(url, body=body.encode())
-            wrk_load(url, body, 8, 1)
-            for concurrency in CONCURRENCY:
-                print(f"transport ceiling, concurrency {concurrency}", flush=True)
-                results[f"transport ceiling REST (no model)|{concurrency}"] = repeated(
-                    lambda c=concurrency: wrk_load(url, body, c, args.seconds), args.repeats)
-                results[f"transport ceiling gRPC (no model)|{concurrency}"] = repeated(
-                    lambda c=concurrency: h2load_grpc(f"127.0.0.1:{grpc_port}", str(frame_file), c, args.seconds),
-                    args.repeats)
-        finally:
-            ceiling_server.terminate()
-            ceiling_server.wait(timeout=30)
-        loads.append(load_average())
+        started = start_process([sys.executable, "-m", "benchmarks.transport_ceiling", str(rest_port),
+                                 str(grpc_port), str(rest_answer), str(grpc_answer)], running)
+        url = f"http://127.0.0.1:{rest_port}/v1/models/{args.model}:predict"
+        wait_http(url, body=body.encode(), process=started)
+        rows["transport ceiling REST (no model)"] = lambda c, seconds, u=url: wrk_load(u, body, c, seconds)
+        rows["transport ceiling gRPC (no model)"] = lambda c, seconds: h2load_grpc(
+            f"127.0.0.1:{grpc_port}", str(frame_file), c, seconds)
 
         cores = os.cpu_count() or 1
         baselines = [
@@ -387,25 +391,34 @@ def main(argv: list[str] | None = None) -> int:
         ]
         for name, command in baselines:
             port = free_port()
-            process = subprocess.Popen([part.replace("{port}", str(port)) for part in command],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            try:
-                url = f"http://127.0.0.1:{port}/predict"
-                wait_http(url, body=body.encode())
-                with urllib.request.urlopen(urllib.request.Request(url, data=body.encode(), headers={
-                        "Content-Type": "application/json"}), timeout=30) as answer_file:
-                    [row] = json.loads(answer_file.read())["predictions"]
-                for key, value in expected.items():  # the same outputs as conveyor serve's
-                    np.testing.assert_allclose(np.asarray(row[key]), value[0], rtol=1e-4, atol=1e-5)
-                wrk_load(url, body, 8, 1)
-                for concurrency in CONCURRENCY:
-                    print(f"{name}, concurrency {concurrency}", flush=True)
-                    results[f"{name}|{concurrency}"] = repeated(
-                        lambda c=concurrency, u=url: wrk_load(u, body, c, args.seconds), args.repeats)
-            finally:
-                process.terminate()
-                process.wait(timeout=30)
+            started = start_process([part.replace("{port}", str(port)) for part in command], running)
+            url = f"http://127.0.0.1:{port}/predict"
+            wait_http(url, body=body.encode(), process=started)
+            with urllib.request.urlopen(urllib.request.Request(url, data=body.encode(), headers={
+                    "Content-Type": "application/json"}), timeout=30) as answer_file:
+                [row] = json.loads(answer_file.read())["predictions"]
+            for key, value in expected.items():  # the same outputs as conveyor serve's
+                np.testing.assert_allclose(np.asarray(row[key]), value[0], rtol=1e-4, atol=1e-5)
+            rows[name] = lambda c, seconds, u=url: wrk_load(u, body, c, seconds)
+
+        for measure in rows.values():  # warm-up
+            measure(8, 1)
+        runs: dict[str, list[dict]] = {f"{row}|{c}": [] for row in rows for c in CONCURRENCY}
+        for round_number in range(1, args.repeats + 1):
+            for concurrency in CONCURRENCY:
+                print(f"round {round_number}/{args.repeats}, concurrency {concurrency}: {len(rows)} rows",
+                      flush=True)
+                for row, measure in rows.items():
+                    runs[f"{row}|{concurrency}"].append(measure(concurrency, args.seconds))
             loads.append(load_average())
+        results = {key: summary(measured) for key, measured in runs.items()}
+        for *_, server in servers:
+            check_answers(server.rest_url, server.grpc_target, args.model, body, request, expected)
+        if args.profile:
+            name, state, server = servers[0]
+            print(f"profiling {name} {state}, REST concurrency {TOP}", flush=True)
+            profile = profile_server(server.pid, f"{server.rest_url}/v1/models/{args.model}:predict", body,
+                                     args.seconds)
 
     ceiling = in_process_ceiling(str(saved_model), image_shape, args.seconds)
     settings = {"max_batch_size": batching.max_batch_size, "batch_timeout_micros": batching.batch_timeout_micros,
@@ -490,12 +503,14 @@ def markdown(results: dict, ceiling: dict, args, settings: dict, loads: list, pr
     return (
         "# Serving benchmark\n\n"
         f"Model: the pipeline's pushed SavedModel (and its float32 TFLite variant, served as TF Serving's "
-        f"`model.tflite` with `--prefer_tflite_model`); one image per request. {args.repeats} runs of "
-        f"{args.seconds:g} s per row: medians, with min–max. REST load from wrk, gRPC load from h2load, both with "
+        f"`model.tflite` with `--prefer_tflite_model`); one image per request. Every server runs at once; "
+        f"{args.repeats} rounds each measure every row in turn ({args.seconds:g} s each, concurrency by concurrency), "
+        "so the rows a ratio compares were measured within a minute of each other: medians of the rounds, with "
+        "min–max. REST load from wrk, gRPC load from h2load, both with "
         f"{client_threads(TOP)} client threads and one request in flight per connection; gRPC answers checked "
         "on the server's side (TF Serving's OK count must grow by what h2load counted) and a sample of REST and "
         "gRPC answers compared with the model's own output. Client and server share this machine's "
-        f"{os.cpu_count()} cores; 1-minute load average before each server's runs and at the end: "
+        f"{os.cpu_count()} cores; 1-minute load average before the first round and after each: "
         f"{', '.join(str(load[0]) for load in loads)}. Batching as `make serve` uses it (the spec's defaults): "
         + ", ".join(f"{k} {v}" for k, v in settings.items()) + ".\n\n"
         "| server | concurrency | requests/s (min–max) | P50 ms | P95 ms | P99 ms (min–max) | errors |\n"
