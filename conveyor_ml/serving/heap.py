@@ -9,7 +9,9 @@ in 10 s. So `conveyor serve`:
   cycles are freed rather than kept frozen);
 - collects the young generation every YOUNG_THRESHOLD net allocations instead of 700: requests leave
   almost no cycles (their objects die by reference counting), so the collector rarely has anything to do.
-Reference counting frees everything else as before; only the cyclic collector's schedule changes.
+Reference counting frees everything else as before; only the cyclic collector's schedule changes. A version
+still answering requests when it is unloaded is frozen with them; what it keeps in cycles is freed at the
+next version change (at most one model's worth waits so).
 """
 from __future__ import annotations
 
