@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 from typing import Any
 
@@ -76,9 +77,17 @@ def _json_type(value: Any) -> str:
             dict: "Object", type(None): "Null"}.get(type(value), type(value).__name__)
 
 
+@functools.cache
+def _dtype_facts(dtype: tf.DType) -> tuple[bool, bool, bool, np.dtype]:
+    """(is string, is bool, is integer, numpy dtype): tf.DType's comparisons and properties are Python calls,
+    and every request asks them."""
+    return dtype == tf.string, dtype == tf.bool, dtype.is_integer, np.dtype(dtype.as_numpy_dtype)
+
+
 def to_array(value: Any, dtype: tf.DType, name: str) -> np.ndarray:
     """One JSON value (scalar or nested lists) as an array of the signature's dtype, strictly typed."""
-    if dtype == tf.string:
+    is_string, is_bool, is_integer, numpy_dtype = _dtype_facts(dtype)
+    if is_string:
         decoded = _decode_strings(value)
         array = np.empty(_nested_shape(decoded, name), dtype=object)
         _fill(array, decoded)
@@ -93,18 +102,18 @@ def to_array(value: Any, dtype: tf.DType, name: str) -> np.ndarray:
             raise invalid_argument(f"input '{name}': a value is outside the range of {dtype.name}")
         raise invalid_argument(f"JSON Value: {_short(bad)} Type: {_json_type(bad)} is not of expected type: "
                                f"{dtype.name}")
-    if array.dtype.kind == "b" and dtype != tf.bool:
+    if array.dtype.kind == "b" and not is_bool:
         raise invalid_argument(f"JSON Value: {'true' if array.flat[0] else 'false'} Type: Bool is not of "
                                f"expected type: {dtype.name}")
-    if dtype.is_integer and array.dtype.kind == "f":
+    if is_integer and array.dtype.kind == "f":
         raise invalid_argument(f"input '{name}': expected integers of type {dtype.name}, got decimals")
-    if dtype.is_integer and array.dtype.kind in "iu" and array.size:
-        limits = np.iinfo(dtype.as_numpy_dtype)  # a cast would wrap out-of-range values silently
+    if is_integer and array.dtype.kind in "iu" and array.size:
+        limits = np.iinfo(numpy_dtype)  # a cast would wrap out-of-range values silently
         if array.min() < limits.min or array.max() > limits.max:
             raise invalid_argument(f"input '{name}': a value is outside the range of {dtype.name} "
                                    f"[{limits.min}, {limits.max}]")
     try:
-        return array.astype(dtype.as_numpy_dtype, copy=False)
+        return array.astype(numpy_dtype, copy=False)
     except (TypeError, ValueError, OverflowError) as exc:
         raise invalid_argument(f"input '{name}': cannot convert to {dtype.name}: {exc}") from None
 
@@ -211,11 +220,11 @@ def _jsonable(name: str, array: np.ndarray) -> Any:
     return array
 
 
-def _dumps(document: dict, outputs: dict[str, np.ndarray]) -> bytes:
-    finite = all(a.dtype.kind != "f" or np.isfinite(a).all() for a in outputs.values())
-    if finite:
-        return orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
-    # orjson writes NaN as null; TF Serving writes the NaN/Infinity tokens.
+def _dumps(document: dict) -> bytes:
+    body = orjson.dumps(document, option=orjson.OPT_SERIALIZE_NUMPY)
+    if b"null" not in body:  # outputs hold no None: a null here is a NaN or infinity orjson wrote so
+        return body
+    # TF Serving writes the NaN/Infinity tokens (and a string output holding "null" just takes this path).
     return json.dumps(document, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else o.item()).encode()
 
 
@@ -224,7 +233,7 @@ def encode_predict(outputs: dict[str, np.ndarray], request_format: str) -> bytes
     single = len(values) == 1
     if request_format == COLUMNAR:
         body = {"outputs": next(iter(values.values())) if single else values}
-        return _dumps(body, outputs)
+        return _dumps(body)
     batch_sizes = {np.shape(v)[0] if np.ndim(v) else None for v in outputs.values()}
     if None in batch_sizes:
         raise invalid_argument("Tensor name: has no shape information ")
@@ -236,7 +245,7 @@ def encode_predict(outputs: dict[str, np.ndarray], request_format: str) -> bytes
         predictions = value if isinstance(value, list) else list(value)
     else:
         predictions = [{name: value[i] for name, value in values.items()} for i in range(rows)]
-    return _dumps({"predictions": predictions}, outputs)
+    return _dumps({"predictions": predictions})
 
 
 def example_from_json(value: Any) -> tf.train.Example:

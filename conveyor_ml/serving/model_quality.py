@@ -5,7 +5,7 @@ extension to TF Serving's API)."""
 from __future__ import annotations
 
 import logging
-import secrets
+import os
 import threading
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
@@ -18,6 +18,8 @@ from conveyor_ml.serving.errors import ServingError, invalid_argument
 log = logging.getLogger("conveyor.serving")
 
 
+ID_BYTES = 16  # a prediction id's random bits / 8
+RANDOM_BATCH_BYTES = 4096
 SERVING_ENVIRONMENT = "SERVING"  # TFDV's name for the features a serving request carries
 
 
@@ -87,6 +89,7 @@ class ModelQuality:
         self._versions: dict[tuple[str, int], VersionWatch] = {}
         self._predictions: OrderedDict[str, tuple[str, int, list[int]]] = OrderedDict()
         self._class_counters: dict[tuple[str, int, int], object] = {}
+        self._random, self._random_offset = b"", 0  # random bytes for prediction ids, used once each
         self._logged_samples = 0
 
     # -- inputs ------------------------------------------------------------------------------------------
@@ -136,8 +139,10 @@ class ModelQuality:
         if classes is None:
             return None
         classes = np.asarray(classes).reshape(-1).astype(np.int64, copy=False).tolist()
-        prediction_id = secrets.token_hex(16)  # unguessable: feedback for it cannot be forged by others
+        # One class (a one-row request, the common case) needs no Counter: it costs more than the rest here.
+        counts = ((classes[0], 1),) if len(classes) == 1 else Counter(classes).items()
         with self._lock:
+            prediction_id = self._new_id()
             watch = self._versions.get((model, version))
             if watch is None:
                 watch = self._versions[(model, version)] = VersionWatch(deque(maxlen=self.window))
@@ -145,13 +150,22 @@ class ModelQuality:
             self._predictions[prediction_id] = (model, version, classes)
             if len(self._predictions) > self.remembered:
                 self._predictions.popitem(last=False)
-            for value, count in Counter(classes).items():  # one increment per class, not per row
+            for value, count in counts:  # one increment per class, not per row
                 counter = self._class_counters.get((model, version, value))
                 if counter is None:  # a labels() lookup once per class, not per request
                     counter = self.metrics.predicted_class.labels(model, str(version), str(value))
                     self._class_counters[(model, version, value)] = counter
                 counter.inc(count)
         return prediction_id
+
+    def _new_id(self) -> str:
+        """128 random bits (unguessable: feedback for an id cannot be forged by others), as hex; drawn from
+        the OS's random source 4 KiB at a time rather than with a call per request. Under the lock."""
+        if self._random_offset + ID_BYTES > len(self._random):
+            self._random, self._random_offset = os.urandom(RANDOM_BATCH_BYTES), 0
+        start = self._random_offset
+        self._random_offset += ID_BYTES
+        return self._random[start:start + ID_BYTES].hex()
 
     def feedback(self, model: str, entries: list[dict]) -> dict:
         """Ground truth for logged predictions: [{"prediction_id": …, "labels": [3, …]}] (one label per

@@ -202,8 +202,10 @@ class ModelVersions:
             if not self._servables:
                 raise unavailable(f"Servable not found for request: Latest({self.name}): "
                                   "no version is loaded yet")
+            if not weights:  # the usual request: the latest (the label map, a protobuf field, is not read)
+                return self._servables[max(self._servables)]
             labels = self.config.version_labels
-            split = [(labels[label], weight) for label, weight in (weights or {}).items()
+            split = [(labels[label], weight) for label, weight in weights.items()
                      if weight > 0 and labels.get(label) in self._servables]
             if split:
                 versions, shares = zip(*split)

@@ -83,3 +83,24 @@ def test_input_checks_count_per_feature_and_skip_empty_batches():
     assert 'conveyor_input_anomalies_total{feature="image",kind="above_max",model="m"} 1.0' in exposition
     assert 'conveyor_input_anomalies_total{feature="image",kind="shape",model="m"} 1.0' in exposition
     assert quality.empty_version()["class_histogram"] == [0] * 10
+
+
+def test_prediction_ids_are_128_random_bits_and_never_repeat():
+    quality = ModelQuality(ServingMetrics())
+    # 1,000 ids span several refills of the random bytes they are cut from (256 ids per refill).
+    ids = [quality.record_predictions("m", 1, {"class_ids": np.array([i % 10])}) for i in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    # Two servers (or a restarted one) draw different ids: they come from the OS's random source.
+    other = ModelQuality(ServingMetrics())
+    assert other.record_predictions("m", 1, {"class_ids": np.array([1])}) not in ids
+
+
+def test_class_counts_of_one_row_and_of_many_rows():
+    metrics = ServingMetrics()
+    quality = ModelQuality(metrics)
+    quality.record_predictions("m", 1, {"class_ids": np.array([3])})
+    quality.record_predictions("m", 1, {"class_ids": np.array([3, 3, 5])})
+    text = metrics.exposition().decode()
+    assert 'conveyor_predicted_class_total{class="3",model="m",version="1"} 3.0' in text
+    assert 'conveyor_predicted_class_total{class="5",model="m",version="1"} 1.0' in text
