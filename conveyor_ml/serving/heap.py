@@ -6,7 +6,8 @@ seconds under load (the 200 ms P99 tails of the serving benchmark), and its youn
 in 10 s. So `conveyor serve`:
 - freezes the heap (`gc.freeze`: the collector skips those objects) once the models it serves are loaded,
   and again after every version load or unload (unfreezing and collecting first, so an unloaded model's
-  cycles are freed rather than kept frozen);
+  cycles are freed rather than kept frozen): one 0.2-0.4 s pause per version change, taken half a second
+  after it (model_server.SETTLE_SECONDS) so the new version's first answers do not wait for it;
 - collects the young generation every YOUNG_THRESHOLD net allocations instead of 700: requests leave
   almost no cycles (their objects die by reference counting), so the collector rarely has anything to do.
 Reference counting frees everything else as before; only the cyclic collector's schedule changes. A version

@@ -76,6 +76,11 @@ LARGE_REQUEST_BYTES = 256 * 1024  # bodies from this size are decoded and encode
 # and back costs more (the float32 TFLite digit model, ~40 us a call, answered REST at concurrency 1 about
 # 1.7x as fast inline on this 2-core machine). TensorFlow sessions (~300 us and up, GIL released) stay pooled.
 INLINE_RUN_SECONDS = 200e-6
+# After versions change, the servables are reported settled this much later (conveyor serve then refreezes its
+# heap: a 0.2-0.4 s collection holding the GIL). Right away, it delayed the new version's first answers by as
+# much (hot swap: rename to first answer 1.0 s -> 1.4 s); half a second later the new version has answered and
+# requests still on the old one are done.
+SETTLE_SECONDS = 0.5
 
 
 def _timed_predict(servable: Servable, *args) -> dict[str, np.ndarray]:
@@ -165,11 +170,17 @@ def check_reload_config(config: model_server_config_pb2.ModelServerConfig) -> No
 
 
 class ModelServer:
-    def __init__(self, options: ServerOptions, on_servables_changed: Callable[[], None] | None = None):
-        """`on_servables_changed()` runs after a version was loaded or unloaded, on the thread that did it
-        (`conveyor serve` refreezes its heap there: serving/heap.py)."""
+    def __init__(self, options: ServerOptions, on_servables_changed: Callable[[], None] | None = None,
+                 settle_seconds: float = SETTLE_SECONDS):
+        """`on_servables_changed()` runs once the servables settle after versions were loaded or unloaded
+        (`conveyor serve` refreezes its heap then: serving/heap.py): at once for the models loaded before the
+        ports open, else `settle_seconds` after the last change, on a timer thread, so the new version answers
+        first and requests still on the old one finish; changes meanwhile are reported once."""
         self.options = options
         self._on_servables_changed = on_servables_changed
+        self._settle_seconds = settle_seconds
+        self._settle_timer: threading.Timer | None = None
+        self._settle_lock = threading.Lock()
         self.admission = Admission(options.max_inflight_requests,
                                    options.max_inflight_bytes or 4 * options.max_request_body_bytes)
         self.metrics = ServingMetrics(versions_loaded=self._versions_loaded)
@@ -248,14 +259,28 @@ class ModelServer:
             self._servables_changed()
 
     def _servables_changed(self) -> None:
-        if self._on_servables_changed is not None:
+        if self._on_servables_changed is None:
+            return
+        with self._settle_lock:
+            if self._settle_timer is not None:
+                self._settle_timer.cancel()
+            self._settle_timer = threading.Timer(self._settle_seconds, self._settled)
+            self._settle_timer.daemon = True
+            self._settle_timer.start()
+
+    def _settled(self) -> None:
+        with self._settle_lock:
+            self._settle_timer = None
+        if not self._stop.is_set():
             self._on_servables_changed()
 
     def start_polling(self) -> None:
         """Loads what is on disk now (before the ports open, as TF Serving does), then polls in the background:
         versions every --file_system_poll_wait_seconds (0: never again), the config file every
         --model_config_file_poll_wait_seconds (0: never again), traffic weights with the versions."""
-        self.poll_once()
+        self._load_traffic()
+        if self.registry.poll_all() and self._on_servables_changed is not None:
+            self._on_servables_changed()  # nothing is served yet: no need to wait
         self._poller = threading.Thread(target=self._poll_loop, name="poller", daemon=True)
         self._poller.start()
 
@@ -380,6 +405,9 @@ class ModelServer:
 
     def stop(self) -> None:
         self._stop.set()
+        with self._settle_lock:
+            if self._settle_timer is not None:
+                self._settle_timer.cancel()
         if self._poller:
             self._poller.join(timeout=5)
         self.shadow.stop()

@@ -1,11 +1,12 @@
 """The server's garbage-collection schedule (serving/heap.py): loaded models are frozen out of the cyclic
 collector's walks, and refreezing after a version change frees what the unloaded version left in cycles;
-the model server tells its owner when versions were loaded or unloaded, and only then."""
+the model server tells its owner when versions were loaded or unloaded, once they settle, and only then."""
 from __future__ import annotations
 
 import subprocess
 import sys
 import textwrap
+import time
 
 from conveyor_ml.serving.model_server import ModelServer, ServerOptions
 from conveyor_ml.serving.servable import LoadOptions
@@ -41,21 +42,51 @@ def test_refreezing_frees_cycles_that_were_frozen_and_dropped():
     assert lines[2] == "after refreeze False"  # unfrozen, collected, gone
 
 
-def test_the_server_reports_loads_and_unloads_and_nothing_else(tmp_path):
+def wait_for(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def test_the_server_reports_settled_versions_once_after_changes_and_not_without(tmp_path):
     base = tmp_path / "half_plus_two"
     write_half_plus_two_tflite(base / "1", with_signature_defs=True)
     changes = []
     server = ModelServer(ServerOptions(model_name="half_plus_two", model_base_path=str(base),
                                        file_system_poll_wait_seconds=0, load=LoadOptions(prefer_tflite_model=True)),
                          on_servables_changed=lambda: changes.append(
-                             server.model("half_plus_two").available_versions()))
+                             server.model("half_plus_two").available_versions()),
+                         settle_seconds=1.0)
     try:
         server.start_polling()
-        assert changes == [[1]]
-        server.poll_once()  # nothing new on disk
-        assert changes == [[1]]
+        assert changes == [[1]]  # the models loaded before the ports open: reported at once
         write_half_plus_two_tflite(base / "2", with_signature_defs=True)
-        server.poll_once()  # version 2 loaded, version 1 unloaded (latest policy): one report after both
-        assert changes == [[1], [2]]
+        server.poll_once()  # version 2 loaded, version 1 unloaded (latest policy)
+        assert changes == [[1]]  # not yet: the new version answers before the heap is refrozen
+        write_half_plus_two_tflite(base / "3", with_signature_defs=True)
+        server.poll_once()  # a second change within the settling time: one report for both
+        assert wait_for(lambda: len(changes) == 2)
+        assert changes == [[1], [3]]
+        server.poll_once()  # nothing new on disk: nothing to report
+        time.sleep(1.5)
+        assert changes == [[1], [3]]
     finally:
         server.stop()
+
+
+def test_a_stopped_server_reports_nothing_more(tmp_path):
+    base = tmp_path / "half_plus_two"
+    write_half_plus_two_tflite(base / "1", with_signature_defs=True)
+    changes = []
+    server = ModelServer(ServerOptions(model_name="half_plus_two", model_base_path=str(base),
+                                       file_system_poll_wait_seconds=0, load=LoadOptions(prefer_tflite_model=True)),
+                         on_servables_changed=lambda: changes.append("settled"), settle_seconds=0.2)
+    server.start_polling()
+    write_half_plus_two_tflite(base / "2", with_signature_defs=True)
+    server.poll_once()
+    server.stop()
+    time.sleep(0.5)
+    assert changes == ["settled"]  # the start-up report only
