@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 from conveyor_ml.serving.model_server import ModelServer, ServerOptions
 from conveyor_ml.serving.servable import LoadOptions
@@ -51,15 +52,19 @@ def wait_for(condition, timeout: float = 10.0) -> bool:
     return condition()
 
 
+def half_plus_two_server(base: Path, on_change, settle_seconds: float) -> ModelServer:
+    """A server of the TFLite half_plus_two model under `base` (version 1 written), polled only when told."""
+    write_half_plus_two_tflite(base / "1", with_signature_defs=True)
+    return ModelServer(ServerOptions(model_name="half_plus_two", model_base_path=str(base),
+                                     file_system_poll_wait_seconds=0, load=LoadOptions(prefer_tflite_model=True)),
+                       on_servables_changed=on_change, settle_seconds=settle_seconds)
+
+
 def test_the_server_reports_settled_versions_once_after_changes_and_not_without(tmp_path):
     base = tmp_path / "half_plus_two"
-    write_half_plus_two_tflite(base / "1", with_signature_defs=True)
     changes = []
-    server = ModelServer(ServerOptions(model_name="half_plus_two", model_base_path=str(base),
-                                       file_system_poll_wait_seconds=0, load=LoadOptions(prefer_tflite_model=True)),
-                         on_servables_changed=lambda: changes.append(
-                             server.model("half_plus_two").available_versions()),
-                         settle_seconds=1.0)
+    server = half_plus_two_server(base, lambda: changes.append(server.model("half_plus_two").available_versions()),
+                                  settle_seconds=1.0)
     try:
         server.start_polling()
         assert changes == [[1]]  # the models loaded before the ports open: reported at once
@@ -79,11 +84,8 @@ def test_the_server_reports_settled_versions_once_after_changes_and_not_without(
 
 def test_a_stopped_server_reports_nothing_more(tmp_path):
     base = tmp_path / "half_plus_two"
-    write_half_plus_two_tflite(base / "1", with_signature_defs=True)
     changes = []
-    server = ModelServer(ServerOptions(model_name="half_plus_two", model_base_path=str(base),
-                                       file_system_poll_wait_seconds=0, load=LoadOptions(prefer_tflite_model=True)),
-                         on_servables_changed=lambda: changes.append("settled"), settle_seconds=0.2)
+    server = half_plus_two_server(base, lambda: changes.append("settled"), settle_seconds=0.2)
     server.start_polling()
     write_half_plus_two_tflite(base / "2", with_signature_defs=True)
     server.poll_once()
