@@ -32,6 +32,35 @@ TF_SERVING_LATENCY_BUCKETS_US = tuple(10 * 1.8 ** i for i in range(33))  # TF Se
 UNKNOWN_MODEL = "(unknown)"
 
 
+class _Latency:
+    """One label set's latency histogram, in Conveyor's buckets (seconds) and TF Serving's (microseconds) at
+    once: a bucket counts the calls at most its bound and over the previous one."""
+
+    __slots__ = ("ours", "tf_serving", "seconds", "calls")
+
+    def __init__(self):
+        self.ours = [0] * len(LATENCY_BUCKETS_S)
+        self.tf_serving = [0] * len(TF_SERVING_LATENCY_BUCKETS_US)
+        self.seconds = 0.0
+        self.calls = 0
+
+    def add(self, seconds: float) -> None:
+        index = bisect.bisect_left(LATENCY_BUCKETS_S, seconds)
+        if index < len(self.ours):
+            self.ours[index] += 1
+        index = bisect.bisect_left(TF_SERVING_LATENCY_BUCKETS_US, seconds * 1e6)
+        if index < len(self.tf_serving):
+            self.tf_serving[index] += 1
+        self.seconds += seconds
+        self.calls += 1
+
+    def copy(self) -> _Latency:
+        copied = _Latency()
+        copied.ours, copied.tf_serving = list(self.ours), list(self.tf_serving)
+        copied.seconds, copied.calls = self.seconds, self.calls
+        return copied
+
+
 class _RequestSeries:
     """Every answered call, recorded once under one lock (a few dict updates: this runs for every request on
     the event loop), and exported as four series: ours, `conveyor_requests_total` and
@@ -42,52 +71,39 @@ class _RequestSeries:
     def __init__(self):
         self._lock = threading.Lock()
         self._counts: dict[tuple[str, str, str, str, str], int] = {}  # (model, version, api, protocol, status)
-        # (model, version, api, protocol) -> [count per LATENCY_BUCKETS_S bound..., count per TF Serving bound...,
-        # sum of seconds, calls]; a bucket holds the calls at most its bound and over the previous one.
-        self._latency: dict[tuple[str, str, str, str], list] = {}
+        self._latency: dict[tuple[str, str, str, str], _Latency] = {}  # (model, version, api, protocol)
 
     def observe(self, model: str, version: str, api: str, protocol: str, status: str, seconds: float) -> None:
         key = (model, version, api, protocol)
         with self._lock:
             counted = key + (status,)
             self._counts[counted] = self._counts.get(counted, 0) + 1
-            series = self._latency.get(key)
-            if series is None:
-                series = self._latency[key] = [0] * (len(LATENCY_BUCKETS_S) + len(TF_SERVING_LATENCY_BUCKETS_US)) + [0.0, 0]
-            index = bisect.bisect_left(LATENCY_BUCKETS_S, seconds)
-            if index < len(LATENCY_BUCKETS_S):
-                series[index] += 1
-            index = bisect.bisect_left(TF_SERVING_LATENCY_BUCKETS_US, seconds * 1e6)
-            if index < len(TF_SERVING_LATENCY_BUCKETS_US):
-                series[len(LATENCY_BUCKETS_S) + index] += 1
-            series[-2] += seconds
-            series[-1] += 1
+            latency = self._latency.get(key)
+            if latency is None:
+                latency = self._latency[key] = _Latency()
+            latency.add(seconds)
 
     def collect(self):
         with self._lock:
             counts = dict(self._counts)
-            latency = {key: list(value) for key, value in self._latency.items()}
+            latencies = {key: latency.copy() for key, latency in self._latency.items()}
         requests = CounterMetricFamily("conveyor_requests", "Requests by model, version, API, protocol and status.",
                                        labels=("model", "version", "api", "protocol", "status"))
         tf_counts: dict[tuple[str, str], int] = {}
         for (model, version, api, protocol, status), value in sorted(counts.items()):
             requests.add_metric((model, version, api, protocol, status), value)
-            tf_key = (model, "OK" if status == "OK" else status)
-            tf_counts[tf_key] = tf_counts.get(tf_key, 0) + value
+            tf_counts[(model, status)] = tf_counts.get((model, status), 0) + value
         yield requests
         ours = HistogramMetricFamily("conveyor_request_latency_seconds", "Request latency, end to end in the server.",
                                      labels=("model", "version", "api", "protocol"))
-        tf_latency: dict[tuple[str, str, str], list] = {}
-        split = len(LATENCY_BUCKETS_S)
-        for (model, version, api, protocol), series in sorted(latency.items()):
-            ours.add_metric((model, version, api, protocol), _cumulative(LATENCY_BUCKETS_S, series[:split], series[-1]),
-                            series[-2])
-            tf_key = (model, api, "GRPC" if protocol == "grpc" else "REST")
-            total = tf_latency.setdefault(tf_key, [0] * (len(TF_SERVING_LATENCY_BUCKETS_US) + 2))
-            for position, value in enumerate(series[split:-2]):
-                total[position] += value
-            total[-2] += series[-2] * 1e6  # TF Serving's sum is in microseconds
-            total[-1] += series[-1]
+        tf_latency: dict[tuple[str, str, str], _Latency] = {}
+        for (model, version, api, protocol), latency in sorted(latencies.items()):
+            ours.add_metric((model, version, api, protocol), _cumulative(LATENCY_BUCKETS_S, latency.ours, latency.calls),
+                            latency.seconds)
+            total = tf_latency.setdefault((model, api, "GRPC" if protocol == "grpc" else "REST"), _Latency())
+            total.tf_serving = [a + b for a, b in zip(total.tf_serving, latency.tf_serving)]
+            total.seconds += latency.seconds
+            total.calls += latency.calls
         yield ours
         name = ":tensorflow:serving:request_count"
         count_metric = Metric(name, "The total number of requests.", "counter")
@@ -97,13 +113,13 @@ class _RequestSeries:
         name = ":tensorflow:serving:request_latency"
         latency_metric = Metric(name, "Distribution of wall time (in microseconds) for Tensorflow Serving"
                                       " request.", "histogram")
-        for (model, api, entrypoint), series in sorted(tf_latency.items()):
+        for (model, api, entrypoint), total in sorted(tf_latency.items()):
             labels = {"model_name": model, "API": api, "entrypoint": entrypoint}
-            for bound, cumulative in _cumulative(TF_SERVING_LATENCY_BUCKETS_US, series[:-2], series[-1],
+            for bound, cumulative in _cumulative(TF_SERVING_LATENCY_BUCKETS_US, total.tf_serving, total.calls,
                                                   lambda bound: f"{bound:g}"):
                 latency_metric.add_sample(f"{name}_bucket", {**labels, "le": bound}, cumulative)
-            latency_metric.add_sample(f"{name}_sum", labels, series[-2])
-            latency_metric.add_sample(f"{name}_count", labels, series[-1])
+            latency_metric.add_sample(f"{name}_sum", labels, total.seconds * 1e6)  # TF Serving's is in µs
+            latency_metric.add_sample(f"{name}_count", labels, total.calls)
         yield latency_metric
 
 
