@@ -83,21 +83,15 @@ class Batcher:
 
     def submit(self, servable: Servable, signature: str, inputs: dict[str, np.ndarray],
                deadline: float | None = None) -> Future | asyncio.Future:
-        size, shapes = None, []
-        for name, array in inputs.items():  # one pass: this runs for every request
-            rows = array.shape[0] if array.ndim else -1
-            if rows == -1 or (size is not None and rows != size):
-                raise invalid_argument("Batching Run() input tensors must have equal 0th-dimension size")
-            size = rows
-            shapes.append((name, array.shape[1:], array.dtype.str))
-        if size is None:
+        sizes = {array.shape[0] if array.ndim else -1 for array in inputs.values()}
+        if len(sizes) != 1 or -1 in sizes:
             raise invalid_argument("Batching Run() input tensors must have equal 0th-dimension size")
+        size = sizes.pop()
         if size > self.options.max_batch_size:
             raise invalid_argument(
                 f"Task size {size} is larger than maximum input batch size {self.options.max_batch_size}")
-        if len(shapes) > 1:
-            shapes.sort()
-        key = (id(servable), signature, tuple(shapes))
+        key = (id(servable), signature,
+               tuple(sorted((name, array.shape[1:], array.dtype.str) for name, array in inputs.items())))
         try:
             loop = asyncio.get_running_loop()
             task = _Task(inputs, size, deadline, loop.create_future(), loop)
