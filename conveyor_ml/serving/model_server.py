@@ -254,12 +254,15 @@ class ModelServer:
         self._load_traffic()
         self._poll_versions()
 
-    def _poll_versions(self) -> None:
+    def _poll_versions(self, at_once: bool = False) -> None:
         if self.registry.poll_all():
-            self._servables_changed()
+            self._servables_changed(at_once)
 
-    def _servables_changed(self) -> None:
+    def _servables_changed(self, at_once: bool = False) -> None:
         if self._on_servables_changed is None:
+            return
+        if at_once:
+            self._on_servables_changed()
             return
         with self._settle_lock:
             if self._settle_timer is not None:
@@ -279,8 +282,7 @@ class ModelServer:
         versions every --file_system_poll_wait_seconds (0: never again), the config file every
         --model_config_file_poll_wait_seconds (0: never again), traffic weights with the versions."""
         self._load_traffic()
-        if self.registry.poll_all() and self._on_servables_changed is not None:
-            self._on_servables_changed()  # nothing is served yet: no need to wait
+        self._poll_versions(at_once=True)  # nothing is served yet: no need to wait
         self._poller = threading.Thread(target=self._poll_loop, name="poller", daemon=True)
         self._poller.start()
 
