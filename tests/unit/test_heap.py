@@ -64,19 +64,23 @@ def test_the_server_reports_settled_versions_once_after_changes_and_not_without(
     base = tmp_path / "half_plus_two"
     changes = []
     server = half_plus_two_server(base, lambda: changes.append(server.model("half_plus_two").available_versions()),
-                                  settle_seconds=1.0)
+                                  settle_seconds=2.0)
+    # Written beforehand and renamed in, so that the two changes land well within the settling time even on
+    # a loaded machine (converting a model takes a while; a rename does not).
+    for version in (2, 3):
+        write_half_plus_two_tflite(tmp_path / "staged" / str(version), with_signature_defs=True)
     try:
         server.start_polling()
         assert changes == [[1]]  # the models loaded before the ports open: reported at once
-        write_half_plus_two_tflite(base / "2", with_signature_defs=True)
+        (tmp_path / "staged" / "2").rename(base / "2")
         server.poll_once()  # version 2 loaded, version 1 unloaded (latest policy)
         assert changes == [[1]]  # not yet: the new version answers before the heap is refrozen
-        write_half_plus_two_tflite(base / "3", with_signature_defs=True)
+        (tmp_path / "staged" / "3").rename(base / "3")
         server.poll_once()  # a second change within the settling time: one report for both
         assert wait_for(lambda: len(changes) == 2)
         assert changes == [[1], [3]]
         server.poll_once()  # nothing new on disk: nothing to report
-        time.sleep(1.5)
+        time.sleep(2.5)
         assert changes == [[1], [3]]
     finally:
         server.stop()

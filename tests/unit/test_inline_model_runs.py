@@ -67,14 +67,23 @@ def predict(server: ModelServer, times: int) -> None:
     asyncio.run(calls())
 
 
+def make_typical(servable, seconds: float) -> None:
+    """Sets the servable's moving average to `seconds`, as if its only measured call had taken that long."""
+    servable.typical_run_seconds = None
+    servable.note_run_seconds(seconds)
+
+
 def test_a_model_measured_as_fast_runs_on_the_event_loop(server):
     servable = server.resolve("half_plus_two", None, None, None)
     assert servable.typical_run_seconds is None  # not measured yet: the first call goes to the pool
     answered, y = predict_while_the_pool_is_busy(server)
     assert not answered
     np.testing.assert_allclose(y, [[2.5], [3.5]])
-    predict(server, 100)  # the first calls include one-time set-up; the average then follows the steady cost
-    assert servable.typical_run_seconds < INLINE_RUN_SECONDS  # half_plus_two on LiteRT takes microseconds
+    predict(server, 100)
+    assert servable.typical_run_seconds > 0  # every call was measured
+    # Whether half_plus_two measures under the threshold depends on the machine's load (CI's took 261 us
+    # once): the routing is asserted for a known average instead of a wall-clock one.
+    make_typical(servable, INLINE_RUN_SECONDS / 4)
     answered, y = predict_while_the_pool_is_busy(server)
     assert answered  # it did not need the blocked pool thread
     np.testing.assert_allclose(y, [[2.5], [3.5]])
@@ -82,12 +91,10 @@ def test_a_model_measured_as_fast_runs_on_the_event_loop(server):
 
 def test_slow_models_and_large_requests_stay_on_the_pool(server):
     servable = server.resolve("half_plus_two", None, None, None)
-    predict(server, 100)
-    assert servable.typical_run_seconds < INLINE_RUN_SECONDS
+    make_typical(servable, INLINE_RUN_SECONDS / 4)
     assert not predict_while_the_pool_is_busy(server, nbytes=LARGE_REQUEST_BYTES)[0]
 
-    servable.typical_run_seconds = None
-    servable.note_run_seconds(0.005)  # a model whose calls take 5 ms
+    make_typical(servable, 0.005)  # a model whose calls take 5 ms
     answered, y = predict_while_the_pool_is_busy(server)
     assert not answered
     np.testing.assert_allclose(y, [[2.5], [3.5]])
