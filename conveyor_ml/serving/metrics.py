@@ -19,6 +19,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.metrics_core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 
 # `*_created` timestamps double the exposition for no dashboard's benefit.
@@ -177,3 +178,56 @@ class ServingMetrics:
             for model, count in self._versions_loaded_source().items():
                 self.versions_loaded.labels(model).set(count)
         return generate_latest(self.registry)
+
+
+# How the gauges of several server processes combine (counters and histograms add up); a gauge not named
+# here adds up too (queue depths: each process has its own queues).
+_SAME_IN_EVERY_PROCESS = {"conveyor_model_versions_loaded"}  # each process loads every version
+_LIVE_ACCURACY = "conveyor_live_accuracy"  # worked out again from the summed feedback counts
+
+
+class _Merged:
+    """A registry-free collector of already merged families (for generate_latest)."""
+
+    def __init__(self, families: list[Metric]):
+        self.families = families
+
+    def collect(self):
+        return self.families
+
+
+def merge_expositions(texts: list[bytes]) -> bytes:
+    """One exposition for several server processes' (`--server_processes`): every sample added up across
+    them by name and labels, except the gauges above; live accuracy from the summed correct and wrong
+    feedback. One exposition comes back as it was."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple, float]] = {}  # family -> (sample name, labels) -> value, in first-seen order
+    for text in texts:
+        for family in text_string_to_metric_families(text.decode()):
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name] = {}
+            merged = values[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sample.labels.items()))
+                if key not in merged:
+                    merged[key] = sample.value
+                elif family.name in _SAME_IN_EVERY_PROCESS:
+                    merged[key] = max(merged[key], sample.value)
+                else:
+                    merged[key] += sample.value
+    if _LIVE_ACCURACY in values and "conveyor_feedback" in values:
+        outcomes: dict[tuple[str, str], dict[str, float]] = {}
+        for (_, labels), value in values["conveyor_feedback"].items():
+            labels = dict(labels)
+            outcomes.setdefault((labels["model"], labels["version"]), {})[labels["outcome"]] = value
+        for key in values[_LIVE_ACCURACY]:
+            labels = dict(key[1])
+            counts = outcomes.get((labels["model"], labels["version"]), {})
+            total = counts.get("correct", 0.0) + counts.get("wrong", 0.0)
+            if total:
+                values[_LIVE_ACCURACY][key] = counts.get("correct", 0.0) / total
+    for name, family in families.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    return generate_latest(_Merged(list(families.values())))  # type: ignore[arg-type]

@@ -79,8 +79,11 @@ class VersionWatch:
 
 class ModelQuality:
     def __init__(self, metrics, *, schema_file: str | None = None, reject_anomalous: bool = False,
-                 window: int = 1000, remembered_predictions: int = 100_000):
+                 window: int = 1000, remembered_predictions: int = 100_000, id_prefix: str = ""):
+        """`id_prefix` starts every prediction id this process issues (`--server_processes`: the worker's
+        index, so feedback for an id is handed to the process that logged it: owner())."""
         self.metrics = metrics
+        self.id_prefix = id_prefix
         self.rules = rules_from_schema(Path(schema_file)) if schema_file else SchemaRules()
         self.reject_anomalous = reject_anomalous
         self.window = window
@@ -165,7 +168,7 @@ class ModelQuality:
             self._random, self._random_offset = os.urandom(RANDOM_BATCH_BYTES), 0
         start = self._random_offset
         self._random_offset += ID_BYTES
-        return self._random[start:start + ID_BYTES].hex()
+        return self.id_prefix + self._random[start:start + ID_BYTES].hex()
 
     def feedback(self, model: str, entries: list[dict]) -> dict:
         """Ground truth for logged predictions: [{"prediction_id": …, "labels": [3, …]}] (one label per
@@ -174,12 +177,7 @@ class ModelQuality:
         accepted, unknown = 0, []
         touched = set()
         for entry in entries:
-            if not isinstance(entry, dict) or "prediction_id" not in entry:
-                raise invalid_argument('each feedback entry needs "prediction_id" and "labels"')
-            labels = entry.get("labels", [entry["label"]] if "label" in entry else None)
-            if not isinstance(labels, list) or not all(isinstance(v, int) for v in labels):
-                raise invalid_argument(f'feedback for {entry["prediction_id"]}: "labels" must be a list of integers')
-            prediction_id = str(entry["prediction_id"])
+            prediction_id, labels = feedback_entry(entry)
             with self._lock:
                 logged = self._predictions.get(prediction_id)
                 if logged is None or logged[0] != model:
@@ -216,16 +214,52 @@ class ModelQuality:
         return {"predictions": 0, "class_histogram": self._histogram([]),
                 "feedback": {"count": 0, "correct": 0, "accuracy": None}}
 
+    def state(self, model: str) -> dict:
+        """Per version, what snapshots are made of (JSON-ready, so another server process can add it to its
+        own): the predicted classes in the window, the feedback count and how much of it was correct."""
+        with self._lock:
+            return {str(version): {"predictions": list(watch.predictions), "feedback": watch.feedback,
+                                   "correct": watch.correct}
+                    for (name, version), watch in self._versions.items() if name == model}
+
+    def summarize(self, states: list[dict]) -> dict:
+        """Per version: the predicted-class histogram of the windows and the feedback of every state."""
+        merged: dict[str, dict] = {}
+        for state in states:
+            for version, figures in state.items():
+                total = merged.setdefault(version, {"predictions": [], "feedback": 0, "correct": 0})
+                total["predictions"] += figures["predictions"]
+                total["feedback"] += figures["feedback"]
+                total["correct"] += figures["correct"]
+        return {version: {
+            "predictions": len(total["predictions"]),
+            "class_histogram": self._histogram(total["predictions"]),
+            "feedback": {"count": total["feedback"], "correct": total["correct"],
+                         "accuracy": total["correct"] / total["feedback"] if total["feedback"] else None},
+        } for version, total in sorted(merged.items(), key=lambda item: int(item[0]))}
+
     def snapshot(self, model: str) -> dict:
         """Per version: the rolling predicted-class histogram and the feedback so far."""
-        with self._lock:
-            versions = {version: watch for (name, version), watch in self._versions.items() if name == model}
-            return {str(version): {
-                "predictions": len(watch.predictions),
-                "class_histogram": self._histogram(list(watch.predictions)),
-                "feedback": {"count": watch.feedback, "correct": watch.correct,
-                             "accuracy": watch.correct / watch.feedback if watch.feedback else None},
-            } for version, watch in sorted(versions.items())}
+        return self.summarize([self.state(model)])
+
+
+def feedback_entry(entry) -> tuple[str, list[int]]:
+    """(prediction id, labels) of one feedback entry; INVALID_ARGUMENT when it has not that shape."""
+    if not isinstance(entry, dict) or "prediction_id" not in entry:
+        raise invalid_argument('each feedback entry needs "prediction_id" and "labels"')
+    labels = entry.get("labels", [entry["label"]] if "label" in entry else None)
+    if not isinstance(labels, list) or not all(isinstance(v, int) for v in labels):
+        raise invalid_argument(f'feedback for {entry["prediction_id"]}: "labels" must be a list of integers')
+    return str(entry["prediction_id"]), labels
+
+
+def owner(prediction_id: str, processes: int) -> int | None:
+    """The server process that issued `prediction_id` ("<index>-<hex>" under --server_processes), or None
+    when the id names none (such an id is reported unknown wherever it lands)."""
+    index, dash, _ = prediction_id.partition("-")
+    if not dash or not index.isdigit() or int(index) >= processes:
+        return None
+    return int(index)
 
 
 def parse_feedback(document) -> list[dict]:

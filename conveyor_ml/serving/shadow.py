@@ -203,20 +203,49 @@ class ShadowMirror:
         self.latency.labels(copy.model, version, "shadow").observe(seconds)
 
     # -- reading -------------------------------------------------------------------------------------------
-    def snapshot(self, model: str) -> dict:
-        """{shadow version: figures} for GET /v1/models/{m}/monitoring, plus the queue's depth and capacity."""
+    def state(self, model: str) -> dict:
+        """What snapshots are made of, JSON-ready (another server process adds it to its own): per shadow
+        version its counts, sums and recent latencies; the queue's depth and capacity."""
         with self._lock:
             versions = {str(version): {
                 "label": watch.label, "percent": watch.percent, "requests": watch.requests,
-                "instances": watch.instances,
-                "agreement": round(watch.agreeing / watch.instances, 6) if watch.instances else None,
-                "mean_probability_difference": (round(watch.difference_sum / watch.instances, 6)
-                                                if watch.instances else None),
-                "errors": watch.errors, "dropped": watch.dropped,
-                "live_latency_ms": _percentile_ms(list(watch.live_latency)),
-                "shadow_latency_ms": _percentile_ms(list(watch.shadow_latency)),
+                "instances": watch.instances, "agreeing": watch.agreeing, "difference_sum": watch.difference_sum,
+                "errors": watch.errors, "dropped": watch.dropped, "live_latency": list(watch.live_latency),
+                "shadow_latency": list(watch.shadow_latency),
             } for (name, version), watch in sorted(self._watches.items()) if name == model}
         return {"versions": versions, "queue": {"depth": self._queue.qsize(), "capacity": self._queue.maxsize}}
+
+    @staticmethod
+    def summarize(states: list[dict]) -> dict:
+        """{shadow version: figures} for GET /v1/models/{m}/monitoring, plus the queues' depth and capacity,
+        from one state per server process: counts added up, percentiles over every process's latencies."""
+        merged: dict[str, dict] = {}
+        for state in states:
+            for version, figures in state["versions"].items():
+                total = merged.get(version)
+                if total is None:
+                    merged[version] = {**figures, "live_latency": list(figures["live_latency"]),
+                                       "shadow_latency": list(figures["shadow_latency"])}
+                    continue
+                for key in ("requests", "instances", "agreeing", "difference_sum", "errors", "dropped",
+                            "live_latency", "shadow_latency"):
+                    total[key] += figures[key]
+        versions = {version: {
+            "label": total["label"], "percent": total["percent"], "requests": total["requests"],
+            "instances": total["instances"],
+            "agreement": round(total["agreeing"] / total["instances"], 6) if total["instances"] else None,
+            "mean_probability_difference": (round(total["difference_sum"] / total["instances"], 6)
+                                            if total["instances"] else None),
+            "errors": total["errors"], "dropped": total["dropped"],
+            "live_latency_ms": _percentile_ms(total["live_latency"]),
+            "shadow_latency_ms": _percentile_ms(total["shadow_latency"]),
+        } for version, total in merged.items()}
+        return {"versions": versions, "queue": {"depth": sum(state["queue"]["depth"] for state in states),
+                                                "capacity": sum(state["queue"]["capacity"] for state in states)}}
+
+    def snapshot(self, model: str) -> dict:
+        """{shadow version: figures} for GET /v1/models/{m}/monitoring, plus the queue's depth and capacity."""
+        return self.summarize([self.state(model)])
 
     def stop(self) -> None:
         try:
