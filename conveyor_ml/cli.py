@@ -547,6 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what `conveyor serve` re-runs per server process
     try:
         return args.handler(args)
     except ConveyorError as exc:

@@ -69,6 +69,17 @@ class ServerProcess:
             time.sleep(0.2)
         raise ServerStartError(f"model {model} not AVAILABLE within {timeout:.0f}s:\n{self.log_tail()}")
 
+    def wait_listening(self, timeout: float = 120.0) -> None:
+        """Until the server printed its start-up line: every server process (--server_processes) listens
+        then, where a model turns AVAILABLE as soon as the first process has loaded it."""
+        deadline = time.monotonic() + timeout
+        while "conveyor serve: " not in self.log_path.read_text(errors="replace"):
+            if self.process.poll() is not None:
+                raise ServerStartError(f"the server exited with {self.process.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise ServerStartError(f"the server did not listen within {timeout:.0f}s:\n{self.log_tail()}")
+            time.sleep(0.1)
+
     def stop(self, timeout: float = 10.0) -> int:
         """SIGTERM (graceful), then SIGKILL; returns the exit code."""
         if self.process.poll() is None:

@@ -284,7 +284,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
 
     async def HandleReloadConfigRequest(self, request, context):
         try:
-            await asyncio.wrap_future(self.server.run("grpc", self.server.apply_config, request.config))
+            await self.server.reload_config(request.config)
         except ServingError as exc:
             log.error("ReloadConfig failed: %s", exc.message)
             await context.abort(exc.code, exc.message)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import logging
 import os
@@ -14,14 +15,16 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import orjson
 from tensorflow_serving.config import model_server_config_pb2
 
 from conveyor_ml.formats import serving_config
 from conveyor_ml.serving.batcher import Batcher
 from conveyor_ml.serving.errors import ServingError, invalid_argument, too_large, unavailable
 from conveyor_ml.serving.loader import load_servable
-from conveyor_ml.serving.metrics import UNKNOWN_MODEL, ServingMetrics
-from conveyor_ml.serving.model_quality import ModelQuality
+from conveyor_ml.serving.metrics import UNKNOWN_MODEL, ServingMetrics, merge_expositions
+from conveyor_ml.serving.model_quality import ModelQuality, feedback_entry, owner
+from conveyor_ml.serving.peers import ControlHandler, Peers, WorkerSlot
 from conveyor_ml.serving.routing import sticky_servable
 from conveyor_ml.serving.servable import LoadOptions, Servable
 from conveyor_ml.serving.shadow import ShadowMirror
@@ -69,6 +72,8 @@ class ServerOptions:
     traffic_file: str | None = None
     input_schema: str | None = None  # a TFDV schema: inputs outside its domains are counted (and maybe rejected)
     reject_anomalous_inputs: bool = False
+    server_processes: int = 1  # worker processes on the same ports (serving/peers.py)
+    worker: WorkerSlot | None = None  # which of them this one is; None when serving in one process
 
 
 LARGE_REQUEST_BYTES = 256 * 1024  # bodies from this size are decoded and encoded off the event loop
@@ -142,6 +147,16 @@ class Admission:
         self.bytes -= call.nbytes
 
 
+def admission_for(options: ServerOptions) -> Admission:
+    """The admission limits of one server process: the configured ones, shared out between the processes
+    when there are several (so that together they admit what one would), a body of the largest allowed size
+    still admitted."""
+    requests = options.max_inflight_requests
+    nbytes = options.max_inflight_bytes or 4 * options.max_request_body_bytes
+    count = options.worker.count if options.worker is not None else 1
+    return Admission(-(-requests // count), max(options.max_request_body_bytes, -(-nbytes // count)))
+
+
 SUPPORTED_PLATFORMS = ("", "tensorflow", "tflite")
 
 
@@ -181,14 +196,16 @@ class ModelServer:
         self._settle_seconds = settle_seconds
         self._settle_timer: threading.Timer | None = None
         self._settle_lock = threading.Lock()
-        self.admission = Admission(options.max_inflight_requests,
-                                   options.max_inflight_bytes or 4 * options.max_request_body_bytes)
+        worker = options.worker
+        self.peers = Peers(worker) if worker is not None and worker.count > 1 else None
+        self.admission = admission_for(options)
         self.metrics = ServingMetrics(versions_loaded=self._versions_loaded)
         self.registry = ModelRegistry(functools.partial(load_servable, options=options.load),
                                       on_load=self.metrics.observe_load, retries=options.load_retries,
                                       load_threads=options.num_load_threads)
         self.quality = ModelQuality(self.metrics, schema_file=options.input_schema,
-                                    reject_anomalous=options.reject_anomalous_inputs)
+                                    reject_anomalous=options.reject_anomalous_inputs,
+                                    id_prefix=f"{worker.index}-" if self.peers else "")
         self.traffic = serving_config.TrafficWeights()
         self._traffic_path = self._traffic_file()
         self._config_text: str | None = None
@@ -213,6 +230,86 @@ class ModelServer:
         self.shadow = ShadowMirror(self.registry, lambda: self.traffic, self.metrics,
                                    options.rest_api_timeout_in_ms or None)
         self._load_config(initial=True)
+
+    # -- what every server process knows a part of (serving/peers.py) -------------------------------------
+    async def exposition(self) -> bytes:
+        """The Prometheus exposition: this process's, added up with every other server process's."""
+        own = self.metrics.exposition()
+        if self.peers is None:
+            return own
+        return merge_expositions([own, *await self.peers.ask_others("metrics", listening_only=True)])
+
+    async def monitoring(self, model: str) -> tuple[dict, dict]:
+        """(per-version quality figures, shadow figures) of `model` across every server process."""
+        states = [self._monitoring_state(model)]
+        if self.peers is not None:
+            states += [orjson.loads(answer) for answer in await self.peers.ask_others("state", model.encode(),
+                                                                                 listening_only=True)]
+        return (self.quality.summarize([state["quality"] for state in states]),
+                self.shadow.summarize([state["shadow"] for state in states]))
+
+    def _monitoring_state(self, model: str) -> dict:
+        return {"quality": self.quality.state(model), "shadow": self.shadow.state(model)}
+
+    async def feedback(self, model: str, entries: list[dict]) -> dict:
+        """Ground truth for logged predictions: each entry applied by the process that logged its id (every
+        entry is checked first, so a malformed one changes nothing anywhere); live accuracy across all."""
+        if self.peers is None:
+            return self.quality.feedback(model, entries)
+        groups: dict[int, list[dict]] = {}
+        for entry in entries:
+            index = owner(feedback_entry(entry)[0], self.peers.slot.count)
+            groups.setdefault(self.peers.slot.index if index is None else index, []).append(entry)
+        accepted, unknown, touched = 0, collections.Counter(), set()
+        for index, group in groups.items():
+            if index == self.peers.slot.index:
+                result = self.quality.feedback(model, group)
+            else:
+                result = orjson.loads(await self.peers.ask(index, "feedback", orjson.dumps(
+                    {"model": model, "entries": group})))
+            accepted += result["accepted"]
+            unknown.update(result["unknown_prediction_ids"])
+            touched.update(result["live_accuracy"])
+        figures = (await self.monitoring(model))[0] if touched else {}
+        in_order = []  # the unknown ids in the order they were sent, as one process lists them
+        for entry in entries:
+            prediction_id = str(entry["prediction_id"])
+            if unknown[prediction_id]:
+                unknown[prediction_id] -= 1
+                in_order.append(prediction_id)
+        return {"accepted": accepted, "unknown_prediction_ids": in_order,
+                "live_accuracy": {version: figures[version]["feedback"]["accuracy"] for version in sorted(touched)}}
+
+    async def reload_config(self, config: model_server_config_pb2.ModelServerConfig) -> None:
+        """HandleReloadConfigRequest in this process (apply_config), then in every other server process
+        (all of them must be listening: one still starting would miss it and serve the old config)."""
+        if self.peers is not None:
+            starting = [index for index in self.peers.others if not os.path.exists(self.peers.slot.socket_path(index))]
+            if starting:
+                raise unavailable(f"server processes {starting} are still starting; retry the ReloadConfig")
+        await asyncio.wrap_future(self.run("grpc", self.apply_config, config))
+        if self.peers is not None:
+            await self.peers.ask_others("reload", config.SerializeToString())
+
+    def control_handlers(self) -> dict[str, ControlHandler]:
+        """What the other server processes may ask this one (serving/peers.py's control calls)."""
+
+        async def metrics(body: bytes) -> bytes:
+            return self.metrics.exposition()
+
+        async def state(body: bytes) -> bytes:
+            return orjson.dumps(self._monitoring_state(body.decode()))
+
+        async def feedback(body: bytes) -> bytes:
+            request = orjson.loads(body)
+            return orjson.dumps(self.quality.feedback(request["model"], request["entries"]))
+
+        async def reload(body: bytes) -> bytes:
+            config = model_server_config_pb2.ModelServerConfig.FromString(body)
+            await asyncio.wrap_future(self.run("grpc", self.apply_config, config))
+            return b"{}"
+
+        return {"metrics": metrics, "state": state, "feedback": feedback, "reload": reload}
 
     def _traffic_file(self) -> Path | None:
         if self.options.traffic_file:

@@ -108,8 +108,11 @@ class RestApi:
             if path == "/readyz":
                 return self.readyz()
             if path == self.server.options.prometheus_path:
-                return web.Response(body=self.server.metrics.exposition(), content_type="text/plain",
-                                    charset="utf-8")
+                try:
+                    exposition = await self.server.exposition()
+                except ServingError as exc:  # another server process did not answer
+                    return error_response(exc)
+                return web.Response(body=exposition, content_type="text/plain", charset="utf-8")
         return _json(orjson.dumps({"error": f"Malformed request: {method} {path}"}), status=404)
 
     def readyz(self) -> web.Response:
@@ -225,25 +228,25 @@ class RestApi:
     async def _feedback(self, call: Call, request: web.BaseRequest, name: str) -> web.Response:
         self.server.model(name)
         document = await self.server.off_loop(call, json_codec.parse_body, await self._read_body(request))
-        return _json(orjson.dumps(self.server.quality.feedback(name, parse_feedback(document))))
+        return _json(orjson.dumps(await self.server.feedback(name, parse_feedback(document))))
 
     async def monitoring(self, request: web.BaseRequest, name: str) -> web.Response:
         """Per version: labels, the rolling predicted-class histogram and live accuracy (our extension)."""
         try:
             model = self.server.model(name)
+            versions, shadow = await self.server.monitoring(name)
         except ServingError as exc:
             return error_response(exc)
         labels: dict[str, list[str]] = {}
         for label, version in model.labels().items():
             labels.setdefault(str(version), []).append(label)
-        versions = self.server.quality.snapshot(name)
         for version in model.available_versions():
             versions.setdefault(str(version), self.server.quality.empty_version())
         for version, entry in versions.items():
             entry["labels"] = sorted(labels.get(version, []))
         return _json(orjson.dumps({"model": name, "versions": versions,
                                    "traffic": self.server.traffic.for_model(name) or {},
-                                   "shadow": self.server.shadow.snapshot(name)}))
+                                   "shadow": shadow}))
 
     def _timeout_ms(self) -> int | None:
         return self.server.options.rest_api_timeout_in_ms or None

@@ -1,4 +1,4 @@
-"""`conveyor serve`: a TF-Serving-compatible model server (REST :8501, gRPC :8500) in one process.
+"""`conveyor serve`: a TF-Serving-compatible model server (REST :8501, gRPC :8500), in one process or several.
 
 It takes every flag of tensorflow_model_server (TF Serving 2.16's main.cc, with its help text) so a launcher
 written for TF Serving works unchanged. Each flag is either honoured, accepted where both of its values
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -231,6 +232,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     own.add_argument("--reject_anomalous_inputs", type=tf_bool, nargs="?", const=True, default=False,
                      metavar="true|false", help="answer 400 to requests whose inputs break the schema, instead of "
                      "only counting them")
+    own.add_argument("--server_processes", type=_flag_int, default=1,
+                     help="server processes on the same ports (default 1): more use more cores (each loads "
+                     "every model; connections are spread by the kernel). Metrics, monitoring, feedback and "
+                     "ReloadConfig span all of them; the in-flight limits are shared out between them")
     own.add_argument("--traffic_file", help="weights per label for unversioned requests (default: traffic.json "
                      "beside --model_config_file)")
 
@@ -360,7 +365,7 @@ def options_from_args(args: argparse.Namespace):
         if Path(socket_path).exists() and not Path(socket_path).is_socket():
             raise ConveyorError(f"--grpc_socket_path: {socket_path} exists and is not a socket")
     for name, minimum in (("rest_api_num_threads", 1), ("grpc_max_threads", 1), ("rest_api_timeout_in_ms", 0),
-                          ("max_request_body_bytes", 1), ("max_inflight_requests", 1),
+                          ("max_request_body_bytes", 1), ("max_inflight_requests", 1), ("server_processes", 1),
                           ("num_load_threads", 0), ("num_unload_threads", 0),
                           ("max_num_load_retries", 0), ("num_request_iterations_for_warmup", 0),
                           ("num_tflite_pools", 1), ("num_tflite_interpreters_per_pool", 1),
@@ -399,6 +404,7 @@ def options_from_args(args: argparse.Namespace):
                             "could ever be admitted")
 
     from conveyor_ml.serving.model_server import ServerOptions, default_threads
+    from conveyor_ml.serving.peers import WorkerSlot
     from conveyor_ml.serving.servable import LoadOptions
     from conveyor_ml.serving.version_manager import LoadRetries
 
@@ -426,7 +432,8 @@ def options_from_args(args: argparse.Namespace):
         num_load_threads=args.num_load_threads, max_request_body_bytes=args.max_request_body_bytes,
         max_inflight_bytes=args.max_inflight_bytes, max_inflight_requests=args.max_inflight_requests,
         traffic_file=args.traffic_file, input_schema=input_schema,
-        reject_anomalous_inputs=args.reject_anomalous_inputs)
+        reject_anomalous_inputs=args.reject_anomalous_inputs, server_processes=args.server_processes,
+        worker=WorkerSlot.from_environment() if args.server_processes > 1 else None)
 
 
 def _from_spec(spec_path: str):
@@ -473,6 +480,11 @@ async def _serve(server, stop: asyncio.Event) -> None:
         grpc_server, health = build_grpc_server(server)
     except OSError as exc:
         raise ConveyorError(str(exc)) from None
+    control = None
+    if options.worker is not None:  # before the public ports: see Peers.ask_others
+        from conveyor_ml.serving.peers import start_control_server
+
+        control = await start_control_server(options.worker, server.control_handlers())
     runner = None
     if options.rest_api_port:
         # On SIGTERM, requests still running get SHUTDOWN_GRACE_SECONDS (aiohttp's default is 60 s).
@@ -480,7 +492,9 @@ async def _serve(server, stop: asyncio.Event) -> None:
         runner = web.ServerRunner(web.Server(rest.handle, request_factory=rest.make_request, access_log=None),
                                   shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
         await runner.setup()
-        site = web.TCPSite(runner, options.rest_api_host, options.rest_api_port, reuse_address=True, backlog=1024)
+        # Several server processes share the port (--server_processes: the kernel spreads connections).
+        site = web.TCPSite(runner, options.rest_api_host, options.rest_api_port, reuse_address=True,
+                           reuse_port=options.worker is not None, backlog=1024)
         try:
             await site.start()
         except OSError as exc:
@@ -496,13 +510,21 @@ async def _serve(server, stop: asyncio.Event) -> None:
         listeners.append(f"gRPC {options.grpc_host}:{options.port}")
     if options.grpc_socket_path:
         listeners.append(f"gRPC unix:{options.grpc_socket_path}")
-    print(f"conveyor serve: {'  '.join(listeners)}  models: {models}", flush=True)
+    started = f"conveyor serve: {'  '.join(listeners)}  models: {models}"
+    if options.worker is None:
+        print(started, flush=True)
+    else:  # the supervisor prints it once every server process listens
+        Path(options.worker.ready_path(options.worker.index)).write_text(started)
     await stop.wait()
     if health is not None:
         health.stopping = True
     await grpc_server.stop(grace=SHUTDOWN_GRACE_SECONDS)
     if runner:
         await runner.cleanup()
+    if control:
+        await control.cleanup()
+    if server.peers:
+        await server.peers.close()
 
 
 def _event_loop_policy() -> None:
@@ -522,8 +544,23 @@ def run(args: argparse.Namespace) -> int:
     if args.version:
         print(version_text())
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    from conveyor_ml.serving.peers import WorkerSlot
+
+    slot = WorkerSlot.from_environment()
+    process = f" [process {slot.index}]" if slot else ""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s{process} %(message)s",
+                        stream=sys.stderr)
     options = options_from_args(args)
+    if options.server_processes > 1 and options.worker is None:
+        from conveyor_ml.serving.supervisor import supervise
+
+        _exit(supervise(options, getattr(args, "argv", sys.argv[1:])))
+    if options.worker is not None:
+        from conveyor_ml.serving.supervisor import die_with_supervisor
+
+        die_with_supervisor()
+        if options.worker.index:  # a Unix socket path has one listener: the first process's
+            options = dataclasses.replace(options, grpc_socket_path=None)
     _note_no_effect(args, {"flush_filesystem_caches": True, "remove_unused_fields_from_bundle_metagraph": True,
                            "skip_initialize_tpu": False, "num_unload_threads": 0})
     for host in {options.rest_api_host, options.grpc_host}:
@@ -556,9 +593,14 @@ def run(args: argparse.Namespace) -> int:
         server.stop()
         if options.grpc_socket_path:
             Path(options.grpc_socket_path).unlink(missing_ok=True)
-    # Everything is closed. TensorFlow's own teardown at interpreter exit takes seconds (3-5 s measured
-    # here) and does nothing a stopped server needs; a pod being replaced or a test waits for it otherwise.
+    _exit(0)
+
+
+def _exit(status: int) -> None:
+    """Ends the process now. Everything is closed; TensorFlow's own teardown at interpreter exit takes
+    seconds (3-5 s measured here) and does nothing a stopped server needs; a pod being replaced or a test
+    waits for it otherwise."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)

@@ -1,0 +1,108 @@
+"""`conveyor serve --server_processes N`: the process that runs N server processes on the same ports.
+
+It checks that the ports are free, starts the workers (`conveyor serve` again, with the same flags and its
+slot in the environment: serving/peers.py), prints the start-up line once every worker listens, and then
+only watches: SIGTERM or SIGINT stops every worker (each finishes its requests in flight) and ends with 0;
+a worker that dies stops the others and ends with 1, so that whatever restarts the server (systemd, a
+Kubernetes pod) starts it whole. It loads no model itself.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.serving.peers import WorkerSlot
+
+log = logging.getLogger("conveyor.serving")
+POLL_SECONDS = 0.1
+SUPERVISOR_ENVIRONMENT = "CONVEYOR_SERVE_SUPERVISOR"  # the supervisor's pid, for die_with_supervisor()
+STOP_SECONDS = 15.0  # after SIGTERM a worker gets this long (its own grace included) before SIGKILL
+
+
+def check_port_free(host: str, port: int, what: str) -> None:
+    """The workers share their ports with each other only: a port another process listens on is refused
+    here, in one line, rather than shared with it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConveyorError(f"cannot listen on {host}:{port} ({what}): {exc.strerror}") from None
+
+
+def supervise(options, argv: list[str]) -> int:
+    """Runs `options.server_processes` workers of `conveyor <argv>` until a signal (0) or a worker's death (1)."""
+    if options.rest_api_port:
+        check_port_free(options.rest_api_host, options.rest_api_port, "REST")
+    if options.port:
+        check_port_free(options.grpc_host, options.port, "gRPC")
+    stop_signal: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda received, frame: stop_signal.append(received))
+    control_dir = tempfile.mkdtemp(prefix="conveyor-serve-")  # mode 0700: only this user reaches the sockets
+    count = options.server_processes
+    workers: list[subprocess.Popen] = []
+    try:
+        for index in range(count):
+            slot = WorkerSlot(index, count, control_dir)
+            environment = {**os.environ, **slot.environment(), SUPERVISOR_ENVIRONMENT: str(os.getpid())}
+            workers.append(subprocess.Popen([sys.executable, "-m", "conveyor_ml.cli", *argv], env=environment))
+        slot = WorkerSlot(0, count, control_dir)
+        ready = [Path(slot.ready_path(index)) for index in range(count)]
+        announced = False
+        while not stop_signal:
+            dead = [(index, worker) for index, worker in enumerate(workers) if worker.poll() is not None]
+            if dead:
+                index, worker = dead[0]
+                print(f"conveyor serve: server process {index} (pid {worker.pid}) exited with status "
+                      f"{worker.returncode}; stopping the others", file=sys.stderr, flush=True)
+                return 1
+            if not announced and all(path.exists() for path in ready):
+                print(f"{ready[0].read_text().strip()}  processes: {count}", flush=True)
+                announced = True
+            time.sleep(POLL_SECONDS)
+        return 0
+    finally:
+        _stop(workers)
+        shutil.rmtree(control_dir, ignore_errors=True)
+
+
+def _stop(workers: list[subprocess.Popen]) -> None:
+    for worker in workers:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_SECONDS
+    for worker in workers:
+        try:
+            worker.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.error("server process %d did not stop within %.0f s: killed", worker.pid, STOP_SECONDS)
+            worker.kill()
+            worker.wait()
+
+
+def die_with_supervisor() -> None:
+    """In a worker: the kernel sends it SIGTERM when the supervisor dies, even by SIGKILL, so no worker is
+    left holding the ports. (Set here, not in the supervisor's fork: its TensorFlow threads make a
+    pre-exec hook unsafe.)"""
+    supervisor = int(os.environ.get(SUPERVISOR_ENVIRONMENT, "0"))
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # not glibc Linux: the worker then outlives a killed supervisor
+        log.warning("cannot ask to be stopped with the supervisor (prctl unavailable)")
+        return
+    if supervisor and os.getppid() != supervisor:  # it died before the request above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
