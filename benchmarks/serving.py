@@ -343,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
                                          "--batching_parameters_file", str(batching_file)]),
             ("conveyor", "batching off", ["--model_base_path", str(model_dir.resolve())]),
         ]
+        cores = os.cpu_count() or 1
+        if cores > 1:  # one server process per core, as gunicorn's baseline below has one worker per core
+            configurations.append((f"conveyor {cores} processes", "batching on", [
+                "--model_base_path", str(model_dir.resolve()), "--enable_batching", "--batching_parameters_file",
+                str(batching_file), "--server_processes", str(cores)]))
         if tflite_model.is_file():
             configurations.append(("conveyor TFLite f32", "batching off",
                                    ["--model_base_path", str(tflite_base), "--prefer_tflite_model"]))
@@ -353,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
             servers.append((name, state, server))
         for name, state, server in servers:
             server.wait_available(args.model, timeout=300)
+            server.wait_listening(timeout=300)  # every server process, where there are several
             check_answers(server.rest_url, server.grpc_target, args.model, body, request, expected)
             url = f"{server.rest_url}/v1/models/{args.model}:predict"
             rows[f"{name} REST, {state}"] = lambda c, seconds, u=url: wrk_load(u, body, c, seconds)
@@ -372,16 +378,21 @@ def main(argv: list[str] | None = None) -> int:
         for key, value in expected.items():
             answer.outputs[key].CopyFrom(tensor_proto(value))
         grpc_answer.write_bytes(answer.SerializeToString())
-        rest_port, grpc_port = free_port(), free_port()
-        started = start_process([sys.executable, "-m", "benchmarks.transport_ceiling", str(rest_port),
-                                 str(grpc_port), str(rest_answer), str(grpc_answer)], running)
-        url = f"http://127.0.0.1:{rest_port}/v1/models/{args.model}:predict"
-        wait_http(url, body=body.encode(), process=started)
-        rows["transport ceiling REST (no model)"] = lambda c, seconds, u=url: wrk_load(u, body, c, seconds)
-        rows["transport ceiling gRPC (no model)"] = lambda c, seconds: h2load_grpc(
-            f"127.0.0.1:{grpc_port}", str(frame_file), c, seconds)
+        # As many processes as each conveyor configuration. (A second process on the ports may still be
+        # starting when the first answers: the baselines below take seconds to start, the ceiling under one.)
+        for processes in sorted({1, cores}):
+            rest_port, grpc_port = free_port(), free_port()
+            for _ in range(processes):
+                started = start_process([sys.executable, "-m", "benchmarks.transport_ceiling", str(rest_port),
+                                         str(grpc_port), str(rest_answer), str(grpc_answer)]
+                                        + (["--reuse-port"] if processes > 1 else []), running)
+                url = f"http://127.0.0.1:{rest_port}/v1/models/{args.model}:predict"
+                wait_http(url, body=body.encode(), process=started)
+            named = "" if processes == 1 else f", {processes} processes"
+            rows[f"transport ceiling REST{named} (no model)"] = lambda c, seconds, u=url: wrk_load(u, body, c, seconds)
+            rows[f"transport ceiling gRPC{named} (no model)"] = lambda c, seconds, g=grpc_port: h2load_grpc(
+                f"127.0.0.1:{g}", str(frame_file), c, seconds)
 
-        cores = os.cpu_count() or 1
         baselines = [
             ("Flask (Werkzeug dev server, threaded)", [sys.executable, "-m", "benchmarks.flask_baseline",
                                                        str(saved_model), "{port}"]),
@@ -462,6 +473,26 @@ def targets(results: dict) -> list[tuple[str, float, float]]:
         ("REST (batching on) vs the Werkzeug dev server (for reference)", rest_on,
          median("Flask (Werkzeug dev server, threaded)", TOP, "qps"), 0.0),
     ]
+    several = next((key.split("|")[0][:-len(" REST, batching on")] for key in results
+                    if re.match(r"conveyor \d+ processes REST, batching on\|", key)), None)
+    if several:  # --server_processes: one per core, against the ceiling with as many processes
+        processes = several.split()[1]
+        rest_n, grpc_n = median(f"{several} REST, batching on", TOP, "qps"), median(f"{several} gRPC, batching on", TOP,
+                                                                                     "qps")
+        checks += [
+            (f"{processes} processes: REST (batching on) ≥ 3× gunicorn-Flask throughput", rest_n,
+             median(gunicorn, TOP, "qps"), 3.0),
+            (f"{processes} processes: REST (batching on): lower P99 than gunicorn-Flask (ratio of P99s)",
+             median(gunicorn, TOP, "p99_ms"), median(f"{several} REST, batching on", TOP, "p99_ms"), 1.0),
+            (f"{processes} processes: gRPC ≥ 1.2× REST (batching on)", grpc_n, rest_n, 1.2),
+            (f"{processes} processes: REST (batching on) ≥ 50 % of the REST transport ceiling "
+             f"({processes} processes)", rest_n,
+             median(f"transport ceiling REST, {processes} processes (no model)", TOP, "qps"), 0.5),
+            (f"{processes} processes: gRPC (batching on) ≥ 50 % of the gRPC transport ceiling "
+             f"({processes} processes)", grpc_n,
+             median(f"transport ceiling gRPC, {processes} processes (no model)", TOP, "qps"), 0.5),
+            (f"{processes} processes vs one: REST (batching on), for reference", rest_n, rest_on, 0.0),
+        ]
     return [(what, top / bottom, goal) for what, top, bottom, goal in checks if top and bottom]
 
 
@@ -491,14 +522,17 @@ def markdown(results: dict, ceiling: dict, args, settings: dict, loads: list, pr
     check_rows = [f"| {what} | {ratio:.2f}× | {'met' if ratio >= goal else 'NOT met'} |" if goal else
                   f"| {what} | {ratio:.2f}× | |" for what, ratio, goal in targets(results)]
     fraction = []
+    several = sorted({key.split("|")[0] for key in results if re.match(r"conveyor \d+ processes ", key)})
     for name in ("conveyor REST, batching on", "conveyor gRPC, batching on", "conveyor REST, batching off",
-                 "conveyor gRPC, batching off"):
+                 "conveyor gRPC, batching off", *several):
         protocol = "REST" if "REST" in name else "gRPC"
+        processes = re.match(r"conveyor (\d+) processes ", name)
+        named = f", {processes.group(1)} processes" if processes else ""
         served = results.get(f"{name}|{TOP}")
-        transport = results.get(f"transport ceiling {protocol} (no model)|{TOP}")
+        transport = results.get(f"transport ceiling {protocol}{named} (no model)|{TOP}")
         if served and transport:
             fraction.append(f"| {name} | {served['qps']['median'] / transport['qps']['median']:.0%} of the "
-                            f"{protocol} transport ceiling | {served['qps']['median'] / ceiling[TOP]:.0%} of the "
+                            f"{protocol}{named} transport ceiling | {served['qps']['median'] / ceiling[TOP]:.0%} of the "
                             f"model's examples/s at batch {TOP} |")
     return (
         "# Serving benchmark\n\n"

@@ -3,7 +3,8 @@ grpc.aio on one uvloop event loop, the same listener options) answering a fixed,
 JSON or tensor conversion, no metrics. What the server reaches is compared with what this allows.
 
 Run by benchmarks/serving.py: python -m benchmarks.transport_ceiling REST_PORT GRPC_PORT RESPONSE.json RESPONSE.pb
-(the two files hold the real server's answers to the benchmark's request, so the bytes sent are the same).
+[--reuse-port] (the two files hold the real server's answers to the benchmark's request, so the bytes sent are
+the same; with --reuse-port several of these share the ports, as `conveyor serve --server_processes` does).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import grpc
 from aiohttp import web
 
 
-async def serve(rest_port: int, grpc_port: int, rest_body: bytes, grpc_body: bytes) -> None:
+async def serve(rest_port: int, grpc_port: int, rest_body: bytes, grpc_body: bytes, reuse_port: bool) -> None:
     async def predict_rest(request: web.BaseRequest) -> web.Response:
         await request.read()
         return web.Response(body=rest_body, content_type="application/json")
@@ -25,7 +26,7 @@ async def serve(rest_port: int, grpc_port: int, rest_body: bytes, grpc_body: byt
 
     runner = web.ServerRunner(web.Server(predict_rest, access_log=None))  # aiohttp's low-level server, as there
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", rest_port, reuse_address=True, backlog=1024).start()
+    await web.TCPSite(runner, "127.0.0.1", rest_port, reuse_address=True, reuse_port=reuse_port, backlog=1024).start()
     server = grpc.aio.server()
     # Raw bytes in and out: the request is not even parsed, the response not serialized per call.
     handler = grpc.unary_unary_rpc_method_handler(predict_grpc, request_deserializer=None, response_serializer=None)
@@ -46,7 +47,7 @@ def main() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
-    asyncio.run(serve(rest_port, grpc_port, rest_body, grpc_body))
+    asyncio.run(serve(rest_port, grpc_port, rest_body, grpc_body, "--reuse-port" in sys.argv[5:]))
 
 
 if __name__ == "__main__":
