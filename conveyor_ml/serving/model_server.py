@@ -86,6 +86,7 @@ INLINE_RUN_SECONDS = 200e-6
 # much (hot swap: rename to first answer 1.0 s -> 1.4 s); half a second later the new version has answered and
 # requests still on the old one are done.
 SETTLE_SECONDS = 0.5
+RELOAD_COORDINATOR = 0  # the server process every ReloadConfig goes through (--server_processes)
 
 
 def _timed_predict(servable: Servable, *args) -> dict[str, np.ndarray]:
@@ -198,6 +199,7 @@ class ModelServer:
         self._settle_lock = threading.Lock()
         worker = options.worker
         self.peers = Peers(worker) if worker is not None and worker.count > 1 else None
+        self._reload_lock = asyncio.Lock()  # the reload coordinator's: one ReloadConfig at a time
         self.admission = admission_for(options)
         self.metrics = ServingMetrics(versions_loaded=self._versions_loaded)
         self.registry = ModelRegistry(functools.partial(load_servable, options=options.load),
@@ -281,15 +283,26 @@ class ModelServer:
                 "live_accuracy": {version: figures[version]["feedback"]["accuracy"] for version in sorted(touched)}}
 
     async def reload_config(self, config: model_server_config_pb2.ModelServerConfig) -> None:
-        """HandleReloadConfigRequest in this process (apply_config), then in every other server process
-        (all of them must be listening: one still starting would miss it and serve the old config)."""
-        if self.peers is not None:
+        """HandleReloadConfigRequest (apply_config). With several server processes every reload goes through
+        the first, which applies it in itself and then in the others, one reload at a time: two reloads sent
+        at once to different processes leave every process with the same config."""
+        if self.peers is None:
+            await asyncio.wrap_future(self.run("grpc", self.apply_config, config))
+        elif self.peers.slot.index != RELOAD_COORDINATOR:
+            await self.peers.ask(RELOAD_COORDINATOR, "reload-everywhere", config.SerializeToString())
+        else:
+            await self._reload_everywhere(config)
+
+    async def _reload_everywhere(self, config: model_server_config_pb2.ModelServerConfig) -> None:
+        async with self._reload_lock:
+            # Every process must be listening: one still starting would miss the reload and keep the old config.
             starting = [index for index in self.peers.others if not os.path.exists(self.peers.slot.socket_path(index))]
             if starting:
                 raise unavailable(f"server processes {starting} are still starting; retry the ReloadConfig")
-        await asyncio.wrap_future(self.run("grpc", self.apply_config, config))
-        if self.peers is not None:
+            await asyncio.wrap_future(self.run("grpc", self.apply_config, config))
             await self.peers.ask_others("reload", config.SerializeToString())
+            log.info("ReloadConfig applied in all %d server processes: %s", self.peers.slot.count,
+                     ", ".join(model.name for model in config.model_config_list.config))
 
     def control_handlers(self) -> dict[str, ControlHandler]:
         """What the other server processes may ask this one (serving/peers.py's control calls)."""
@@ -309,7 +322,12 @@ class ModelServer:
             await asyncio.wrap_future(self.run("grpc", self.apply_config, config))
             return b"{}"
 
-        return {"metrics": metrics, "state": state, "feedback": feedback, "reload": reload}
+        async def reload_everywhere(body: bytes) -> bytes:  # asked of the first process only
+            await self._reload_everywhere(model_server_config_pb2.ModelServerConfig.FromString(body))
+            return b"{}"
+
+        return {"metrics": metrics, "state": state, "feedback": feedback, "reload": reload,
+                "reload-everywhere": reload_everywhere}
 
     def _traffic_file(self) -> Path | None:
         if self.options.traffic_file:

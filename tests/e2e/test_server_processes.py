@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -27,6 +28,8 @@ from tests.conftest import run_conveyor
 
 pytestmark = pytest.mark.slow
 CALLS = 40  # each on a new connection: all of them landing on one process has odds of 2**-39
+# grpcio shares one connection between channels to the same target unless told not to.
+NEW_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +61,7 @@ def grpc_predict(server, image) -> None:
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "mnist"
     request.inputs["images"].CopyFrom(tf.make_tensor_proto(np.asarray(image, np.float32)[None]))
-    with grpc.insecure_channel(server.grpc_target) as channel:  # a new connection each time
+    with grpc.insecure_channel(server.grpc_target, options=NEW_CONNECTION) as channel:  # a new connection each time
         prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
 
 
@@ -138,7 +141,7 @@ def test_reload_config_applies_in_every_process(served):
     config = model_server_config_pb2.ModelServerConfig()
     for name in ("mnist", "digits"):
         config.model_config_list.config.add(name=name, base_path=str(base / name), model_platform="tensorflow")
-    with grpc.insecure_channel(server.grpc_target) as channel:
+    with grpc.insecure_channel(server.grpc_target, options=NEW_CONNECTION) as channel:
         response = model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(
             model_management_pb2.ReloadConfigRequest(config=config), timeout=120)
     assert response.status.error_code == 0
@@ -148,6 +151,33 @@ def test_reload_config_applies_in_every_process(served):
         assert status.status_code == 200 and status.json()["model_version_status"][0]["state"] == "AVAILABLE"
     loaded = scrape(server)
     assert loaded['conveyor_model_versions_loaded{model="digits"}'] == 1
+
+
+def test_reloads_sent_at_once_to_different_processes_leave_every_process_the_same(served):
+    server, base = served
+    both, one = model_server_config_pb2.ModelServerConfig(), model_server_config_pb2.ModelServerConfig()
+    for config, names in ((both, ("mnist", "digits")), (one, ("mnist",))):
+        for name in names:
+            config.model_config_list.config.add(name=name, base_path=str(base / name), model_platform="tensorflow")
+    if not (base / "digits").exists():
+        shutil.copytree(base / "mnist", base / "digits")
+
+    def reload(config) -> int:
+        with grpc.insecure_channel(server.grpc_target, options=NEW_CONNECTION) as channel:  # each its own connection and process
+            return model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(
+                model_management_pb2.ReloadConfigRequest(config=config), timeout=120).status.error_code
+
+    applied = server.log_path.read_text().count("[process 0] ReloadConfig applied in all 2 server processes")
+    with ThreadPoolExecutor(8) as pool:
+        assert list(pool.map(reload, [both, one] * 4)) == [0] * 8
+    # Each went through the first process, wherever it landed: one at a time, so every process ends alike.
+    assert server.log_path.read_text().count("[process 0] ReloadConfig applied in all 2 server processes") == \
+        applied + 8
+    seen = set()
+    for _ in range(12):
+        with requests.Session() as fresh:
+            seen.add(fresh.get(f"{server.rest_url}/v1/models/digits", timeout=10).status_code)
+    assert len(seen) == 1, seen  # every process serves digits, or none does
 
 
 def workers_of(server: ServerProcess) -> list[psutil.Process]:
