@@ -1,7 +1,8 @@
 """Serving throughput and latency, measured fairly: `conveyor serve` over REST and gRPC (batching on and off, the
-SavedModel and its TFLite float32 variant), the Flask service users start with (Werkzeug's development server,
-and the same app under gunicorn, one worker per core), and two ceilings from the same run: the model called
-in-process at each batch size, and the transport (the same HTTP and gRPC stack answering a fixed response).
+SavedModel and its TFLite float32 variant, one process and one per core), the Flask service users start with
+(Werkzeug's development server, and the same app under gunicorn, one worker per core), and two ceilings from
+the same run: the model called in-process at each batch size, and the transport (the same HTTP and gRPC stack
+answering a fixed response, in one process and in as many as the per-core server).
 
 Fairness:
 - Load generators are native (wrk for REST, h2load for gRPC) with the same number of client threads (2, or
