@@ -6,6 +6,8 @@ PYTHON := $(VENV)/bin/python
 CONVEYOR := $(VENV)/bin/conveyor
 SPEC ?= pipelines/mnist.yaml
 PYTEST_ARGS ?=
+# More `conveyor serve` flags for `make serve`, e.g. SERVE_FLAGS=--server_processes=2 (one process per core).
+SERVE_FLAGS ?=
 # Test processes (pytest-xdist). Each test file runs whole on one worker, so its servers and fixtures are
 # started once; the session's pipeline runs are built once and shared (tests/e2e/conftest.py).
 TEST_WORKERS ?= 2
@@ -35,7 +37,7 @@ test-fast: setup
 	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 serve: setup
-	$(CONVEYOR) serve --spec $(SPEC)
+	$(CONVEYOR) serve --spec $(SPEC) $(SERVE_FLAGS)
 
 lineage: setup
 	$(CONVEYOR) lineage --spec $(SPEC) --format html -o workspace/lineage.html
