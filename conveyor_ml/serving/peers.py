@@ -81,8 +81,13 @@ class Peers:
             raise ServingError(grpc.StatusCode.UNAVAILABLE, f"server process {index} did not answer ({what}): "
                                f"{type(exc).__name__}: {exc}") from None
         if response.status != 200:
-            error = orjson.loads(answer)
-            raise ServingError(grpc.StatusCode[error["code"]], error["message"], http_status=response.status)
+            try:
+                error = orjson.loads(answer)
+                code, message = grpc.StatusCode[error["code"]], error["message"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):  # not our handler's answer
+                code, message = grpc.StatusCode.INTERNAL, f"server process {index} answered {what} with HTTP " \
+                    f"{response.status}: {answer[:200].decode(errors='replace')}"
+            raise ServingError(code, message, http_status=response.status)
         return answer
 
     async def ask_others(self, what: str, body: bytes = b"", listening_only: bool = False) -> list[bytes]:
@@ -99,8 +104,10 @@ class Peers:
         self._sessions.clear()
 
 
-async def start_control_server(slot: WorkerSlot, handlers: dict[str, ControlHandler]) -> web.BaseRunner:
-    """Listens on this worker's control socket; `handlers[what](body)` answers `POST /what`."""
+async def start_control_server(slot: WorkerSlot, handlers: dict[str, ControlHandler],
+                               max_body_bytes: int) -> web.BaseRunner:
+    """Listens on this worker's control socket; `handlers[what](body)` answers `POST /what`. A body may hold
+    up to `max_body_bytes` (what a client's request forwarded to this process can grow to)."""
 
     async def handle(request: web.BaseRequest) -> web.Response:
         handler = handlers.get(request.path.lstrip("/"))
@@ -111,7 +118,11 @@ async def start_control_server(slot: WorkerSlot, handlers: dict[str, ControlHand
         except ServingError as exc:
             return _error(exc)
 
-    runner = web.ServerRunner(web.Server(handle, access_log=None))
+    def make_request(message, payload, protocol, writer, task) -> web.BaseRequest:
+        return web.BaseRequest(message, payload, protocol, writer, task, asyncio.get_running_loop(),
+                               client_max_size=max_body_bytes)
+
+    runner = web.ServerRunner(web.Server(handle, request_factory=make_request, access_log=None))
     await runner.setup()
     path = slot.socket_path(slot.index)
     if os.path.exists(path):

@@ -484,7 +484,9 @@ async def _serve(server, stop: asyncio.Event) -> None:
     if options.worker is not None:  # before the public ports: see Peers.ask_others
         from conveyor_ml.serving.peers import start_control_server
 
-        control = await start_control_server(options.worker, server.control_handlers())
+        # A forwarded feedback group is at most a client's body, re-encoded.
+        control = await start_control_server(options.worker, server.control_handlers(),
+                                             max_body_bytes=2 * options.max_request_body_bytes)
     runner = None
     if options.rest_api_port:
         # On SIGTERM, requests still running get SHUTDOWN_GRACE_SECONDS (aiohttp's default is 60 s).

@@ -135,6 +135,15 @@ def test_a_malformed_feedback_entry_changes_nothing_in_any_process(served, digit
     assert after["feedback"] == before["feedback"]
 
 
+def test_a_large_feedback_body_is_forwarded_whole(served):
+    server, _ = served
+    never_issued = [f"{index % 2}-{number:032x}" for index, number in enumerate(range(40_000))]  # ~2 MB of JSON
+    result = requests.post(f"{server.rest_url}/v1/models/mnist/feedback", timeout=60, json={
+        "feedback": [{"prediction_id": prediction_id, "labels": [1]} for prediction_id in never_issued]})
+    assert result.status_code == 200, result.text[:300]
+    assert result.json()["unknown_prediction_ids"] == never_issued
+
+
 def test_reload_config_applies_in_every_process(served):
     server, base = served
     shutil.copytree(base / "mnist", base / "digits")

@@ -24,7 +24,8 @@ def run_with_peer(tmp_path, scenario, peers_listening=(1,), count=3):
 
     async def main():
         runners = [await start_control_server(WorkerSlot(index, count, str(tmp_path)),
-                                              {"echo": echo, "refuse": refuse}) for index in peers_listening]
+                                              {"echo": echo, "refuse": refuse}, max_body_bytes=4 << 20)
+                   for index in peers_listening]
         peers = Peers(WorkerSlot(0, count, str(tmp_path)))
         try:
             return await scenario(peers)
@@ -50,6 +51,13 @@ def test_an_answer_and_an_error_with_its_code(tmp_path):
     assert (refused.code, refused.http_status) == (grpc.StatusCode.INVALID_ARGUMENT, 400)
     assert refused.message == "feedback for 0-abc: 2 labels for 1 predicted instances"
     assert unknown.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_body_larger_than_aiohttps_default_limit_goes_through(tmp_path):
+    async def scenario(peers):
+        return await peers.ask(1, "echo", b"x" * (3 << 20))  # aiohttp's own default limit is 1 MiB
+
+    assert len(run_with_peer(tmp_path, scenario)) == len(b"echo:") + (3 << 20)
 
 
 def test_a_process_not_listening_is_unavailable_or_left_out_of_figures(tmp_path):
