@@ -289,18 +289,19 @@ class ModelServer:
         if self.peers is None:
             await asyncio.wrap_future(self.run("grpc", self.apply_config, config))
         elif self.peers.slot.index != RELOAD_COORDINATOR:
-            await self.peers.ask(RELOAD_COORDINATOR, "reload-everywhere", config.SerializeToString())
+            await self.peers.ask(RELOAD_COORDINATOR, "reload-everywhere", config.SerializeToString(), timeout=None)
         else:
             await self._reload_everywhere(config)
 
     async def _reload_everywhere(self, config: model_server_config_pb2.ModelServerConfig) -> None:
         async with self._reload_lock:
             # Every process must be listening: one still starting would miss the reload and keep the old config.
-            starting = [index for index in self.peers.others if not os.path.exists(self.peers.slot.socket_path(index))]
+            starting = [index for index in self.peers.others
+                        if not os.path.exists(self.peers.slot.socket_path(index))]
             if starting:
                 raise unavailable(f"server processes {starting} are still starting; retry the ReloadConfig")
             await asyncio.wrap_future(self.run("grpc", self.apply_config, config))
-            await self.peers.ask_others("reload", config.SerializeToString())
+            await self.peers.ask_others("reload", config.SerializeToString(), timeout=None)
             log.info("ReloadConfig applied in all %d server processes: %s", self.peers.slot.count,
                      ", ".join(model.name for model in config.model_config_list.config))
 

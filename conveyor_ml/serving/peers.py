@@ -24,7 +24,7 @@ from aiohttp import ClientError, ClientSession, ClientTimeout, UnixConnector, we
 from conveyor_ml.serving.errors import ServingError
 
 WORKER_ENVIRONMENT = "CONVEYOR_SERVE_WORKER"  # "index,count,control directory": set by the supervisor
-PEER_TIMEOUT_SECONDS = 10.0  # a peer that does not answer a control call within this is reported UNAVAILABLE
+PEER_TIMEOUT_SECONDS = 10.0  # a peer that does not answer a figures call within this is reported UNAVAILABLE
 
 ControlHandler = Callable[[bytes], Awaitable[bytes]]
 
@@ -68,14 +68,17 @@ class Peers:
         session = self._sessions.get(index)
         if session is None or session.closed:
             session = self._sessions[index] = ClientSession(
-                connector=UnixConnector(path=self.slot.socket_path(index)),
-                timeout=ClientTimeout(total=PEER_TIMEOUT_SECONDS))
+                connector=UnixConnector(path=self.slot.socket_path(index)))
         return session
 
-    async def ask(self, index: int, what: str, body: bytes = b"") -> bytes:
-        """Worker `index`'s answer to control call `what`; its error, or its absence, as a ServingError."""
+    async def ask(self, index: int, what: str, body: bytes = b"",
+                  timeout: float | None = PEER_TIMEOUT_SECONDS) -> bytes:
+        """Worker `index`'s answer to control call `what`; its error, or its absence, as a ServingError.
+        `timeout=None` waits as long as the work takes (a ReloadConfig loading models: the client's deadline
+        bounds it, as in one process)."""
         try:
-            async with self._session(index).post(f"http://worker/{what}", data=body) as response:
+            async with self._session(index).post(f"http://worker/{what}", data=body,
+                                                 timeout=ClientTimeout(total=timeout)) as response:
                 answer = await response.read()
         except (ClientError, asyncio.TimeoutError, OSError) as exc:
             raise ServingError(grpc.StatusCode.UNAVAILABLE, f"server process {index} did not answer ({what}): "
@@ -90,13 +93,14 @@ class Peers:
             raise ServingError(code, message, http_status=response.status)
         return answer
 
-    async def ask_others(self, what: str, body: bytes = b"", listening_only: bool = False) -> list[bytes]:
+    async def ask_others(self, what: str, body: bytes = b"", listening_only: bool = False,
+                         timeout: float | None = PEER_TIMEOUT_SECONDS) -> list[bytes]:
         """Every other worker's answer to `what`, asked at once. `listening_only`: a worker still starting
         (its control socket not there yet) is left out rather than an error: it opens its control socket
         before its public ports, so it has answered no call yet and has nothing to add to figures."""
         others = [index for index in self.others
                   if not listening_only or os.path.exists(self.slot.socket_path(index))]
-        return list(await asyncio.gather(*(self.ask(index, what, body) for index in others)))
+        return list(await asyncio.gather(*(self.ask(index, what, body, timeout) for index in others)))
 
     async def close(self) -> None:
         for session in self._sessions.values():

@@ -172,7 +172,8 @@ def test_reloads_sent_at_once_to_different_processes_leave_every_process_the_sam
         shutil.copytree(base / "mnist", base / "digits")
 
     def reload(config) -> int:
-        with grpc.insecure_channel(server.grpc_target, options=NEW_CONNECTION) as channel:  # each its own connection and process
+        # Each on its own connection, so the reloads land on both processes.
+        with grpc.insecure_channel(server.grpc_target, options=NEW_CONNECTION) as channel:
             return model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(
                 model_management_pb2.ReloadConfigRequest(config=config), timeout=120).status.error_code
 
