@@ -385,7 +385,10 @@ def build_grpc_server(server: ModelServer) -> tuple[grpc.aio.Server, HealthServi
     # One request-size limit for both APIs: a gRPC message over --max_request_body_bytes is refused by grpc
     # itself (RESOURCE_EXHAUSTED) before it is buffered whole; answers are not limited (TF Serving's -1).
     channel_options = dict([("grpc.max_receive_message_length", options.max_request_body_bytes),
-                            ("grpc.max_send_message_length", -1)])
+                            ("grpc.max_send_message_length", -1),
+                            # grpcio shares a port with any other process that asks by default: only the
+                            # server's own processes (--server_processes) may share it; anyone else's is taken.
+                            ("grpc.so_reuseport", int(options.worker is not None))])
     channel_options.update(dict(options.grpc_channel_arguments))  # later wins, as in TF Serving
     # Calls past this many wait in grpc's own queue (HTTP/2 flow control holds their bytes back) instead of
     # reaching the handlers: admission refuses what exceeds the request-byte budget among those admitted.

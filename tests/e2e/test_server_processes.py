@@ -25,6 +25,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from conveyor_ml.base.server_process import ServerProcess
 from tests.conftest import run_conveyor
+from tests.tiny_models import write_tiny_model
 
 pytestmark = pytest.mark.slow
 CALLS = 40  # each on a new connection: all of them landing on one process has odds of 2**-39
@@ -261,3 +262,19 @@ def test_a_port_in_use_is_refused_before_any_process_starts(trained_export, tmp_
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (f"conveyor: error: cannot listen on 127.0.0.1:{port} (REST): "
                                                       "Address already in use")
+
+
+def test_one_process_does_not_share_its_grpc_port_with_another_server(tmp_path):
+    """grpcio binds with SO_REUSEPORT by default: a second server would silently take half the calls."""
+    write_tiny_model(tmp_path / "tiny" / "1")
+    other = grpc.server(ThreadPoolExecutor(1))  # grpcio's defaults, as another conveyor serve had them
+    port = other.add_insecure_port("127.0.0.1:0")
+    other.start()
+    try:
+        result = run_conveyor("serve", "--model_base_path", str(tmp_path / "tiny"), "--port", str(port),
+                              "--rest_api_port", "0", timeout=120)  # sharing the port, it would serve on
+    finally:
+        other.stop(None)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (f"conveyor: error: cannot listen on 127.0.0.1:{port} (gRPC): "
+                                                      "the port is taken or the host is not local")
