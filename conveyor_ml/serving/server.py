@@ -516,7 +516,9 @@ async def _serve(server, stop: asyncio.Event) -> None:
     if options.worker is None:
         print(started, flush=True)
     else:  # the supervisor prints it once every server process listens
-        Path(options.worker.ready_path(options.worker.index)).write_text(started)
+        ready = Path(options.worker.ready_path(options.worker.index))
+        ready.with_suffix(".tmp").write_text(started)
+        ready.with_suffix(".tmp").replace(ready)  # whole or absent: the supervisor prints what it reads
     await stop.wait()
     if health is not None:
         health.stopping = True
