@@ -287,7 +287,7 @@ class ModelServer:
         the first, which applies it in itself and then in the others, one reload at a time: two reloads sent
         at once to different processes leave every process with the same config."""
         if self.peers is None:
-            await asyncio.wrap_future(self.run("grpc", self.apply_config, config))
+            await self._apply_config_off_loop(config)
         elif self.peers.slot.index != RELOAD_COORDINATOR:
             await self.peers.ask(RELOAD_COORDINATOR, "reload-everywhere", config.SerializeToString(), timeout=None)
         else:
@@ -296,14 +296,17 @@ class ModelServer:
     async def _reload_everywhere(self, config: model_server_config_pb2.ModelServerConfig) -> None:
         async with self._reload_lock:
             # Every process must be listening: one still starting would miss the reload and keep the old config.
-            starting = [index for index in self.peers.others
-                        if not os.path.exists(self.peers.slot.socket_path(index))]
+            starting = self.peers.starting()
             if starting:
                 raise unavailable(f"server processes {starting} are still starting; retry the ReloadConfig")
-            await asyncio.wrap_future(self.run("grpc", self.apply_config, config))
+            await self._apply_config_off_loop(config)
             await self.peers.ask_others("reload", config.SerializeToString(), timeout=None)
             log.info("ReloadConfig applied in all %d server processes: %s", self.peers.slot.count,
                      ", ".join(model.name for model in config.model_config_list.config))
+
+    def _apply_config_off_loop(self, config: model_server_config_pb2.ModelServerConfig) -> asyncio.Future:
+        """apply_config on the gRPC pool: it loads models, which must not stall the event loop."""
+        return asyncio.wrap_future(self.run("grpc", self.apply_config, config))
 
     def control_handlers(self) -> dict[str, ControlHandler]:
         """What the other server processes may ask this one (serving/peers.py's control calls)."""
@@ -320,7 +323,7 @@ class ModelServer:
 
         async def reload(body: bytes) -> bytes:
             config = model_server_config_pb2.ModelServerConfig.FromString(body)
-            await asyncio.wrap_future(self.run("grpc", self.apply_config, config))
+            await self._apply_config_off_loop(config)
             return b"{}"
 
         async def reload_everywhere(body: bytes) -> bytes:  # asked of the first process only

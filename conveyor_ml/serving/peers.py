@@ -98,9 +98,13 @@ class Peers:
         """Every other worker's answer to `what`, asked at once. `listening_only`: a worker still starting
         (its control socket not there yet) is left out rather than an error: it opens its control socket
         before its public ports, so it has answered no call yet and has nothing to add to figures."""
-        others = [index for index in self.others
-                  if not listening_only or os.path.exists(self.slot.socket_path(index))]
+        starting = self.starting() if listening_only else []
+        others = [index for index in self.others if index not in starting]
         return list(await asyncio.gather(*(self.ask(index, what, body, timeout) for index in others)))
+
+    def starting(self) -> list[int]:
+        """The other workers whose control socket is not there yet: still loading, before their ports open."""
+        return [index for index in self.others if not os.path.exists(self.slot.socket_path(index))]
 
     async def close(self) -> None:
         for session in self._sessions.values():
