@@ -14,7 +14,9 @@ DEADLINE_EXCEEDED without running, and the batch's model run is bounded by the l
 Requests submitted from an asyncio event loop get an asyncio future, settled with one call into the loop
 per batch (not one thread hand-off per request), and their batch is offered to the workers when the loop
 has run everything that was ready (so requests that arrived together are batched together, and workers
-are woken once per batch); others get a concurrent.futures.Future and their batch is ready at once.
+are woken once per batch); others get a concurrent.futures.Future and their batch is ready at once. A
+request that comes while no other is in flight, for a model measured as cheaper than a thread hand-off, is
+run by its caller as a batch of its own (`run_here`), as a free worker would run it at once.
 """
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ class _Task:
     deadline: float | None  # time.monotonic() by which the client wants its answer
     future: Future | asyncio.Future
     loop: asyncio.AbstractEventLoop | None  # the loop of an asyncio future
+    timed: bool = False  # sent while nothing else was in flight: a batch of it alone is the model's own cost
 
 
 @dataclass
@@ -81,8 +84,7 @@ class Batcher:
         for worker in self._workers:
             worker.start()
 
-    def submit(self, servable: Servable, signature: str, inputs: dict[str, np.ndarray],
-               deadline: float | None = None) -> Future | asyncio.Future:
+    def _task_size(self, inputs: dict[str, np.ndarray]) -> int:
         sizes = {array.shape[0] if array.ndim else -1 for array in inputs.values()}
         if len(sizes) != 1 or -1 in sizes:
             raise invalid_argument("Batching Run() input tensors must have equal 0th-dimension size")
@@ -90,13 +92,19 @@ class Batcher:
         if size > self.options.max_batch_size:
             raise invalid_argument(
                 f"Task size {size} is larger than maximum input batch size {self.options.max_batch_size}")
+        return size
+
+    def submit(self, servable: Servable, signature: str, inputs: dict[str, np.ndarray],
+               deadline: float | None = None, timed: bool = False) -> Future | asyncio.Future:
+        """Queues a request; `timed`: nothing else was in flight when it came (see _Task.timed)."""
+        size = self._task_size(inputs)
         key = (id(servable), signature,
                tuple(sorted((name, array.shape[1:], array.dtype.str) for name, array in inputs.items())))
         try:
             loop = asyncio.get_running_loop()
-            task = _Task(inputs, size, deadline, loop.create_future(), loop)
+            task = _Task(inputs, size, deadline, loop.create_future(), loop, timed)
         except RuntimeError:  # not on an event loop
-            task = _Task(inputs, size, deadline, Future(), None)
+            task = _Task(inputs, size, deadline, Future(), None, timed)
         timeout = self.options.batch_timeout_micros / 1e6
         with self._condition:
             if self._stopping:
@@ -128,6 +136,19 @@ class Batcher:
                 self._flush_scheduled = True
                 task.loop.call_soon(self._flush)
         return task.future
+
+    def run_here(self, servable: Servable, signature: str, inputs: dict[str, np.ndarray],
+                 deadline: float | None = None) -> dict[str, np.ndarray]:
+        """Runs one request as a batch of its own on the calling thread, at once: what a free worker does with
+        a lone request, without the hand-off to it and back (for a cheap model on an idle server). The same
+        checks, padding, deadline and metrics as a queued batch; its duration is noted as the model's cost."""
+        size = self._task_size(inputs)
+        with self._condition:
+            if self._stopping:
+                raise unavailable("the server is shutting down")
+        task = _Task(inputs, size, deadline, Future(), None, timed=True)
+        self._run(_Batch(("here",), servable, signature, time.monotonic(), [task], size))
+        return task.future.result()
 
     def _flush(self) -> None:
         with self._condition:
@@ -193,7 +214,8 @@ class Batcher:
             self._on_batch(batch.servable.model_name, batch.size, self.queue_depth())
         deadlines = [task.deadline for task in live]
         timeout_ms = None if None in deadlines else max(1, int((max(deadlines) - now) * 1000))
-        outputs = batch.servable.predict(batch.signature, self._merge(live), timeout_ms=timeout_ms)
+        run = batch.servable.timed_predict if len(live) == 1 and live[0].timed else batch.servable.predict
+        outputs = run(batch.signature, self._merge(live), timeout_ms=timeout_ms)
         offset = 0
         for task in live:
             outcomes.append((task, {name: value[offset:offset + task.size] if np.ndim(value) else value

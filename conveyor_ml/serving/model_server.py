@@ -78,9 +78,10 @@ class ServerOptions:
 
 LARGE_REQUEST_BYTES = 256 * 1024  # bodies from this size are decoded and encoded off the event loop
 # A model whose calls typically take less than this runs on the event loop: handing a call to a pool thread
-# and back costs more (the float32 TFLite digit model, ~40 us a call, answered REST at concurrency 1 about
-# 1.7x as fast inline on this 2-core machine). TensorFlow sessions (~300 us and up, GIL released) stay pooled.
-INLINE_RUN_SECONDS = 200e-6
+# and back costs about as much on this 2-core VM (300-450 us: two thread wake-ups, each an interrupt to the
+# other core). Measured there: the digit model's Session run, ~150 us on the calling thread, answered REST
+# at concurrency 1 and 32 about 1.3x as fast inline; its float32 TFLite variant (~40 us) 1.7x at concurrency 1.
+INLINE_RUN_SECONDS = 300e-6
 # After versions change, the servables are reported settled this much later (conveyor serve then refreezes its
 # heap: a 0.2-0.4 s collection holding the GIL). Right away, it delayed the new version's first answers by as
 # much (hot swap: rename to first answer 1.0 s -> 1.4 s); half a second later the new version has answered and
@@ -89,12 +90,10 @@ SETTLE_SECONDS = 0.5
 RELOAD_COORDINATOR = 0  # the server process every ReloadConfig goes through (--server_processes)
 
 
-def _timed_predict(servable: Servable, *args) -> dict[str, np.ndarray]:
-    """servable.predict(*args), its duration noted on the servable (what decides where its next calls run)."""
-    started = time.perf_counter()
-    outputs = servable.predict(*args)
-    servable.note_run_seconds(time.perf_counter() - started)
-    return outputs
+def _runs_inline(servable: Servable, call: Call) -> bool:
+    """Whether the call's model run is cheap enough to run on the event loop (see INLINE_RUN_SECONDS)."""
+    cost = servable.uncontended_run_seconds
+    return cost is not None and cost < INLINE_RUN_SECONDS and call.nbytes < LARGE_REQUEST_BYTES
 
 
 @dataclass
@@ -502,19 +501,24 @@ class ModelServer:
     async def predict(self, call: Call, servable: Servable, signature: str, inputs: dict[str, np.ndarray],
                       output_filter: tuple[str, ...] = (), timeout_ms: int | None = None) -> dict[str, np.ndarray]:
         """Runs a prediction through the batcher when batching is on, else on the protocol's pool; the model
-        run is bounded by `timeout_ms` (--rest_api_timeout_in_ms, a gRPC client's deadline)."""
+        run is bounded by `timeout_ms` (--rest_api_timeout_in_ms, a gRPC client's deadline). A model measured
+        as cheaper than a thread hand-off runs here on the event loop instead: always unbatched, and with
+        batching on when no other call is in flight (a batch of one, closed at once as an idle batcher would)."""
+        alone = self.admission.requests == 1  # this call only: nothing to batch with, nobody kept waiting
         if self.batcher is not None and not output_filter:
             # Checked per request: after merging and padding, a bad request would fail the whole batch.
             name = servable.validate_inputs(signature, inputs)
             deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
             self.admission.handed_over(call)  # before submitting: the batcher may close the batch now
-            return await self.batcher.submit(servable, name, inputs, deadline)
+            if alone and _runs_inline(servable, call):
+                return self.batcher.run_here(servable, name, inputs, deadline)
+            return await self.batcher.submit(servable, name, inputs, deadline, timed=alone)
         self.admission.handed_over(call)
-        typical = servable.typical_run_seconds
-        if typical is not None and typical < INLINE_RUN_SECONDS and call.nbytes < LARGE_REQUEST_BYTES:
-            return _timed_predict(servable, signature, inputs, output_filter, timeout_ms)
-        return await asyncio.wrap_future(self.run(call.protocol, _timed_predict, servable, signature, inputs,
-                                                  output_filter, timeout_ms))
+        run = servable.timed_predict if alone else servable.predict
+        if _runs_inline(servable, call):
+            return run(signature, inputs, output_filter, timeout_ms)
+        return await asyncio.wrap_future(self.run(call.protocol, run, signature, inputs, output_filter,
+                                                  timeout_ms))
 
     def internal_error(self, call: Call, exc: BaseException) -> ServingError:
         """An error no check foresaw: logged with its traceback, answered INTERNAL naming it in one line."""

@@ -14,7 +14,7 @@ from conveyor_ml.serving.model_server import (
     ModelServer,
     ServerOptions,
 )
-from conveyor_ml.serving.servable import LoadOptions
+from conveyor_ml.serving.servable import RECENT_RUNS, LoadOptions
 from tests.tf_serving_models import write_half_plus_two_tflite
 
 
@@ -67,23 +67,23 @@ def predict(server: ModelServer, times: int) -> None:
     asyncio.run(calls())
 
 
-def make_typical(servable, seconds: float) -> None:
-    """Sets the servable's moving average to `seconds`, as if its only measured call had taken that long."""
-    servable.typical_run_seconds = None
-    servable.note_run_seconds(seconds)
+def make_cost(servable, seconds: float) -> None:
+    """Makes the servable's cost estimate `seconds`, as if its recent timed calls had all taken that long."""
+    for _ in range(RECENT_RUNS):
+        servable.note_run_seconds(seconds)
 
 
 def test_a_model_measured_as_fast_runs_on_the_event_loop(server):
     servable = server.resolve("half_plus_two", None, None, None)
-    assert servable.typical_run_seconds is None  # not measured yet: the first call goes to the pool
+    assert servable.uncontended_run_seconds is None  # not measured yet: the first call goes to the pool
     answered, y = predict_while_the_pool_is_busy(server)
     assert not answered
     np.testing.assert_allclose(y, [[2.5], [3.5]])
     predict(server, 100)
-    assert servable.typical_run_seconds > 0  # every call was measured
+    assert servable.uncontended_run_seconds > 0  # the calls, made one at a time, were measured
     # Whether half_plus_two measures under the threshold depends on the machine's load (CI's took 261 us
-    # once): the routing is asserted for a known average instead of a wall-clock one.
-    make_typical(servable, INLINE_RUN_SECONDS / 4)
+    # once): the routing is asserted for a known cost instead of a wall-clock one.
+    make_cost(servable, INLINE_RUN_SECONDS / 4)
     answered, y = predict_while_the_pool_is_busy(server)
     assert answered  # it did not need the blocked pool thread
     np.testing.assert_allclose(y, [[2.5], [3.5]])
@@ -91,20 +91,10 @@ def test_a_model_measured_as_fast_runs_on_the_event_loop(server):
 
 def test_slow_models_and_large_requests_stay_on_the_pool(server):
     servable = server.resolve("half_plus_two", None, None, None)
-    make_typical(servable, INLINE_RUN_SECONDS / 4)
+    make_cost(servable, INLINE_RUN_SECONDS / 4)
     assert not predict_while_the_pool_is_busy(server, nbytes=LARGE_REQUEST_BYTES)[0]
 
-    make_typical(servable, 0.005)  # a model whose calls take 5 ms
+    make_cost(servable, 0.005)  # a model whose calls take 5 ms
     answered, y = predict_while_the_pool_is_busy(server)
     assert not answered
     np.testing.assert_allclose(y, [[2.5], [3.5]])
-
-
-def test_the_moving_average_follows_recent_calls(server):
-    servable = server.resolve("half_plus_two", None, None, None)
-    servable.typical_run_seconds = None
-    servable.note_run_seconds(0.010)
-    assert servable.typical_run_seconds == pytest.approx(0.010)
-    for _ in range(60):
-        servable.note_run_seconds(0.0001)
-    assert servable.typical_run_seconds < INLINE_RUN_SECONDS  # a slow start does not pin it to the pool

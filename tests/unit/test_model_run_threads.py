@@ -1,0 +1,139 @@
+"""Which thread runs a model: a Session run executes on the thread that calls it (no inter-op pool hand-off)
+unless the user sized the inter-op pool or a deadline needs a run TensorFlow can stop; a lone request for a
+cheap model runs on the event loop, batched or not; with other calls in flight a batch worker runs it.
+
+The probe model is a TF1 SavedModel whose only op is a py_func recording the thread it runs on (the py_func
+is registered in this process, so the model loads only here, while the probe holds its graph)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.core.protobuf import config_pb2
+
+from conveyor_ml.serving.model_server import INLINE_RUN_SECONDS, ModelServer, ServerOptions
+from conveyor_ml.serving.servable import RECENT_RUNS, LoadOptions, SavedModelServable
+
+v1 = tf.compat.v1
+
+
+class ThreadProbe:
+    """Writes the probe model to `export_dir`; `threads` lists the thread ident of every run, in order."""
+
+    def __init__(self, export_dir: Path):
+        self.threads: list[int] = []
+        self.graph = tf.Graph()  # kept alive: the py_func's registration lives as long as its graph
+
+        def record(x):
+            self.threads.append(threading.get_ident())
+            return x
+
+        with self.graph.as_default(), v1.Session(graph=self.graph) as session:
+            x = v1.placeholder(tf.float32, [None, 1], name="x")
+            y = tf.identity(v1.py_func(record, [x], tf.float32, stateful=True), name="y")
+            info = v1.saved_model.utils.build_tensor_info
+            signature = v1.saved_model.signature_def_utils.build_signature_def(
+                {"x": info(x)}, {"y": info(y)}, v1.saved_model.signature_constants.PREDICT_METHOD_NAME)
+            builder = v1.saved_model.Builder(str(export_dir))
+            builder.add_meta_graph_and_variables(session, [v1.saved_model.SERVING],
+                                                 signature_def_map={"serving_default": signature})
+            builder.save()
+
+
+@pytest.fixture
+def probe(tmp_path):
+    return ThreadProbe(tmp_path / "probe" / "1")
+
+
+def one_row() -> dict[str, np.ndarray]:
+    return {"x": np.array([[2.0]], np.float32)}
+
+
+def test_a_session_run_executes_on_the_calling_thread(probe, tmp_path):
+    servable = SavedModelServable("probe", 1, tmp_path / "probe" / "1")
+    outputs = servable.predict("serving_default", one_row())
+    np.testing.assert_array_equal(outputs["y"], [[2.0]])
+    assert probe.threads == [threading.get_ident()]
+
+
+def test_a_sized_inter_op_pool_runs_every_op_on_it(probe, tmp_path):
+    config = config_pb2.ConfigProto(inter_op_parallelism_threads=2)
+    servable = SavedModelServable("probe", 1, tmp_path / "probe" / "1", LoadOptions(session_config=config))
+    servable.predict("serving_default", one_row())
+    assert probe.threads and probe.threads[-1] != threading.get_ident()
+
+
+def test_a_run_with_a_deadline_takes_the_pool_until_the_model_is_known_to_be_quick(probe, tmp_path):
+    servable = SavedModelServable("probe", 1, tmp_path / "probe" / "1")
+    servable.predict("serving_default", one_row(), timeout_ms=5000)
+    assert probe.threads[-1] != threading.get_ident()  # cost unknown: a run TensorFlow can stop at the deadline
+    servable.timed_predict("serving_default", one_row())  # measured: far under a tenth of 5 s
+    servable.predict("serving_default", one_row(), timeout_ms=5000)
+    assert probe.threads[-1] == threading.get_ident()
+    for _ in range(RECENT_RUNS):
+        servable.note_run_seconds(2.0)  # as if the model had become slow
+    servable.predict("serving_default", one_row(), timeout_ms=5000)
+    assert probe.threads[-1] != threading.get_ident()
+
+
+def test_the_cost_estimate_is_the_fastest_recent_run(probe, tmp_path):
+    servable = SavedModelServable("probe", 1, tmp_path / "probe" / "1")
+    assert servable.uncontended_run_seconds is None
+    servable.note_run_seconds(0.010)
+    servable.note_run_seconds(0.0001)
+    servable.note_run_seconds(0.050)  # a call that waited for the CPU does not raise it
+    assert servable.uncontended_run_seconds == pytest.approx(0.0001)
+    for _ in range(RECENT_RUNS):
+        servable.note_run_seconds(0.004)  # the model really became slower: the estimate follows
+    assert servable.uncontended_run_seconds == pytest.approx(0.004)
+
+
+def batching_server(tmp_path) -> ModelServer:
+    parameters = tmp_path / "batching.config"
+    parameters.write_text("max_batch_size { value: 8 }\nbatch_timeout_micros { value: 1000 }\n"
+                          "num_batch_threads { value: 1 }\n")
+    options = ServerOptions(model_name="probe", model_base_path=str(tmp_path / "probe"),
+                            file_system_poll_wait_seconds=0, enable_batching=True,
+                            batching_parameters_file=str(parameters))
+    server = ModelServer(options)
+    server.start_polling()
+    return server
+
+
+def predict_calls(server: ModelServer, in_flight: int) -> None:
+    """One predict call with `in_flight - 1` other calls admitted (and not answered) beside it."""
+    async def scenario():
+        servable = server.resolve("probe", None, None, None)
+        others = [server.begin("probe", "model_status", "rest") for _ in range(in_flight - 1)]
+        call = server.begin("probe", "predict", "rest", 64)
+        try:
+            outputs = await server.predict(call, servable, "serving_default", one_row())
+            np.testing.assert_array_equal(outputs["y"], [[2.0]])
+        finally:
+            server.finish(call)
+            for other in others:
+                server.finish(other)
+
+    asyncio.run(scenario())
+
+
+def test_with_batching_a_lone_call_for_a_cheap_model_runs_on_the_event_loop(probe, tmp_path):
+    server = batching_server(tmp_path)
+    try:
+        servable = server.resolve("probe", None, None, None)
+        predict_calls(server, in_flight=1)
+        assert probe.threads[-1] != threading.get_ident()  # cost unknown: the batch worker ran it, timed
+        assert servable.uncontended_run_seconds is not None
+        if servable.uncontended_run_seconds >= INLINE_RUN_SECONDS:  # a loaded machine: state it, not time it
+            servable.note_run_seconds(INLINE_RUN_SECONDS / 4)
+        predict_calls(server, in_flight=1)
+        assert probe.threads[-1] == threading.get_ident()  # asyncio.run's loop is this thread
+        predict_calls(server, in_flight=2)
+        assert probe.threads[-1] != threading.get_ident()  # another call in flight: batched, on the worker
+        assert server.batcher.queue_depth() == 0
+    finally:
+        server.stop()
