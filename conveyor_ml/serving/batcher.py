@@ -15,8 +15,8 @@ Requests submitted from an asyncio event loop get an asyncio future, settled wit
 per batch (not one thread hand-off per request), and their batch is offered to the workers when the loop
 has run everything that was ready (so requests that arrived together are batched together, and workers
 are woken once per batch); others get a concurrent.futures.Future and their batch is ready at once. A
-request that comes while no other is in flight, for a model measured as cheaper than a thread hand-off, is
-run by its caller as a batch of its own (`run_here`), as a free worker would run it at once.
+batch that holds one request for a model measured as cheaper than a thread hand-off runs on the loop instead
+(a worker would have run it at once too: nothing else came to share it).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class _Task:
     deadline: float | None  # time.monotonic() by which the client wants its answer
     future: Future | asyncio.Future
     loop: asyncio.AbstractEventLoop | None  # the loop of an asyncio future
-    timed: bool = False  # sent while nothing else was in flight: a batch of it alone is the model's own cost
+    cheap: bool = False  # the model measured cheaper than a thread hand-off: alone in its batch, run on the loop
 
 
 @dataclass
@@ -95,16 +95,16 @@ class Batcher:
         return size
 
     def submit(self, servable: Servable, signature: str, inputs: dict[str, np.ndarray],
-               deadline: float | None = None, timed: bool = False) -> Future | asyncio.Future:
-        """Queues a request; `timed`: nothing else was in flight when it came (see _Task.timed)."""
+               deadline: float | None = None, cheap: bool = False) -> Future | asyncio.Future:
+        """Queues a request; `cheap`: its model run costs less than handing it to a worker (see _flush)."""
         size = self._task_size(inputs)
         key = (id(servable), signature,
                tuple(sorted((name, array.shape[1:], array.dtype.str) for name, array in inputs.items())))
         try:
             loop = asyncio.get_running_loop()
-            task = _Task(inputs, size, deadline, loop.create_future(), loop, timed)
+            task = _Task(inputs, size, deadline, loop.create_future(), loop, cheap)
         except RuntimeError:  # not on an event loop
-            task = _Task(inputs, size, deadline, Future(), None, timed)
+            task = _Task(inputs, size, deadline, Future(), None, cheap)
         timeout = self.options.batch_timeout_micros / 1e6
         with self._condition:
             if self._stopping:
@@ -137,26 +137,27 @@ class Batcher:
                 task.loop.call_soon(self._flush)
         return task.future
 
-    def run_here(self, servable: Servable, signature: str, inputs: dict[str, np.ndarray],
-                 deadline: float | None = None) -> dict[str, np.ndarray]:
-        """Runs one request as a batch of its own on the calling thread, at once: what a free worker does with
-        a lone request, without the hand-off to it and back (for a cheap model on an idle server). The same
-        checks, padding, deadline and metrics as a queued batch; its duration is noted as the model's cost."""
-        size = self._task_size(inputs)
-        with self._condition:
-            if self._stopping:
-                raise unavailable("the server is shutting down")
-        task = _Task(inputs, size, deadline, Future(), None, timed=True)
-        self._run(_Batch(("here",), servable, signature, time.monotonic(), [task], size))
-        return task.future.result()
-
     def _flush(self) -> None:
+        """On the loop, once it has run everything ready: open batches go to the workers, except a batch that
+        holds one cheap request and nothing queued before it, which runs here at once — handing it to a
+        worker and back would cost more than its run, and nothing else came to share it."""
+        here = []
         with self._condition:
             self._flush_scheduled = False
-            opened = [queue.open for queue in self._queues.values() if queue.open is not None]
-            for batch in opened:
-                batch.ready = True
-            self._condition.notify(len(opened))
+            ready = 0
+            for queue in self._queues.values():
+                batch = queue.open
+                if batch is None:
+                    continue
+                if len(batch.tasks) == 1 and batch.tasks[0].cheap and not queue.closed:
+                    queue.open = None
+                    here.append(batch)
+                else:
+                    batch.ready = True
+                    ready += 1
+            self._condition.notify(ready)
+        for batch in here:
+            self._run(batch)
 
     def queue_depth(self) -> int:
         with self._condition:
@@ -214,7 +215,8 @@ class Batcher:
             self._on_batch(batch.servable.model_name, batch.size, self.queue_depth())
         deadlines = [task.deadline for task in live]
         timeout_ms = None if None in deadlines else max(1, int((max(deadlines) - now) * 1000))
-        run = batch.servable.timed_predict if len(live) == 1 and live[0].timed else batch.servable.predict
+        # A batch of one request costs what the request alone does: noted, it tells whether the model is cheap.
+        run = batch.servable.timed_predict if len(live) == 1 else batch.servable.predict
         outputs = run(batch.signature, self._merge(live), timeout_ms=timeout_ms)
         offset = 0
         for task in live:
@@ -257,7 +259,14 @@ def _settle(outcomes: list[tuple[_Task, dict | None, BaseException | None]]) -> 
                 task.future.set_exception(error)
             else:
                 task.future.set_result(result)
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
     for loop, settled in by_loop.items():
+        if loop is running:  # a batch run on the loop itself (Batcher._flush)
+            _settle_on_loop(settled)
+            continue
         try:
             loop.call_soon_threadsafe(_settle_on_loop, settled)
         except RuntimeError:  # the loop is closed: nobody waits for these answers any more

@@ -502,23 +502,19 @@ class ModelServer:
                       output_filter: tuple[str, ...] = (), timeout_ms: int | None = None) -> dict[str, np.ndarray]:
         """Runs a prediction through the batcher when batching is on, else on the protocol's pool; the model
         run is bounded by `timeout_ms` (--rest_api_timeout_in_ms, a gRPC client's deadline). A model measured
-        as cheaper than a thread hand-off runs here on the event loop instead: always unbatched, and with
-        batching on when no other call is in flight (a batch of one, closed at once as an idle batcher would)."""
-        alone = self.admission.requests == 1  # this call only: nothing to batch with, nobody kept waiting
+        as cheaper than a thread hand-off runs on the event loop instead: every call unbatched, and with
+        batching on, a batch that holds this call alone when the loop offers it (see Batcher)."""
         if self.batcher is not None and not output_filter:
             # Checked per request: after merging and padding, a bad request would fail the whole batch.
             name = servable.validate_inputs(signature, inputs)
             deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
             self.admission.handed_over(call)  # before submitting: the batcher may close the batch now
-            if alone and _runs_inline(servable, call):
-                return self.batcher.run_here(servable, name, inputs, deadline)
-            return await self.batcher.submit(servable, name, inputs, deadline, timed=alone)
+            return await self.batcher.submit(servable, name, inputs, deadline, cheap=_runs_inline(servable, call))
         self.admission.handed_over(call)
-        run = servable.timed_predict if alone else servable.predict
         if _runs_inline(servable, call):
-            return run(signature, inputs, output_filter, timeout_ms)
-        return await asyncio.wrap_future(self.run(call.protocol, run, signature, inputs, output_filter,
-                                                  timeout_ms))
+            return servable.timed_predict(signature, inputs, output_filter, timeout_ms)
+        return await asyncio.wrap_future(self.run(call.protocol, servable.timed_predict, signature, inputs,
+                                                  output_filter, timeout_ms))
 
     def internal_error(self, call: Call, exc: BaseException) -> ServingError:
         """An error no check foresaw: logged with its traceback, answered INTERNAL naming it in one line."""

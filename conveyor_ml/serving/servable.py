@@ -36,6 +36,7 @@ TFLITE_MODEL_FILE = "model.tflite"
 # share of the time left: TensorFlow cannot stop a run on the caller's thread midway, a pooled run it can.
 CALLER_THREAD_DEADLINE_SHARE = 0.1
 RECENT_RUNS = 8  # timed calls the estimate of a model's cost is taken from (Servable.uncontended_run_seconds)
+WAITING_RUN_SECONDS = 0.003  # a timed call at least this long counts its wall-clock time (Servable.timed_predict)
 
 
 class IncompleteModelError(Exception):
@@ -128,9 +129,8 @@ class Servable:
 
     @property
     def uncontended_run_seconds(self) -> float | None:
-        """The fastest of the last RECENT_RUNS timed calls (None before one): what a call costs with the
-        server to itself, as waiting for the GIL or a CPU only ever adds to a call. A mean would not do: a
-        pooled call of the digit model measured 200-700 us at concurrency 1 on this VM, 150-250 us inline."""
+        """The least cost of the last RECENT_RUNS timed calls (None before one): what a call costs with the
+        server to itself. See timed_predict."""
         return min(self._recent_runs) if self._recent_runs else None
 
     def note_run_seconds(self, seconds: float) -> None:
@@ -142,11 +142,15 @@ class Servable:
         self._runs_noted += 1
 
     def timed_predict(self, *args, **kwargs) -> dict[str, np.ndarray]:
-        """predict(), its duration noted. The server times the calls that ran while no other was in flight, so
-        that what it notes is what the model costs, not what a busy server adds to it."""
-        started = time.perf_counter()
+        """predict(), its cost noted: the CPU time of the thread that ran it, not the wall-clock time a busy
+        server adds to (waits for the GIL and a CPU: the digit model's pooled calls measured 200-700 us wall
+        at concurrency 1 on this VM and 300 us to 5 ms at 32, its CPU time 160-240 us throughout). A call
+        longer than WAITING_RUN_SECONDS counts its wall-clock time: a model that waits (on I/O, on the
+        inter-op pool) would hold the event loop that long."""
+        started, started_cpu = time.perf_counter(), time.thread_time()
         outputs = self.predict(*args, **kwargs)
-        self.note_run_seconds(time.perf_counter() - started)
+        wall, cpu = time.perf_counter() - started, time.thread_time() - started_cpu
+        self.note_run_seconds(cpu if wall < WAITING_RUN_SECONDS else wall)
         return outputs
 
     # -- signatures ---------------------------------------------------------------------------------------
@@ -432,7 +436,7 @@ class SavedModelServable(Servable):
         self._tensors: dict[str, tf.Tensor] = {}
         # Runs execute their ops on the thread that calls them (RunOptions.inter_op_thread_pool = -1, meant by
         # TensorFlow for graphs whose ops cost about as much as a thread hand-off): the digit model's Session
-        # run took 180 us so on this 2-core VM, 390 us through the inter-op pool, whose wake-ups cost more
+        # run took 150-190 us so on this 2-core VM, 370-390 us through the inter-op pool, whose wake-ups cost more
         # than its ops. Heavy ops still spread over the intra-op pool. A user who sizes the inter-op pool
         # (--tensorflow_inter_op_parallelism, a session config's pools) gets every run on the pool.
         config = self.options.session_config

@@ -1,6 +1,7 @@
 """Which thread runs a model: a Session run executes on the thread that calls it (no inter-op pool hand-off)
-unless the user sized the inter-op pool or a deadline needs a run TensorFlow can stop; a lone request for a
-cheap model runs on the event loop, batched or not; with other calls in flight a batch worker runs it.
+unless the user sized the inter-op pool or a deadline needs a run TensorFlow can stop; a request for a cheap
+model runs on the event loop, with batching when its batch holds it alone; requests that came together are
+batched on a worker.
 
 The probe model is a TF1 SavedModel whose only op is a py_func recording the thread it runs on (the py_func
 is registered in this process, so the model loads only here, while the probe holds its graph)."""
@@ -104,19 +105,19 @@ def batching_server(tmp_path) -> ModelServer:
     return server
 
 
-def predict_calls(server: ModelServer, in_flight: int) -> None:
-    """One predict call with `in_flight - 1` other calls admitted (and not answered) beside it."""
-    async def scenario():
+def predict_together(server: ModelServer, calls: int) -> None:
+    """`calls` predict calls sent in the same turn of the event loop (as requests read together arrive)."""
+    async def one(value: float):
         servable = server.resolve("probe", None, None, None)
-        others = [server.begin("probe", "model_status", "rest") for _ in range(in_flight - 1)]
         call = server.begin("probe", "predict", "rest", 64)
         try:
-            outputs = await server.predict(call, servable, "serving_default", one_row())
-            np.testing.assert_array_equal(outputs["y"], [[2.0]])
+            outputs = await server.predict(call, servable, "serving_default", {"x": np.array([[value]], np.float32)})
+            np.testing.assert_array_equal(outputs["y"], [[value]])
         finally:
             server.finish(call)
-            for other in others:
-                server.finish(other)
+
+    async def scenario():
+        await asyncio.gather(*(one(float(k)) for k in range(calls)))
 
     asyncio.run(scenario())
 
@@ -125,15 +126,17 @@ def test_with_batching_a_lone_call_for_a_cheap_model_runs_on_the_event_loop(prob
     server = batching_server(tmp_path)
     try:
         servable = server.resolve("probe", None, None, None)
-        predict_calls(server, in_flight=1)
+        predict_together(server, calls=1)
         assert probe.threads[-1] != threading.get_ident()  # cost unknown: the batch worker ran it, timed
         assert servable.uncontended_run_seconds is not None
         if servable.uncontended_run_seconds >= INLINE_RUN_SECONDS:  # a loaded machine: state it, not time it
             servable.note_run_seconds(INLINE_RUN_SECONDS / 4)
-        predict_calls(server, in_flight=1)
-        assert probe.threads[-1] == threading.get_ident()  # asyncio.run's loop is this thread
-        predict_calls(server, in_flight=2)
-        assert probe.threads[-1] != threading.get_ident()  # another call in flight: batched, on the worker
+        runs = len(probe.threads)
+        predict_together(server, calls=1)
+        assert probe.threads[runs:] == [threading.get_ident()]  # asyncio.run's loop is this thread
+        predict_together(server, calls=3)
+        # Three together: one batch of three (one run of the model), on the worker.
+        assert len(probe.threads) == runs + 2 and probe.threads[-1] != threading.get_ident()
         assert server.batcher.queue_depth() == 0
     finally:
         server.stop()
