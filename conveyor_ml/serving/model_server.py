@@ -77,10 +77,11 @@ class ServerOptions:
 
 
 LARGE_REQUEST_BYTES = 256 * 1024  # bodies from this size are decoded and encoded off the event loop
-# A model whose calls typically take less than this runs on the event loop: handing a call to a pool thread
-# and back costs about as much on this 2-core VM (300-450 us: two thread wake-ups, each an interrupt to the
-# other core). Measured there: the digit model's Session run, ~150 us on the calling thread, answered REST
-# at concurrency 1 and 32 about 1.3x as fast inline; its float32 TFLite variant (~40 us) 1.7x at concurrency 1.
+# A model whose calls cost less than this (Servable.uncontended_run_seconds) runs on the event loop: handing
+# a call to a pool thread and back costs about as much on this 2-core VM (300-450 us: two thread wake-ups,
+# each an interrupt to the other core). Measured there: the digit model's Session run, ~150 us on the calling
+# thread, answered REST at concurrency 1 and 32 about 1.3x as fast inline; its float32 TFLite variant (~40 us)
+# 1.7x at concurrency 1.
 INLINE_RUN_SECONDS = 300e-6
 # After versions change, the servables are reported settled this much later (conveyor serve then refreezes its
 # heap: a 0.2-0.4 s collection holding the GIL). Right away, it delayed the new version's first answers by as

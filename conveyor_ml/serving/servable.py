@@ -32,8 +32,8 @@ REGRESS_INPUTS, REGRESS_OUTPUTS = "inputs", "outputs"
 WARMUP_FILE = Path("assets.extra") / "tf_serving_warmup_requests"
 MAX_WARMUP_RECORDS = 1000  # TF Serving's limit
 TFLITE_MODEL_FILE = "model.tflite"
-# A run with a deadline executes on the calling thread only when the model typically finishes in under this
-# share of the time left: TensorFlow cannot stop a run on the caller's thread midway, a pooled run it can.
+# A run with a deadline executes on the calling thread only when the model's cost is under this share of the
+# time left: TensorFlow cannot stop a run on the caller's thread midway, a pooled run it can.
 CALLER_THREAD_DEADLINE_SHARE = 0.1
 RECENT_RUNS = 8  # timed calls the estimate of a model's cost is taken from (Servable.uncontended_run_seconds)
 WAITING_RUN_SECONDS = 0.003  # a timed call at least this long counts its wall-clock time (Servable.timed_predict)
@@ -124,7 +124,7 @@ class Servable:
         self.load_seconds = 0.0
         self._validated: dict[tuple, str] = {}  # validate_inputs' passes: (signature, (alias, dtype)...) -> name
         self._input_dtypes: dict[str, dict[str, tf.DType]] = {}  # per known signature name
-        self._recent_runs: list[float] = []  # the last RECENT_RUNS timed calls' durations, a ring
+        self._recent_runs: list[float] = []  # the last RECENT_RUNS timed calls' costs, a ring
         self._runs_noted = 0
 
     @property
@@ -134,7 +134,7 @@ class Servable:
         return min(self._recent_runs) if self._recent_runs else None
 
     def note_run_seconds(self, seconds: float) -> None:
-        """Adds one call's duration (pool threads may call this at once: at worst one duration is lost)."""
+        """Adds one call's cost (pool threads may call this at once: at worst one is lost)."""
         if len(self._recent_runs) < RECENT_RUNS:
             self._recent_runs.append(seconds)
         else:
