@@ -510,7 +510,14 @@ class ModelServer:
             name = servable.validate_inputs(signature, inputs)
             deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
             self.admission.handed_over(call)  # before submitting: the batcher may close the batch now
-            return await self.batcher.submit(servable, name, inputs, deadline, cheap=_runs_inline(servable, call))
+            cheap = _runs_inline(servable, call)
+            answer = self.batcher.submit(servable, name, inputs, deadline, cheap=cheap)
+            if cheap:
+                # The batcher's offer of open batches was queued on the loop before this yield: when it runs
+                # this call's lone batch right there, the answer is ready as the call resumes, a loop turn
+                # sooner than a wake-up by the future (a batch that others joined still wakes it).
+                await asyncio.sleep(0)
+            return await answer
         self.admission.handed_over(call)
         if _runs_inline(servable, call):
             return servable.timed_predict(signature, inputs, output_filter, timeout_ms)
