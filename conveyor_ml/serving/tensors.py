@@ -10,6 +10,7 @@ shape, and what the request's tensors decode to may not exceed a byte budget (`D
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
@@ -33,6 +34,9 @@ _FIELDS = {
     types_pb2.DT_COMPLEX64: ("scomplex_val", np.complex64), types_pb2.DT_COMPLEX128: ("dcomplex_val", np.complex128),
     types_pb2.DT_STRING: ("string_val", object),
 }
+_DTYPE_NAMES = {datatype: types_pb2.DataType.Name(datatype) for datatype in _FIELDS}
+_LITTLE_ENDIAN = {datatype: np.dtype(numpy_type).newbyteorder("<")  # tensor_content's byte order
+                  for datatype, (_, numpy_type) in _FIELDS.items() if numpy_type is not object}
 _STRING_ELEMENT_BYTES = 8  # a pointer per element of an object array, before the strings themselves
 
 
@@ -58,7 +62,7 @@ def decode_tensor(alias: str, proto: tensor_pb2.TensorProto, budget: DecodeBudge
     if proto.dtype not in _FIELDS:
         name = types_pb2.DataType.Name(proto.dtype) if proto.dtype in types_pb2.DataType.values() else proto.dtype
         raise invalid_argument(f"input '{alias}': tensor type {name} cannot be sent in a request")
-    dtype_name = types_pb2.DataType.Name(proto.dtype)
+    dtype_name = _DTYPE_NAMES[proto.dtype]
     if proto.tensor_shape.unknown_rank:
         raise invalid_argument(f"input '{alias}': a tensor must have a known shape")
     shape = [dim.size for dim in proto.tensor_shape.dim]
@@ -68,16 +72,16 @@ def decode_tensor(alias: str, proto: tensor_pb2.TensorProto, budget: DecodeBudge
     elements = math.prod(shape)  # Python ints: a product that would overflow int64 is just large
     field, numpy_type = _FIELDS[proto.dtype]
     item_bytes = _STRING_ELEMENT_BYTES if numpy_type is object else np.dtype(numpy_type).itemsize
-    if proto.tensor_content:
+    content = proto.tensor_content  # read once: each read copies the bytes out of the message
+    if content:
         if numpy_type is object:
             raise invalid_argument(f"input '{alias}': DT_STRING values cannot be sent as tensor_content")
-        if len(proto.tensor_content) != elements * item_bytes:
-            raise invalid_argument(f"input '{alias}': tensor_content holds {len(proto.tensor_content):,} bytes, the "
+        if len(content) != elements * item_bytes:
+            raise invalid_argument(f"input '{alias}': tensor_content holds {len(content):,} bytes, the "
                                    f"shape [{','.join(map(str, shape))}] of {dtype_name} needs "
                                    f"{elements * item_bytes:,}")
         budget.take(alias, shape, dtype_name, elements * item_bytes)
-        return np.frombuffer(proto.tensor_content, dtype=np.dtype(numpy_type).newbyteorder("<")).astype(
-            numpy_type).reshape(shape)
+        return np.frombuffer(content, dtype=_LITTLE_ENDIAN[proto.dtype]).astype(numpy_type).reshape(shape)
     values = getattr(proto, field)
     given = len(values) // 2 if field in ("scomplex_val", "dcomplex_val") else len(values)
     if given > elements:
@@ -116,31 +120,48 @@ def tensor_proto(value: np.ndarray, as_tensor_content: bool = False) -> tensor_p
     return proto
 
 
-_DATATYPES: dict[np.dtype, tf.DType] = {}  # numpy dtype -> TensorFlow's, looked up once each
+@dataclass(frozen=True)
+class _Encoding:
+    """How arrays of one numpy dtype go into a TensorProto, worked out once per dtype (tf.DType's comparisons
+    are Python calls: asked for every answer, they took half of a small gRPC answer's encoding time)."""
+
+    datatype: int  # types_pb2 enum
+    field: str  # the typed field (TensorFlow's AsProtoField)
+    kind: str  # "string", "half" (bits as uint16), "complex" (real, imag pairs) or "number"
+
+
+_ENCODINGS: dict[np.dtype, _Encoding] = {}
+
+
+def _encoding(dtype: np.dtype) -> _Encoding:
+    encoding = _ENCODINGS.get(dtype)
+    if encoding is None:
+        string = dtype.kind in "OSU"  # bytes, str or Python objects (strings)
+        datatype = types_pb2.DT_STRING if string else tf.dtypes.as_dtype(dtype).as_datatype_enum
+        field = _TYPED_FIELD[datatype]
+        kind = ("string" if string else "half" if field == "half_val"
+                else "complex" if field in ("scomplex_val", "dcomplex_val") else "number")
+        encoding = _ENCODINGS[dtype] = _Encoding(datatype, field, kind)
+    return encoding
 
 
 def fill_tensor_proto(proto: tensor_pb2.TensorProto, value: np.ndarray, as_tensor_content: bool = False) -> None:
     """tensor_proto() written into an existing message (e.g. a response's map entry: no copy)."""
     array = np.asarray(value)
-    if array.dtype == object or array.dtype.kind in "SU":
-        dtype = tf.string
-    else:
-        dtype = _DATATYPES.get(array.dtype)
-        if dtype is None:
-            dtype = _DATATYPES[array.dtype] = tf.dtypes.as_dtype(array.dtype)
-    proto.dtype = dtype.as_datatype_enum
+    encoding = _encoding(array.dtype)
+    proto.dtype = encoding.datatype
     dims = proto.tensor_shape.dim
     for size in array.shape:
         dims.add().size = size
-    if dtype == tf.string:
+    if encoding.kind == "string":
         proto.string_val.extend(item if isinstance(item, bytes) else str(item).encode() for item in array.reshape(-1))
         return
     if as_tensor_content:
         proto.tensor_content = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
         return
     flat = array.reshape(-1)
-    if dtype in (tf.float16, tf.bfloat16):
+    if encoding.kind == "half":
         flat = flat.view(np.uint16)
-    elif dtype.is_complex:
+    elif encoding.kind == "complex":
         flat = np.stack([flat.real, flat.imag], axis=-1).reshape(-1)
-    getattr(proto, _TYPED_FIELD[dtype.as_datatype_enum]).extend(flat.tolist())
+    getattr(proto, encoding.field).extend(flat.tolist())
