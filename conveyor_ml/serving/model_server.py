@@ -516,7 +516,12 @@ class ModelServer:
                 # The batcher's offer of open batches was queued on the loop before this yield: when it runs
                 # this call's lone batch right there, the answer is ready as the call resumes, a loop turn
                 # sooner than a wake-up by the future (a batch that others joined still wakes it).
-                await asyncio.sleep(0)
+                try:
+                    await asyncio.sleep(0)
+                except asyncio.CancelledError:  # the client went away: as if it had awaited the answer,
+                    if not answer.cancel():  # a worker skips it; one already given is retrieved (no warning)
+                        answer.exception()
+                    raise
             return await answer
         self.admission.handed_over(call)
         if _runs_inline(servable, call):

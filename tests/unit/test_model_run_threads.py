@@ -20,6 +20,7 @@ from conveyor_ml.serving.model_server import INLINE_RUN_SECONDS, ModelServer, Se
 from conveyor_ml.serving.servable import RECENT_RUNS, LoadOptions, SavedModelServable
 
 v1 = tf.compat.v1
+GATED = -1.0  # a row value whose run waits for ThreadProbe.gate
 
 
 class ThreadProbe:
@@ -27,10 +28,16 @@ class ThreadProbe:
 
     def __init__(self, export_dir: Path):
         self.threads: list[int] = []
+        self.values: list[list[float]] = []  # the rows of each run
+        self.gate = threading.Event()  # a run of a row holding GATED waits for it
+        self.gate.set()
         self.graph = tf.Graph()  # kept alive: the py_func's registration lives as long as its graph
 
         def record(x):
             self.threads.append(threading.get_ident())
+            self.values.append(x.reshape(-1).tolist())
+            if GATED in self.values[-1]:
+                self.gate.wait(timeout=30)
             return x
 
         with self.graph.as_default(), v1.Session(graph=self.graph) as session:
@@ -139,4 +146,45 @@ def test_with_batching_a_lone_call_for_a_cheap_model_runs_on_the_event_loop(prob
         assert len(probe.threads) == runs + 2 and probe.threads[-1] != threading.get_ident()
         assert server.batcher.queue_depth() == 0
     finally:
+        server.stop()
+
+
+def test_calls_cancelled_while_they_wait_for_their_batch_are_not_run(probe, tmp_path):
+    """A client that goes away right after its call joined a batch (during the cheap call's yield to the
+    loop): the batch that later reaches a worker skips it, as it skips a call whose answer was awaited."""
+    server = batching_server(tmp_path)
+    try:
+        servable = server.resolve("probe", None, None, None)
+        predict_together(server, calls=1)  # measured...
+        servable.note_run_seconds(INLINE_RUN_SECONDS / 4)  # ...and cheap, whatever this machine's load
+
+        async def call(value: float):
+            handle = server.begin("probe", "predict", "rest", 64)
+            try:
+                return await server.predict(handle, servable, "serving_default", {"x": np.array([[value]], np.float32)})
+            finally:
+                server.finish(handle)
+
+        async def scenario():
+            probe.gate.clear()
+            # Two together: one batch, to the only worker, which the gated row holds.
+            blocking = [asyncio.create_task(call(v)) for v in (GATED, 5.0)]
+            await asyncio.sleep(0.2)
+            assert probe.values[-1] == [GATED, 5.0]
+            gone = [asyncio.create_task(call(v)) for v in (7.0, 8.0)]
+            await asyncio.sleep(0)  # both submitted, a batch of two: each now yields once
+            for task in gone:
+                task.cancel()
+            results = await asyncio.gather(*gone, return_exceptions=True)
+            assert all(isinstance(result, asyncio.CancelledError) for result in results)
+            probe.gate.set()
+            answers = await asyncio.gather(*blocking)
+            assert [float(answer["y"][0, 0]) for answer in answers] == [GATED, 5.0]
+            await asyncio.sleep(0.3)  # time for the worker to reach the cancelled calls' batch
+
+        asyncio.run(scenario())
+        assert [7.0, 8.0] not in probe.values and 7.0 not in sum(probe.values, [])
+        assert server.batcher.queue_depth() == 0
+    finally:
+        probe.gate.set()
         server.stop()
