@@ -169,7 +169,10 @@ def test_calls_cancelled_while_they_wait_for_their_batch_are_not_run(probe, tmp_
             probe.gate.clear()
             # Two together: one batch, to the only worker, which the gated row holds.
             blocking = [asyncio.create_task(call(v)) for v in (GATED, 5.0)]
-            await asyncio.sleep(0.2)
+            for _ in range(500):  # until the worker holds it (a loaded machine may take a while)
+                if probe.values[-1] == [GATED, 5.0]:
+                    break
+                await asyncio.sleep(0.02)
             assert probe.values[-1] == [GATED, 5.0]
             gone = [asyncio.create_task(call(v)) for v in (7.0, 8.0)]
             await asyncio.sleep(0)  # both submitted, a batch of two: each now yields once
