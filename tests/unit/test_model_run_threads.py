@@ -183,7 +183,11 @@ def test_calls_cancelled_while_they_wait_for_their_batch_are_not_run(probe, tmp_
             probe.gate.set()
             answers = await asyncio.gather(*blocking)
             assert [float(answer["y"][0, 0]) for answer in answers] == [GATED, 5.0]
-            await asyncio.sleep(0.3)  # time for the worker to reach the cancelled calls' batch
+            for _ in range(500):  # until the worker has taken the cancelled calls' batch
+                if server.batcher.queue_depth() == 0:
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.05)  # and done with it (nothing to run: it returns at once)
 
         asyncio.run(scenario())
         assert [7.0, 8.0] not in probe.values and 7.0 not in sum(probe.values, [])
