@@ -14,6 +14,8 @@ from pathlib import Path
 
 from conveyor_ml.base.ports import free_port
 
+KEPT_LOG_BYTES = 64 * 1024  # how much of the server's output stays readable after stop() removed its file
+
 
 class ServerStartError(RuntimeError):
     pass
@@ -28,6 +30,7 @@ class ServerProcess:
         argv = [sys.executable, "-m", "conveyor_ml.cli", "serve", *serve_args,
                 "--port", str(self.grpc_port), "--rest_api_port", str(self.rest_port)]
         self._log = open(self.log_path, "wb")
+        self._kept_log: str | None = None  # the log's end, kept once stop() has removed the file
         self.process = subprocess.Popen(
             argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore", **(env or {})})
@@ -44,8 +47,14 @@ class ServerProcess:
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+    def log_text(self) -> str:
+        """What the server printed (after stop(), its last KEPT_LOG_BYTES)."""
+        if self._kept_log is not None:
+            return self._kept_log
+        return self.log_path.read_text(errors="replace")
+
     def log_tail(self, lines: int = 20) -> str:
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return "\n".join(self.log_text().splitlines()[-lines:])
 
     def wait_available(self, model: str, timeout: float = 120.0, version: int | None = None) -> None:
         """Until the model (or that version) reports AVAILABLE; raises with the server's log if it cannot."""
@@ -73,7 +82,7 @@ class ServerProcess:
         """Until the server printed its start-up line: every server process (--server_processes) listens
         then, where a model turns AVAILABLE as soon as the first process has loaded it."""
         deadline = time.monotonic() + timeout
-        while "conveyor serve: " not in self.log_path.read_text(errors="replace"):
+        while "conveyor serve: " not in self.log_text():
             if self.process.poll() is not None:
                 raise ServerStartError(f"the server exited with {self.process.returncode}:\n{self.log_tail()}")
             if time.monotonic() > deadline:
@@ -90,6 +99,11 @@ class ServerProcess:
                 os.kill(self.process.pid, signal.SIGKILL)
                 self.process.wait()
         self._log.close()
+        if self._kept_log is None:  # the temporary file goes; its end stays readable (log_tail) for errors
+            with open(self.log_path, "rb") as log:
+                log.seek(max(0, log.seek(0, os.SEEK_END) - KEPT_LOG_BYTES))
+                self._kept_log = log.read().decode(errors="replace")
+            self.log_path.unlink(missing_ok=True)
         return self.process.returncode
 
     def __enter__(self) -> ServerProcess:
@@ -97,4 +111,3 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-        self.log_path.unlink(missing_ok=True)
