@@ -218,8 +218,9 @@ class Batcher:
         # A batch of one request costs what the request alone does: noted, it tells whether the model is cheap.
         run = batch.servable.timed_predict if len(live) == 1 else batch.servable.predict
         outputs = run(batch.signature, self._merge(live), timeout_ms=timeout_ms)
-        if len(live) == 1 and self._padded_size(live[0].size) == live[0].size:
-            outcomes.append((live[0], outputs, None))  # the whole answer is this request's
+        size = live[0].size
+        if len(live) == 1 and all(np.ndim(value) == 0 or len(value) == size for value in outputs.values()):
+            outcomes.append((live[0], outputs, None))  # the whole answer is this request's (nothing padded)
             return
         offset = 0
         for task in live:
@@ -227,12 +228,9 @@ class Batcher:
                                     for name, value in outputs.items()}, None))
             offset += task.size
 
-    def _padded_size(self, size: int) -> int:
-        return next((s for s in self.options.allowed_batch_sizes if s >= size), size)
-
     def _merge(self, tasks: list[_Task]) -> dict[str, np.ndarray]:
         size = sum(task.size for task in tasks)
-        padded = self._padded_size(size)
+        padded = next((s for s in self.options.allowed_batch_sizes if s >= size), size)
         merged = {}
         for name in tasks[0].inputs:
             parts = [task.inputs[name] for task in tasks]
