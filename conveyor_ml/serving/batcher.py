@@ -137,6 +137,22 @@ class Batcher:
                 task.loop.call_soon(self._flush)
         return task.future
 
+    async def predict(self, servable: Servable, signature: str, inputs: dict[str, np.ndarray],
+                      deadline: float | None = None, cheap: bool = False) -> dict[str, np.ndarray]:
+        """submit() from the running event loop, awaited. A cheap call yields to the loop once first: _flush
+        was queued before that yield, so when it runs the call's lone batch right there, the answer is ready
+        as the call resumes, a loop turn sooner than a wake-up by the future (a batch that others joined
+        still wakes it)."""
+        answer = self.submit(servable, signature, inputs, deadline, cheap)
+        if cheap:
+            try:
+                await asyncio.sleep(0)
+            except asyncio.CancelledError:  # the client went away: as if it had awaited the answer,
+                if not answer.cancel():  # a worker skips it; one already given is retrieved (no warning)
+                    answer.exception()
+                raise
+        return await answer
+
     def _flush(self) -> None:
         """On the loop, once it has run everything ready: open batches go to the workers, except a batch that
         holds one cheap request and nothing queued before it, which runs here at once — handing it to a
@@ -218,8 +234,7 @@ class Batcher:
         # A batch of one request costs what the request alone does: noted, it tells whether the model is cheap.
         run = batch.servable.timed_predict if len(live) == 1 else batch.servable.predict
         outputs = run(batch.signature, self._merge(live), timeout_ms=timeout_ms)
-        size = live[0].size
-        if len(live) == 1 and all(np.ndim(value) == 0 or len(value) == size for value in outputs.values()):
+        if len(live) == 1 and all(np.ndim(value) == 0 or len(value) == live[0].size for value in outputs.values()):
             outcomes.append((live[0], outputs, None))  # the whole answer is this request's (nothing padded)
             return
         offset = 0

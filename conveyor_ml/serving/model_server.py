@@ -510,19 +510,7 @@ class ModelServer:
             name = servable.validate_inputs(signature, inputs)
             deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
             self.admission.handed_over(call)  # before submitting: the batcher may close the batch now
-            cheap = _runs_inline(servable, call)
-            answer = self.batcher.submit(servable, name, inputs, deadline, cheap=cheap)
-            if cheap:
-                # The batcher's offer of open batches was queued on the loop before this yield: when it runs
-                # this call's lone batch right there, the answer is ready as the call resumes, a loop turn
-                # sooner than a wake-up by the future (a batch that others joined still wakes it).
-                try:
-                    await asyncio.sleep(0)
-                except asyncio.CancelledError:  # the client went away: as if it had awaited the answer,
-                    if not answer.cancel():  # a worker skips it; one already given is retrieved (no warning)
-                        answer.exception()
-                    raise
-            return await answer
+            return await self.batcher.predict(servable, name, inputs, deadline, cheap=_runs_inline(servable, call))
         self.admission.handed_over(call)
         if _runs_inline(servable, call):
             return servable.timed_predict(signature, inputs, output_filter, timeout_ms)

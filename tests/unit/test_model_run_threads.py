@@ -112,16 +112,21 @@ def batching_server(tmp_path) -> ModelServer:
     return server
 
 
+async def predict_row(server: ModelServer, value: float) -> dict[str, np.ndarray]:
+    """One predict call for a one-row request, admitted and finished as the front ends do."""
+    servable = server.resolve("probe", None, None, None)
+    call = server.begin("probe", "predict", "rest", 64)
+    try:
+        return await server.predict(call, servable, "serving_default", {"x": np.array([[value]], np.float32)})
+    finally:
+        server.finish(call)
+
+
 def predict_together(server: ModelServer, calls: int) -> None:
     """`calls` predict calls sent in the same turn of the event loop (as requests read together arrive)."""
     async def one(value: float):
-        servable = server.resolve("probe", None, None, None)
-        call = server.begin("probe", "predict", "rest", 64)
-        try:
-            outputs = await server.predict(call, servable, "serving_default", {"x": np.array([[value]], np.float32)})
-            np.testing.assert_array_equal(outputs["y"], [[value]])
-        finally:
-            server.finish(call)
+        outputs = await predict_row(server, value)
+        np.testing.assert_array_equal(outputs["y"], [[value]])
 
     async def scenario():
         await asyncio.gather(*(one(float(k)) for k in range(calls)))
@@ -158,23 +163,16 @@ def test_calls_cancelled_while_they_wait_for_their_batch_are_not_run(probe, tmp_
         predict_together(server, calls=1)  # measured...
         servable.note_run_seconds(INLINE_RUN_SECONDS / 4)  # ...and cheap, whatever this machine's load
 
-        async def call(value: float):
-            handle = server.begin("probe", "predict", "rest", 64)
-            try:
-                return await server.predict(handle, servable, "serving_default", {"x": np.array([[value]], np.float32)})
-            finally:
-                server.finish(handle)
-
         async def scenario():
             probe.gate.clear()
             # Two together: one batch, to the only worker, which the gated row holds.
-            blocking = [asyncio.create_task(call(v)) for v in (GATED, 5.0)]
+            blocking = [asyncio.create_task(predict_row(server, v)) for v in (GATED, 5.0)]
             for _ in range(500):  # until the worker holds it (a loaded machine may take a while)
                 if probe.values[-1] == [GATED, 5.0]:
                     break
                 await asyncio.sleep(0.02)
             assert probe.values[-1] == [GATED, 5.0]
-            gone = [asyncio.create_task(call(v)) for v in (7.0, 8.0)]
+            gone = [asyncio.create_task(predict_row(server, v)) for v in (7.0, 8.0)]
             await asyncio.sleep(0)  # both submitted, a batch of two: each now yields once
             for task in gone:
                 task.cancel()
