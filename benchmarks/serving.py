@@ -220,6 +220,71 @@ def in_process_ceiling(saved_model_dir: str, image_shape, seconds: float) -> dic
     return ceiling
 
 
+CODEC_ROUNDS, CODEC_CALLS = 5, 2000
+
+
+def request_codec_costs(saved_model_dir: str, body: str, request) -> dict:
+    """Thread CPU per call (µs, the median of CODEC_ROUNDS rounds of CODEC_CALLS) of each protocol's codec steps for the
+    benchmark's own request and the model's answer to it, through the server's own functions: the REST body to
+    input arrays and the outputs to a JSON answer; the gRPC message to input arrays (parse included) and the
+    outputs to a serialized PredictResponse. In-process: one thread, no transport, so this VM's noise is small."""
+    import statistics
+
+    import numpy as np
+    from tensorflow_serving.apis import predict_pb2
+
+    from conveyor_ml.serving import json_codec
+    from conveyor_ml.serving.grpc_service import predict_inputs, predict_response
+    from conveyor_ml.serving.model_server import ServerOptions
+    from conveyor_ml.serving.servable import SavedModelServable
+
+    servable = SavedModelServable("codec", 1, Path(saved_model_dir))
+    signature, limit = "serving_default", ServerOptions.max_request_body_bytes
+    rest_body, grpc_message = body.encode(), request.SerializeToString()
+    inputs, request_format = json_codec.decode_predict(json_codec.parse_body(rest_body),
+                                                       servable.input_dtypes(signature))
+    outputs = servable.predict(signature, inputs)
+    grpc_inputs = predict_inputs(predict_pb2.PredictRequest.FromString(grpc_message), limit)
+    assert all(np.array_equal(inputs[name], grpc_inputs[name]) for name in inputs), "REST and gRPC inputs differ"
+    steps = {
+        ("REST", "request to arrays"): lambda: json_codec.decode_predict(json_codec.parse_body(rest_body),
+                                                                         servable.input_dtypes(signature)),
+        ("REST", "outputs to answer"): lambda: json_codec.encode_predict(outputs, request_format),
+        ("gRPC", "request to arrays"): lambda: predict_inputs(predict_pb2.PredictRequest.FromString(grpc_message),
+                                                              limit),
+        ("gRPC", "outputs to answer"): lambda: predict_response(servable, signature, outputs,
+                                                                False).SerializeToString(),
+    }
+    costs: dict[str, dict[str, float]] = {}
+    for (protocol, step), run in steps.items():
+        run()
+        measured = []
+        for _ in range(CODEC_ROUNDS):
+            start = time.thread_time()
+            for _ in range(CODEC_CALLS):
+                run()
+            measured.append((time.thread_time() - start) / CODEC_CALLS * 1e6)
+        costs.setdefault(protocol, {})[step] = statistics.median(measured)
+    servable.close()
+    return costs
+
+
+def codec_markdown(costs: dict) -> str:
+    if not costs:
+        return ""
+    import google.protobuf
+    from google.protobuf.internal import api_implementation
+
+    steps = list(next(iter(costs.values())))
+    rows = [f"| {protocol} | " + " | ".join(f"{by_step[step]:.1f}" for step in steps)
+            + f" | {sum(by_step.values()):.1f} |" for protocol, by_step in costs.items()]
+    return ("Each protocol's codec steps for this request and its answer, in-process through the server's own "
+            f"functions (thread CPU µs per call, median of {CODEC_ROUNDS} rounds of {CODEC_CALLS:,}; protobuf "
+            f"{google.protobuf.__version__}, its {api_implementation.Type()} implementation):\n\n"
+            "| protocol | " + " | ".join(steps) + " | both |\n|---|" + "---|" * (len(steps) + 1) + "\n"
+            + "\n".join(rows) + "\n\n")
+
+
 def short_frame(frame: str) -> str:
     """py-spy's "function (path/to/package/file.py:line)" as "function (package/file.py)": lines pooled."""
     match = re.fullmatch(r"(.*) \((.*?)(?::\d+)?\)", frame.strip())
@@ -433,13 +498,15 @@ def main(argv: list[str] | None = None) -> int:
                                      args.seconds)
 
     ceiling = in_process_ceiling(str(saved_model), image_shape, args.seconds)
+    codecs = request_codec_costs(str(saved_model), body, request)
     settings = {"max_batch_size": batching.max_batch_size, "batch_timeout_micros": batching.batch_timeout_micros,
                 "max_enqueued_batches": batching.max_enqueued_batches,
                 "num_batch_threads": batching.num_batch_threads}
     write_results("serving", {"model": str(saved_model), "seconds": args.seconds, "repeats": args.repeats,
                               "batching": settings, "load_average_1_5_15": loads, "results": results,
-                              "in_process_examples_per_s": ceiling, "profile": profile},
-                  markdown(results, ceiling, args, settings, loads, profile))
+                              "in_process_examples_per_s": ceiling, "codec_us_per_call": codecs,
+                              "profile": profile},
+                  markdown(results, ceiling, args, settings, loads, profile, codecs))
     return 0
 
 
@@ -512,7 +579,8 @@ def profile_markdown(profile: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def markdown(results: dict, ceiling: dict, args, settings: dict, loads: list, profile: dict) -> str:
+def markdown(results: dict, ceiling: dict, args, settings: dict, loads: list, profile: dict,
+             codecs: dict | None = None) -> str:
     rows = []
     for key, figures in results.items():
         name, concurrency = key.split("|")
@@ -555,7 +623,7 @@ def markdown(results: dict, ceiling: dict, args, settings: dict, loads: list, pr
         f"How far each figure is from what the stack and the model allow (concurrency {TOP}):\n\n"
         "| server | vs transport | vs model |\n|---|---|---|\n" + "\n".join(fraction) + "\n\n"
         f"Targets (concurrency {TOP} unless stated):\n\n| target | measured | |\n|---|---|---|\n"
-        + "\n".join(check_rows) + "\n\n" + profile_markdown(profile))
+        + "\n".join(check_rows) + "\n\n" + codec_markdown(codecs or {}) + profile_markdown(profile))
 
 
 if __name__ == "__main__":

@@ -84,6 +84,22 @@ def _classification_into(result, classification: Classification) -> None:
                 entry.score = float(scores[row][column])
 
 
+def predict_inputs(request: predict_pb2.PredictRequest, max_request_body_bytes: int) -> dict[str, np.ndarray]:
+    """A PredictRequest's input arrays, decoded within the byte budget of a request of the largest size."""
+    budget = DecodeBudget(DECODED_BYTES_PER_REQUEST_BYTE * max_request_body_bytes)
+    return {alias: decode_tensor(alias, proto, budget) for alias, proto in request.inputs.items()}
+
+
+def predict_response(servable, signature: str, outputs: dict[str, np.ndarray],
+                     as_tensor_content: bool) -> predict_pb2.PredictResponse:
+    """The PredictResponse for a version's outputs (--enable_serialization_as_tensor_content: as_tensor_content)."""
+    response = predict_pb2.PredictResponse()
+    _fill_spec(response.model_spec, servable, signature)
+    for key, value in outputs.items():
+        fill_tensor_proto(response.outputs[key], value, as_tensor_content)
+    return response
+
+
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, server: ModelServer):
         self.server = server
@@ -124,18 +140,12 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return asyncio.wrap_future(self.server.run("grpc", function, *args))
 
     def _decode_inputs(self, servable, request) -> dict[str, np.ndarray]:
-        budget = DecodeBudget(DECODED_BYTES_PER_REQUEST_BYTE * self.server.options.max_request_body_bytes)
-        inputs = {alias: decode_tensor(alias, proto, budget) for alias, proto in request.inputs.items()}
+        inputs = predict_inputs(request, self.server.options.max_request_body_bytes)
         self.server.quality.check_inputs(servable.model_name, inputs)
         return inputs
 
     def _predict_response(self, servable, signature: str, outputs: dict[str, np.ndarray]):
-        response = predict_pb2.PredictResponse()
-        _fill_spec(response.model_spec, servable, signature)
-        as_content = self.server.options.enable_serialization_as_tensor_content
-        for key, value in outputs.items():
-            fill_tensor_proto(response.outputs[key], value, as_content)
-        return response
+        return predict_response(servable, signature, outputs, self.server.options.enable_serialization_as_tensor_content)
 
     async def Predict(self, request, context):
         async def work(call, servable):
