@@ -26,7 +26,7 @@ from conveyor_ml.serving.metrics import UNKNOWN_MODEL, ServingMetrics, merge_exp
 from conveyor_ml.serving.model_quality import ModelQuality, feedback_entry, owner
 from conveyor_ml.serving.peers import ControlHandler, Peers, WorkerSlot
 from conveyor_ml.serving.routing import sticky_servable
-from conveyor_ml.serving.servable import LoadOptions, Servable
+from conveyor_ml.serving.servable import LoadOptions, Servable, rows_of
 from conveyor_ml.serving.shadow import ShadowMirror
 from conveyor_ml.serving.version_manager import LoadRetries, ModelRegistry, ModelVersions
 
@@ -77,7 +77,7 @@ class ServerOptions:
 
 
 LARGE_REQUEST_BYTES = 256 * 1024  # bodies from this size are decoded and encoded off the event loop
-# A model whose calls cost less than this (Servable.uncontended_run_seconds) runs on the event loop: handing
+# A model whose calls cost less than this (Servable.estimated_run_seconds) runs on the event loop: handing
 # a call to a pool thread and back costs about as much on this 2-core VM (300-450 us: two thread wake-ups,
 # each an interrupt to the other core). Measured there: the digit model's Session run, ~150 us on the calling
 # thread, answered REST at concurrency 1 and 32 about 1.3x as fast inline; its float32 TFLite variant (~40 us)
@@ -91,9 +91,10 @@ SETTLE_SECONDS = 0.5
 RELOAD_COORDINATOR = 0  # the server process every ReloadConfig goes through (--server_processes)
 
 
-def _runs_inline(servable: Servable, call: Call) -> bool:
-    """Whether the call's model run is cheap enough to run on the event loop (see INLINE_RUN_SECONDS)."""
-    cost = servable.uncontended_run_seconds
+def _runs_inline(servable: Servable, call: Call, inputs: dict[str, np.ndarray]) -> bool:
+    """Whether the call's model run is cheap enough to run on the event loop (see INLINE_RUN_SECONDS), for
+    as many rows as it holds."""
+    cost = servable.estimated_run_seconds(rows_of(inputs))
     return cost is not None and cost < INLINE_RUN_SECONDS and call.nbytes < LARGE_REQUEST_BYTES
 
 
@@ -510,9 +511,9 @@ class ModelServer:
             name = servable.validate_inputs(signature, inputs)
             deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
             self.admission.handed_over(call)  # before submitting: the batcher may close the batch now
-            return await self.batcher.predict(servable, name, inputs, deadline, cheap=_runs_inline(servable, call))
+            return await self.batcher.predict(servable, name, inputs, deadline, cheap=_runs_inline(servable, call, inputs))
         self.admission.handed_over(call)
-        if _runs_inline(servable, call):
+        if _runs_inline(servable, call, inputs):
             return servable.timed_predict(signature, inputs, output_filter, timeout_ms)
         return await asyncio.wrap_future(self.run(call.protocol, servable.timed_predict, signature, inputs,
                                                   output_filter, timeout_ms))

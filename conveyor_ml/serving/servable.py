@@ -35,7 +35,7 @@ TFLITE_MODEL_FILE = "model.tflite"
 # A run with a deadline executes on the calling thread only when the model's cost is under this share of the
 # time left: TensorFlow cannot stop a run on the caller's thread midway, a pooled run it can.
 CALLER_THREAD_DEADLINE_SHARE = 0.1
-RECENT_RUNS = 8  # timed calls the estimate of a model's cost is taken from (Servable.uncontended_run_seconds)
+RECENT_RUNS = 8  # timed calls the estimate of a model's cost is taken from (Servable.estimated_run_seconds)
 WAITING_RUN_SECONDS = 0.003  # a timed call at least this long counts its wall-clock time (Servable.timed_predict)
 
 
@@ -103,6 +103,11 @@ def model_error_message(text: str) -> str:
     return message if len(message) <= MAX_ERROR_MESSAGE_CHARS else message[:MAX_ERROR_MESSAGE_CHARS] + "..."
 
 
+def rows_of(inputs: dict[str, np.ndarray]) -> int:
+    """How many rows (examples) a request's inputs hold: the largest first dimension, 1 for scalars."""
+    return max((len(value) for value in inputs.values() if np.ndim(value)), default=1)
+
+
 def grpc_code(exc: tf.errors.OpError) -> grpc.StatusCode:
     for code in grpc.StatusCode:
         if code.value[0] == exc.error_code:
@@ -124,33 +129,38 @@ class Servable:
         self.load_seconds = 0.0
         self._validated: dict[tuple, str] = {}  # validate_inputs' passes: (signature, (alias, dtype)...) -> name
         self._input_dtypes: dict[str, dict[str, tf.DType]] = {}  # per known signature name
-        self._recent_runs: list[float] = []  # the last RECENT_RUNS timed calls' costs, a ring
+        self._recent_runs: list[tuple[float, int]] = []  # the last RECENT_RUNS timed calls' (cost, rows), a ring
         self._runs_noted = 0
 
-    @property
-    def uncontended_run_seconds(self) -> float | None:
-        """The least cost of the last RECENT_RUNS timed calls (None before one): what a call costs with the
-        server to itself. See timed_predict."""
-        return min(self._recent_runs) if self._recent_runs else None
+    def estimated_run_seconds(self, rows: int = 1) -> float | None:
+        """What a call of `rows` rows should cost with the server to itself (None before a timed call): the
+        least of the last RECENT_RUNS timed calls' costs (see timed_predict), each grown in proportion where
+        the call had fewer rows (a one-row request measured cheap says nothing good about a thousand-row one:
+        run on the event loop, it would stall every other request; in proportion overstates it, which only
+        sends it to a pool thread)."""
+        if not self._recent_runs:
+            return None
+        return min(seconds * max(1.0, rows / measured_rows) for seconds, measured_rows in self._recent_runs)
 
-    def note_run_seconds(self, seconds: float) -> None:
-        """Adds one call's cost (pool threads may call this at once: at worst one is lost)."""
+    def note_run_seconds(self, seconds: float, rows: int = 1) -> None:
+        """Adds one call's cost and its rows (pool threads may call this at once: at worst one is lost)."""
+        run = (seconds, max(1, rows))
         if len(self._recent_runs) < RECENT_RUNS:
-            self._recent_runs.append(seconds)
+            self._recent_runs.append(run)
         else:
-            self._recent_runs[self._runs_noted % RECENT_RUNS] = seconds
+            self._recent_runs[self._runs_noted % RECENT_RUNS] = run
         self._runs_noted += 1
 
-    def timed_predict(self, *args, **kwargs) -> dict[str, np.ndarray]:
+    def timed_predict(self, signature_name: str, inputs: dict[str, np.ndarray], *args, **kwargs) -> dict[str, np.ndarray]:
         """predict(), its cost noted: the CPU time of the thread that ran it, not the wall-clock time a busy
         server adds to (waits for the GIL and a CPU: the digit model's pooled calls measured 200-700 us wall
         at concurrency 1 on this VM and 300 us to 5 ms at 32, its CPU time 160-240 us throughout). A call
         longer than WAITING_RUN_SECONDS counts its wall-clock time: a model that waits (on I/O, on the
         inter-op pool) would hold the event loop that long."""
         started, started_cpu = time.perf_counter(), time.thread_time()
-        outputs = self.predict(*args, **kwargs)
+        outputs = self.predict(signature_name, inputs, *args, **kwargs)
         wall, cpu = time.perf_counter() - started, time.thread_time() - started_cpu
-        self.note_run_seconds(cpu if wall < WAITING_RUN_SECONDS else wall)
+        self.note_run_seconds(cpu if wall < WAITING_RUN_SECONDS else wall, rows_of(inputs))
         return outputs
 
     # -- signatures ---------------------------------------------------------------------------------------
@@ -484,7 +494,7 @@ class SavedModelServable(Servable):
         feed_dict = {self._tensor(name)._as_tf_output(): value for name, value in feeds.items()}
         fetch_list = [self._tensor(name)._as_tf_output() for name in fetches]
         run_options = config_pb2.RunOptions(timeout_in_ms=int(timeout_ms or 0))
-        if self._caller_thread_runs and (not timeout_ms or self._finishes_well_within(timeout_ms)):
+        if self._caller_thread_runs and (not timeout_ms or self._finishes_well_within(timeout_ms, rows_of(feeds))):
             run_options.inter_op_thread_pool = -1
         options = pywrap_tf_session.TF_NewBufferFromString(run_options.SerializeToString())
         try:
@@ -499,6 +509,6 @@ class SavedModelServable(Servable):
         finally:
             pywrap_tf_session.TF_DeleteBuffer(options)
 
-    def _finishes_well_within(self, timeout_ms: int) -> bool:
-        cost = self.uncontended_run_seconds
+    def _finishes_well_within(self, timeout_ms: int, rows: int) -> bool:
+        cost = self.estimated_run_seconds(rows)
         return cost is not None and cost * 1000 < CALLER_THREAD_DEADLINE_SHARE * timeout_ms

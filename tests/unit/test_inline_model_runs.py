@@ -30,7 +30,8 @@ def server(tmp_path):
     server.stop()
 
 
-def predict_while_the_pool_is_busy(server: ModelServer, nbytes: int = 64) -> tuple[bool, np.ndarray]:
+def predict_while_the_pool_is_busy(server: ModelServer, nbytes: int = 64,
+                                   x: tuple = ([1.0], [3.0])) -> tuple[bool, np.ndarray]:
     """(answered while the REST pool's only thread was blocked?, the answer once it was released)."""
     release = threading.Event()
     blocker = server.executors["rest"].submit(release.wait, 30)
@@ -40,7 +41,7 @@ def predict_while_the_pool_is_busy(server: ModelServer, nbytes: int = 64) -> tup
         call = server.begin("half_plus_two", "predict", "rest", nbytes)
         try:
             task = asyncio.ensure_future(server.predict(call, servable, "serving_default",
-                                                        {"x": np.array([[1.0], [3.0]], np.float32)}))
+                                                        {"x": np.array(x, np.float32)}))
             done, _ = await asyncio.wait([task], timeout=0.5)
             release.set()
             return bool(done), (await task)["y"]
@@ -75,12 +76,12 @@ def make_cost(servable, seconds: float) -> None:
 
 def test_a_model_measured_as_fast_runs_on_the_event_loop(server):
     servable = server.resolve("half_plus_two", None, None, None)
-    assert servable.uncontended_run_seconds is None  # not measured yet: the first call goes to the pool
+    assert servable.estimated_run_seconds() is None  # not measured yet: the first call goes to the pool
     answered, y = predict_while_the_pool_is_busy(server)
     assert not answered
     np.testing.assert_allclose(y, [[2.5], [3.5]])
     predict(server, 100)
-    assert servable.uncontended_run_seconds > 0  # the calls, made one at a time, were measured
+    assert servable.estimated_run_seconds() > 0  # the calls, made one at a time, were measured
     # Whether half_plus_two measures under the threshold depends on the machine's load (CI's took 261 us
     # once): the routing is asserted for a known cost instead of a wall-clock one.
     make_cost(servable, INLINE_RUN_SECONDS / 4)
@@ -93,6 +94,11 @@ def test_slow_models_and_large_requests_stay_on_the_pool(server):
     servable = server.resolve("half_plus_two", None, None, None)
     make_cost(servable, INLINE_RUN_SECONDS / 4)
     assert not predict_while_the_pool_is_busy(server, nbytes=LARGE_REQUEST_BYTES)[0]
+
+    # Cheap for one row, but a request of 8 rows is estimated at twice the inline budget.
+    answered, y = predict_while_the_pool_is_busy(server, x=tuple([float(k)] for k in range(8)))
+    assert not answered
+    np.testing.assert_allclose(y, [[0.5 * k + 2] for k in range(8)])
 
     make_cost(servable, 0.005)  # a model whose calls take 5 ms
     answered, y = predict_while_the_pool_is_busy(server)

@@ -90,14 +90,34 @@ def test_a_run_with_a_deadline_takes_the_pool_until_the_model_is_known_to_be_qui
 
 def test_the_cost_estimate_is_the_fastest_recent_run(probe, tmp_path):
     servable = SavedModelServable("probe", 1, tmp_path / "probe" / "1")
-    assert servable.uncontended_run_seconds is None
+    assert servable.estimated_run_seconds() is None
     servable.note_run_seconds(0.010)
     servable.note_run_seconds(0.0001)
     servable.note_run_seconds(0.050)  # a call that waited for the CPU does not raise it
-    assert servable.uncontended_run_seconds == pytest.approx(0.0001)
+    assert servable.estimated_run_seconds() == pytest.approx(0.0001)
     for _ in range(RECENT_RUNS):
         servable.note_run_seconds(0.004)  # the model really became slower: the estimate follows
-    assert servable.uncontended_run_seconds == pytest.approx(0.004)
+    assert servable.estimated_run_seconds() == pytest.approx(0.004)
+
+
+def test_the_cost_estimate_grows_with_the_rows_a_call_holds(probe, tmp_path):
+    servable = SavedModelServable("probe", 1, tmp_path / "probe" / "1")
+    servable.note_run_seconds(0.0001, rows=1)
+    assert servable.estimated_run_seconds(1) == pytest.approx(0.0001)
+    assert servable.estimated_run_seconds(10) == pytest.approx(0.001)  # in proportion to one-row calls
+    servable.note_run_seconds(0.0008, rows=32)  # a 32-row call: 25 us a row
+    assert servable.estimated_run_seconds(10) == pytest.approx(0.0008)  # fewer rows than it: no more than it
+    assert servable.estimated_run_seconds(64) == pytest.approx(0.0016)  # the 32-row call, doubled
+    assert servable.estimated_run_seconds(1) == pytest.approx(0.0001)
+
+
+def test_a_timed_call_is_noted_with_its_rows(probe, tmp_path):
+    servable = SavedModelServable("probe", 1, tmp_path / "probe" / "1")
+    servable.timed_predict("serving_default", {"x": np.ones((5, 1), np.float32)})
+    cost = servable.estimated_run_seconds(5)
+    assert cost > 0
+    assert servable.estimated_run_seconds(1) == pytest.approx(cost)  # noted as a 5-row call, not a 1-row one
+    assert servable.estimated_run_seconds(10) == pytest.approx(2 * cost)
 
 
 def batching_server(tmp_path) -> ModelServer:
@@ -140,8 +160,8 @@ def test_with_batching_a_lone_call_for_a_cheap_model_runs_on_the_event_loop(prob
         servable = server.resolve("probe", None, None, None)
         predict_together(server, calls=1)
         assert probe.threads[-1] != threading.get_ident()  # cost unknown: the batch worker ran it, timed
-        assert servable.uncontended_run_seconds is not None
-        if servable.uncontended_run_seconds >= INLINE_RUN_SECONDS:  # a loaded machine: state it, not time it
+        assert servable.estimated_run_seconds() is not None
+        if servable.estimated_run_seconds() >= INLINE_RUN_SECONDS:  # a loaded machine: state it, not time it
             servable.note_run_seconds(INLINE_RUN_SECONDS / 4)
         runs = len(probe.threads)
         predict_together(server, calls=1)
@@ -150,6 +170,28 @@ def test_with_batching_a_lone_call_for_a_cheap_model_runs_on_the_event_loop(prob
         # Three together: one batch of three (one run of the model), on the worker.
         assert len(probe.threads) == runs + 2 and probe.threads[-1] != threading.get_ident()
         assert server.batcher.queue_depth() == 0
+    finally:
+        server.stop()
+
+
+def test_with_batching_a_lone_call_of_many_rows_goes_to_a_worker(probe, tmp_path):
+    server = batching_server(tmp_path)
+    try:
+        servable = server.resolve("probe", None, None, None)
+        for _ in range(RECENT_RUNS):
+            servable.note_run_seconds(INLINE_RUN_SECONDS / 4)  # cheap, measured on one-row calls
+        rows = np.arange(8, dtype=np.float32).reshape(8, 1)  # 8 rows: twice the inline budget
+
+        async def scenario():
+            call = server.begin("probe", "predict", "rest", 64)
+            try:
+                return await server.predict(call, servable, "serving_default", {"x": rows})
+            finally:
+                server.finish(call)
+
+        outputs = asyncio.run(scenario())
+        np.testing.assert_array_equal(outputs["y"], rows)
+        assert probe.threads[-1] != threading.get_ident()  # the worker ran it, not the event loop
     finally:
         server.stop()
 
