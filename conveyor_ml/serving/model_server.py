@@ -26,7 +26,7 @@ from conveyor_ml.serving.metrics import UNKNOWN_MODEL, ServingMetrics, merge_exp
 from conveyor_ml.serving.model_quality import ModelQuality, feedback_entry, owner
 from conveyor_ml.serving.peers import ControlHandler, Peers, WorkerSlot
 from conveyor_ml.serving.routing import sticky_servable
-from conveyor_ml.serving.servable import LoadOptions, Servable, rows_of
+from conveyor_ml.serving.servable import LoadOptions, Servable, input_size
 from conveyor_ml.serving.shadow import ShadowMirror
 from conveyor_ml.serving.version_manager import LoadRetries, ModelRegistry, ModelVersions
 
@@ -93,8 +93,8 @@ RELOAD_COORDINATOR = 0  # the server process every ReloadConfig goes through (--
 
 def _runs_inline(servable: Servable, call: Call, inputs: dict[str, np.ndarray]) -> bool:
     """Whether the call's model run is cheap enough to run on the event loop (see INLINE_RUN_SECONDS), for
-    as many rows as it holds."""
-    cost = servable.estimated_run_seconds(rows_of(inputs))
+    inputs of its size."""
+    cost = servable.estimated_run_seconds(input_size(inputs))
     return cost is not None and cost < INLINE_RUN_SECONDS and call.nbytes < LARGE_REQUEST_BYTES
 
 

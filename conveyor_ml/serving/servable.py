@@ -103,9 +103,10 @@ def model_error_message(text: str) -> str:
     return message if len(message) <= MAX_ERROR_MESSAGE_CHARS else message[:MAX_ERROR_MESSAGE_CHARS] + "..."
 
 
-def rows_of(inputs: dict[str, np.ndarray]) -> int:
-    """How many rows (examples) a request's inputs hold: the largest first dimension, 1 for scalars."""
-    return max((len(value) for value in inputs.values() if np.ndim(value)), default=1)
+def input_size(inputs: dict[str, np.ndarray]) -> int:
+    """How many values a request's inputs hold, all inputs together: what a model's cost grows with (rows
+    of images, the length of sequences)."""
+    return sum(np.size(value) for value in inputs.values())
 
 
 def grpc_code(exc: tf.errors.OpError) -> grpc.StatusCode:
@@ -129,22 +130,22 @@ class Servable:
         self.load_seconds = 0.0
         self._validated: dict[tuple, str] = {}  # validate_inputs' passes: (signature, (alias, dtype)...) -> name
         self._input_dtypes: dict[str, dict[str, tf.DType]] = {}  # per known signature name
-        self._recent_runs: list[tuple[float, int]] = []  # the last RECENT_RUNS timed calls' (cost, rows), a ring
+        self._recent_runs: list[tuple[float, int]] = []  # the last RECENT_RUNS timed calls' (cost, input size), a ring
         self._runs_noted = 0
 
-    def estimated_run_seconds(self, rows: int = 1) -> float | None:
-        """What a call of `rows` rows should cost with the server to itself (None before a timed call): the
-        least of the last RECENT_RUNS timed calls' costs (see timed_predict), each grown in proportion where
-        the call had fewer rows (a one-row request measured cheap says nothing good about a thousand-row one:
-        run on the event loop, it would stall every other request; in proportion overstates it, which only
-        sends it to a pool thread)."""
+    def estimated_run_seconds(self, size: int = 1) -> float | None:
+        """What a call whose inputs hold `size` values (input_size) should cost with the server to itself (None
+        before a timed call): the least of the last RECENT_RUNS timed calls' costs (see timed_predict), each
+        grown in proportion where the call's inputs were smaller (a one-image request measured cheap says
+        nothing good about a thousand-image one: run on the event loop, it would stall every other request;
+        in proportion overstates it, which only sends it to a pool thread)."""
         if not self._recent_runs:
             return None
-        return min(seconds * max(1.0, rows / measured_rows) for seconds, measured_rows in self._recent_runs)
+        return min(seconds * max(1.0, size / measured_size) for seconds, measured_size in self._recent_runs)
 
-    def note_run_seconds(self, seconds: float, rows: int = 1) -> None:
-        """Adds one call's cost and its rows (pool threads may call this at once: at worst one is lost)."""
-        run = (seconds, max(1, rows))
+    def note_run_seconds(self, seconds: float, size: int = 1) -> None:
+        """Adds one call's cost and its input size (pool threads may call this at once: at worst one is lost)."""
+        run = (seconds, max(1, size))
         if len(self._recent_runs) < RECENT_RUNS:
             self._recent_runs.append(run)
         else:
@@ -160,7 +161,7 @@ class Servable:
         started, started_cpu = time.perf_counter(), time.thread_time()
         outputs = self.predict(signature_name, inputs, *args, **kwargs)
         wall, cpu = time.perf_counter() - started, time.thread_time() - started_cpu
-        self.note_run_seconds(cpu if wall < WAITING_RUN_SECONDS else wall, rows_of(inputs))
+        self.note_run_seconds(cpu if wall < WAITING_RUN_SECONDS else wall, input_size(inputs))
         return outputs
 
     # -- signatures ---------------------------------------------------------------------------------------
@@ -494,7 +495,7 @@ class SavedModelServable(Servable):
         feed_dict = {self._tensor(name)._as_tf_output(): value for name, value in feeds.items()}
         fetch_list = [self._tensor(name)._as_tf_output() for name in fetches]
         run_options = config_pb2.RunOptions(timeout_in_ms=int(timeout_ms or 0))
-        if self._caller_thread_runs and (not timeout_ms or self._finishes_well_within(timeout_ms, rows_of(feeds))):
+        if self._caller_thread_runs and (not timeout_ms or self._finishes_well_within(timeout_ms, input_size(feeds))):
             run_options.inter_op_thread_pool = -1
         options = pywrap_tf_session.TF_NewBufferFromString(run_options.SerializeToString())
         try:
@@ -509,6 +510,6 @@ class SavedModelServable(Servable):
         finally:
             pywrap_tf_session.TF_DeleteBuffer(options)
 
-    def _finishes_well_within(self, timeout_ms: int, rows: int) -> bool:
-        cost = self.estimated_run_seconds(rows)
+    def _finishes_well_within(self, timeout_ms: int, size: int) -> bool:
+        cost = self.estimated_run_seconds(size)
         return cost is not None and cost * 1000 < CALLER_THREAD_DEADLINE_SHARE * timeout_ms

@@ -14,7 +14,7 @@ from conveyor_ml.serving.model_server import (
     ModelServer,
     ServerOptions,
 )
-from conveyor_ml.serving.servable import RECENT_RUNS, LoadOptions
+from conveyor_ml.serving.servable import RECENT_RUNS, LoadOptions, input_size
 from tests.tf_serving_models import write_half_plus_two_tflite
 
 
@@ -88,6 +88,13 @@ def test_a_model_measured_as_fast_runs_on_the_event_loop(server):
     answered, y = predict_while_the_pool_is_busy(server)
     assert answered  # it did not need the blocked pool thread
     np.testing.assert_allclose(y, [[2.5], [3.5]])
+
+
+def test_a_requests_input_size_counts_every_value_of_every_input():
+    # Rows of images and the length of sequences alike: what a model's cost grows with.
+    assert input_size({"images": np.zeros((3, 8, 8), np.float32)}) == 192
+    assert input_size({"tokens": np.zeros((1, 500), np.int64), "length": np.array([500])}) == 501
+    assert input_size({"scale": np.float32(2.0)}) == 1
 
 
 def test_slow_models_and_large_requests_stay_on_the_pool(server):

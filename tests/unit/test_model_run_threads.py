@@ -100,23 +100,23 @@ def test_the_cost_estimate_is_the_fastest_recent_run(probe, tmp_path):
     assert servable.estimated_run_seconds() == pytest.approx(0.004)
 
 
-def test_the_cost_estimate_grows_with_the_rows_a_call_holds(probe, tmp_path):
+def test_the_cost_estimate_grows_with_the_size_of_a_calls_inputs(probe, tmp_path):
     servable = SavedModelServable("probe", 1, tmp_path / "probe" / "1")
-    servable.note_run_seconds(0.0001, rows=1)
+    servable.note_run_seconds(0.0001, size=1)
     assert servable.estimated_run_seconds(1) == pytest.approx(0.0001)
-    assert servable.estimated_run_seconds(10) == pytest.approx(0.001)  # in proportion to one-row calls
-    servable.note_run_seconds(0.0008, rows=32)  # a 32-row call: 25 us a row
-    assert servable.estimated_run_seconds(10) == pytest.approx(0.0008)  # fewer rows than it: no more than it
+    assert servable.estimated_run_seconds(10) == pytest.approx(0.001)  # in proportion to one-value calls
+    servable.note_run_seconds(0.0008, size=32)  # a 32-value call: 25 us a value
+    assert servable.estimated_run_seconds(10) == pytest.approx(0.0008)  # smaller than it: no more than it
     assert servable.estimated_run_seconds(64) == pytest.approx(0.0016)  # the 32-row call, doubled
     assert servable.estimated_run_seconds(1) == pytest.approx(0.0001)
 
 
-def test_a_timed_call_is_noted_with_its_rows(probe, tmp_path):
+def test_a_timed_call_is_noted_with_its_input_size(probe, tmp_path):
     servable = SavedModelServable("probe", 1, tmp_path / "probe" / "1")
     servable.timed_predict("serving_default", {"x": np.ones((5, 1), np.float32)})
     cost = servable.estimated_run_seconds(5)
     assert cost > 0
-    assert servable.estimated_run_seconds(1) == pytest.approx(cost)  # noted as a 5-row call, not a 1-row one
+    assert servable.estimated_run_seconds(1) == pytest.approx(cost)  # noted as 5 values, not 1
     assert servable.estimated_run_seconds(10) == pytest.approx(2 * cost)
 
 
@@ -179,7 +179,7 @@ def test_with_batching_a_lone_call_of_many_rows_goes_to_a_worker(probe, tmp_path
     try:
         servable = server.resolve("probe", None, None, None)
         for _ in range(RECENT_RUNS):
-            servable.note_run_seconds(INLINE_RUN_SECONDS / 4)  # cheap, measured on one-row calls
+            servable.note_run_seconds(INLINE_RUN_SECONDS / 4)  # cheap, measured on one-value calls
         rows = np.arange(8, dtype=np.float32).reshape(8, 1)  # 8 rows: twice the inline budget
 
         async def scenario():
