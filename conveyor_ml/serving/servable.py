@@ -139,9 +139,12 @@ class Servable:
         grown in proportion where the call's inputs were smaller (a one-image request measured cheap says
         nothing good about a thousand-image one: run on the event loop, it would stall every other request;
         in proportion overstates it, which only sends it to a pool thread)."""
-        if not self._recent_runs:
-            return None
-        return min(seconds * max(1.0, size / measured_size) for seconds, measured_size in self._recent_runs)
+        least = None
+        for seconds, measured_size in self._recent_runs:  # a plain loop: asked on the event loop per request
+            cost = seconds if size <= measured_size else seconds * size / measured_size
+            if least is None or cost < least:
+                least = cost
+        return least
 
     def note_run_seconds(self, seconds: float, size: int = 1) -> None:
         """Adds one call's cost and its input size (pool threads may call this at once: at worst one is lost)."""
