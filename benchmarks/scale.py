@@ -123,7 +123,9 @@ def measure_size(size: int, scratch: Path) -> dict:
     print(f"{size}: data init {ingestion['wall_s']:.1f}s, peak {ingestion['peak_rss_mb']:.0f} MiB", flush=True)
     pipeline = run_monitored(cli("run", str(spec)))
     print(f"{size}: run {pipeline['wall_s']:.1f}s, peak {pipeline['peak_rss_mb']:.0f} MiB", flush=True)
-    accuracy = re.search(r"evaluated: accuracy ([\d.]+)", pipeline["output"])
+    # The run's summary: "evaluated: accuracy 0.98 (threshold ...)", or with the Evaluator's reason,
+    # "evaluated: blessed — accuracy 0.98 on N eval examples (...)".
+    accuracy = re.search(r"evaluated: .*?accuracy ([\d.]+)", pipeline["output"])
     shutil.rmtree(directory)
     return {
         "examples": size,
