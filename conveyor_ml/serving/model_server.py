@@ -511,6 +511,8 @@ class ModelServer:
             name = servable.validate_inputs(signature, inputs)
             deadline = time.monotonic() + timeout_ms / 1000 if timeout_ms else None
             self.admission.handed_over(call)  # before submitting: the batcher may close the batch now
+            # (A lone batch padded to the next allowed_batch_sizes costs more than its rows: the estimate, made
+            # for the request, is low by at most the ratio of neighbouring allowed sizes.)
             return await self.batcher.predict(servable, name, inputs, deadline, cheap=_runs_inline(servable, call, inputs))
         self.admission.handed_over(call)
         if _runs_inline(servable, call, inputs):

@@ -130,7 +130,9 @@ class Servable:
         self.load_seconds = 0.0
         self._validated: dict[tuple, str] = {}  # validate_inputs' passes: (signature, (alias, dtype)...) -> name
         self._input_dtypes: dict[str, dict[str, tf.DType]] = {}  # per known signature name
-        self._recent_runs: list[tuple[float, int]] = []  # the last RECENT_RUNS timed calls' (cost, input size), a ring
+        # The last RECENT_RUNS timed calls' (cost, input size), a ring of fixed length: pool threads note calls
+        # at once, and a list that grew by append could pass its length and keep a stale entry for good.
+        self._recent_runs: list[tuple[float, int] | None] = [None] * RECENT_RUNS
         self._runs_noted = 0
 
     def estimated_run_seconds(self, size: int = 1) -> float | None:
@@ -140,7 +142,10 @@ class Servable:
         nothing good about a thousand-image one: run on the event loop, it would stall every other request;
         in proportion overstates it, which only sends it to a pool thread)."""
         least = None
-        for seconds, measured_size in self._recent_runs:  # a plain loop: asked on the event loop per request
+        for run in self._recent_runs:  # a plain loop: asked on the event loop per request
+            if run is None:
+                continue
+            seconds, measured_size = run
             cost = seconds if size <= measured_size else seconds * size / measured_size
             if least is None or cost < least:
                 least = cost
@@ -148,11 +153,7 @@ class Servable:
 
     def note_run_seconds(self, seconds: float, size: int = 1) -> None:
         """Adds one call's cost and its input size (pool threads may call this at once: at worst one is lost)."""
-        run = (seconds, max(1, size))
-        if len(self._recent_runs) < RECENT_RUNS:
-            self._recent_runs.append(run)
-        else:
-            self._recent_runs[self._runs_noted % RECENT_RUNS] = run
+        self._recent_runs[self._runs_noted % RECENT_RUNS] = (seconds, max(1, size))
         self._runs_noted += 1
 
     def timed_predict(self, signature_name: str, inputs: dict[str, np.ndarray], *args, **kwargs) -> dict[str, np.ndarray]:
