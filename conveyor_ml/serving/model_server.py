@@ -94,8 +94,10 @@ RELOAD_COORDINATOR = 0  # the server process every ReloadConfig goes through (--
 def _runs_inline(servable: Servable, call: Call, inputs: dict[str, np.ndarray]) -> bool:
     """Whether the call's model run is cheap enough to run on the event loop (see INLINE_RUN_SECONDS), for
     inputs of its size."""
+    if call.nbytes >= LARGE_REQUEST_BYTES:
+        return False
     cost = servable.estimated_run_seconds(input_size(inputs))
-    return cost is not None and cost < INLINE_RUN_SECONDS and call.nbytes < LARGE_REQUEST_BYTES
+    return cost is not None and cost < INLINE_RUN_SECONDS
 
 
 @dataclass

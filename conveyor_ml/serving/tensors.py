@@ -9,6 +9,7 @@ shape, and what the request's tensors decode to may not exceed a byte budget (`D
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -130,19 +131,14 @@ class _Encoding:
     kind: str  # "string", "half" (bits as uint16), "complex" (real, imag pairs) or "number"
 
 
-_ENCODINGS: dict[np.dtype, _Encoding] = {}
-
-
+@functools.cache
 def _encoding(dtype: np.dtype) -> _Encoding:
-    encoding = _ENCODINGS.get(dtype)
-    if encoding is None:
-        string = dtype.kind in "OSU"  # bytes, str or Python objects (strings)
-        datatype = types_pb2.DT_STRING if string else tf.dtypes.as_dtype(dtype).as_datatype_enum
-        field = _TYPED_FIELD[datatype]
-        kind = ("string" if string else "half" if field == "half_val"
-                else "complex" if field in ("scomplex_val", "dcomplex_val") else "number")
-        encoding = _ENCODINGS[dtype] = _Encoding(datatype, field, kind)
-    return encoding
+    string = dtype.kind in "OSU"  # bytes, str or Python objects (strings)
+    datatype = types_pb2.DT_STRING if string else tf.dtypes.as_dtype(dtype).as_datatype_enum
+    field = _TYPED_FIELD[datatype]
+    kind = ("string" if string else "half" if field == "half_val"
+            else "complex" if field in ("scomplex_val", "dcomplex_val") else "number")
+    return _Encoding(datatype, field, kind)
 
 
 def fill_tensor_proto(proto: tensor_pb2.TensorProto, value: np.ndarray, as_tensor_content: bool = False) -> None:
