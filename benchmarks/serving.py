@@ -1,8 +1,10 @@
 """Serving throughput and latency, measured fairly: `conveyor serve` over REST and gRPC (batching on and off, the
 SavedModel and its TFLite float32 variant, one process and one per core), the Flask service users start with
-(Werkzeug's development server, and the same app under gunicorn, one worker per core), and two ceilings from
-the same run: the model called in-process at each batch size, and the transport (the same HTTP and gRPC stack
-answering a fixed response, in one process and in as many as the per-core server).
+(Werkzeug's development server, and the same app under gunicorn, one worker per core), and from the same run
+two ceilings and a floor: the model called in-process at each batch size, the transport (the same HTTP and gRPC
+stack answering a fixed response, in one process and in as many as the per-core server), and the minimal
+Predict path (that stack, the server's codec and model run and one plain batching thread, none of its
+features: benchmarks/minimal_predict.py).
 
 Fairness:
 - Load generators are native (wrk for REST, h2load for gRPC) with the same number of client threads (2, or
@@ -42,6 +44,7 @@ from benchmarks.common import spread, write_results
 
 CONCURRENCY = (1, 8, 32)
 TOP = max(CONCURRENCY)
+MINIMAL = "minimal Predict path (no server features)"  # benchmarks/minimal_predict.py
 WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.body = [==[%s]==]
@@ -459,6 +462,19 @@ def main(argv: list[str] | None = None) -> int:
             rows[f"transport ceiling gRPC{named} (no model)"] = lambda c, seconds, g=grpc_port: h2load_grpc(
                 f"127.0.0.1:{g}", str(frame_file), c, seconds)
 
+        # The same stack, codec and model with one plain batching thread and none of the server's features:
+        # what any Predict path with batching reaches here (benchmarks/minimal_predict.py).
+        rest_port, grpc_port = free_port(), free_port()
+        started = start_process([sys.executable, "-m", "benchmarks.minimal_predict", str(saved_model), args.model,
+                                 str(rest_port), str(grpc_port), str(batching.max_batch_size)], running)
+        minimal_url = f"http://127.0.0.1:{rest_port}"
+        wait_http(f"{minimal_url}/v1/models/{args.model}:predict", body=body.encode(), process=started)
+        check_answers(minimal_url, f"127.0.0.1:{grpc_port}", args.model, body, request, expected)
+        rows[f"{MINIMAL} REST"] = lambda c, seconds, u=f"{minimal_url}/v1/models/{args.model}:predict": wrk_load(
+            u, body, c, seconds)
+        rows[f"{MINIMAL} gRPC"] = lambda c, seconds, g=grpc_port: h2load_grpc(f"127.0.0.1:{g}", str(frame_file), c,
+                                                                             seconds)
+
         baselines = [
             ("Flask (Werkzeug dev server, threaded)", [sys.executable, "-m", "benchmarks.flask_baseline",
                                                        str(saved_model), "{port}"]),
@@ -491,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {key: summary(measured) for key, measured in runs.items()}
         for *_, server in servers:
             check_answers(server.rest_url, server.grpc_target, args.model, body, request, expected)
+        check_answers(minimal_url, f"127.0.0.1:{grpc_port}", args.model, body, request, expected)
         if args.profile:
             name, state, server = servers[0]
             print(f"profiling {name} {state}, REST concurrency {TOP}", flush=True)
@@ -540,6 +557,10 @@ def targets(results: dict) -> list[tuple[str, float, float]]:
          2.0),
         ("REST (batching on) vs the Werkzeug dev server (for reference)", rest_on,
          median("Flask (Werkzeug dev server, threaded)", TOP, "qps"), 0.0),
+        ("the minimal Predict path: REST vs the REST transport ceiling (for reference)",
+         median(f"{MINIMAL} REST", TOP, "qps"), median("transport ceiling REST (no model)", TOP, "qps"), 0.0),
+        ("the minimal Predict path: gRPC vs REST (for reference)", median(f"{MINIMAL} gRPC", TOP, "qps"),
+         median(f"{MINIMAL} REST", TOP, "qps"), 0.0),
     ]
     several = next((key.split("|")[0][:-len(" REST, batching on")] for key in results
                     if re.match(r"conveyor \d+ processes REST, batching on\|", key)), None)
@@ -593,16 +614,19 @@ def markdown(results: dict, ceiling: dict, args, settings: dict, loads: list, pr
     fraction = []
     several = sorted({key.split("|")[0] for key in results if re.match(r"conveyor \d+ processes ", key)})
     for name in ("conveyor REST, batching on", "conveyor gRPC, batching on", "conveyor REST, batching off",
-                 "conveyor gRPC, batching off", *several):
+                 "conveyor gRPC, batching off", *several, f"{MINIMAL} REST", f"{MINIMAL} gRPC"):
         protocol = "REST" if "REST" in name else "gRPC"
         processes = re.match(r"conveyor (\d+) processes ", name)
         named = f", {processes.group(1)} processes" if processes else ""
         served = results.get(f"{name}|{TOP}")
         transport = results.get(f"transport ceiling {protocol}{named} (no model)|{TOP}")
+        minimal = results.get(f"{MINIMAL} {protocol}|{TOP}")
         if served and transport:
+            versus_minimal = (f"{served['qps']['median'] / minimal['qps']['median']:.0%} of the {protocol} minimal path"
+                              if minimal and not processes and not name.startswith(MINIMAL) else "")
             fraction.append(f"| {name} | {served['qps']['median'] / transport['qps']['median']:.0%} of the "
-                            f"{protocol}{named} transport ceiling | {served['qps']['median'] / ceiling[TOP]:.0%} of the "
-                            f"model's examples/s at batch {TOP} |")
+                            f"{protocol}{named} transport ceiling | {versus_minimal} | "
+                            f"{served['qps']['median'] / ceiling[TOP]:.0%} of the model's examples/s at batch {TOP} |")
     return (
         "# Serving benchmark\n\n"
         f"Model: the pipeline's pushed SavedModel (and its float32 TFLite variant, served as TF Serving's "
@@ -621,7 +645,12 @@ def markdown(results: dict, ceiling: dict, args, settings: dict, loads: list, pr
         "In-process ceiling (the SavedModel run as the server runs it, examples/s): "
         + ", ".join(f"batch {b}: {v:,.0f}" for b, v in ceiling.items()) + "\n\n"
         f"How far each figure is from what the stack and the model allow (concurrency {TOP}):\n\n"
-        "| server | vs transport | vs model |\n|---|---|---|\n" + "\n".join(fraction) + "\n\n"
+        f"The {MINIMAL} is the same stack, the server's own codec functions and model run, and one plain "
+        "batching thread, with none of the server's admission, metrics, version routing, input checks, "
+        "prediction logging or deadlines (benchmarks/minimal_predict.py): what any Predict path with batching "
+        "reaches here; the gap to it is what those features cost.\n\n"
+        "| server | vs transport | vs the minimal Predict path | vs model |\n|---|---|---|---|\n"
+        + "\n".join(fraction) + "\n\n"
         f"Targets (concurrency {TOP} unless stated):\n\n| target | measured | |\n|---|---|---|\n"
         + "\n".join(check_rows) + "\n\n" + codec_markdown(codecs or {}) + profile_markdown(profile))
 
