@@ -19,8 +19,22 @@ _HTTP_STATUS = {
 }
 
 
+# An error message often echoes what the client sent (a name, a value): bounded whatever it sent, as gRPC
+# refuses status details over 16 KiB (the client would read RESOURCE_EXHAUSTED instead of the reason).
+MAX_MESSAGE_CHARS = 2000
+
+
+def bounded_message(message: str) -> str:
+    """`message` as an answer may carry it: at most MAX_MESSAGE_CHARS characters, and encodable (a lone UTF-16
+    surrogate, which a client can send as a JSON escape, is written as its escape)."""
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS:,} more characters)"
+    return message.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class ServingError(Exception):
     def __init__(self, code: grpc.StatusCode, message: str, http_status: int | None = None):
+        message = bounded_message(message)
         super().__init__(message)
         self.code = code
         self.message = message

@@ -10,6 +10,7 @@ import base64
 import binascii
 import functools
 import json
+import math
 from typing import Any
 
 import numpy as np
@@ -30,14 +31,25 @@ def parse_body(body: bytes) -> dict:
         document = orjson.loads(body)
     except orjson.JSONDecodeError:
         try:
-            document = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            document = json.loads(body, parse_float=_finite_float)
+        except RecursionError:  # orjson stops at 1024 levels, so does the json module, by running out of stack
+            raise invalid_argument("JSON Parse error: the document is nested too deeply") from None
+        except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
             position = getattr(exc, "pos", getattr(exc, "start", 0))
-            reason = getattr(exc, "msg", str(exc))
+            reason = getattr(exc, "msg", str(exc).split(";")[0])
             raise invalid_argument(f"JSON Parse error: {reason} at offset: {position}") from None
     if not isinstance(document, dict):
         raise invalid_argument(f"JSON Value: {_short(document)} Is not object")
     return document
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number as a double; one too large for a double (1e999) is refused, as TF Serving's parser does,
+    rather than read as infinity (only the Infinity token means that)."""
+    value = float(text)
+    if value in (math.inf, -math.inf):
+        raise ValueError(f"Number too big to be stored in double: {text[:50]}")
+    return value
 
 
 def signature_name(document: dict) -> str:
@@ -49,7 +61,18 @@ def signature_name(document: dict) -> str:
 
 
 def _short(value: Any, limit: int = 200) -> str:
-    text = json.dumps(value, default=str)
+    """The start of `value` as JSON, for an error message: encoded only as far as it is shown (a client's
+    value may be megabytes long, nested a thousand levels deep, or hold an integer of thousands of digits)."""
+    pieces, size = [], 0
+    try:
+        for piece in json.JSONEncoder(default=str).iterencode(value):  # a generator: stops where we stop
+            pieces.append(piece)
+            size += len(piece)
+            if size > limit:
+                break
+    except (RecursionError, ValueError):
+        pieces.append("...")
+    text = "".join(pieces)
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -98,7 +121,7 @@ def to_array(value: Any, dtype: tf.DType, name: str) -> np.ndarray:
         raise invalid_argument(f"input '{name}': lists of unequal length (a tensor must be rectangular)") from None
     if array.dtype == object or array.dtype.kind in "OUS":
         bad = _first_non_number(value)
-        if bad is None:  # numbers only: integers beyond 64 bits
+        if bad is _NUMBERS_ONLY:  # integers beyond 64 bits
             raise invalid_argument(f"input '{name}': a value is outside the range of {dtype.name}")
         raise invalid_argument(f"JSON Value: {_short(bad)} Type: {_json_type(bad)} is not of expected type: "
                                f"{dtype.name}")
@@ -118,14 +141,17 @@ def to_array(value: Any, dtype: tf.DType, name: str) -> np.ndarray:
         raise invalid_argument(f"input '{name}': cannot convert to {dtype.name}: {exc}") from None
 
 
+_NUMBERS_ONLY = object()  # what _first_non_number finds in nested lists of numbers (a JSON null is None)
+
+
 def _first_non_number(value: Any) -> Any:
     if isinstance(value, list):
         for item in value:
             found = _first_non_number(item)
-            if found is not None:
+            if found is not _NUMBERS_ONLY:
                 return found
-        return None
-    return None if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        return _NUMBERS_ONLY
+    return _NUMBERS_ONLY if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 def _nested_shape(value: Any, name: str) -> tuple[int, ...]:

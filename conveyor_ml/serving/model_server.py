@@ -133,12 +133,23 @@ class Admission:
 
     def admit(self, call: Call) -> None:
         if self.requests >= self.max_requests or (self.requests and self.bytes + call.nbytes > self.max_bytes):
-            raise unavailable(f"The server is at capacity ({self.requests} requests, {self.bytes:,} request bytes "
-                              "in flight); retry later")
+            raise self._at_capacity()
         self.requests += 1
         self.bytes += call.nbytes
         if call.arriving:
             self.arriving += 1
+
+    def grow(self, call: Call, nbytes: int) -> None:
+        """`nbytes` more of an admitted call's body arrived (a chunked body, whose size nobody declared, is
+        charged as it arrives): refused past the byte budget, as an admission is, unless the call is alone."""
+        if self.requests > 1 and self.bytes + nbytes > self.max_bytes:
+            raise self._at_capacity()
+        call.nbytes += nbytes
+        self.bytes += nbytes
+
+    def _at_capacity(self) -> ServingError:
+        return unavailable(f"The server is at capacity ({self.requests} requests, {self.bytes:,} request bytes "
+                           "in flight); retry later")
 
     def handed_over(self, call: Call) -> None:
         if call.arriving:

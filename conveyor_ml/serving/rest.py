@@ -32,6 +32,7 @@ EXTENSION_PATH = re.compile(r"^/v1/models/(?P<name>[^/]+)/(?P<what>feedback|moni
 VERSION_HEADER = "X-Model-Version"
 PREDICTION_ID_HEADER = "X-Prediction-Id"  # our extension: the id to send ground truth for (feedback)
 JSON = "application/json"
+INT64_MAX = 2**63 - 1
 CORS_HEADERS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": "POST, GET",
                 "Access-Control-Allow-Headers": "Content-Type"}
 
@@ -86,7 +87,7 @@ class RestApi:
         cors = self.server.options.rest_api_enable_cors_support
         if cors and request.method == "OPTIONS":  # --rest_api_enable_cors_support: TF Serving's preflight
             if not re.match(r"^https?://", request.headers.get("Origin", "")):
-                return _json(orjson.dumps({"error": "Origin header is missing in CORS preflight"}), status=400)
+                return error_response(invalid_argument("Origin header is missing in CORS preflight"))
             return web.Response(status=200, headers=CORS_HEADERS)
         response = await self._route(request)
         if cors:
@@ -113,7 +114,7 @@ class RestApi:
                 except ServingError as exc:  # another server process did not answer
                     return error_response(exc)
                 return web.Response(body=exposition, content_type="text/plain", charset="utf-8")
-        return _json(orjson.dumps({"error": f"Malformed request: {method} {path}"}), status=404)
+        return error_response(ServingError(grpc.StatusCode.NOT_FOUND, f"Malformed request: {method} {path}"))
 
     def readyz(self) -> web.Response:
         waiting = self.server.readiness()
@@ -127,11 +128,12 @@ class RestApi:
         match = MODEL_PATH.match(request.path)
         action = match and (match.group("action") or "")
         is_post = request.method == "POST"
-        if not match or is_post != action.startswith(":"):
-            # INVALID_ARGUMENT, as TF Serving answers a /v1/ path it cannot parse.
-            return _json(orjson.dumps({"error": f"Malformed request: {request.method} {request.path}"}), status=400)
+        digits = match and match.group("version") and (match.group("version").lstrip("0") or "0")
+        if not match or is_post != action.startswith(":") or (digits and (len(digits) > 19 or int(digits) > INT64_MAX)):
+            # INVALID_ARGUMENT, as TF Serving answers a /v1/ path it cannot parse (a version is an int64).
+            return error_response(invalid_argument(f"Malformed request: {request.method} {request.path}"))
         name, label = match.group("name"), match.group("label")
-        version = int(match.group("version")) if match.group("version") else None
+        version = int(digits) if digits else None
         api = action.lstrip(":/") or "status"
         try:
             call = self.server.begin(name, api, "rest", self._request_bytes(request) if is_post else 0)
@@ -159,11 +161,9 @@ class RestApi:
             self.server.finish(call)
 
     def _request_bytes(self, request: web.BaseRequest) -> int:
-        """What a body will hold, for admission: its Content-Length, or the limit when it is chunked (a
-        declared length over the limit is refused by begin() before anything is read)."""
-        if request.content_length is None:
-            return self.server.options.max_request_body_bytes
-        return request.content_length
+        """What a body will hold, for admission: its Content-Length (a declared length over the limit is
+        refused by begin() before anything is read); a chunked body is charged as it arrives (_read_chunked)."""
+        return request.content_length or 0
 
     async def _answer(self, call: Call, request: web.BaseRequest, name: str, version: int | None, label: str | None,
                       action: str) -> web.Response:
@@ -174,7 +174,7 @@ class RestApi:
             servable = self.server.resolve(name, version, label)
             call.version = servable.version
             return _json(metadata_json(servable), version=servable.version)
-        body = await self._read_body(request)
+        body = await self._read_body(call, request)
         document = await self.server.off_loop(call, json_codec.parse_body, body)
         servable = self.server.resolve(name, version, label,
                                        route_key(self.server.traffic, name, request.headers))  # sticky split
@@ -184,20 +184,34 @@ class RestApi:
             return _json(payload, version=servable.version, prediction_id=prediction_id)
         return _json(await self._classify_or_regress(call, servable, document), version=servable.version)
 
-    async def _read_body(self, request: web.BaseRequest) -> bytes:
+    async def _read_body(self, call: Call, request: web.BaseRequest) -> bytes:
         """The body, read within --rest_api_timeout_in_ms (TF Serving's HTTP server times out the whole call):
         a client that sends it too slowly gets 408 and gives its admission share back."""
         timeout = self._timeout_ms()
+        read = request.read() if request.content_length is not None else self._read_chunked(call, request)
         try:
             if not timeout or request.content.is_eof():  # all of it is here already (small bodies usually are)
-                return await request.read()
-            return await asyncio.wait_for(request.read(), timeout / 1000)
+                return await read
+            return await asyncio.wait_for(read, timeout / 1000)
         except asyncio.TimeoutError:
             raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, f"The request body did not arrive within "
                                f"{timeout} ms (--rest_api_timeout_in_ms)", http_status=408) from None
         except ConnectionError:  # the client went away mid-body: its call, not a server fault
             raise ServingError(grpc.StatusCode.CANCELLED, "The client closed the connection before its body "
                                "arrived") from None
+        except web.RequestPayloadError as exc:  # e.g. a Content-Encoding its bytes are not in, a bad chunk
+            raise invalid_argument(f"The request body could not be read: {' '.join(str(exc).split())}") from None
+
+    async def _read_chunked(self, call: Call, request: web.BaseRequest) -> bytes:
+        """A body of undeclared size, charged to admission as it arrives: charged at the limit it may reach,
+        four stalled uploads would hold the whole byte budget (every other call refused) until they timed out."""
+        limit, parts = self.server.options.max_request_body_bytes, []
+        async for chunk in request.content.iter_any():
+            if call.nbytes + len(chunk) > limit:
+                raise web.HTTPRequestEntityTooLarge(max_size=limit, actual_size=call.nbytes + len(chunk))
+            self.server.admission.grow(call, len(chunk))
+            parts.append(chunk)
+        return b"".join(parts)
 
     def _decode_predict(self, servable, document: dict) -> tuple[str, dict, str]:
         signature = json_codec.signature_name(document)
@@ -227,7 +241,7 @@ class RestApi:
 
     async def _feedback(self, call: Call, request: web.BaseRequest, name: str) -> web.Response:
         self.server.model(name)
-        document = await self.server.off_loop(call, json_codec.parse_body, await self._read_body(request))
+        document = await self.server.off_loop(call, json_codec.parse_body, await self._read_body(call, request))
         return _json(orjson.dumps(await self.server.feedback(name, parse_feedback(document))))
 
     async def monitoring(self, request: web.BaseRequest, name: str) -> web.Response:

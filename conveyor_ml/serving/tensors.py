@@ -57,6 +57,9 @@ class DecodeBudget:
         self.left -= nbytes
 
 
+MAX_RANK = 32  # numpy's limit on an array's dimensions
+
+
 def decode_tensor(alias: str, proto: tensor_pb2.TensorProto, budget: DecodeBudget) -> np.ndarray:
     """The array a TensorProto holds (TensorFlow's meaning, fill included), or INVALID_ARGUMENT before
     allocating when its declared shape is malformed, disagrees with its values or exceeds the budget."""
@@ -67,6 +70,9 @@ def decode_tensor(alias: str, proto: tensor_pb2.TensorProto, budget: DecodeBudge
     if proto.tensor_shape.unknown_rank:
         raise invalid_argument(f"input '{alias}': a tensor must have a known shape")
     shape = [dim.size for dim in proto.tensor_shape.dim]
+    if len(shape) > MAX_RANK:
+        raise invalid_argument(f"input '{alias}': a tensor of rank {len(shape)}; at most {MAX_RANK} dimensions "
+                               "are supported")
     if any(size < 0 for size in shape):
         raise invalid_argument(f"input '{alias}': dimension sizes must be known and non-negative, got "
                                f"[{','.join(map(str, shape))}]")

@@ -102,3 +102,35 @@ def test_examples_for_classify_merge_context():
     assert features["tag"].bytes_list.value == [b"a", b"b"]
     with pytest.raises(ServingError, match="key 'examples' is expected"):
         json_codec.decode_examples({"instances": []})
+
+
+# -- hostile bodies: a client's mistake, answered INVALID_ARGUMENT in one bounded line ----------------------
+def refusal(body: bytes, dtypes=ONE_INPUT) -> str:
+    with pytest.raises(ServingError) as raised:
+        json_codec.decode_predict(json_codec.parse_body(body), dtypes)
+    assert raised.value.code.name == "INVALID_ARGUMENT"
+    return raised.value.message
+
+
+def test_json_nested_past_the_parsers_depth_is_refused():
+    assert "nested too deeply" in refusal(b'{"instances": ' + b"[" * 5000 + b"]" * 5000 + b"}")
+    assert "nested too deeply" in refusal(b'{"instances": ' + b"[" * 5000)  # unclosed as well
+
+
+def test_a_value_too_deep_to_print_back_is_still_named():
+    document = json_codec.parse_body(b'{"signature_name": ' + b"[" * 1000 + b"]" * 1000 + b', "instances": [1]}')
+    with pytest.raises(ServingError) as raised:
+        json_codec.signature_name(document)
+    assert "'signature_name' key must be a string value" in raised.value.message
+    assert len(raised.value.message) < 500
+
+
+def test_numbers_no_double_or_integer_conversion_holds_are_refused():
+    assert "too big to be stored in double" in refusal(b'{"instances": [[1e999]]}')
+    assert "integer string conversion" in refusal(b'{"instances": [[' + b"9" * 5000 + b"]]}")
+    inputs, _ = json_codec.decode_predict(json_codec.parse_body(b'{"instances": [[Infinity, -Infinity]]}'), ONE_INPUT)
+    assert np.isinf(inputs["x"]).all()  # the tokens that mean infinity still do
+
+
+def test_null_in_a_numeric_tensor_is_named_as_null():
+    assert refusal(b'{"instances": [[1.0, null]]}') == "JSON Value: null Type: Null is not of expected type: float32"
