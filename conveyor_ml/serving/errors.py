@@ -19,17 +19,20 @@ _HTTP_STATUS = {
 }
 
 
-# An error message often echoes what the client sent (a name, a value): bounded whatever it sent, as gRPC
-# refuses status details over 16 KiB (the client would read RESOURCE_EXHAUSTED instead of the reason).
-MAX_MESSAGE_CHARS = 2000
+# An error message often echoes what the client sent (a name, a value): bounded whatever it sent. gRPC sends a
+# status message percent-encoded (3 bytes for each non-ASCII byte) and refuses one over 16 KiB (over 8 KiB,
+# at random): 2,000 bytes stay under 6 KiB on the wire, and the client reads the reason, not RESOURCE_EXHAUSTED.
+MAX_MESSAGE_BYTES = 2000
 
 
 def bounded_message(message: str) -> str:
-    """`message` as an answer may carry it: at most MAX_MESSAGE_CHARS characters, and encodable (a lone UTF-16
-    surrogate, which a client can send as a JSON escape, is written as its escape)."""
-    if len(message) > MAX_MESSAGE_CHARS:
-        message = f"{message[:MAX_MESSAGE_CHARS]}... ({len(message) - MAX_MESSAGE_CHARS:,} more characters)"
-    return message.encode("utf-8", "backslashreplace").decode("utf-8")
+    """`message` as an answer may carry it: encodable (a lone UTF-16 surrogate, which a client can send as a
+    JSON escape, is written as its escape) and at most MAX_MESSAGE_BYTES of UTF-8, cut on a character."""
+    encoded = message.encode("utf-8", "backslashreplace")
+    if len(encoded) <= MAX_MESSAGE_BYTES:
+        return message if len(encoded) == len(message) else encoded.decode("utf-8")
+    kept = encoded[:MAX_MESSAGE_BYTES].decode("utf-8", "ignore")
+    return f"{kept}... ({len(encoded) - len(kept.encode()):,} more bytes)"
 
 
 class ServingError(Exception):

@@ -31,7 +31,7 @@ from tensorflow_serving.apis import (
     status_pb2,
 )
 
-from conveyor_ml.serving.errors import ModelRunError, ServingError, invalid_argument
+from conveyor_ml.serving.errors import ModelRunError, ServingError, bounded_message, invalid_argument
 from conveyor_ml.serving.metrics import UNKNOWN_MODEL
 from conveyor_ml.serving.model_server import ModelServer
 from conveyor_ml.serving.routing import route_key
@@ -396,7 +396,7 @@ def _fail(context, code: grpc.StatusCode, message: str) -> None:
     cyclic collector runs — rarely in this server (serving/heap.py) — so a stream of refused large requests
     piled up memory (~150 MB for each 4 MB message of 2 million strings)."""
     context.set_code(code)
-    context.set_details(message)
+    context.set_details(bounded_message(message))  # most come bounded (ServingError); a client's service name not
 
 
 def _serialize(message) -> bytes:

@@ -18,6 +18,7 @@ import orjson
 import tensorflow as tf
 
 from conveyor_ml.serving.errors import invalid_argument
+from conveyor_ml.serving.tensors import MAX_RANK
 
 ROW, COLUMNAR = "row", "columnar"
 BYTES_SUFFIX = "_bytes"
@@ -110,14 +111,19 @@ def _dtype_facts(dtype: tf.DType) -> tuple[bool, bool, bool, np.dtype]:
 def to_array(value: Any, dtype: tf.DType, name: str) -> np.ndarray:
     """One JSON value (scalar or nested lists) as an array of the signature's dtype, strictly typed."""
     is_string, is_bool, is_integer, numpy_dtype = _dtype_facts(dtype)
+    if len(_nested_shape(value, name)) > MAX_RANK:
+        raise invalid_argument(f"input '{name}': a tensor of more than {MAX_RANK} dimensions")
     if is_string:
-        decoded = _decode_strings(value)
-        array = np.empty(_nested_shape(decoded, name), dtype=object)
-        _fill(array, decoded)
+        try:
+            decoded = _decode_strings(value)
+            array = np.empty(_nested_shape(decoded, name), dtype=object)
+            _fill(array, decoded)
+        except RecursionError:  # nested deeper in a later element than in the first
+            raise invalid_argument(f"input '{name}': lists nested too deeply") from None
         return array
     try:
         array = np.asarray(value)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise invalid_argument(f"input '{name}': lists of unequal length (a tensor must be rectangular)") from None
     if array.dtype == object or array.dtype.kind in "OUS":
         bad = _first_non_number(value)

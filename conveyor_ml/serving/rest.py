@@ -8,12 +8,14 @@ not the request parsing); past it the answer is 504 with TF Serving's error body
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 
 import grpc
 import orjson
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from google.protobuf import json_format
 
 from conveyor_ml.serving import json_codec
@@ -35,6 +37,30 @@ JSON = "application/json"
 INT64_MAX = 2**63 - 1
 CORS_HEADERS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": "POST, GET",
                 "Access-Control-Allow-Headers": "Content-Type"}
+
+
+class MalformedHttpLog(logging.Filter):
+    """aiohttp answers a request it cannot parse as HTTP (a bad header, chunk size or method, a URL over 8 KiB)
+    with 400 itself, and logs each at ERROR with a traceback: a client's garbage, not a server fault, and a
+    flood of it would fill the log. On aiohttp's server logger, such a record becomes one WARNING line: the
+    first, then one in a hundred."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, HttpProcessingError):
+            return True
+        self.seen += 1
+        if self.seen > 1 and self.seen % 100:
+            return False
+        record.msg = "malformed HTTP request answered 400 (%s: %s; #%d so far)"
+        record.args = (type(error).__name__, " ".join(str(error.message).split())[:200], self.seen)
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
 
 
 def _json(body: bytes, status: int = 200, version: int | None = None, prediction_id: str | None = None) -> web.Response:

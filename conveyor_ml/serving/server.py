@@ -473,7 +473,7 @@ async def _serve(server, stop: asyncio.Event) -> None:
     from aiohttp import web
 
     from conveyor_ml.serving.grpc_service import build_grpc_server
-    from conveyor_ml.serving.rest import RestApi
+    from conveyor_ml.serving.rest import MalformedHttpLog, RestApi
 
     options = server.options
     try:
@@ -491,6 +491,7 @@ async def _serve(server, stop: asyncio.Event) -> None:
     if options.rest_api_port:
         # On SIGTERM, requests still running get SHUTDOWN_GRACE_SECONDS (aiohttp's default is 60 s).
         rest = RestApi(server)
+        logging.getLogger("aiohttp.server").addFilter(MalformedHttpLog())
         runner = web.ServerRunner(web.Server(rest.handle, request_factory=rest.make_request, access_log=None),
                                   shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
         await runner.setup()

@@ -174,6 +174,9 @@ def grpc_cases():
         # Echoed in the answer's status: bounded, or grpc itself refuses the details (RESOURCE_EXHAUSTED).
         "signature name of half a megabyte": (lambda r: predict(tf.make_tensor_proto(np.zeros((1, 8, 8), np.float32)),
                                                                 signature="s" * (LIMIT // 2)), {"FAILED_PRECONDITION"}),
+        # gRPC writes each non-ASCII byte of a status message as %XX: the bound counts bytes, not characters.
+        "model name of euro signs": (lambda r: predict(tf.make_tensor_proto(np.zeros((1, 8, 8), np.float32)),
+                                                       name="€" * r.randint(700, 50000)), {"NOT_FOUND"}),
     }
 
 
@@ -402,6 +405,25 @@ def test_a_body_not_in_its_content_encoding_is_a_client_error(hostile_server):
                            headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}, timeout=10)
     assert answer.status_code == 400
     assert "could not be read" in answer.json()["error"]
+
+
+def test_malformed_http_is_logged_one_line_in_a_hundred(hostile_server):
+    """aiohttp answers what it cannot parse as HTTP with 400 and logged each at ERROR with a traceback: a
+    flood of garbage would fill the server's log."""
+    garbage = [b"GET /v1/models/mnist HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+               b"POST /v1/models/mnist:predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+               b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"]
+    logged_before = hostile_server.log_text().count("malformed HTTP request")
+    statuses = Counter()
+    for index in range(300):
+        with socket.create_connection(("127.0.0.1", hostile_server.rest_port), timeout=10) as sock:
+            sock.sendall(garbage[index % len(garbage)])
+            statuses[sock.recv(4096).split(b" ", 2)[1]] += 1
+    time.sleep(0.5)
+    log = hostile_server.log_text()
+    assert statuses == Counter({b"400": 300})
+    assert log.count("malformed HTTP request") - logged_before == 4  # the 1st, 100th, 200th and 300th
+    assert "Error handling request" not in log
 
 
 def test_refused_grpc_calls_give_their_memory_back(hostile_server):

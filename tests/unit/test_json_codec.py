@@ -134,3 +134,10 @@ def test_numbers_no_double_or_integer_conversion_holds_are_refused():
 
 def test_null_in_a_numeric_tensor_is_named_as_null():
     assert refusal(b'{"instances": [[1.0, null]]}') == "JSON Value: null Type: Null is not of expected type: float32"
+
+
+def test_string_inputs_of_too_many_dimensions_or_too_deep_are_refused():
+    strings = {"s": tf.string}
+    assert "more than 32 dimensions" in refusal(b'{"instances": ' + b"[" * 40 + b'"a"' + b"]" * 40 + b"}", strings)
+    ragged_deep = b'{"instances": [["a"], ' + b"[" * 900 + b'"b"' + b"]" * 900 + b"]}"  # deep past the first row
+    assert "nested too deeply" in refusal(ragged_deep, strings)
