@@ -79,7 +79,8 @@ class VersionWatch:
 
 class ModelQuality:
     def __init__(self, metrics, *, schema_file: str | None = None, reject_anomalous: bool = False,
-                 window: int = 1000, remembered_predictions: int = 100_000, id_prefix: str = ""):
+                 window: int = 1000, remembered_predictions: int = 100_000, remembered_rows: int = 1_000_000,
+                 id_prefix: str = ""):
         """`id_prefix` starts every prediction id this process issues (`--server_processes`: the worker's
         index, so feedback for an id is handed to the process that logged it: owner())."""
         self.metrics = metrics
@@ -88,6 +89,9 @@ class ModelQuality:
         self.reject_anomalous = reject_anomalous
         self.window = window
         self.remembered = remembered_predictions
+        # The log is bounded in rows too: 100,000 requests of 1,000 rows each held ~0.9 GB of class ids.
+        self.remembered_rows = remembered_rows
+        self._logged_rows = 0
         self._lock = threading.Lock()
         self._versions: dict[tuple[str, int], VersionWatch] = {}
         self._predictions: OrderedDict[str, tuple[str, int, list[int]]] = OrderedDict()
@@ -151,8 +155,9 @@ class ModelQuality:
                 watch = self._versions[(model, version)] = VersionWatch(deque(maxlen=self.window))
             watch.predictions.extend(classes)
             self._predictions[prediction_id] = (model, version, classes)
-            if len(self._predictions) > self.remembered:
-                self._predictions.popitem(last=False)
+            self._logged_rows += len(classes)
+            while len(self._predictions) > self.remembered or self._logged_rows > self.remembered_rows:
+                self._logged_rows -= len(self._predictions.popitem(last=False)[1][2])  # the oldest goes
             for value, count in counts:  # one increment per class, not per row
                 counter = self._class_counters.get((model, version, value))
                 if counter is None:  # a labels() lookup once per class, not per request
@@ -172,30 +177,35 @@ class ModelQuality:
 
     def feedback(self, model: str, entries: list[dict]) -> dict:
         """Ground truth for logged predictions: [{"prediction_id": …, "labels": [3, …]}] (one label per
-        instance of that request). Each id counts once: an id already used, like one never issued (or
-        forgotten), is reported among the unknown ids, not fatal."""
-        accepted, unknown = 0, []
-        touched = set()
-        for entry in entries:
-            prediction_id, labels = feedback_entry(entry)
-            with self._lock:
+        instance of that request). Each id counts once: an id already used (earlier in the same request
+        too), like one never issued (or forgotten), is reported among the unknown ids, not fatal. Every entry
+        is checked before any is applied: a malformed one is refused and changes nothing."""
+        parsed = [feedback_entry(entry) for entry in entries]
+        accepted, unknown, touched = 0, [], set()
+        with self._lock:
+            applying, seen = [], set()
+            for prediction_id, labels in parsed:
                 logged = self._predictions.get(prediction_id)
-                if logged is None or logged[0] != model:
+                if logged is None or logged[0] != model or prediction_id in seen:
                     unknown.append(prediction_id)
                     continue
+                seen.add(prediction_id)
                 _, version, predicted = logged
                 if len(labels) != len(predicted):
                     raise invalid_argument(f"feedback for {prediction_id}: {len(labels)} labels for "
                                            f"{len(predicted)} predicted instances")
+                applying.append((prediction_id, version, predicted, labels))
+            for prediction_id, version, predicted, labels in applying:
                 del self._predictions[prediction_id]  # usable once: a replay cannot skew live accuracy
+                self._logged_rows -= len(predicted)
                 watch = self._versions[(model, version)]
                 for label, guess in zip(labels, predicted):
                     watch.feedback += 1
                     watch.correct += int(label == guess)
                     self.metrics.feedback.labels(model, str(version), "correct" if label == guess else "wrong").inc()
                 self.metrics.live_accuracy.labels(model, str(version)).set(watch.correct / watch.feedback)
-            accepted += len(labels)
-            touched.add(version)
+                accepted += len(labels)
+                touched.add(version)
         return {"accepted": accepted, "unknown_prediction_ids": unknown,
                 "live_accuracy": {str(v): self.accuracy(model, v) for v in sorted(touched)}}
 
@@ -248,7 +258,7 @@ def feedback_entry(entry) -> tuple[str, list[int]]:
     if not isinstance(entry, dict) or "prediction_id" not in entry:
         raise invalid_argument('each feedback entry needs "prediction_id" and "labels"')
     labels = entry.get("labels", [entry["label"]] if "label" in entry else None)
-    if not isinstance(labels, list) or not all(isinstance(v, int) for v in labels):
+    if not isinstance(labels, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
         raise invalid_argument(f'feedback for {entry["prediction_id"]}: "labels" must be a list of integers')
     return str(entry["prediction_id"]), labels
 

@@ -195,7 +195,12 @@ def check_reload_config(config: model_server_config_pb2.ModelServerConfig) -> No
                                    f"base_path()={model.base_path}")
         if model.model_platform not in SUPPORTED_PLATFORMS:
             raise invalid_argument(f"Model {model.name} requests unsupported platform {model.model_platform}")
-        if not Path(model.base_path).is_dir():
+        try:
+            found = Path(model.base_path).is_dir()
+        except OSError as exc:  # a path the OS refuses to look up (too long, say): a client's mistake too
+            raise invalid_argument(f"Could not look up the base path of servable {model.name} ({exc.strerror}): "
+                                   f"{model.base_path}") from None
+        if not found:
             raise invalid_argument(f"Could not find base path {model.base_path} for servable {model.name}")
 
 

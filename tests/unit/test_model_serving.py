@@ -292,6 +292,8 @@ def test_model_errors_keep_their_cause_on_one_line():
     ('model_config_list { config { name: "a" base_path: "relative/a" } }',
      "Expected model a to have an absolute path or URI; got base_path\\(\\)=relative/a"),
     ('model_config_list { config { name: "a" base_path: "/no/such/dir" } }', "Could not find base path /no/such/dir"),
+    ('model_config_list { config { name: "a" base_path: "/' + "a" * 5000 + '" } }',  # the OS refuses to look
+     "Could not look up the base path of servable a \\(File name too long\\): /aaa"),
     ('model_config_list { config { name: "a" base_path: "{tmp}" } config { name: "a" base_path: "{tmp}" } }',
      "Illegal to list model a multiple times"),
     ('model_config_list { config { name: "a" base_path: "{tmp}" model_platform: "pytorch" } }',

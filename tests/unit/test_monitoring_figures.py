@@ -104,3 +104,28 @@ def test_class_counts_of_one_row_and_of_many_rows():
     text = metrics.exposition().decode()
     assert 'conveyor_predicted_class_total{class="3",model="m",version="1"} 3.0' in text
     assert 'conveyor_predicted_class_total{class="5",model="m",version="1"} 1.0' in text
+
+
+def test_a_refused_feedback_request_uses_no_id_up():
+    """Checked whole before anything is applied: an entry after a good one that has too many labels refuses
+    the request, and the good one is still there for the corrected retry."""
+    quality = ModelQuality(ServingMetrics())
+    good, bad = (quality.record_predictions("m", 1, {"class_ids": np.array([c])}) for c in (1, 2))
+    with pytest.raises(ServingError, match="2 labels for 1 predicted instances"):
+        quality.feedback("m", [{"prediction_id": good, "labels": [1]}, {"prediction_id": bad, "labels": [1, 2]}])
+    assert quality.accuracy("m", 1) is None
+    retry = quality.feedback("m", [{"prediction_id": good, "labels": [1]}, {"prediction_id": bad, "labels": [1]}])
+    assert retry == {"accepted": 2, "unknown_prediction_ids": [], "live_accuracy": {"1": 0.5}}
+    twice = quality.record_predictions("m", 1, {"class_ids": np.array([3])})
+    assert quality.feedback("m", [{"prediction_id": twice, "labels": [3]}] * 2)["unknown_prediction_ids"] == [twice]
+    with pytest.raises(ServingError, match="must be a list of integers"):
+        quality.feedback("m", [{"prediction_id": twice, "labels": [True]}])
+
+
+def test_the_prediction_log_is_bounded_in_rows_as_well_as_requests():
+    quality = ModelQuality(ServingMetrics(), remembered_predictions=100, remembered_rows=2500)
+    ids = [quality.record_predictions("m", 1, {"class_ids": np.zeros(1000, np.int64)}) for _ in range(4)]
+    forgotten = quality.feedback("m", [{"prediction_id": ids[0], "labels": [0] * 1000}])
+    assert forgotten["unknown_prediction_ids"] == [ids[0]]  # 4,000 rows logged: the oldest two went
+    kept = quality.feedback("m", [{"prediction_id": i, "labels": [0] * 1000} for i in ids[2:]])
+    assert kept["accepted"] == 2000 and kept["unknown_prediction_ids"] == []
