@@ -73,11 +73,9 @@ def _settle(batch: list, outputs: dict[str, np.ndarray] | None, error: Exception
     offset = 0
     for inputs, future in batch:
         rows = len(next(iter(inputs.values())))
-        if future.done():
-            pass
-        elif error is not None:
+        if error is not None and not future.done():  # done: the client went away
             future.set_exception(error)
-        else:
+        elif not future.done():
             future.set_result({name: value[offset:offset + rows] for name, value in outputs.items()})
         offset += rows
 

@@ -111,19 +111,22 @@ def _dtype_facts(dtype: tf.DType) -> tuple[bool, bool, bool, np.dtype]:
 def to_array(value: Any, dtype: tf.DType, name: str) -> np.ndarray:
     """One JSON value (scalar or nested lists) as an array of the signature's dtype, strictly typed."""
     is_string, is_bool, is_integer, numpy_dtype = _dtype_facts(dtype)
-    if len(_nested_shape(value, name)) > MAX_RANK:
-        raise invalid_argument(f"input '{name}': a tensor of more than {MAX_RANK} dimensions")
     if is_string:
         try:
             decoded = _decode_strings(value)
-            array = np.empty(_nested_shape(decoded, name), dtype=object)
-            _fill(array, decoded)
+            shape = _nested_shape(decoded, name)
         except RecursionError:  # nested deeper in a later element than in the first
             raise invalid_argument(f"input '{name}': lists nested too deeply") from None
+        if len(shape) > MAX_RANK:
+            raise _too_many_dimensions(name)
+        array = np.empty(shape, dtype=object)
+        _fill(array, decoded)
         return array
     try:
         array = np.asarray(value)
-    except (ValueError, RecursionError):
+    except (ValueError, RecursionError):  # the rank is looked at only here, off the path of a good request
+        if len(_nested_shape(value, name)) > MAX_RANK:
+            raise _too_many_dimensions(name) from None
         raise invalid_argument(f"input '{name}': lists of unequal length (a tensor must be rectangular)") from None
     if array.dtype == object or array.dtype.kind in "OUS":
         bad = _first_non_number(value)
@@ -145,6 +148,10 @@ def to_array(value: Any, dtype: tf.DType, name: str) -> np.ndarray:
         return array.astype(numpy_dtype, copy=False)
     except (TypeError, ValueError, OverflowError) as exc:
         raise invalid_argument(f"input '{name}': cannot convert to {dtype.name}: {exc}") from None
+
+
+def _too_many_dimensions(name: str):
+    return invalid_argument(f"input '{name}': a tensor of more than {MAX_RANK} dimensions")
 
 
 _NUMBERS_ONLY = object()  # what _first_non_number finds in nested lists of numbers (a JSON null is None)

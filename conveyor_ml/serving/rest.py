@@ -39,6 +39,13 @@ CORS_HEADERS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Method
                 "Access-Control-Allow-Headers": "Content-Type"}
 
 
+def _int64(digits: str) -> int:
+    """A URL's version digits as a number; -1 when no int64 holds it (int() of thousands of digits would
+    raise, and of hundreds would be a number no version can have)."""
+    digits = digits.lstrip("0") or "0"
+    return int(digits) if len(digits) <= 19 and int(digits) <= INT64_MAX else -1
+
+
 class MalformedHttpLog(logging.Filter):
     """aiohttp answers a request it cannot parse as HTTP (a bad header, chunk size or method, a URL over 8 KiB)
     with 400 itself, and logs each at ERROR with a traceback: a client's garbage, not a server fault, and a
@@ -154,12 +161,11 @@ class RestApi:
         match = MODEL_PATH.match(request.path)
         action = match and (match.group("action") or "")
         is_post = request.method == "POST"
-        digits = match and match.group("version") and (match.group("version").lstrip("0") or "0")
-        if not match or is_post != action.startswith(":") or (digits and (len(digits) > 19 or int(digits) > INT64_MAX)):
+        version = _int64(match.group("version")) if match and match.group("version") else None
+        if not match or is_post != action.startswith(":") or version == -1:
             # INVALID_ARGUMENT, as TF Serving answers a /v1/ path it cannot parse (a version is an int64).
             return error_response(invalid_argument(f"Malformed request: {request.method} {request.path}"))
         name, label = match.group("name"), match.group("label")
-        version = int(digits) if digits else None
         api = action.lstrip(":/") or "status"
         try:
             call = self.server.begin(name, api, "rest", self._request_bytes(request) if is_post else 0)
