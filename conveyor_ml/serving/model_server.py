@@ -131,8 +131,13 @@ class Admission:
         self.bytes = 0
         self.arriving = 0  # admitted Predict calls not yet handed to the batcher
 
-    def admit(self, call: Call) -> None:
-        if self.requests >= self.max_requests or (self.requests and self.bytes + call.nbytes > self.max_bytes):
+    def admit(self, call: Call, declared: int = 0) -> None:
+        """Charges the call's bytes (`call.nbytes`, held already: a gRPC message). `declared`, the bytes a REST
+        body is to bring, must fit beside what is held now but is charged only as it arrives (grow): charged at
+        admission, four clients that declared the largest body and sent nothing held the whole budget, every
+        other call refused, until their read timed out."""
+        if self.requests >= self.max_requests or (
+                self.requests and self.bytes + call.nbytes + declared > self.max_bytes):
             raise self._at_capacity()
         self.requests += 1
         self.bytes += call.nbytes
@@ -140,8 +145,8 @@ class Admission:
             self.arriving += 1
 
     def grow(self, call: Call, nbytes: int) -> None:
-        """`nbytes` more of an admitted call's body arrived (a chunked body, whose size nobody declared, is
-        charged as it arrives): refused past the byte budget, as an admission is, unless the call is alone."""
+        """`nbytes` more of an admitted call's REST body arrived: refused past the byte budget, as an admission
+        is, unless the call is alone."""
         if self.requests > 1 and self.bytes + nbytes > self.max_bytes:
             raise self._at_capacity()
         call.nbytes += nbytes
@@ -489,14 +494,16 @@ class ModelServer:
         never take what clients invent, so the number of series stays bounded)."""
         return model if model and self.registry.has(model) else UNKNOWN_MODEL
 
-    def begin(self, model: str, api: str, protocol: str, nbytes: int = 0) -> Call:
-        """Admits a call (UNAVAILABLE when the server is at capacity, recorded like any answer)."""
+    def begin(self, model: str, api: str, protocol: str, nbytes: int = 0, declared: int = 0) -> Call:
+        """Admits a call (UNAVAILABLE when the server is at capacity, recorded like any answer): `nbytes`, the
+        request bytes it holds already (a gRPC message); `declared`, a REST body's Content-Length, refused at
+        once past the body limit and charged as the body arrives (Admission.grow)."""
         label = self.model_label(model)
         call = Call(label, api, protocol, nbytes, arriving=api == "predict" and self.batcher is not None)
         try:
-            if nbytes > self.options.max_request_body_bytes:
+            if max(nbytes, declared) > self.options.max_request_body_bytes:
                 raise too_large(self.options.max_request_body_bytes)
-            self.admission.admit(call)
+            self.admission.admit(call, declared)
         except ServingError as exc:
             self.refuse(label, api, protocol, exc)
             raise

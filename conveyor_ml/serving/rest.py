@@ -168,7 +168,7 @@ class RestApi:
         name, label = match.group("name"), match.group("label")
         api = action.lstrip(":/") or "status"
         try:
-            call = self.server.begin(name, api, "rest", self._request_bytes(request) if is_post else 0)
+            call = self.server.begin(name, api, "rest", declared=(request.content_length or 0) if is_post else 0)
         except ServingError as exc:
             return error_response(exc)
         return await self._run(call, self._answer(call, request, name, version, label, action))
@@ -191,11 +191,6 @@ class RestApi:
             return error_response(self.server.internal_error(call, exc))
         finally:
             self.server.finish(call)
-
-    def _request_bytes(self, request: web.BaseRequest) -> int:
-        """What a body will hold, for admission: its Content-Length (a declared length over the limit is
-        refused by begin() before anything is read); a chunked body is charged as it arrives (_read_chunked)."""
-        return request.content_length or 0
 
     async def _answer(self, call: Call, request: web.BaseRequest, name: str, version: int | None, label: str | None,
                       action: str) -> web.Response:
@@ -220,7 +215,7 @@ class RestApi:
         """The body, read within --rest_api_timeout_in_ms (TF Serving's HTTP server times out the whole call):
         a client that sends it too slowly gets 408 and gives its admission share back."""
         timeout = self._timeout_ms()
-        read = request.read() if request.content_length is not None else self._read_chunked(call, request)
+        read = self._read_charged(call, request)
         try:
             if not timeout or request.content.is_eof():  # all of it is here already (small bodies usually are)
                 return await read
@@ -234,9 +229,14 @@ class RestApi:
         except web.RequestPayloadError as exc:  # e.g. a Content-Encoding its bytes are not in, a bad chunk
             raise invalid_argument(f"The request body could not be read: {' '.join(str(exc).split())}") from None
 
-    async def _read_chunked(self, call: Call, request: web.BaseRequest) -> bytes:
-        """A body of undeclared size, charged to admission as it arrives: charged at the limit it may reach,
-        four stalled uploads would hold the whole byte budget (every other call refused) until they timed out."""
+    async def _read_charged(self, call: Call, request: web.BaseRequest) -> bytes:
+        """The body, charged to admission as it arrives, whether its length was declared or not (chunked):
+        charged at what it may reach, four stalled uploads would hold the whole byte budget (every other call
+        refused) until they timed out."""
+        if request.content.is_eof():  # all of it is here already (small bodies usually are): read at once
+            body = await request.read()  # (past the body limit: HTTPRequestEntityTooLarge, answered 413)
+            self.server.admission.grow(call, len(body))
+            return body
         limit, parts = self.server.options.max_request_body_bytes, []
         async for chunk in request.content.iter_any():
             if call.nbytes + len(chunk) > limit:
@@ -266,7 +266,7 @@ class RestApi:
     async def feedback(self, request: web.BaseRequest, name: str) -> web.Response:
         """Ground-truth labels for logged predictions (our extension; TF Serving has no such API)."""
         try:
-            call = self.server.begin(name, "feedback", "rest", self._request_bytes(request))
+            call = self.server.begin(name, "feedback", "rest", declared=request.content_length or 0)
         except ServingError as exc:
             return error_response(exc)
         return await self._run(call, self._feedback(call, request, name))

@@ -374,27 +374,31 @@ def test_hostile_corpus_gets_only_client_errors_in_bounded_memory_and_metrics(ho
     assert 'model="(unknown)"' in page and "model-" not in page
 
 
-def stalled_chunked(port: int) -> socket.socket:
-    """A chunked upload (its size declared nowhere) that sends one byte of body and stalls."""
+def stalled_upload(port: int, chunked: bool) -> socket.socket:
+    """An upload that sends one byte of its body and stalls: chunked (its size declared nowhere) or declaring
+    the largest body allowed."""
+    framing = b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n" if chunked else f"Content-Length: {LIMIT}\r\n\r\n{{".encode()
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    sock.sendall(b"POST /v1/models/mnist:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n")
+    sock.sendall(b"POST /v1/models/mnist:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + framing)
     return sock
 
 
-def test_stalled_chunked_uploads_hold_only_what_they_sent(hostile_server):
-    """Charged at the body limit they may reach, four stalled chunked uploads held the whole admission budget
-    (4 x the limit) until they timed out, and every other call was refused; charged as bytes arrive, eight
-    of them hold a few bytes, and a call of half the limit is still admitted beside them."""
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "declared length"])
+def test_stalled_uploads_hold_only_what_they_sent(hostile_server, chunked):
+    """Charged at the body size they may reach (or declared), four stalled uploads held the whole admission
+    budget (4 x the limit) until they timed out, and every other call was refused; charged as bytes arrive,
+    eight of them hold a few bytes, and a call of half the limit is still admitted beside them."""
     server = hostile_server
     image = [[7.0] * 8] * 8
     half_limit = json.dumps({"instances": [image] * 4}) + " " * (LIMIT // 2)  # JSON may end in whitespace
-    stalled = [stalled_chunked(server.rest_port) for _ in range(8)]
+    stalled = [stalled_upload(server.rest_port, chunked) for _ in range(8)]
     try:
-        time.sleep(0.3)  # admitted, waiting for their next chunk (--rest_api_timeout_in_ms is 2 s here)
+        time.sleep(0.3)  # admitted, waiting for the rest of their bodies (--rest_api_timeout_in_ms is 2 s here)
         small = requests.post(f"{server.rest_url}/v1/models/mnist:predict", json={"instances": [image]}, timeout=10)
         large = requests.post(f"{server.rest_url}/v1/models/mnist:predict", data=half_limit, timeout=10)
         assert (small.status_code, large.status_code) == (200, 200), (small.text[:200], large.text[:200])
+        for sock in stalled:  # each still waited on, then timed out as a slow body is
+            assert sock.recv(4096).split(b" ", 2)[1] == b"408"
     finally:
         for sock in stalled:
             sock.close()

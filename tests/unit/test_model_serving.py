@@ -1,9 +1,10 @@
-"""Servables, version management and batching on small real SavedModels, in process (no server)."""
+"""Servables, version management, batching and admission, on small real SavedModels, in process (no server)."""
 import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
+import grpc
 import numpy as np
 import pytest
 from tensorflow_serving.config import model_server_config_pb2
@@ -13,6 +14,7 @@ from conveyor_ml.formats.serving_config import BatchingOptions
 from conveyor_ml.serving.batcher import Batcher
 from conveyor_ml.serving.errors import ServingError
 from conveyor_ml.serving.loader import load_servable
+from conveyor_ml.serving.model_server import Admission, Call
 from conveyor_ml.serving.servable import LoadOptions, SavedModelServable
 from conveyor_ml.serving.version_manager import AVAILABLE, END, LoadRetries, ModelVersions
 from tests.tiny_models import write_tiny_model
@@ -310,3 +312,22 @@ def test_reload_configs_are_checked_before_anything_changes(tmp_path, config, me
     assert refused.value.code.name == "INVALID_ARGUMENT"
     fine = f'model_config_list {{ config {{ name: "a" base_path: "{tmp_path}" model_platform: "tensorflow" }} }}'
     check_reload_config(text_format.Parse(fine, model_server_config_pb2.ModelServerConfig()))
+
+
+def test_admission_charges_a_declared_body_as_it_arrives():
+    admission = Admission(max_requests=10, max_bytes=100)
+    calls = [Call("tiny", "predict", "rest", 0) for _ in range(3)]
+    admission.admit(calls[0], declared=100)
+    admission.admit(calls[1], declared=100)  # nothing has arrived: the budget holds nothing yet
+    assert admission.bytes == 0
+    admission.grow(calls[0], 60)
+    with pytest.raises(ServingError) as refused:
+        admission.admit(calls[2], declared=50)  # 60 held + 50 declared > 100
+    assert refused.value.code == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(ServingError):
+        admission.grow(calls[1], 41)
+    admission.grow(calls[1], 40)
+    assert (admission.bytes, calls[1].nbytes) == (100, 40)
+    admission.release(calls[0])
+    assert (admission.requests, admission.bytes) == (1, 40)
+
