@@ -44,3 +44,26 @@ def write_tiny_model(export_dir: Path, multiplier: float = 2.0) -> Path:
         "slow": module.slow.get_concrete_function(),
     })
     return export_dir
+
+
+class _FirstRow(tf.Module):
+    """Ops that cannot run on zero rows (they read the first), as some kernels cannot (TensorFlow's oneDNN
+    Conv2D on CPUs with AVX-512 VNNI)."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
+    def centered(self, x):
+        return {"centered": x - x[0], "row_sums": tf.reduce_sum(x - x[0], axis=1)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x")])
+    def first(self, x):
+        return {"first": x[0]}
+
+
+def write_first_row_model(export_dir: Path) -> Path:
+    """serving_default: batch-major outputs ([-1, 3] and [-1]); "first": an output of fixed shape [3]."""
+    module = _FirstRow()
+    tf.saved_model.save(module, str(export_dir), signatures={
+        "serving_default": module.centered.get_concrete_function(),
+        "first": module.first.get_concrete_function(),
+    })
+    return export_dir

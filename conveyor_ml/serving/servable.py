@@ -109,6 +109,24 @@ def input_size(inputs: dict[str, np.ndarray]) -> int:
     return sum(np.size(value) for value in inputs.values())
 
 
+def empty_batch_outputs(signature: meta_graph_pb2.SignatureDef, aliases: list[str],
+                        inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """The answer to a request of zero rows told from the signature alone: every output with a batch of 0,
+    where each is batch-major ([-1, known sizes...]); None where the signature does not say so. For models
+    whose kernels cannot run zero rows (TensorFlow's oneDNN Conv2D on CPUs with AVX-512 VNNI refuses them,
+    LiteRT's XNNPACK delegate cannot be resized to them), where a request of none is no fault of the client's."""
+    if not inputs or any(np.ndim(value) == 0 or np.shape(value)[0] != 0 for value in inputs.values()):
+        return None
+    outputs = {}
+    for alias in aliases:
+        info = signature.outputs[alias]
+        dims = [dim.size for dim in info.tensor_shape.dim]
+        if info.tensor_shape.unknown_rank or not dims or dims[0] != -1 or -1 in dims[1:]:
+            return None
+        outputs[alias] = np.zeros([0, *dims[1:]], tf.as_dtype(info.dtype).as_numpy_dtype)
+    return outputs
+
+
 def grpc_code(exc: tf.errors.OpError) -> grpc.StatusCode:
     for code in grpc.StatusCode:
         if code.value[0] == exc.error_code:
@@ -479,7 +497,13 @@ class SavedModelServable(Servable):
         feeds = {info.name: inputs[alias] if alias in inputs else tf.make_ndarray(signature.defaults[alias])
                  for alias, info in signature.inputs.items()}
         aliases = self._output_aliases(signature, tuple(output_filter))
-        values = self._run_tensors(feeds, [signature.outputs[alias].name for alias in aliases], timeout_ms)
+        try:
+            values = self._run_tensors(feeds, [signature.outputs[alias].name for alias in aliases], timeout_ms)
+        except ModelRunError:
+            empty = empty_batch_outputs(signature, aliases, inputs)
+            if empty is None:
+                raise
+            return empty
         return dict(zip(aliases, values))
 
     def _check_dtypes(self, signature: meta_graph_pb2.SignatureDef, inputs: dict[str, np.ndarray]) -> None:

@@ -38,6 +38,7 @@ from conveyor_ml.serving.servable import (
     TFLITE_MODEL_FILE,
     LoadOptions,
     Servable,
+    empty_batch_outputs,
     model_error_message,
 )
 
@@ -210,9 +211,12 @@ class TfliteServable(Servable):
                 outputs = self._run_signature(name, inputs)
             else:
                 outputs = self._run_tensors_by_name(signature, inputs)
-        except ValueError as exc:  # LiteRT's refusal of a shape or value
-            raise ModelRunError(grpc.StatusCode.INVALID_ARGUMENT, f"TFLite: {model_error_message(str(exc))}") from None
-        except RuntimeError as exc:
+        except (ValueError, RuntimeError) as exc:  # LiteRT's refusal of a shape or value; a failed run
+            empty = empty_batch_outputs(signature, aliases, inputs)
+            if empty is not None:
+                return empty
+            if isinstance(exc, ValueError):
+                raise ModelRunError(grpc.StatusCode.INVALID_ARGUMENT, f"TFLite: {model_error_message(str(exc))}") from None
             raise ServingError(grpc.StatusCode.INTERNAL, f"TFLite: {model_error_message(str(exc))}") from None
         return {alias: outputs[alias] for alias in aliases}
 

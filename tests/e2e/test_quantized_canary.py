@@ -7,9 +7,12 @@ import shutil
 import threading
 from collections import Counter
 
+import grpc
 import numpy as np
 import pytest
 import requests
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.server_process import ServerProcess
@@ -101,6 +104,22 @@ def test_the_int8_version_answers_the_float_api_like_the_float_model(server, rel
     assert np.mean(np.equal(float_classes, int8_classes)) >= 0.9
     probabilities = np.array([p["probabilities"] for p in answers["canary"]])
     assert probabilities.dtype == np.float64 and np.allclose(probabilities.sum(axis=1), 1.0, atol=0.05)
+
+
+def test_an_empty_batch_is_answered_by_both_model_formats(server, released):
+    """Zero images over gRPC are answered with zero rows, as TF Serving does, by the SavedModel and the TFLite
+    version alike: LiteRT's XNNPACK delegate cannot be resized to zero rows (it failed as INTERNAL), nor does
+    TensorFlow's oneDNN Conv2D run them on CPUs with AVX-512 VNNI (INVALID_ARGUMENT)."""
+    request = predict_pb2.PredictRequest()
+    request.inputs["images"].CopyFrom(tf.make_tensor_proto(np.zeros((0, 8, 8), np.float32)))
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        for label in ("stable", "canary"):
+            request.model_spec.name, request.model_spec.version_label = "mnist", label
+            answer = stub.Predict(request, timeout=30)
+            shapes = {name: [dim.size for dim in tensor.tensor_shape.dim] for name, tensor in answer.outputs.items()}
+            assert shapes == {"class_ids": [0], "logits": [0, 10], "probabilities": [0, 10]}, label
+            assert answer.model_spec.version.value == released[1].labels[label]
 
 
 def test_unversioned_traffic_is_split_and_monitor_compares_both_versions(server, released, digits_eval,

@@ -17,7 +17,7 @@ from conveyor_ml.serving.loader import load_servable
 from conveyor_ml.serving.model_server import Admission, Call
 from conveyor_ml.serving.servable import LoadOptions, SavedModelServable
 from conveyor_ml.serving.version_manager import AVAILABLE, END, LoadRetries, ModelVersions
-from tests.tiny_models import write_tiny_model
+from tests.tiny_models import write_first_row_model, write_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -331,3 +331,14 @@ def test_admission_charges_a_declared_body_as_it_arrives():
     admission.release(calls[0])
     assert (admission.requests, admission.bytes) == (1, 40)
 
+
+def test_an_empty_batch_the_kernels_cannot_run_is_answered_from_the_signature(tmp_path):
+    servable = SavedModelServable("first_row", 1, write_first_row_model(tmp_path / "export"))
+    rows = np.array([[1.0, 2.0, 3.0], [2.0, 4.0, 6.0]], np.float32)
+    np.testing.assert_array_equal(servable.predict("", {"x": rows})["centered"], [[0, 0, 0], [1, 2, 3]])
+    empty = servable.predict("", {"x": np.zeros((0, 3), np.float32)})
+    assert {name: (value.shape, value.dtype) for name, value in empty.items()} == {
+        "centered": ((0, 3), np.float32), "row_sums": ((0,), np.float32)}
+    # An output that is not one row per input row cannot be told without the model: its refusal stands.
+    with pytest.raises(ServingError, match="out of bounds"):
+        servable.predict("first", {"x": np.zeros((0, 3), np.float32)})
