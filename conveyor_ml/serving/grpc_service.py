@@ -413,7 +413,13 @@ def build_grpc_server(server: ModelServer) -> tuple[grpc.aio.Server, HealthServi
                             ("grpc.max_send_message_length", -1),
                             # grpcio shares a port with any other process that asks by default: only the
                             # server's own processes (--server_processes) may share it; anyone else's is taken.
-                            ("grpc.so_reuseport", int(options.worker is not None))])
+                            ("grpc.so_reuseport", int(options.worker is not None)),
+                            # Bounds on connections (serving/connections.py): how long one may wait for its
+                            # HTTP/2 preface or sit without calls, and how many there may be.
+                            ("grpc.server_handshake_timeout_ms", options.idle_connection_timeout_in_ms),
+                            ("grpc.max_connection_idle_ms", options.idle_connection_timeout_in_ms)])
+    if options.max_connections is not None:
+        channel_options["grpc.max_allowed_incoming_connections"] = options.max_connections
     channel_options.update(dict(options.grpc_channel_arguments))  # later wins, as in TF Serving
     # Calls past this many wait in grpc's own queue (HTTP/2 flow control holds their bytes back) instead of
     # reaching the handlers: admission refuses what exceeds the request-byte budget among those admitted.

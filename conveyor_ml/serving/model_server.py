@@ -69,6 +69,8 @@ class ServerOptions:
     max_request_body_bytes: int = 16 * 1024 * 1024  # REST bodies and gRPC messages alike
     max_inflight_bytes: int | None = None  # request bytes admitted at once; None: 4 x max_request_body_bytes
     max_inflight_requests: int = 1000  # calls admitted at once
+    max_connections: int | None = None  # per listener (REST, gRPC); None: what the open-file limit allows
+    idle_connection_timeout_in_ms: int = 75_000  # a connection with nothing in flight this long is closed
     traffic_file: str | None = None
     input_schema: str | None = None  # a TFDV schema: inputs outside its domains are counted (and maybe rejected)
     reject_anomalous_inputs: bool = False

@@ -227,6 +227,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "503/UNAVAILABLE at once (default 4 x --max_request_body_bytes)")
     own.add_argument("--max_inflight_requests", type=_flag_int, default=1000,
                      help="requests admitted at once; past it a request gets 503/UNAVAILABLE (default 1000)")
+    own.add_argument("--max_connections", type=_flag_int, default=None,
+                     help="connections each listener (REST, gRPC) may hold; past it a REST connection takes the "
+                     "place of the one idle the longest (503 when all are busy) and grpc refuses new ones "
+                     "(default: what the open-file limit, raised to its hard limit, allows with 512 kept back)")
+    own.add_argument("--idle_connection_timeout_in_ms", type=_flag_int, default=75_000,
+                     help="a connection with nothing in flight this long is closed: a REST connection between "
+                     "requests or before its request's headers are complete, a gRPC one before its HTTP/2 "
+                     "preface or between calls (clients reconnect on their next call) (default 75000)")
     own.add_argument("--input_schema", help="TFDV schema (pbtxt): count request values outside its domains "
                      "(--spec uses the spec's data.schema)")
     own.add_argument("--reject_anomalous_inputs", type=tf_bool, nargs="?", const=True, default=False,
@@ -366,6 +374,7 @@ def options_from_args(args: argparse.Namespace):
             raise ConveyorError(f"--grpc_socket_path: {socket_path} exists and is not a socket")
     for name, minimum in (("rest_api_num_threads", 1), ("grpc_max_threads", 1), ("rest_api_timeout_in_ms", 0),
                           ("max_request_body_bytes", 1), ("max_inflight_requests", 1), ("server_processes", 1),
+                          ("max_connections", 1), ("idle_connection_timeout_in_ms", 1),
                           ("num_load_threads", 0), ("num_unload_threads", 0),
                           ("max_num_load_retries", 0), ("num_request_iterations_for_warmup", 0),
                           ("num_tflite_pools", 1), ("num_tflite_interpreters_per_pool", 1),
@@ -431,6 +440,7 @@ def options_from_args(args: argparse.Namespace):
         load_retries=LoadRetries(args.max_num_load_retries, max(0.0, args.load_retry_interval_micros / 1e6)),
         num_load_threads=args.num_load_threads, max_request_body_bytes=args.max_request_body_bytes,
         max_inflight_bytes=args.max_inflight_bytes, max_inflight_requests=args.max_inflight_requests,
+        max_connections=args.max_connections, idle_connection_timeout_in_ms=args.idle_connection_timeout_in_ms,
         traffic_file=args.traffic_file, input_schema=input_schema,
         reject_anomalous_inputs=args.reject_anomalous_inputs, server_processes=args.server_processes,
         worker=WorkerSlot.from_environment() if args.server_processes > 1 else None)
@@ -472,6 +482,7 @@ def version_text() -> str:
 async def _serve(server, stop: asyncio.Event) -> None:
     from aiohttp import web
 
+    from conveyor_ml.serving.connections import BoundedServer
     from conveyor_ml.serving.grpc_service import build_grpc_server
     from conveyor_ml.serving.rest import MalformedHttpLog, RestApi
 
@@ -492,8 +503,10 @@ async def _serve(server, stop: asyncio.Event) -> None:
         # On SIGTERM, requests still running get SHUTDOWN_GRACE_SECONDS (aiohttp's default is 60 s).
         rest = RestApi(server)
         logging.getLogger("aiohttp.server").addFilter(MalformedHttpLog())
-        runner = web.ServerRunner(web.Server(rest.handle, request_factory=rest.make_request, access_log=None),
-                                  shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
+        connections = BoundedServer(rest.handle, max_connections=options.max_connections,
+                                    keepalive_timeout=options.idle_connection_timeout_in_ms / 1000,
+                                    request_factory=rest.make_request, access_log=None)
+        runner = web.ServerRunner(connections, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
         await runner.setup()
         # Several server processes share the port (--server_processes: the kernel spreads connections).
         site = web.TCPSite(runner, options.rest_api_host, options.rest_api_port, reuse_address=True,
@@ -566,6 +579,13 @@ def run(args: argparse.Namespace) -> int:
         die_with_supervisor()
         if options.worker.index:  # a Unix socket path has one listener: the first process's
             options = dataclasses.replace(options, grpc_socket_path=None)
+    from conveyor_ml.serving.connections import default_max_connections, raise_open_file_limit
+
+    open_files = raise_open_file_limit()  # before anything opens files: TensorFlow, the models, the listeners
+    if options.max_connections is None:
+        options = dataclasses.replace(options, max_connections=default_max_connections(open_files))
+    log.info("connections: at most %d per listener, closed after %d ms with nothing in flight (open-file limit %d)",
+             options.max_connections, options.idle_connection_timeout_in_ms, open_files)
     _note_no_effect(args, {"flush_filesystem_caches": True, "remove_unused_fields_from_bundle_metagraph": True,
                            "skip_initialize_tpu": False, "num_unload_threads": 0})
     for host in {options.rest_api_host, options.grpc_host}:

@@ -17,6 +17,7 @@ import http.client
 import json
 import os
 import random
+import select
 import shutil
 import signal
 import socket
@@ -35,7 +36,9 @@ import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, types_pb2
 from tensorflow_serving.apis import (
     classification_pb2,
+    get_model_status_pb2,
     inference_pb2,
+    model_service_pb2_grpc,
     predict_pb2,
     regression_pb2,
 )
@@ -428,6 +431,101 @@ def test_malformed_http_is_logged_one_line_in_a_hundred(hostile_server):
     assert statuses == Counter({b"400": 300})
     assert log.count("malformed HTTP request") - logged_before == 4  # the 1st, 100th, 200th and 300th
     assert "Error handling request" not in log
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closed this connection (without waiting for it to)."""
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return sock.recv(65536) == b"" or closed_by_server(sock)  # an answer first (a 503), then the close
+    except ConnectionResetError:
+        return True
+
+
+def connect_all(port: int, count: int, first_bytes: bytes) -> list[socket.socket]:
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if first_bytes:
+            sock.sendall(first_bytes)
+        sockets.append(sock)
+    return sockets
+
+
+MAX_CONNECTIONS, IDLE_TIMEOUT_MS = 40, 1500
+
+
+@pytest.fixture(scope="module")
+def bounded_server(tmp_path_factory, trained_export):
+    base = tmp_path_factory.mktemp("bounded") / "mnist"
+    shutil.copytree(trained_export, base / "1")
+    with ServerProcess("--model_name", "mnist", "--model_base_path", str(base), "--max_connections",
+                       str(MAX_CONNECTIONS), "--idle_connection_timeout_in_ms", str(IDLE_TIMEOUT_MS)) as server:
+        server.wait_available("mnist")
+        yield server
+
+
+def test_stalled_rest_connections_make_room_and_are_closed_when_idle(bounded_server):
+    """Unbounded, ~20,000 connections that sent half a request line took every descriptor the process may
+    open, for an hour: new clients were refused and no version could be loaded. Bounded, the connection idle
+    the longest makes room for a new one, and every idle connection is closed after the idle timeout."""
+    server = bounded_server
+    stalled = connect_all(server.rest_port, MAX_CONNECTIONS + 10, b"GET /v1/models/mnist HTTP/1.1\r\nHost: x\r\n")
+    try:
+        time.sleep(0.3)
+        assert sum(closed_by_server(sock) for sock in stalled) >= 10  # the oldest made room for the newest
+        answer = requests.get(f"{server.rest_url}/v1/models/mnist", timeout=10)  # a client among them
+        assert answer.status_code == 200, answer.text
+        time.sleep(IDLE_TIMEOUT_MS / 1000 + 1)
+        assert all(closed_by_server(sock) for sock in stalled)
+        assert "holds its maximum of 40 connections: closed the connection idle the longest (#1" in server.log_text()
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_a_connection_past_the_bound_is_answered_503_when_every_one_is_busy(bounded_server):
+    server = bounded_server
+    # Requests whose bodies are still arriving: in progress, so none may be closed to make room.
+    busy = connect_all(server.rest_port, MAX_CONNECTIONS, b"POST /v1/models/mnist:predict HTTP/1.1\r\nHost: x\r\n"
+                       b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
+    try:
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", server.rest_port), timeout=10) as newcomer:
+            answer = newcomer.recv(65536).decode()
+        assert answer.startswith("HTTP/1.1 503") and "maximum of 40 connections, all busy" in answer, answer
+        assert not any(closed_by_server(sock) for sock in busy)
+    finally:
+        for sock in busy:
+            sock.close()
+    time.sleep(0.3)
+    assert requests.get(f"{server.rest_url}/v1/models/mnist", timeout=10).status_code == 200
+
+
+def test_grpc_connections_are_bounded_and_stalled_ones_closed(bounded_server):
+    """grpc refuses connections past the bound, and closes one that has not sent its HTTP/2 preface within
+    the idle timeout; a client whose idle channel was closed reconnects on its next call."""
+    server = bounded_server
+    status = get_model_status_pb2.GetModelStatusRequest()
+    status.model_spec.name = "mnist"
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        stub.GetModelStatus(status, timeout=10)
+        stalled = connect_all(server.grpc_port, MAX_CONNECTIONS + 10, b"")
+        try:
+            time.sleep(0.5)
+            assert sum(closed_by_server(sock) for sock in stalled) >= 10
+            # The other listener is not touched: REST answers while gRPC is full.
+            assert requests.get(f"{server.rest_url}/v1/models/mnist", timeout=10).status_code == 200
+            time.sleep(IDLE_TIMEOUT_MS / 1000 + 1)
+            assert all(closed_by_server(sock) for sock in stalled)
+        finally:
+            for sock in stalled:
+                sock.close()
+        time.sleep(IDLE_TIMEOUT_MS / 1000)  # the channel itself has been idle past the timeout: told to go
+        assert stub.GetModelStatus(status, timeout=10).model_version_status[0].state == 30  # AVAILABLE
 
 
 def test_refused_grpc_calls_give_their_memory_back(hostile_server):

@@ -2,6 +2,9 @@
 be honoured refused in one line, and the accepted values reach the server's options."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -9,6 +12,7 @@ import tensorflow as tf
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.cli import build_parser
 from conveyor_ml.serving import server
+from conveyor_ml.serving.connections import default_max_connections
 from conveyor_ml.serving.tensors import tensor_proto
 from tests.conftest import run_conveyor
 
@@ -74,6 +78,8 @@ def test_help_lists_every_flag_in_tf_servings_words(capsys):
     (["--rest_api_num_threads=0"], "--rest_api_num_threads 0: must be at least 1"),
     (["--file_system_poll_wait_seconds=-1"], "--file_system_poll_wait_seconds -1.0: must be at least 0"),
     (["--num_tflite_pools=0"], "--num_tflite_pools 0: must be at least 1"),
+    (["--max_connections=0"], "--max_connections 0: must be at least 1"),
+    (["--idle_connection_timeout_in_ms=0"], "--idle_connection_timeout_in_ms 0: must be at least 1"),
     (["--grpc_socket_path=/nonexistent/dir/grpc.sock"], "--grpc_socket_path: no such directory: /nonexistent/dir"),
     (["--grpc_socket_path=/tmp/" + "s" * 120], "longer than the 107 bytes a Unix socket path may have"),
     (["--grpc_channel_arguments=grpc.so_reuseaddr"], "'grpc.so_reuseaddr' is not key=value"),
@@ -166,3 +172,20 @@ def test_outputs_use_tensorflows_typed_fields(value, field):
     np.testing.assert_array_equal(tf.make_ndarray(packed), value)
     if field != "string_val":
         assert packed.tensor_content and not getattr(packed, field)
+
+
+def test_connection_bounds_reach_the_options_and_default_to_the_open_file_limit(tmp_path):
+    built = options(tmp_path, "--max_connections=300", "--idle_connection_timeout_in_ms=5000")
+    assert (built.max_connections, built.idle_connection_timeout_in_ms) == (300, 5000)
+    assert options(tmp_path).max_connections is None  # resolved when serving: after the limit is raised
+    # Two listeners share what is left after 512 descriptors are kept back; never fewer than 64 each.
+    assert [default_max_connections(files) for files in (1024, 20000, 300)] == [256, 9744, 64]
+
+
+def test_serving_raises_the_open_file_limit_to_the_hard_limit():
+    script = ("import resource; from conveyor_ml.serving.connections import raise_open_file_limit; "
+              "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)); "
+              "print(raise_open_file_limit() == resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "True", result.stderr
