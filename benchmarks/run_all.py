@@ -23,9 +23,11 @@ STEPS = [
     ("lineage", ["--runs", "200"]),
     ("release_reliability", []),  # 300 SIGKILLs of releases, every CLI mistake
     ("server_reliability", []),  # the model server under a hostile corpus and overload
+    ("connection_flood", []),  # 20,000 stalled connections to each listener, bounded and not
     ("scale", []),  # 10k, 100k and 1M examples end to end: the longest by far
 ]
-RESULT_FILE = {"release_reliability": "reliability", "server_reliability": "reliability"}  # one file, two sections
+RESULT_FILE = {"release_reliability": "reliability", "server_reliability": "reliability",
+               "connection_flood": "reliability"}  # one file, three sections
 
 
 def plots() -> list[str]:
