@@ -63,3 +63,12 @@ def replace_section(path: Path, start: str, end: str, section: str, heading: str
         text = text.rstrip("\n") + "\n\n" + section
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def write_reliability_section(start: str, end: str, section: str, name: str, figures: dict) -> None:
+    """One benchmark's section of results/reliability.md (the others' kept), and its figures, with the
+    machine, in results/reliability-<name>.json."""
+    path = RESULTS / "reliability.md"
+    replace_section(path, start, end, section, "# Reliability")
+    (RESULTS / f"reliability-{name}.json").write_text(json.dumps({"machine": machine(), **figures}, indent=2) + "\n")
+    print(f"wrote {path}")

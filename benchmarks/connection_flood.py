@@ -26,7 +26,7 @@ import grpc
 import requests
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
-from benchmarks.common import RESULTS, machine, replace_section
+from benchmarks.common import machine, write_reliability_section
 from conveyor_ml.base.server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,11 +212,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     results = run(versions[-1])
-    path = RESULTS / "reliability.md"
-    replace_section(path, START, END, section(results), "# Reliability")
-    (RESULTS / "reliability-connections.json").write_text(
-        json.dumps({"machine": machine(), "flood": FLOOD, "results": results}, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_reliability_section(START, END, section(results), "connections", {"flood": FLOOD, "results": results})
     return 0
 
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine, replace_section
+from benchmarks.common import machine, write_reliability_section
 
 ROOT = Path(__file__).resolve().parent.parent
 KILLS_PER_OPERATION = 100  # the suite runs 30 each to keep CI short
@@ -74,11 +74,8 @@ def section(crashes: dict, cli: dict, seconds: float) -> str:
 
 def main() -> int:
     crashes, cli, seconds = run_suites()
-    path = RESULTS / "reliability.md"
-    replace_section(path, START, END, section(crashes, cli, seconds), "# Reliability")
-    (RESULTS / "reliability-releases.json").write_text(
-        json.dumps({"machine": machine(), "crashes": crashes, "cli": cli, "seconds": seconds}, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_reliability_section(START, END, section(crashes, cli, seconds), "releases",
+                              {"crashes": crashes, "cli": cli, "seconds": seconds})
     return 0
 
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, machine, replace_section
+from benchmarks.common import machine, write_reliability_section
 
 ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- server: start -->", "<!-- server: end -->"
@@ -85,11 +85,7 @@ def section(figures: dict, seconds: float) -> str:
 
 def main() -> int:
     figures, seconds = run_suite()
-    path = RESULTS / "reliability.md"
-    replace_section(path, START, END, section(figures, seconds), "# Reliability")
-    (RESULTS / "reliability-server.json").write_text(
-        json.dumps({"machine": machine(), "figures": figures, "seconds": seconds}, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_reliability_section(START, END, section(figures, seconds), "server", {"figures": figures, "seconds": seconds})
     return 0
 
 
