@@ -49,8 +49,9 @@ from conveyor_ml.serving.tensors import (
     fill_tensor_proto,
 )
 
-# Service names the health service answers SERVING for, as TF Serving registers them ("" is the server).
 log = logging.getLogger("conveyor.serving")
+HEALTH_SERVICE = "grpc.health.v1.Health"
+# Service names the health service answers SERVING for, as TF Serving registers them ("" is the server).
 HEALTH_SERVICES = ("", "ModelService", "PredictionService",
                    "tensorflow.serving.ModelService", "tensorflow.serving.PredictionService")
 
@@ -320,10 +321,12 @@ def _health_protos():
 
 class HealthService:
     """grpc.health.v1.Health: SERVING while the server runs (TF Serving's meaning, for liveness probes),
-    NOT_SERVING once it is shutting down; an unknown service name is NOT_FOUND."""
+    NOT_SERVING once it is shutting down; an unknown service name is NOT_FOUND, a request that is not a
+    HealthCheckRequest INVALID_ARGUMENT (registered through grpc's generated code, it was UNKNOWN, a server
+    fault for a client's garbage)."""
 
     def __init__(self):
-        self.protos, self.services = _health_protos()
+        self.protos, _ = _health_protos()
         self.stopping = False
 
     def _status(self):
@@ -331,11 +334,16 @@ class HealthService:
         return statuses.Value("NOT_SERVING" if self.stopping else "SERVING")
 
     async def Check(self, request, context):
+        if isinstance(request, _Unparsable):
+            return _fail(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
         if request.service not in HEALTH_SERVICES:
             return _fail(context, grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
         return self.protos.HealthCheckResponse(status=self._status())
 
     async def Watch(self, request, context):
+        if isinstance(request, _Unparsable):
+            _fail(context, grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return
         if request.service not in HEALTH_SERVICES:
             unknown = self.protos.HealthCheckResponse.ServingStatus.Value("SERVICE_UNKNOWN")
             yield self.protos.HealthCheckResponse(status=unknown)
@@ -349,7 +357,14 @@ class HealthService:
             await asyncio.sleep(1.0)
 
     def add_to(self, grpc_server: grpc.aio.Server) -> None:
-        self.services.add_HealthServicer_to_server(self, grpc_server)
+        """As the generated add_HealthServicer_to_server registers Check and Watch, with a request parser
+        that lets the handlers refuse what is not a HealthCheckRequest."""
+        parse = _parser(self.protos.HealthCheckRequest)
+        grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(HEALTH_SERVICE, {
+            "Check": grpc.unary_unary_rpc_method_handler(self.Check, request_deserializer=parse,
+                                                         response_serializer=_serialize),
+            "Watch": grpc.unary_stream_rpc_method_handler(self.Watch, request_deserializer=parse,
+                                                          response_serializer=_serialize)}),))
 
 
 class _Unparsable:
@@ -359,19 +374,21 @@ class _Unparsable:
         self.message = f"the request is not a valid {what}: {type(error).__name__}"
 
 
+def _parser(request_type: type):
+    """A request deserializer that hands what is not a valid `request_type` to the handler as _Unparsable."""
+    def parse(data: bytes):
+        try:
+            return request_type.FromString(data)
+        except Exception as exc:  # DecodeError, or RuntimeError from a C++ parser
+            return _Unparsable(request_type.DESCRIPTOR.full_name, exc)
+    return parse
+
+
 def _handlers(service: str, servicer, methods: dict[str, tuple[type, str]],
               server: ModelServer) -> grpc.GenericRpcHandler:
     """The service's unary methods (as the generated add_*Servicer_to_server registers them), except that a
     request grpc cannot parse answers INVALID_ARGUMENT, recorded like any call (grpc's own answer would be
     INTERNAL, "Exception deserializing request!", a server fault for a client's garbage)."""
-
-    def deserializer(request_type: type):
-        def parse(data: bytes):
-            try:
-                return request_type.FromString(data)
-            except Exception as exc:  # DecodeError, or RuntimeError from a C++ parser
-                return _Unparsable(request_type.DESCRIPTOR.full_name, exc)
-        return parse
 
     def answering(method, api: str):
         async def handle(request, context):
@@ -384,7 +401,7 @@ def _handlers(service: str, servicer, methods: dict[str, tuple[type, str]],
     handlers = {}
     for name, (request_type, api) in methods.items():
         handlers[name] = grpc.unary_unary_rpc_method_handler(
-            answering(getattr(servicer, name), api), request_deserializer=deserializer(request_type),
+            answering(getattr(servicer, name), api), request_deserializer=_parser(request_type),
             response_serializer=_serialize)
     return grpc.method_handlers_generic_handler(service, handlers)
 

@@ -70,6 +70,14 @@ def test_the_rendered_probes_answer(server, deployment):
         with pytest.raises(grpc.RpcError) as unknown:
             check(_health_request("nope"), timeout=10)
     assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+    with grpc.insecure_channel(server.grpc_target) as channel:  # not a HealthCheckRequest: the client's fault
+        garbage = b"\xff\xff\xff"
+        for attempt in (lambda: channel.unary_unary("/grpc.health.v1.Health/Check")(garbage, timeout=10),
+                        lambda: list(channel.unary_stream("/grpc.health.v1.Health/Watch")(garbage, timeout=10))):
+            with pytest.raises(grpc.RpcError) as refused:
+                attempt()
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid grpc.health.v1.HealthCheckRequest" in refused.value.details()
     assert requests.get(f"{server.rest_url}/healthz", timeout=10).status_code == 200
     assert requests.get(f"{server.rest_url}/readyz", timeout=10).json() == {"ready": True}
 
