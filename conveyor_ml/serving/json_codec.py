@@ -36,9 +36,11 @@ def parse_body(body: bytes) -> dict:
         except RecursionError:  # orjson stops at 1024 levels, so does the json module, by running out of stack
             raise invalid_argument("JSON Parse error: the document is nested too deeply") from None
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
-            position = getattr(exc, "pos", getattr(exc, "start", 0))
+            position = getattr(exc, "pos", getattr(exc, "start", None))
             reason = getattr(exc, "msg", str(exc).split(";")[0])
-            raise invalid_argument(f"JSON Parse error: {reason} at offset: {position}") from None
+            # A number refused by its converter (1e999, 4,301 digits) comes without a position: none is made up.
+            where = f" at offset: {position}" if position is not None else ""
+            raise invalid_argument(f"JSON Parse error: {reason}{where}") from None
     if not isinstance(document, dict):
         raise invalid_argument(f"JSON Value: {_short(document)} Is not object")
     return document
