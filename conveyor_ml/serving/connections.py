@@ -5,8 +5,9 @@ stalled (about 130 MB here) took every descriptor this process may open: new cli
 server could no longer open a version's files to load it (its version polling failed every second) until
 the clients let go, an hour later (aiohttp's low-level server keeps an idle connection 3,630 s). Bounded:
 - the process's open-file limit is raised to its hard limit at start (as Go's runtime does);
-- each listener (REST, gRPC) may hold `max_connections`, by default what the limit allows with
-  RESERVED_FILES kept back for the server's own files (model versions, configs, logs);
+- each listener (REST, the gRPC port, the gRPC Unix socket) may hold `max_connections`, by default its share
+  of what the limit allows with RESERVED_FILES kept back for the server's own files (model versions, configs,
+  logs);
 - at the bound, a new REST connection takes the place of the connection idle the longest (no request in
   progress: a half-sent request line counts as idle), or is answered 503 and closed when every connection
   is busy; grpc refuses connections past the bound itself (grpc.max_allowed_incoming_connections);
@@ -46,9 +47,10 @@ def raise_open_file_limit() -> int:
         return soft
 
 
-def default_max_connections(open_files: int) -> int:
-    """Connections each of the two listeners may hold, with RESERVED_FILES descriptors kept back."""
-    return max(MIN_CONNECTIONS, (open_files - RESERVED_FILES) // 2)
+def default_max_connections(open_files: int, listeners: int) -> int:
+    """Connections each listener (REST, the gRPC port, the gRPC Unix socket: grpc bounds each of its own)
+    may hold, with RESERVED_FILES descriptors kept back."""
+    return max(MIN_CONNECTIONS, (open_files - RESERVED_FILES) // max(1, listeners))
 
 
 class BoundedServer(web.Server):
@@ -99,7 +101,9 @@ class BoundedServer(web.Server):
         body = (b'{"error": "The server holds its maximum of %d connections, all busy; retry later '
                 b'(--max_connections)"}' % self.max_connections)
         transport.write(AT_CAPACITY % (len(body), body))
-        handler.force_close()
+        # Closed once aiohttp has started the connection's task (it does so after this call): closed here, the
+        # task found its connection gone and failed an assertion, one logged traceback per refusal.
+        self._loop.call_soon(handler.force_close)
         self.refused += 1
         self._log("answered a new connection 503", self.refused)
 

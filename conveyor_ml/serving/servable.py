@@ -114,9 +114,16 @@ def empty_batch_outputs(signature: meta_graph_pb2.SignatureDef, aliases: list[st
     """The answer to a request of zero rows told from the signature alone: every output with a batch of 0,
     where each is batch-major ([-1, known sizes...]); None where the signature does not say so. For models
     whose kernels cannot run zero rows (TensorFlow's oneDNN Conv2D on CPUs with AVX-512 VNNI refuses them,
-    LiteRT's XNNPACK delegate cannot be resized to them), where a request of none is no fault of the client's."""
+    LiteRT's XNNPACK delegate cannot be resized to them), where a request of none is no fault of the client's.
+    Only for inputs of the signature's shapes: a [0, 5] where the model takes [-1, 3] keeps the model's refusal."""
     if not inputs or any(np.ndim(value) == 0 or np.shape(value)[0] != 0 for value in inputs.values()):
         return None
+    for alias, value in inputs.items():
+        shape = signature.inputs[alias].tensor_shape
+        dims = [dim.size for dim in shape.dim]
+        if not shape.unknown_rank and (len(dims) != np.ndim(value) or any(
+                want not in (-1, got) for want, got in zip(dims[1:], np.shape(value)[1:]))):
+            return None
     outputs = {}
     for alias in aliases:
         info = signature.outputs[alias]

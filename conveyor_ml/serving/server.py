@@ -228,9 +228,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     own.add_argument("--max_inflight_requests", type=_flag_int, default=1000,
                      help="requests admitted at once; past it a request gets 503/UNAVAILABLE (default 1000)")
     own.add_argument("--max_connections", type=_flag_int, default=None,
-                     help="connections each listener (REST, gRPC) may hold; past it a REST connection takes the "
+                     help="connections each listener (REST, the gRPC port, a gRPC Unix socket) may hold; past it a REST connection takes the "
                      "place of the one idle the longest (503 when all are busy) and grpc refuses new ones "
-                     "(default: what the open-file limit, raised to its hard limit, allows with 512 kept back)")
+                     "(default: an equal share, per listener, of the open-file limit, raised to its hard limit, "
+                     "with 512 descriptors kept back)")
     own.add_argument("--idle_connection_timeout_in_ms", type=_flag_int, default=75_000,
                      help="a connection with nothing in flight this long is closed: a REST connection between "
                      "requests or before its request's headers are complete, a gRPC one before its HTTP/2 "
@@ -583,7 +584,8 @@ def run(args: argparse.Namespace) -> int:
 
     open_files = raise_open_file_limit()  # before anything opens files: TensorFlow, the models, the listeners
     if options.max_connections is None:
-        options = dataclasses.replace(options, max_connections=default_max_connections(open_files))
+        listeners = sum(map(bool, (options.rest_api_port, options.port, options.grpc_socket_path)))
+        options = dataclasses.replace(options, max_connections=default_max_connections(open_files, listeners))
     log.info("connections: at most %d per listener, closed after %d ms with nothing in flight (open-file limit %d)",
              options.max_connections, options.idle_connection_timeout_in_ms, open_files)
     _note_no_effect(args, {"flush_filesystem_caches": True, "remove_unused_fields_from_bundle_metagraph": True,

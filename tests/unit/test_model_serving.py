@@ -339,6 +339,9 @@ def test_an_empty_batch_the_kernels_cannot_run_is_answered_from_the_signature(tm
     empty = servable.predict("", {"x": np.zeros((0, 3), np.float32)})
     assert {name: (value.shape, value.dtype) for name, value in empty.items()} == {
         "centered": ((0, 3), np.float32), "row_sums": ((0,), np.float32)}
-    # An output that is not one row per input row cannot be told without the model: its refusal stands.
+    # An output that is not one row per input row cannot be told without the model: its refusal stands;
+    # so does it for rows of the wrong shape, which the model would refuse with rows in them too.
     with pytest.raises(ServingError, match="out of bounds"):
         servable.predict("first", {"x": np.zeros((0, 3), np.float32)})
+    with pytest.raises(ServingError, match="out of bounds"):
+        servable.predict("", {"x": np.zeros((0, 5), np.float32)})

@@ -178,8 +178,9 @@ def test_connection_bounds_reach_the_options_and_default_to_the_open_file_limit(
     built = options(tmp_path, "--max_connections=300", "--idle_connection_timeout_in_ms=5000")
     assert (built.max_connections, built.idle_connection_timeout_in_ms) == (300, 5000)
     assert options(tmp_path).max_connections is None  # resolved when serving: after the limit is raised
-    # Two listeners share what is left after 512 descriptors are kept back; never fewer than 64 each.
-    assert [default_max_connections(files) for files in (1024, 20000, 300)] == [256, 9744, 64]
+    # The listeners share what is left after 512 descriptors are kept back; never fewer than 64 each.
+    assert [default_max_connections(files, 2) for files in (1024, 20000, 300)] == [256, 9744, 64]
+    assert default_max_connections(4096, 3) == 1194  # REST, the gRPC port and a gRPC Unix socket
 
 
 def test_serving_raises_the_open_file_limit_to_the_hard_limit():
