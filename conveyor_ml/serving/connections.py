@@ -37,14 +37,13 @@ def raise_open_file_limit() -> int:
     """Raises this process's open-file limit to its hard limit; returns the limit now in force."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else KERNEL_FILE_LIMIT  # Linux allows no more than nr_open
-    if soft == resource.RLIM_INFINITY or soft >= target:
-        return min(soft, target) if soft != resource.RLIM_INFINITY else target
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-        return target
-    except (ValueError, OSError) as exc:
-        log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
-        return soft
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
+            return soft
+    return target
 
 
 def default_max_connections(open_files: int, listeners: int) -> int:

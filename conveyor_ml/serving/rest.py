@@ -43,7 +43,10 @@ def _int64(digits: str) -> int:
     """A URL's version digits as a number; -1 when no int64 holds it (int() of thousands of digits would
     raise, and of hundreds would be a number no version can have)."""
     digits = digits.lstrip("0") or "0"
-    return int(digits) if len(digits) <= 19 and int(digits) <= INT64_MAX else -1
+    if len(digits) > 19:
+        return -1
+    value = int(digits)
+    return value if value <= INT64_MAX else -1
 
 
 class MalformedHttpLog(logging.Filter):
@@ -215,11 +218,13 @@ class RestApi:
         """The body, read within --rest_api_timeout_in_ms (TF Serving's HTTP server times out the whole call):
         a client that sends it too slowly gets 408 and gives its admission share back."""
         timeout = self._timeout_ms()
-        read = self._read_charged(call, request)
         try:
-            if not timeout or request.content.is_eof():  # all of it is here already (small bodies usually are)
-                return await read
-            return await asyncio.wait_for(read, timeout / 1000)
+            if request.content.is_eof():  # all of it is here already (small bodies usually are): read at once
+                body = await request.read()  # (past the body limit: HTTPRequestEntityTooLarge, answered 413)
+                self.server.admission.grow(call, len(body))
+                return body
+            read = self._read_arriving(call, request)
+            return await (asyncio.wait_for(read, timeout / 1000) if timeout else read)
         except asyncio.TimeoutError:
             raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, f"The request body did not arrive within "
                                f"{timeout} ms (--rest_api_timeout_in_ms)", http_status=408) from None
@@ -229,14 +234,10 @@ class RestApi:
         except web.RequestPayloadError as exc:  # e.g. a Content-Encoding its bytes are not in, a bad chunk
             raise invalid_argument(f"The request body could not be read: {' '.join(str(exc).split())}") from None
 
-    async def _read_charged(self, call: Call, request: web.BaseRequest) -> bytes:
+    async def _read_arriving(self, call: Call, request: web.BaseRequest) -> bytes:
         """The body, charged to admission as it arrives, whether its length was declared or not (chunked):
         charged at what it may reach, four stalled uploads would hold the whole byte budget (every other call
         refused) until they timed out."""
-        if request.content.is_eof():  # all of it is here already (small bodies usually are): read at once
-            body = await request.read()  # (past the body limit: HTTPRequestEntityTooLarge, answered 413)
-            self.server.admission.grow(call, len(body))
-            return body
         limit, parts = self.server.options.max_request_body_bytes, []
         async for chunk in request.content.iter_any():
             if call.nbytes + len(chunk) > limit:

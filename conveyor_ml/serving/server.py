@@ -228,8 +228,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     own.add_argument("--max_inflight_requests", type=_flag_int, default=1000,
                      help="requests admitted at once; past it a request gets 503/UNAVAILABLE (default 1000)")
     own.add_argument("--max_connections", type=_flag_int, default=None,
-                     help="connections each listener (REST, the gRPC port, a gRPC Unix socket) may hold; past it a REST connection takes the "
-                     "place of the one idle the longest (503 when all are busy) and grpc refuses new ones "
+                     help="connections each listener (REST, the gRPC port, a gRPC Unix socket) may hold; past "
+                     "it a REST connection takes the place of the one idle the longest (503 when all are busy) "
+                     "and grpc refuses new ones "
                      "(default: an equal share, per listener, of the open-file limit, raised to its hard limit, "
                      "with 512 descriptors kept back)")
     own.add_argument("--idle_connection_timeout_in_ms", type=_flag_int, default=75_000,

@@ -215,9 +215,10 @@ class TfliteServable(Servable):
             empty = empty_batch_outputs(signature, aliases, inputs)
             if empty is not None:
                 return empty
+            message = f"TFLite: {model_error_message(str(exc))}"
             if isinstance(exc, ValueError):
-                raise ModelRunError(grpc.StatusCode.INVALID_ARGUMENT, f"TFLite: {model_error_message(str(exc))}") from None
-            raise ServingError(grpc.StatusCode.INTERNAL, f"TFLite: {model_error_message(str(exc))}") from None
+                raise ModelRunError(grpc.StatusCode.INVALID_ARGUMENT, message) from None
+            raise ServingError(grpc.StatusCode.INTERNAL, message) from None
         return {alias: outputs[alias] for alias in aliases}
 
     def _run_signature(self, name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
