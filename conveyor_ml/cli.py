@@ -104,7 +104,8 @@ def cmd_schedule(args) -> int:
 
     spec = load_spec(args.spec)
     if args.print_cron:
-        print(cron_line(Path(args.spec).resolve(), args.every, spec.schedule.cron, Path.cwd(), spec.workspace))
+        print(cron_line(Path(args.spec).resolve(), args.every, spec.schedule.cron, Path.cwd(), spec.workspace,
+                        args.on_new_data))
         return 0
     scheduler = Scheduler(spec, Path(args.spec).resolve(), every=args.every, on_new_data=args.on_new_data,
                           max_runs=args.max_runs, retries=args.retries, backoff=args.retry_backoff, poll=args.poll)
@@ -140,25 +141,39 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def cmd_monitor(args) -> int:
+def _optional_spec(path: str | None):
+    """The spec a user named (which must then exist), else the default one if it is here, else None: monitor
+    and doctor also work on a server or a model directory alone."""
     from pathlib import Path
 
     from conveyor_ml.base.spec import load_spec
+
+    if path is None:
+        return load_spec(DEFAULT_SPEC) if Path(DEFAULT_SPEC).is_file() else None
+    return load_spec(path)
+
+
+def _local_dry_run(args) -> None:
+    if args.dry_run:
+        raise ConveyorError(f"{args.command} --dry-run previews a Vertex AI change and needs --target gcp; "
+                            "`conveyor status` shows the local labels and traffic, and this command's change is "
+                            "undone by the opposite one")
+
+
+def cmd_monitor(args) -> int:
     from conveyor_ml.operations.monitor import monitor
 
-    spec = load_spec(args.spec) if Path(args.spec).is_file() else None
+    spec = _optional_spec(args.spec)
     return monitor(args.url, args.model, spec, once=args.once, fmt=args.format, interval=args.interval,
                    drift_threshold=args.drift_threshold)
 
 
 def cmd_doctor(args) -> int:
     import json
-    from pathlib import Path
 
-    from conveyor_ml.base.spec import load_spec
     from conveyor_ml.operations.doctor import diagnose, render, resolve_target
 
-    spec = load_spec(args.spec) if Path(args.spec).is_file() else None
+    spec = _optional_spec(args.spec)
     _quiet_libraries()
     target = resolve_target(spec, args.model_dir, args.serving_dir, args.url)
     report = diagnose(target)
@@ -225,6 +240,7 @@ def cmd_promote(args) -> int:
     if args.target == "gcp":
         return _print_vertex_change(args, change_vertex_release(
             load_spec(args.spec), args.model, PROMOTE, weight=args.weight, reason=args.reason, dry_run=args.dry_run))
+    _local_dry_run(args)
     release = change_release(load_spec(args.spec), args.model, PROMOTE, weight=args.weight, reason=args.reason)
     print(f"conveyor: {args.model}: labels {release.labels}, traffic {release.weights}")
     return 0
@@ -240,6 +256,7 @@ def cmd_rollback(args) -> int:
                                 "drops the canary (push an older model with canary_weight 100 to go further back)")
         return _print_vertex_change(args, change_vertex_release(
             load_spec(args.spec), args.model, ROLLBACK, reason=args.reason, dry_run=args.dry_run))
+    _local_dry_run(args)
     release = change_release(load_spec(args.spec), args.model, ROLLBACK, to_version=args.to, reason=args.reason)
     print(f"conveyor: {args.model}: stable is now version {release.labels['stable']} (100%), canary removed")
     return 0
@@ -398,11 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument("model", nargs="?", help="one model (default: every model the server reports)")
     monitor.add_argument("--url", default="http://127.0.0.1:8501", type=values.http_url,
                          help="the server's REST address")
-    monitor.add_argument("--spec", default=DEFAULT_SPEC, type=values.spec_path,
-                         help="for the training label distribution (MLMD)")
+    monitor.add_argument("--spec", type=values.spec_path,
+                         help=f"for the training label distribution (MLMD; default {DEFAULT_SPEC} if it exists)")
     monitor.add_argument("--once", action="store_true", help="one snapshot, then exit")
     monitor.add_argument("--format", choices=("table", "json"), default="table")
-    monitor.add_argument("--interval", type=values.number(above=0), default=2.0,
+    monitor.add_argument("--interval", type=values.number(maximum=86400, above=0), default=2.0,
                          help="seconds between the two scrapes of a snapshot")
     monitor.add_argument("--drift-threshold", type=values.number(above=0, maximum=1), default=0.15,
                          help="L-infinity distance between predicted and training class shares that flags drift")
@@ -521,10 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = commands.add_parser("doctor", help="check a model, its serving directory and a running server against "
                                  "the serving guide's checklist (OK / WARN / FAIL, with the fix)")
-    doctor.add_argument("--spec", default=DEFAULT_SPEC, help="the pipeline whose pushed model, data and metadata to check")
+    doctor.add_argument("--spec", type=values.spec_path, help="the pipeline whose pushed model, data and metadata to "
+                        f"check (default {DEFAULT_SPEC} if it exists)")
     doctor.add_argument("--model-dir", help="a SavedModel version directory (default: the stable version pushed)")
     doctor.add_argument("--serving-dir", help="a serving base path (default: the spec's)")
-    doctor.add_argument("--url", default="http://127.0.0.1:8501", help="a running server's REST address")
+    doctor.add_argument("--url", default="http://127.0.0.1:8501", type=values.http_url,
+                        help="a running server's REST address")
     doctor.add_argument("--format", choices=("table", "json"), default="table")
     doctor.set_defaults(handler=cmd_doctor)
 
@@ -556,6 +575,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("conveyor: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not _interrupted(exc):
+            raise
+        print("conveyor: interrupted", file=sys.stderr)
+        return 130
+
+
+def _interrupted(exc: BaseException) -> bool:
+    """Whether `exc` stands for a Ctrl-C: Beam re-raises a KeyboardInterrupt inside a step as a RuntimeError
+    ("KeyboardInterrupt [while running 'Run[Trainer]']") whose context is the interrupt."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ later runs does not push over it (the analysis owns the canary until its verdict
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -34,14 +35,34 @@ from conveyor_ml.metadata.index import MetadataIndex
 from conveyor_ml.pipelines.run_lock import RunLock
 
 
-def cron_line(spec_file: Path, every: float | None, cron: str | None, project: Path, workspace: Path) -> str:
-    """A crontab line for the same job, for users who prefer cron to a long-running process."""
-    if cron is None:
-        minutes = max(1, int(round((every or 1800) / 60)))
-        cron = f"*/{minutes} * * * *" if minutes < 60 else f"0 */{max(1, minutes // 60)} * * *"
+def cron_line(spec_file: Path, every: float | None, cron: str | None, project: Path, workspace: Path,
+              on_new_data: bool = False) -> str:
+    """A crontab line for the same job, for users who prefer cron to a long-running process. Cron runs at
+    fixed clock times, so an interval becomes a cron expression only when it divides an hour or a day."""
+    cron = _cron_expression(every or 1800) if cron is None else " ".join(cron.split())
     log = (project / workspace).resolve() / ".conveyor" / "cron.log"
-    return (f"{cron} cd {project} && .venv/bin/conveyor run {spec_file} >> {log} 2>&1"
-            "  # the run lock skips a tick while a run is still going")
+    installed = Path(sys.executable).parent / "conveyor"  # the conveyor printing this, wherever it lives
+    command = installed if installed.is_file() else project / ".venv" / "bin" / "conveyor"
+    comment = "the run lock skips a tick while a run is still going"
+    if on_new_data:
+        comment += "; cron cannot watch for data: a tick with no new span is answered from the cache"
+    return (f"{cron} cd {shlex.quote(str(project))} && {shlex.quote(str(command))} run "
+            f"{shlex.quote(str(spec_file))} >> {shlex.quote(str(log))} 2>&1  # {comment}")
+
+
+def _cron_expression(seconds: float) -> str:
+    """The cron expression that runs every `seconds`, refused when cron's clock times cannot keep it."""
+    minutes = seconds / 60
+    if minutes == int(minutes) and minutes < 60 and 60 % minutes == 0:
+        return "* * * * *" if minutes == 1 else f"*/{int(minutes)} * * * *"
+    hours = minutes / 60
+    if hours == 24:
+        return "0 0 * * *"
+    if hours == int(hours) and 24 % hours == 0:
+        return "0 * * * *" if hours == 1 else f"0 */{int(hours)} * * *"
+    raise ConveyorError(f"--print-cron: an interval of {seconds:g} s has no cron expression (cron runs at "
+                        "fixed clock times): use minutes that divide an hour, hours that divide a day, or 1d; "
+                        "or set schedule.cron in the spec")
 
 
 @dataclass

@@ -154,7 +154,8 @@ def run_training(job: TrainingJob) -> list[dict]:
             if tf_config:
                 env["TF_CONFIG"] = tf_config
             name = f"worker-{index}" if len(tf_configs) > 1 else "trainer"
-            processes.append(_ChildProcess(name, [sys.executable, "-m", "conveyor_ml.components.trainer.training", str(job_file)], env))
+            processes.append(_ChildProcess(name, [sys.executable, "-c", _RUN_IGNORING_CTRL_C,
+                                                  "conveyor_ml.components.trainer.training", str(job_file)], env))
         failed = _wait_all(processes)
         if failed:
             errors = [line[len(ERROR_PREFIX):] for line in failed.tail if line.startswith(ERROR_PREFIX)]
@@ -163,6 +164,13 @@ def run_training(job: TrainingJob) -> list[dict]:
             raise RuntimeError(f"training process {failed.name} exited with {failed.returncode}:\n" + "\n".join(failed.tail))
         facts = [json.loads((workdir / f"facts-{i}.json").read_text()) for i in range(len(tf_configs))]
         return sorted(facts, key=lambda f: not f["is_chief"])
+
+
+# `python -m MODULE ARGS...` with Ctrl-C ignored from the first instruction: a terminal's Ctrl-C reaches the
+# whole process group, and each trainer printed a KeyboardInterrupt traceback from wherever its imports were;
+# the executor, interrupted too, kills its children (_wait_all). An ignored SIGINT stays ignored in Python.
+_RUN_IGNORING_CTRL_C = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                        "sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
 
 
 class _ChildProcess:

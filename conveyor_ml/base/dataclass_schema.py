@@ -127,6 +127,10 @@ def _convert(annotation: Any, value: Any) -> Any:
         return Path(value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is int and isinstance(value, float):
+        # JSON Schema's "integer" takes 10.0 (a number with no fraction), YAML reads it as a float: the code
+        # downstream (release weights, batching settings) needs the int.
+        return int(value)
     return value
 
 

@@ -26,10 +26,17 @@ def fsync_tree(root: Path) -> None:
 
 def write_atomically(path: Path, data: bytes | str, mode: int = 0o644) -> None:
     """Writes to a temporary file in the same directory, fsyncs, then renames over `path`:
-    a reader sees the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    a reader sees the old file or the new one, never a partial one.
+
+    A symbolic link is followed (its target is replaced, the link kept), and a FIFO or device such as
+    /dev/null or /dev/stdout is written to as it is: a rename would put a regular file in their place."""
+    path = Path(os.path.realpath(path))
     payload = data.encode() if isinstance(data, str) else data
+    if path.exists() and not path.is_file() and not path.is_dir():
+        with open(path, "wb") as handle:
+            handle.write(payload)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:

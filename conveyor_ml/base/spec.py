@@ -9,6 +9,7 @@ before any TFX object is built.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -319,12 +320,15 @@ class MetadataSettings:
     mysql: MysqlSettings | None = option(None, doc="MySQL/MariaDB instead of SQLite.")
 
 
+CRON_PATTERN = r"^[0-9A-Za-z*/,?#-]+( [0-9A-Za-z*/,?#-]+){4}$"  # minute hour day month weekday, one line
+
+
 @dataclass(frozen=True)
 class ScheduleSettings:
     """When the pipeline runs by itself."""
 
-    cron: str | None = option(None, doc="Cron expression for `conveyor schedule --print-cron` and the compiled "
-                                        "pipeline's schedule.", minLength=9)
+    cron: str | None = option(None, doc="Cron expression (five fields) for `conveyor schedule --print-cron` and "
+                                        "the compiled pipeline's schedule.", pattern=CRON_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -399,10 +403,17 @@ def load_spec(path: str | os.PathLike) -> PipelineSpec:
     return parse_spec(_read_document(spec_path), spec_path)
 
 
+MAX_EXTENDS = 16  # specs a spec may extend, one through the next (a chain of thousands ended in RecursionError)
+
+
 def _read_document(spec_path: Path, extended_by: tuple[Path, ...] = ()) -> Any:
     """The YAML document, with `extends: other.yaml` (relative to this file) merged under it: mappings
     merge key by key, anything else is replaced, and `key: null` removes a key of the base."""
-    if not spec_path.is_file():
+    try:
+        is_file = spec_path.is_file()
+    except (OSError, ValueError):  # a NUL byte in the name, a name too long for the file system
+        is_file = False
+    if not is_file:
         referrer = f" (extended by {extended_by[-1]})" if extended_by else ""
         raise ConveyorError(
             f"spec file not found: {spec_path}{referrer} (pass a pipeline YAML, e.g. pipelines/mnist.yaml)")
@@ -417,7 +428,14 @@ def _read_document(spec_path: Path, extended_by: tuple[Path, ...] = ()) -> Any:
         raise ConveyorError(f"{spec_path}: not a text file; a spec is UTF-8 YAML") from None
     if not isinstance(document, dict) or "extends" not in document:
         return document
-    base_path = (spec_path.parent / str(document.pop("extends"))).resolve()
+    if len(extended_by) >= MAX_EXTENDS:
+        raise ConveyorError(f"{spec_path}: more than {MAX_EXTENDS} specs extend one another in a chain; "
+                            "merge some of them")
+    extends = str(document.pop("extends"))
+    try:
+        base_path = (spec_path.parent / extends).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # RuntimeError: a symbolic link loop (Python 3.10)
+        raise ConveyorError(f"{spec_path}: extends {extends!r}, which cannot be opened: {exc}") from None
     if base_path in extended_by or base_path == spec_path.resolve():
         raise ConveyorError(f"{spec_path}: extends {base_path}, which extends it back (a cycle)")
     return _merged(_read_document(base_path, (*extended_by, spec_path.resolve())), document)
@@ -437,6 +455,8 @@ def _merged(base: Any, override: Any) -> Any:
 
 def parse_spec(document: Any, source_file: Path) -> PipelineSpec:
     problems = validation_problems(document)
+    if len(problems) == 1:
+        raise ConveyorError(f"{source_file}: invalid spec: {problems[0]}")
     if problems:
         raise ConveyorError(f"{source_file}: invalid spec:\n" + "\n".join(f"  {p}" for p in problems))
     return _build(document, source_file)
@@ -446,8 +466,11 @@ def validation_problems(document: Any) -> list[str]:
     """Every schema and wiring problem, each as '<yaml.path>: <what is wrong>', in document order."""
     if not isinstance(document, dict):
         return ["(top level): must be a mapping of keys such as name, data, components"]
-    errors = sorted(_validator().iter_errors(document), key=lambda e: [str(p) for p in e.absolute_path])
-    problems: list[str] = []
+    non_finite = dict(_non_finite_numbers(document))
+    problems: list[str] = [f"{_yaml_path(path)}: must be a finite number, not {value}"
+                           for path, value in non_finite.items()]
+    errors = sorted((e for e in _validator().iter_errors(document) if tuple(e.absolute_path) not in non_finite),
+                    key=lambda e: [str(p) for p in e.absolute_path])
     for error in errors:
         for problem in _describe(error):
             if problem not in problems:
@@ -455,6 +478,19 @@ def validation_problems(document: Any) -> list[str]:
     if not problems:
         problems.extend(_cross_field_problems(document))
     return problems
+
+
+def _non_finite_numbers(value: Any, path: tuple = ()):
+    """(path, value) of every .nan, .inf and -.inf in the document: JSON Schema's bounds are comparisons, which
+    NaN passes, and no setting means anything by them (`compile` would write them into invalid JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _non_finite_numbers(item, (*path, key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            yield from _non_finite_numbers(item, (*path, index))
 
 
 def _cross_field_problems(document: dict) -> list[str]:
@@ -509,7 +545,7 @@ def _describe(error: jsonschema.ValidationError) -> list[str]:
     kind, limit, value = error.validator, error.validator_value, error.instance
     if kind == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
-        unknown = sorted(k for k in value if k not in allowed)
+        unknown = sorted((k for k in value if k not in allowed), key=str)  # YAML keys may be numbers too
         prefix = "" if where == "(top level)" else f"{where}."
         return [f"{prefix}{key}: unknown key (allowed: {', '.join(allowed) or 'none'})" for key in unknown]
     if kind == "required":

@@ -51,7 +51,12 @@ def load_yaml_text(text: str, source: Path | str) -> Any:
         if node is None:
             return None
         _check_expanded(node, str(source))
-        return loader.construct_document(node)
+        try:
+            return loader.construct_document(node)
+        except ValueError as exc:
+            problem = ("an integer of more than 4,300 digits (Python's limit); no setting takes one"
+                       if "integer string conversion" in str(exc) else ' '.join(str(exc).split())[:300])
+            raise ConveyorError(f"{source}: a value cannot be read: {problem}") from None
     finally:
         loader.dispose()
 
@@ -79,6 +84,21 @@ class _BoundedLoader(yaml.SafeLoader):
     def _too_deep(self, mark) -> None:
         raise ConveyorError(f"{self.source}:{mark.line + 1}:{mark.column + 1}: YAML nested deeper than "
                             f"{MAX_DEPTH} levels; a spec needs a handful")
+
+    def compose_mapping_node(self, anchor):
+        # PyYAML keeps the last of two equal keys without a word; in a spec that silently drops a setting.
+        # Checked on the composed node, before `<<` merges (whose keys a mapping may override) are applied.
+        node = super().compose_mapping_node(anchor)
+        seen: dict[tuple[str, str], yaml.Node] = {}
+        for key, _ in node.value:
+            if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                continue
+            first = seen.setdefault((key.tag, key.value), key)
+            if first is not key:
+                mark = key.start_mark
+                raise ConveyorError(f"{self.source}:{mark.line + 1}:{mark.column + 1}: key {key.value!r} appears "
+                                    f"twice in one mapping (first on line {first.start_mark.line + 1}); keep one")
+        return node
 
     def compose_node(self, parent, index):
         self.depth += 1

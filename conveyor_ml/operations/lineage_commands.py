@@ -1,6 +1,7 @@
 """`conveyor models | lineage | runs`: read-only questions to the spec's metadata store."""
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -56,10 +57,16 @@ def emit(text: str, output: str | None) -> None:
     print(f"conveyor: wrote {path}")
 
 
-def _print_rich(renderable) -> None:
+def _print_rich(renderable, output: str | None = None) -> None:
+    """A rich table on the terminal, or as plain text into `output` (-o)."""
     from rich.console import Console
 
-    Console(width=max(160, Console().width)).print(renderable)
+    if output is None:
+        Console(width=max(160, Console().width)).print(renderable)
+        return
+    console = Console(width=160, record=True, file=io.StringIO(), color_system=None)
+    console.print(renderable)
+    emit(console.export_text(), output)
 
 
 def models(spec: PipelineSpec, model: str | None, fmt: str, output: str | None) -> int:
@@ -76,7 +83,7 @@ def models(spec: PipelineSpec, model: str | None, fmt: str, output: str | None) 
         emit(render.to_html(render.models_graph(rows, found.model_name), f"{found.model_name}: model versions",
                             ModelVersions(found.model_name, rows).to_json()), output)
     else:
-        _print_rich(render.models_table(rows, found.model_name))
+        _print_rich(render.models_table(rows, found.model_name), output)
     return 0
 
 

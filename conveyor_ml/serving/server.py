@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import math
 import os
 import signal
 import sys
@@ -46,9 +47,12 @@ def _flag_int(text: str) -> int:
 
 def _flag_float(text: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):  # nan passed every bound check; inf overflowed the poller's wait
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _one_line_error(message: str) -> None:
@@ -255,6 +259,9 @@ def _check_port(name: str, value: int) -> None:
         raise ConveyorError(f"--{name} {value}: a port is 1..65535 (0 turns the listener off)")
 
 
+MAX_POLL_WAIT_SECONDS = 2**31 - 1
+
+
 def _check_at_least(name: str, value, minimum) -> None:
     if value is not None and value < minimum:
         raise ConveyorError(f"--{name} {value}: must be at least {minimum}")
@@ -306,6 +313,9 @@ def _session_config(args: argparse.Namespace):
     if args.tensorflow_session_config_file:
         try:
             text_format.Parse(Path(args.tensorflow_session_config_file).read_text(), config)
+        except UnicodeDecodeError:
+            raise ConveyorError(f"--tensorflow_session_config_file {args.tensorflow_session_config_file}: not a "
+                                "text file; it takes a tensorflow.ConfigProto in text format") from None
         except text_format.ParseError as exc:
             raise ConveyorError(f"{args.tensorflow_session_config_file}: Error parsing text-format "
                                 f"tensorflow.ConfigProto: {exc}") from None
@@ -349,6 +359,10 @@ def options_from_args(args: argparse.Namespace):
     input_schema = args.input_schema
     prefer_tflite, tflite_float_io = args.prefer_tflite_model, args.tflite_float_io
     if args.spec:
+        given = [f"--{name}" for name in ("model_config_file", "model_name", "model_base_path") if getattr(args, name)]
+        if given:  # the spec names its own models; one of the two would be silently ignored
+            raise ConveyorError(f"serve --spec serves the spec's pushed models; drop {' and '.join(given)}, or "
+                                "drop --spec to serve those instead")
         model_config_file, model_name, base_path, spec_batching = _from_spec(args.spec)
         from conveyor_ml.base.spec import load_spec
 
@@ -382,6 +396,10 @@ def options_from_args(args: argparse.Namespace):
                           ("num_tflite_pools", 1), ("num_tflite_interpreters_per_pool", 1),
                           ("file_system_poll_wait_seconds", 0), ("model_config_file_poll_wait_seconds", 0)):
         _check_at_least(name, getattr(args, name), minimum)
+    for name in ("file_system_poll_wait_seconds", "model_config_file_poll_wait_seconds"):
+        if getattr(args, name) > MAX_POLL_WAIT_SECONDS:  # TF Serving's are int32 seconds
+            raise ConveyorError(f"--{name} {getattr(args, name):g}: must be at most {MAX_POLL_WAIT_SECONDS} "
+                                "(0 polls never again)")
     tags = tuple(tag.strip() for tag in args.saved_model_tags.split(",") if tag.strip())
     if not tags:
         raise ConveyorError("--saved_model_tags: name at least one tag (TF Serving's default: serve)")

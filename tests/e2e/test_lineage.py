@@ -7,6 +7,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+from pathlib import Path
 
 import pydot
 import pytest
@@ -84,6 +85,12 @@ def test_models_lists_both_versions_as_the_store_records_them(promoted):
     assert rows["1"]["state"] == "retired" and rows["1"]["deployed"] == []
     table = run_conveyor("models", "--spec", spec)
     assert "local stable 100%" in table.stdout and "retired" in table.stdout
+    # -o with the table format writes the table as plain text (it was printed, and no file written)
+    written = Path(workspace) / "models.txt"
+    to_file = run_conveyor("models", "--spec", spec, "-o", written)
+    assert to_file.returncode == 0 and to_file.stdout.strip() == f"conveyor: wrote {written}", to_file.stderr
+    text = written.read_text()
+    assert "local stable 100%" in text and "retired" in text and "\x1b[" not in text
 
 
 def test_which_data_trained_the_canary_serving_10_percent(promoted):

@@ -171,3 +171,36 @@ def test_csv_spec_runs_end_to_end_and_a_second_run_is_cached(tmp_path):
     assert "↺ Evaluator  cached" in again.stdout
     assert "↺ ServingPusher  cached" in again.stdout
     assert sorted(os.listdir(serving)) == ["1"]
+
+
+def test_ctrl_c_during_training_is_one_line_and_leaves_no_trainer(tmp_path):
+    """The terminal's Ctrl-C reaches the whole process group: `conveyor run`, Beam and the trainer children.
+    Before, each trainer printed a KeyboardInterrupt traceback and Beam's RuntimeError ended the run with
+    another (~200 lines, exit 1)."""
+    import signal
+    import subprocess
+    import sys
+
+    spec = write_spec(tmp_path)
+    run = subprocess.Popen([sys.executable, "-m", "conveyor_ml.cli", "run", str(spec)], cwd=tmp_path,
+                           env={**os.environ, "PYTHONWARNINGS": "ignore"}, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in run.stdout:
+            lines.append(line.rstrip())
+            if "[trainer]" in line:  # a training child is running
+                break
+        os.killpg(run.pid, signal.SIGINT)
+        lines += [line.rstrip() for line in run.stdout]
+        assert run.wait(timeout=120) == 130, "\n".join(lines[-30:])
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+    assert lines[-1] == "conveyor: interrupted", "\n".join(lines[-30:])
+    assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in lines), "\n".join(lines)
+    try:  # the group is gone: no trainer outlived the run
+        os.killpg(run.pid, 0)
+        raise AssertionError("a process of the run's group is still running")
+    except ProcessLookupError:
+        pass

@@ -103,6 +103,37 @@ CASES = [
                                  "workspace/serving/models.config": "model_config_list {}\n",
                                  "workspace/serving/.conveyor.lock": ""},
      ["status", "--spec", "spec.yaml"], ["release_history.json", "not a valid release history"]),
+    ("yaml key twice", {"twice.yaml": "name: a\nname: b\n"}, ["validate", "twice.yaml"],
+     ["twice.yaml:2:1:", "key 'name' appears twice", "first on line 1"]),
+    ("yaml integer of 5000 digits", {"digits.yaml": "name: x\nworkspace: " + "9" * 5000 + "\n"},
+     ["validate", "digits.yaml"], ["digits.yaml:", "more than 4,300 digits"]),
+    ("spec number nan", {"nan.yaml": "extends: spec.yaml\ncomponents:\n  evaluator:\n    min_accuracy: .nan\n"},
+     ["validate", "nan.yaml"], ["nan.yaml: invalid spec: components.evaluator.min_accuracy", "finite number"]),
+    ("spec cron of two lines", {"cron.yaml": 'extends: spec.yaml\nschedule:\n  cron: "*/5 * * * *\\n* * * * * x"\n'},
+     ["validate", "cron.yaml"], ["cron.yaml: invalid spec: schedule.cron", "not a valid value"]),
+    ("cron for 25 hours", {}, ["schedule", "spec.yaml", "--print-cron", "--every", "25h"],
+     ["--print-cron", "90000 s has no cron expression"]),
+    ("cron for 90 minutes", {}, ["schedule", "spec.yaml", "--print-cron", "--every", "90m"],
+     ["--print-cron", "5400 s has no cron expression"]),
+    ("local promote dry run", {}, ["promote", "mnist", "--dry-run", "--spec", "spec.yaml"],
+     ["promote --dry-run", "needs --target gcp"]),
+    ("local rollback dry run", {}, ["rollback", "mnist", "--dry-run", "--spec", "spec.yaml"],
+     ["rollback --dry-run", "needs --target gcp"]),
+    ("doctor spec missing", {}, ["doctor", "--spec", "gone.yaml"], ["spec file not found: gone.yaml"]),
+    ("doctor url not http", {}, ["doctor", "--url", "ftp://x"], ["argument --url", "http://"]),
+    ("monitor interval huge", {}, ["monitor", "--once", "--interval", "1e308"],
+     ["argument --interval", "at most 86400"]),
+    ("serve poll wait inf", {}, ["serve", "--model_name", "m", "--model_base_path", ".",
+                                 "--file_system_poll_wait_seconds", "inf"],
+     ["--file_system_poll_wait_seconds", "finite number"]),
+    ("serve poll wait huge", {}, ["serve", "--model_name", "m", "--model_base_path", ".",
+                                  "--model_config_file_poll_wait_seconds", "1e12"],
+     ["--model_config_file_poll_wait_seconds", "at most 2147483647"]),
+    ("serve spec and model name", {}, ["serve", "--spec", "spec.yaml", "--model_name", "other"],
+     ["serve --spec", "drop --model_name"]),
+    ("serve session config not text", {"session.cfg": b"\xff\xfe\x00binary"},
+     ["serve", "--model_name", "m", "--model_base_path", ".", "--tensorflow_session_config_file", "session.cfg"],
+     ["session.cfg", "not a text file"]),
 ]
 
 
@@ -144,7 +175,7 @@ def test_a_cli_mistake_is_one_line_exit_2_nothing_written_at_once(tmp_path, name
         if text is None:
             path.mkdir()
         else:
-            path.write_text(text)
+            path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
     before = _tree(tmp_path)
 
     with tempfile.TemporaryDirectory() as scratch:

@@ -140,3 +140,51 @@ def test_extends_merges_mappings_replaces_values_and_removes_nulls(tmp_path):
     (tmp_path / "orphan.yaml").write_text("extends: nowhere.yaml\n")
     with pytest.raises(ConveyorError, match=r"spec file not found: .*nowhere.yaml \(extended by"):
         load_spec(tmp_path / "orphan.yaml")
+
+
+def test_unknown_keys_of_mixed_types_are_each_named():
+    problems = problems_after(lambda d: d.update({1: "a", "colour": "b"}))
+    assert problems == ["1: unknown key (allowed: " + ", ".join(sorted(default_document_keys())) + ")",
+                        "colour: unknown key (allowed: " + ", ".join(sorted(default_document_keys())) + ")"]
+
+
+def default_document_keys() -> list[str]:
+    from conveyor_ml.base.spec import pipeline_schema
+
+    return list(pipeline_schema()["properties"])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_number_that_is_not_finite_is_refused_by_path(value):
+    problems = problems_after(lambda d: d["components"]["evaluator"].update(min_accuracy=value))
+    assert problems == [f"components.evaluator.min_accuracy: must be a finite number, not {value}"]
+
+
+def test_a_whole_float_where_an_integer_is_expected_becomes_an_int(tmp_path):
+    document = default_document()
+    document["components"]["serving_pusher"]["analysis"] = {"steps": [10.0, 100.0]}
+    document["components"]["serving_pusher"]["batching"] = {"max_batch_size": 128.0}
+    spec = parse_spec(document, tmp_path / "spec.yaml")
+    steps = spec.components.serving_pusher.analysis.steps
+    batch = spec.components.serving_pusher.batching.max_batch_size
+    assert steps == (10, 100) and all(type(s) is int for s in steps)
+    assert batch == 128 and type(batch) is int
+    document["components"]["serving_pusher"]["batching"] = {"max_batch_size": 128.5}
+    assert validation_problems(document) == ["components.serving_pusher.batching.max_batch_size: "
+                                             "must be an integer, not a number"]
+
+
+def test_extends_that_cannot_be_followed_is_a_one_line_error(tmp_path):
+    (tmp_path / "loop.yaml").symlink_to(tmp_path / "loop.yaml")
+    (tmp_path / "via_loop.yaml").write_text("extends: loop.yaml\nname: x\n")
+    with pytest.raises(ConveyorError, match=r"via_loop.yaml: extends 'loop.yaml', which cannot be opened"):
+        load_spec(tmp_path / "via_loop.yaml")
+    (tmp_path / "nul.yaml").write_text('extends: "a\\0b"\nname: x\n')
+    with pytest.raises(ConveyorError, match=r"nul.yaml: extends 'a\\x00b', which cannot be opened"):
+        load_spec(tmp_path / "nul.yaml")
+    for index in range(40):  # a chain: spec-0 extends spec-1 ... extends spec-40
+        (tmp_path / f"spec-{index}.yaml").write_text(f"extends: spec-{index + 1}.yaml\n")
+    (tmp_path / "spec-40.yaml").write_text(DEFAULT_SPEC.read_text())
+    with pytest.raises(ConveyorError, match="more than 16 specs extend one another"):
+        load_spec(tmp_path / "spec-0.yaml")
+    assert load_spec(tmp_path / "spec-30.yaml").name == "mnist"  # ten links are fine

@@ -54,3 +54,17 @@ def test_files_larger_than_the_limit_are_refused_without_reading_them_whole(tmp_
         yaml_loading.load_yaml_file(path)
     with pytest.raises(ConveyorError, match="is a directory"):
         yaml_loading.load_yaml_file(tmp_path)
+
+
+def test_a_key_given_twice_is_refused_but_a_merge_key_may_be_overridden():
+    with pytest.raises(ConveyorError, match=r"inline:3:3: key 'train_steps' appears twice .*first on line 2"):
+        yaml_loading.load_yaml_text("trainer:\n  train_steps: 50\n  train_steps: 500\n", "inline")
+    merged = yaml_loading.load_yaml_text("base: &b {x: 1, y: 2}\nover: {<<: *b, x: 5}\n", "inline")
+    assert merged["over"] == {"x": 5, "y": 2}
+    # Equal text with different tags are different keys (1 and "1"), as YAML reads them.
+    assert yaml_loading.load_yaml_text('m: {1: a, "1": b}\n', "inline")["m"] == {1: "a", "1": "b"}
+
+
+def test_an_integer_past_pythons_digit_limit_is_a_one_line_error():
+    with pytest.raises(ConveyorError, match="inline: a value cannot be read: an integer of more than 4,300 digits"):
+        yaml_loading.load_yaml_text("steps: " + "9" * 5000 + "\n", "inline")
