@@ -1,6 +1,7 @@
-"""`conveyor doctor` passes on the default pipeline's output and catches each problem planted here: a TF Serving
-image older than the model, a model saved by a newer TensorFlow, a signature that preprocesses differently,
-batching off, and a server without Prometheus metrics."""
+"""`conveyor doctor` passes on the default pipeline's output and catches each problem planted here: a TF
+Serving image older than the model, a model saved by a newer TensorFlow, a signature that preprocesses
+differently, batching off, a server without Prometheus metrics, and a damaged copy of the pushed model (its
+saved_model.pb, weights, a TFLite variant, the variants' manifest), each a FAIL of the check concerned."""
 from __future__ import annotations
 
 import json
@@ -26,12 +27,14 @@ def test_default_pipeline_output_passes(default_pipeline_run):
     result = run_conveyor("doctor", "--spec", default_pipeline_run.spec, "--format", "json")
     assert result.returncode == 0, result.stdout + result.stderr
     report = {f["check"]: f for f in json.loads(result.stdout)["findings"]}
-    assert set(report) == {"runtime", "preprocessing", "batching", "request_serialization", "graph_optimization",
-                           "quantized_variants", "gpu_memory_growth", "input_pipeline", "monitoring", "drift_baseline"}
+    assert set(report) == {"runtime", "preprocessing", "batching", "request_serialization",
+                           "graph_optimization", "quantized_variants", "gpu_memory_growth", "input_pipeline",
+                           "monitoring", "drift_baseline"}
     assert not [f for f in report.values() if f["status"] == FAIL]
     for check in ("runtime", "preprocessing", "quantized_variants", "drift_baseline", "graph_optimization"):
         assert report[check]["status"] == OK, report[check]
-    assert "bytes_predictor" in report["preprocessing"]["reason"] and "int8" in report["preprocessing"]["reason"]
+    assert "bytes_predictor" in report["preprocessing"]["reason"]
+    assert "int8" in report["preprocessing"]["reason"]
 
 
 def test_a_tf_serving_image_older_than_the_model_fails(default_pipeline_run, trained_export, tmp_path):
@@ -57,8 +60,8 @@ def test_a_model_saved_by_a_newer_tensorflow_fails(trained_export, tmp_path):
 
 
 def _export_with_other_bytes_preprocessing(trained_export: Path, destination: Path) -> None:
-    """The trained model, re-exported with a bytes_predictor that scales pixels to 0..1 before the model (which
-    expects 0..255): the kind of preprocessing drift between signatures the check is for."""
+    """The trained model, re-exported with a bytes_predictor that scales pixels to 0..1 before the model
+    (which expects 0..255): the kind of preprocessing drift between signatures the check is for."""
     from conveyor_ml.components.trainer.model import serving_signatures
 
     model = tf.keras.models.load_model(str(trained_export), compile=False)
@@ -72,7 +75,8 @@ def _export_with_other_bytes_preprocessing(trained_export: Path, destination: Pa
 
         images = tf.map_fn(decode, image_bytes, fn_output_signature=tf.TensorSpec((8, 8), tf.float32))
         logits = model(images, training=False)
-        return {"logits": logits, "probabilities": tf.nn.softmax(logits), "class_ids": tf.argmax(logits, axis=1)}
+        return {"logits": logits, "probabilities": tf.nn.softmax(logits),
+                "class_ids": tf.argmax(logits, axis=1)}
 
     signatures["bytes_predictor"] = scaled_bytes.get_concrete_function()
     model.save(str(destination), save_format="tf", signatures=signatures)
@@ -112,3 +116,50 @@ def test_monitoring_off_fails_and_on_passes(trained_export, tmp_path):
             server.wait_available("mnist")
             report = findings(diagnose(resolve_target(None, str(trained_export), None, server.rest_url)))
         assert report["monitoring"].status == expected, report["monitoring"]
+
+
+def _truncate_saved_model(export: Path) -> None:
+    pb = export / "saved_model.pb"
+    pb.write_bytes(pb.read_bytes()[: pb.stat().st_size // 2])
+
+
+def _empty_variables(export: Path) -> None:
+    for path in (export / "variables").iterdir():
+        path.unlink()
+
+
+def _damage_int8_variant(export: Path) -> None:
+    (export / "tflite" / "int8.tflite").write_bytes(b"\x00" * 64)
+
+
+def _manifest_of_a_number(export: Path) -> None:
+    (export / "tflite" / "manifest.json").write_text('{"variants": 5}')
+
+
+@pytest.mark.parametrize("damage, check, phrase", [
+    (_truncate_saved_model, "runtime", "saved_model.pb cannot be parsed"),
+    (_empty_variables, "preprocessing", "variables.index is missing"),
+    (_damage_int8_variant, "preprocessing", "int8.tflite"),
+    (_manifest_of_a_number, "quantized_variants", '"variants" is int'),
+], ids=["truncated-saved-model", "empty-variables", "damaged-variant", "manifest-number"])
+def test_a_damaged_pushed_model_fails_the_check_concerned(trained_export, tmp_path, damage, check, phrase):
+    export = tmp_path / "mnist" / "1"
+    shutil.copytree(trained_export, export)
+    damage(export)
+    report = findings(diagnose(resolve_target(None, str(export), None, "http://127.0.0.1:9")))
+    assert len(report) == 10  # every check ran
+    assert report[check].status == FAIL and phrase in report[check].reason, report[check]
+    assert report[check].fix and "could not finish" not in report[check].reason
+    assert report["graph_optimization"].status == OK
+
+
+def test_the_cli_names_a_damaged_variant_and_still_checks_the_others(trained_export, tmp_path):
+    export = tmp_path / "mnist" / "1"
+    shutil.copytree(trained_export, export)
+    _damage_int8_variant(export)
+    result = run_conveyor("doctor", "--model-dir", export, "--url", "http://127.0.0.1:9", cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("FAIL  preprocessing"))
+    assert "int8.tflite" in line and all(v in line for v in ("dynamic_range", "float16", "float32"))
+    assert any(line.startswith("OK    quantized_variants") for line in result.stdout.splitlines())
