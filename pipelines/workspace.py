@@ -13,7 +13,10 @@ from conveyor_ml.data import datasets
 
 
 def check_workspace(spec: PipelineSpec) -> None:
-    """Fails early, before MLMD or the serving path is touched, if the workspace cannot be written."""
+    """Fails early, before MLMD or the serving path is touched, if the workspace cannot be written or an input
+    the run reads first cannot be read (the schema, the Beam runner)."""
+    check_schema_file(spec.data.schema)
+    check_beam_runner(tuple(spec.beam.args))
     workspace = spec.workspace
     try:
         workspace.mkdir(parents=True, exist_ok=True)
@@ -23,8 +26,38 @@ def check_workspace(spec: PipelineSpec) -> None:
     except OSError as exc:
         raise ConveyorError(f"workspace {workspace} is not writable ({exc.strerror}); "
                             "set `workspace:` in the spec to a directory you can write") from None
-    if not spec.data.schema.is_file():
-        raise ConveyorError(f"data.schema: no such file: {spec.data.schema}")
+
+
+def check_schema_file(path: Path) -> None:
+    """data.schema must be a TensorFlow Metadata Schema in text format (ImportSchemaGen reads it mid-run, where a
+    binary or malformed file was a 100-line traceback)."""
+    from google.protobuf import text_format
+    from tensorflow_metadata.proto.v0 import schema_pb2
+
+    if not path.is_file():
+        raise ConveyorError(f"data.schema: no such file: {path}")
+    fix = "give a tensorflow_metadata Schema in text format (e.g. schemas/mnist/schema.pbtxt)"
+    try:
+        text_format.Parse(path.read_text(encoding="utf-8"), schema_pb2.Schema())
+    except UnicodeDecodeError:
+        raise ConveyorError(f"data.schema {path}: not a text file; {fix}") from None
+    except text_format.ParseError as exc:
+        raise ConveyorError(f"data.schema {path}: not a Schema: {' '.join(str(exc).split())[:300]}; {fix}") from None
+
+
+def check_beam_runner(args: tuple[str, ...]) -> None:
+    """A `--runner` in beam.args must be one Beam has (an unknown one failed after the run had started)."""
+    runners = [arg.split("=", 1)[1] for arg in args if arg.startswith("--runner=")]
+    runners += [args[i + 1] for i, arg in enumerate(args[:-1]) if arg == "--runner"]
+    if not runners:
+        return
+    from apache_beam.runners.runner import create_runner
+
+    for runner in runners:
+        try:
+            create_runner(runner)
+        except (ValueError, ImportError) as exc:
+            raise ConveyorError(f"beam.args: --runner {runner}: {' '.join(str(exc).split())[:600]}") from None
 
 
 def prepare_data(spec: PipelineSpec) -> int:
