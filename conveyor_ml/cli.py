@@ -278,6 +278,9 @@ def cmd_release_shadow(args) -> int:
     from conveyor_ml.base.spec import load_spec
     from conveyor_ml.operations.progressive_delivery import end_shadow, shadow_summary, start_shadow
 
+    if args.end and args.version is not None:
+        raise ConveyorError("release shadow --end ends the model's shadow phase, whichever version it shadows; "
+                            "drop --version")
     spec = load_spec(args.spec)
     if args.end:
         version, figures = end_shadow(spec, args.model, args.url, reason=args.reason)

@@ -152,6 +152,8 @@ def output_file(suffix: str | None = None) -> Callable[[str], str]:
     """A file this process can create or replace (with `suffix`, e.g. ".json", if given)."""
 
     def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError("is empty; name a file")
         path = Path(text)
         if suffix and path.suffix != suffix:
             raise argparse.ArgumentTypeError(f"{text}: name a {suffix} file")
@@ -165,6 +167,8 @@ def output_file(suffix: str | None = None) -> Callable[[str], str]:
 
 def output_directory(text: str) -> str:
     """A directory this process can create or write into."""
+    if not text.strip():  # Path("") is the current directory
+        raise argparse.ArgumentTypeError("is empty; name a directory")
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file; name a directory")

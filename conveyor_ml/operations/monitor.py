@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import defaultdict
 
@@ -178,7 +179,24 @@ def prediction_drift(histogram: list[int], training: list[float] | None, thresho
             "predicted": [round(p, 4) for p in predicted], "training": [round(t, 4) for t in training]}
 
 
+def check_model_served(url: str, model: str) -> None:
+    """A model named on the command line must be one the server has (else the view was an empty table)."""
+    try:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/v1/models/{urllib.parse.quote(model, safe='')}",
+                                    timeout=5):
+            return
+    except urllib.error.HTTPError as exc:
+        if exc.code != 404:
+            raise ConveyorError(f"{url}: asking for model {model!r} answered {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConveyorError(f"no server at {url} ({getattr(exc, 'reason', exc)}); start one with `make serve`") from None
+    raise ConveyorError(f"{url} serves no model named {model!r}; `conveyor monitor` without a name shows every "
+                        "model it serves")
+
+
 def snapshot(url: str, model: str | None, spec, interval: float, drift_threshold: float) -> MonitorSnapshot:
+    if model is not None:
+        check_model_served(url, model)
     started = time.monotonic()
     before = scrape(url)
     time.sleep(interval)

@@ -374,6 +374,10 @@ def options_from_args(args: argparse.Namespace):
         prefer_tflite = tflite_float_io = True  # quantized variants pushed as versions serve with the float API
     for name in ("port", "rest_api_port"):
         _check_port(name, getattr(args, name))
+    for name in ("rest_api_host", "grpc_host"):
+        if not getattr(args, name).strip():  # an empty address binds every interface
+            raise ConveyorError(f"--{name} is empty: give an address, e.g. 127.0.0.1 (this machine only) or "
+                                "0.0.0.0 (every interface)")
     if args.port and args.port == args.rest_api_port:
         raise ConveyorError(f"--rest_api_port {args.rest_api_port} must be different than --port {args.port}")
     socket_path = args.grpc_socket_path or None

@@ -146,6 +146,13 @@ def test_monitor_once_reports_traffic_and_flags_a_skewed_prediction_stream(train
         table = run_conveyor("monitor", "--url", server.rest_url, "--spec", default_pipeline_run.spec, "--once",
                              "--interval", "0.2")
         assert "DRIFT" in table.stdout
+        named = run_conveyor("monitor", "mnist", "--url", server.rest_url, "--once", "--interval", "0.2")
+        assert named.returncode == 0 and "mnist" in named.stdout, named.stderr
+        unknown = run_conveyor("monitor", "digits", "--url", server.rest_url, "--once", "--interval", "0.2")
+        assert unknown.returncode == 2 and unknown.stdout == "", unknown.stdout  # it was an empty table, exit 0
+        assert unknown.stderr.strip().splitlines() == [
+            f"conveyor: error: {server.rest_url} serves no model named 'digits'; `conveyor monitor` without a "
+            "name shows every model it serves"]
     finally:
         server.stop()
     gone = run_conveyor("monitor", "--url", server.rest_url, "--once")
