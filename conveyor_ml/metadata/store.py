@@ -1,6 +1,7 @@
 """ML Metadata connections: SQLite (default, a file in the workspace) or MySQL/MariaDB from the spec."""
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -70,5 +71,11 @@ def open_store(spec: MetadataSettings, *, retries: int = 20, read_only: bool = F
                 raise ConveyorError(
                     f"cannot connect to the MySQL metadata store at {spec.mysql.host}:{spec.mysql.port} "
                     f"as user {spec.mysql.user!r}: {_mysql_reason(spec, message)}") from None
-            raise ConveyorError(f"cannot open the metadata store {describe(spec)}: {message.splitlines()[0]}") from None
+            # MLMD appends the SQL it ran ("... query: CREATE TABLE ..."), which says nothing to a user.
+            first = message.splitlines()[0] if message.strip() else type(exc).__name__
+            sql_error = re.match(r"Error when executing query: (.*?) query: ", first)
+            reason = sql_error.group(1) if sql_error else first[:300]
+            raise ConveyorError(f"cannot open the metadata store {describe(spec)}: {reason}; it is not an ML "
+                                "Metadata database or is damaged: point metadata.sqlite at another file, or move "
+                                "this one away to start a new store (its lineage stays in it)") from None
     raise AssertionError("unreachable")
