@@ -49,6 +49,12 @@ def is_recorded(store, change_id: str) -> bool:
     return any(e.last_known_state in (COMPLETE, FAILED) for e in store.get_executions(list_options=_by_change(change_id)))
 
 
+def recorded_execution(store, change_id: str) -> int | None:
+    """The id of the completed execution that records the change, None while MLMD holds none."""
+    return next((e.id for e in store.get_executions(list_options=_by_change(change_id))
+                 if e.last_known_state == COMPLETE), None)
+
+
 def _execution_type_id(store, kind: str) -> int:
     return store.put_execution_type(metadata_store_pb2.ExecutionType(name=kind), can_add_fields=True)
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import threading
 import warnings
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -258,7 +260,7 @@ def cmd_rollback(args) -> int:
             load_spec(args.spec), args.model, ROLLBACK, reason=args.reason, dry_run=args.dry_run))
     _local_dry_run(args)
     release = change_release(load_spec(args.spec), args.model, ROLLBACK, to_version=args.to, reason=args.reason)
-    print(f"conveyor: {args.model}: stable is now version {release.labels['stable']} (100%), canary removed")
+    print(f"conveyor: {args.model}: stable is now version {release.labels['stable']} (100%), no canary")
     return 0
 
 
@@ -571,7 +573,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what `conveyor serve` re-runs per server process
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        if argv is None and threading.current_thread() is threading.main_thread():
+            # Done: a Ctrl-C while the interpreter shuts TensorFlow down (1-2 s) printed a traceback from an
+            # exit handler, or turned a success already printed into exit 130.
+            sys.stdout.flush()
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return code
     except ConveyorError as exc:
         print(f"conveyor: error: {exc}", file=sys.stderr)
         return 2

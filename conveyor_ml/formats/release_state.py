@@ -33,9 +33,11 @@ import os
 import re
 import shutil
 import socket
+import stat
 import uuid
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
 
 from google.protobuf import text_format
@@ -55,6 +57,14 @@ LOCK_FILE = ".conveyor.lock"
 # Hidden version directories: a push still copying (tmp) and a retired version on its way out (retiring).
 HIDDEN_VERSION = re.compile(r"^\.(?P<version>\d+)\.(?:tmp|retiring)-(?P<pid>\d+)$")
 VERSION_DIR = re.compile(r"^\d+$")
+# What a state file may hold, checked when it is read: versions are int64 in TF Serving's protos, a pid is
+# a pid_t that os.kill takes, a change's id and kind become parts of a record directory's path.
+MAX_VERSION = 2 ** 63 - 1
+MAX_PID = 2 ** 31 - 1
+CHANGE_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+CHANGE_KIND = re.compile(r"conveyor\.[A-Za-z]{1,64}")
+_ROW_KEYS = {"version": int, "label": str, "traffic_percent": int, "release_state": str,
+             "previous_label": str}
 # write_atomically's temporary files (".<name>.<random>") of the files a base path holds.
 _WRITTEN_FILES = (STATE_FILE, serving_config.MODELS_CONFIG, serving_config.TRAFFIC_FILE,
                   serving_config.BATCHING_CONFIG, LEGACY_HISTORY_FILE)
@@ -183,6 +193,8 @@ def read_state(base_path: Path) -> ReleaseState:
     base_path = Path(base_path)
     path = base_path / STATE_FILE
     try:
+        if not stat.S_ISREG(path.stat().st_mode):  # a directory, or a FIFO a read would wait on forever
+            raise _damaged(path, "not a regular file")
         text = path.read_text()
     except FileNotFoundError:
         return _state_from_older_files(base_path)
@@ -192,6 +204,8 @@ def read_state(base_path: Path) -> ReleaseState:
         return _parse_state(base_path, json.loads(text))
     except json.JSONDecodeError as exc:
         raise _damaged(path, f"not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    except RecursionError:
+        raise _damaged(path, "unexpected content: nested too deeply") from None
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise _damaged(path, f"unexpected content: {exc}") from None
 
@@ -202,38 +216,167 @@ def _damaged(path: Path, reason: str) -> ConveyorError:
                          "traffic.json (the rollback history is then lost)")
 
 
-def _int_map(value, what: str) -> dict[str, int]:
-    if not isinstance(value, dict) or not all(isinstance(k, str) and type(v) is int and v >= 0
+def _shown(value) -> str:
+    """A value as a message may quote it: one line, short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def is_model_name(name) -> bool:
+    """The spec's rule for serving_pusher.model_name: one path component (no '/', no '..'), 1..63
+    characters."""
+    return isinstance(name, str) and _model_name_rule().fullmatch(name) is not None
+
+
+@lru_cache(maxsize=1)
+def _model_name_rule() -> re.Pattern:
+    from conveyor_ml.base.spec import ServingPusherSettings  # the rule's one home; the spec costs its import
+
+    [model_name] = [f for f in fields(ServingPusherSettings) if f.name == "model_name"]
+    return re.compile(model_name.metadata["schema"]["pattern"])
+
+
+def _model_name(name, what: str) -> str:
+    if not is_model_name(name):
+        raise ValueError(f"{what} {_shown(name)} is not a model name (1..63 letters, digits, '_', '.' or "
+                         "'-', starting with a letter or digit)")
+    return name
+
+
+def _integer(value, what: str, low: int, high: int) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise ValueError(f"{what} must be an integer in {low}..{high}, not {_shown(value)}")
+    return value
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, not {_shown(value)}")
+    return value
+
+
+def _object(value, what: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be an object, not {_shown(value)}")
+    return value
+
+
+def _list(value, what: str) -> list:
+    if not isinstance(value, list):
+        raise ValueError(f"{what} must be a list, not {_shown(value)}")
+    return value
+
+
+def _int_map(value, what: str, high: int = MAX_VERSION) -> dict[str, int]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) and type(v) is int and 0 <= v <= high
                                               for k, v in value.items()):
-        raise ValueError(f"{what} must map names to non-negative integers")
+        raise ValueError(f"{what} must map names to integers in 0..{high}")
     return dict(value)
 
 
+def _versions(value, what: str) -> list[int]:
+    return [_integer(v, f"{what}[{i}]", 0, MAX_VERSION) for i, v in enumerate(_list(value, what))]
+
+
+def _parse_analysis(value, what: str) -> dict | None:
+    if value is None:
+        return None
+    analysis = _object(value, what)
+    for key, item in analysis.items():
+        if key == "version":
+            _integer(item, f"{what}.{key}", 0, MAX_VERSION)
+        elif key == "pid":
+            _integer(item, f"{what}.{key}", 1, MAX_PID)
+        elif key == "started":
+            if item is not None:
+                _integer(item, f"{what}.{key}", -(2 ** 63), 2 ** 63 - 1)
+        elif key == "pending":
+            if not isinstance(item, bool):
+                raise ValueError(f"{what}.pending must be true or false, not {_shown(item)}")
+        elif key in ("host", "since", "release"):
+            _text(item, f"{what}.{key}")
+        else:
+            raise ValueError(f"{what} has an unknown key {_shown(key)}")
+    return analysis
+
+
+def _parse_model(base_path: Path, name, entry) -> ModelRelease:
+    _model_name(name, "model")
+    where = f"models.{name}"
+    entry = _object(entry, where)
+    history = _versions(entry["history"], f"{where}.history")
+    shadow_percent, route_key = entry.get("shadow_percent", 0), entry.get("route_key", "")
+    shadow_label, shadow_pair = entry.get("shadow_label", SHADOW), entry.get("shadow_pair", "")
+    if type(shadow_percent) is not int or not 0 <= shadow_percent <= 100 or not isinstance(route_key, str) \
+            or not isinstance(shadow_label, str) or not isinstance(shadow_pair, str):
+        raise ValueError(f"{where}: shadow_percent 0..100, shadow_label and route_key names, analysis an "
+                         "object")
+    analysis = _parse_analysis(entry.get("analysis"), f"{where}.analysis")
+    return ModelRelease(name, base_path, _int_map(entry["labels"], f"{where}.labels"),
+                        _int_map(entry["weights"], f"{where}.weights", 100), history,
+                        shadow_percent, shadow_label, shadow_pair, route_key, analysis)
+
+
+def _parse_row(row, what: str) -> dict:
+    row = _object(row, what)
+    unknown = sorted(set(row) - set(_ROW_KEYS))
+    if unknown:
+        raise ValueError(f"{what} has an unknown key {_shown(unknown[0])}")
+    for key in ("version", "release_state"):
+        if key not in row:
+            raise ValueError(f"{what} lacks {key!r}")
+    for key, item in row.items():
+        if _ROW_KEYS[key] is int:
+            _integer(item, f"{what}.{key}", 0, MAX_VERSION if key == "version" else 100)
+        else:
+            _text(item, f"{what}.{key}")
+    return row
+
+
+def _parse_change(entry, what: str) -> ReleaseChange:
+    entry = _object(entry, what)
+    unknown = sorted(set(entry) - {f.name for f in fields(ReleaseChange)})
+    if unknown:
+        raise ValueError(f"{what} has an unknown key {_shown(unknown[0])}")
+    for key in ("id", "kind", "model", "rows", "details"):
+        if key not in entry:
+            raise ValueError(f"{what} lacks {key!r}")
+    if not isinstance(entry["id"], str) or not CHANGE_ID.fullmatch(entry["id"]):
+        raise ValueError(f"{what}.id must be a change id (letters, digits, '_', '-'), not "
+                         f"{_shown(entry['id'])}")
+    if not isinstance(entry["kind"], str) or not CHANGE_KIND.fullmatch(entry["kind"]):
+        raise ValueError(f"{what}.kind must be an execution type such as 'conveyor.Promote', not "
+                         f"{_shown(entry['kind'])}")
+    _model_name(entry["model"], f"{what}.model")
+    rows = [_parse_row(row, f"{what}.rows[{i}]")
+            for i, row in enumerate(_list(entry["rows"], f"{what}.rows"))]
+    details = _object(entry["details"], f"{what}.details")
+    for key, item in details.items():
+        _text(item, f"{what}.details.{key}")
+    retire = _versions(entry.get("retire", []), f"{what}.retire")
+    if "pid" in entry:
+        _integer(entry["pid"], f"{what}.pid", 1, MAX_PID)
+    if "host" in entry:
+        _text(entry["host"], f"{what}.host")
+    if entry.get("started") is not None:
+        _integer(entry["started"], f"{what}.started", -(2 ** 63), 2 ** 63 - 1)
+    return ReleaseChange(**{**entry, "rows": rows, "details": dict(details), "retire": retire})
+
+
 def _parse_state(base_path: Path, document) -> ReleaseState:
+    """The state a release_state.json document holds, every part checked: names that become paths, numbers
+    that reach os.kill or a proto, the shapes the release code indexes (a ValueError says what is wrong)."""
     if not isinstance(document, dict) or document.get("format") != STATE_FORMAT:
         raise ValueError(f'expected {{"format": {STATE_FORMAT}, "models": ..., "unrecorded": ...}}')
-    models = {}
-    for name, entry in document["models"].items():
-        history = entry["history"]
-        if not isinstance(history, list) or not all(type(v) is int for v in history):
-            raise ValueError(f"models.{name}.history must be a list of versions")
-        shadow_percent, route_key = entry.get("shadow_percent", 0), entry.get("route_key", "")
-        shadow_label, analysis = entry.get("shadow_label", SHADOW), entry.get("analysis")
-        shadow_pair = entry.get("shadow_pair", "")
-        if type(shadow_percent) is not int or not 0 <= shadow_percent <= 100 or not isinstance(route_key, str) \
-                or not isinstance(shadow_label, str) or not isinstance(shadow_pair, str) \
-                or not (analysis is None or isinstance(analysis, dict)):
-            raise ValueError(f"models.{name}: shadow_percent 0..100, shadow_label and route_key names, analysis "
-                             "an object")
-        models[name] = ModelRelease(name, base_path, _int_map(entry["labels"], f"models.{name}.labels"),
-                                    _int_map(entry["weights"], f"models.{name}.weights"), list(history),
-                                    shadow_percent, shadow_label, shadow_pair, route_key, analysis)
-    unrecorded = []
-    for entry in document["unrecorded"]:
-        change = ReleaseChange(**entry)
-        if not isinstance(change.rows, list) or not isinstance(change.details, dict):
-            raise ValueError("unrecorded changes need rows and details")
-        unrecorded.append(change)
+    try:  # JSON's \ud800 escapes: strings that no proto, ML Metadata property or UTF-8 file can hold
+        json.dumps(document, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        raise ValueError("a string holds an unpaired surrogate (\\ud800-\\udfff), which is not "
+                         "text") from None
+    models = {name: _parse_model(base_path, name, entry)
+              for name, entry in _object(document["models"], "models").items()}
+    unrecorded = [_parse_change(entry, f"unrecorded[{index}]")
+                  for index, entry in enumerate(_list(document["unrecorded"], "unrecorded"))]
     return ReleaseState(base_path, models, unrecorded, stored=True)
 
 
@@ -242,19 +385,25 @@ def _state_from_older_files(base_path: Path) -> ReleaseState:
     config_path = base_path / serving_config.MODELS_CONFIG
     if config_path.is_file():
         for model in serving_config.read_model_server_config(config_path).model_config_list.config:
+            if not is_model_name(model.name):  # it becomes the model's directory under the base path
+                raise ConveyorError(f"{config_path}: model name {_shown(model.name)} is not a model name "
+                                    "(1..63 letters, digits, '_', '.' or '-'); fix it, or move the file away")
             state.models[model.name] = ModelRelease(model.name, base_path, dict(model.version_labels))
     traffic = serving_config.read_traffic(base_path / serving_config.TRAFFIC_FILE)
     history_path = base_path / LEGACY_HISTORY_FILE
     try:
         history = json.loads(history_path.read_text())
-        if not isinstance(history, dict) or not all(isinstance(v, list) and all(type(x) is int for x in v)
-                                                    for v in history.values()):
+        if not isinstance(history, dict) or not all(
+                isinstance(v, list) and all(type(x) is int and 0 <= x <= MAX_VERSION for x in v)
+                for v in history.values()):
             raise ValueError("expected {model: [versions]}")
     except FileNotFoundError:
         history = {}
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ConveyorError(f"{history_path}: not a valid release history ({exc}); it holds each model's stable "
-                            "versions for rollback: fix it, or delete it to start the history afresh") from None
+    except (ValueError, UnicodeDecodeError, OSError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise ConveyorError(f"{history_path}: not a valid release history ({reason}); it holds each model's "
+                            "stable versions for rollback: fix it, or delete it to start the history "
+                            "afresh") from None
     for name, release in state.models.items():
         release.weights = traffic.for_model(name)
         release.history = list(history.get(name, []))
@@ -314,6 +463,16 @@ def _served_entry(entry: model_server_config_pb2.ModelConfig, release: ModelRele
         entry.version_labels[label] = version
 
 
+def _check_writable_file(path: Path) -> None:
+    """A file a command rewrites must be a file or missing: a directory in its place cannot be renamed over,
+    and a FIFO would keep the command waiting; refused before anything is written."""
+    real = Path(os.path.realpath(path))
+    if real.exists() and not real.is_file():
+        kind = "a directory" if real.is_dir() else "not a regular file"
+        raise ConveyorError(f"{path}: {kind}, where Conveyor writes a file; move it away and run the command "
+                            "again (it is written afresh)")
+
+
 def _read_or_none(read, path: Path):
     """A served file as it is now; None when missing or unreadable (it is rewritten from the state then)."""
     try:
@@ -330,6 +489,8 @@ def sync_served_files(state: ReleaseState) -> bool:
     Entries of models the state does not know are kept as they are."""
     base = state.base_path
     config_path, traffic_path = base / serving_config.MODELS_CONFIG, base / serving_config.TRAFFIC_FILE
+    for path in (config_path, traffic_path):
+        _check_writable_file(path)
     current_config = _read_or_none(serving_config.read_model_server_config, config_path)
     current_traffic = _read_or_none(serving_config.read_traffic, traffic_path) or serving_config.TrafficWeights()
     config = model_server_config_pb2.ModelServerConfig()
@@ -369,6 +530,7 @@ def sync_served_files(state: ReleaseState) -> bool:
 
 
 def _write_if_changed(path: Path, text: str) -> bool:
+    _check_writable_file(path)
     try:
         if path.read_text() == text:
             return False
@@ -395,11 +557,13 @@ def forget_change(state: ReleaseState, change_id: str) -> None:
 
 
 def revert_change(state: ReleaseState, before: ModelRelease, change: ReleaseChange) -> None:
-    """Puts the model's state back as it was before `change` (whose record failed), files included."""
+    """Puts the model's state back as it was before `change` (whose record failed, or was interrupted), files
+    included, and removes the temporary file an interrupted write left (call with the lock held)."""
     state.models[before.name] = before
     state.unrecorded = [c for c in state.unrecorded if c.id != change.id]
     commit(state)
     sync_served_files(state)
+    clean_leftovers(state.base_path)
 
 
 def retire_versions(state: ReleaseState, change: ReleaseChange) -> list[int]:
@@ -632,6 +796,10 @@ def rollback(release: ModelRelease, to_version: int | None = None) -> int:
     if to_version not in on_disk:
         raise ConveyorError(f"model {release.name}: version {to_version} is not on disk "
                             f"(versions: {', '.join(map(str, on_disk)) or 'none'})")
+    if to_version == current and CANARY not in release.labels:
+        versions = ", ".join(map(str, on_disk))
+        raise ConveyorError(f"model {release.name}: version {current} is stable already and there is no "
+                            f"canary: nothing to roll back (versions on disk: {versions})")
     if to_version in release.history:
         # Going back: forget the releases after it, so a second rollback steps back further.
         release.history = release.history[:len(release.history) - release.history[::-1].index(to_version)]

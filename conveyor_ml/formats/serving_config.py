@@ -54,10 +54,15 @@ def _parse_text_proto(path: Path, message, what: str):
         text = Path(path).read_text()
     except FileNotFoundError:
         raise ConveyorError(f"{what} not found: {path}") from None
-    except (UnicodeDecodeError, IsADirectoryError) as exc:
-        raise ConveyorError(f"{path}: not a {what} text proto ({exc})") from None
+    except UnicodeDecodeError:
+        raise ConveyorError(f"{path}: not a {what} text proto (not UTF-8 text)") from None
+    except OSError as exc:
+        raise ConveyorError(f"{path}: cannot read the {what} text proto ({exc.strerror})") from None
     try:
         return text_format.Parse(text, message)
+    except RecursionError:
+        raise ConveyorError(f"{path}: Error parsing text-format {TF_SERVING_PROTO_NAMES.get(what, what)}: "
+                            f"nested too deeply (not a valid {what} text proto)") from None
     except text_format.ParseError as exc:
         detail = " ".join(str(exc).split())
         raise ConveyorError(f"{path}: Error parsing text-format {TF_SERVING_PROTO_NAMES.get(what, what)}: "
@@ -172,12 +177,23 @@ class TrafficWeights:
 
 
 def read_traffic(path: Path) -> TrafficWeights:
+    """The weights in traffic.json (none when it is missing); a file that cannot be read is a one-line error
+    naming it (release commands rewrite an unreadable one from release_state.json instead)."""
+    fix = "it holds the traffic weights per version label: fix it or restore it from a backup"
     try:
         document = json.loads(Path(path).read_text())
     except FileNotFoundError:
         return TrafficWeights()
+    except UnicodeDecodeError:
+        raise ConveyorError(f"{path}: not UTF-8 text; {fix}") from None
+    except OSError as exc:
+        raise ConveyorError(f"{path}: cannot read it ({exc.strerror}); {fix}") from None
     except json.JSONDecodeError as exc:
-        raise ConveyorError(f"{path}: not valid JSON ({exc.msg})") from None
+        raise ConveyorError(f"{path}: not valid JSON ({exc.msg}); {fix}") from None
+    except RecursionError:
+        raise ConveyorError(f"{path}: nested too deeply; {fix}") from None
+    except ValueError as exc:  # a number Python's JSON reader refuses (an integer of over 4,300 digits)
+        raise ConveyorError(f"{path}: not valid JSON ({exc}); {fix}") from None
     models = document.get("models", {}) if isinstance(document, dict) else None
     if not isinstance(models, dict):
         raise ConveyorError(f'{path}: expected {{"models": {{name: {{label: percent}}}}}}')

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import getpass
 import json
+import signal
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +28,7 @@ from conveyor_ml.components.release_record import (
     reconcile_release_state,
     record_intent,
     record_release_execution,
+    recorded_execution,
     unfinished_intents,
 )
 from conveyor_ml.formats import release_state as releases
@@ -162,21 +165,54 @@ def _commit_and_record(spec: PipelineSpec, state: releases.ReleaseState, kind: s
                        release: releases.ModelRelease, reason: str, *, context=None,
                        details: dict[str, str] | None = None) -> int:
     """Commits `release` with the change remembered, records it in MLMD under its id (in the release's
-    `context` too, when given), then forgets it; a failed record puts the state and the served files back (a
-    kill instead is repaired by the next command). Returns the execution's id."""
+    `context` too, when given), then forgets it. A failed record, or an interrupt (Ctrl-C; SIGTERM where a
+    handler raises, as in a canary analysis) before MLMD holds the record, puts the state and the served files
+    back, so a command that fails leaves no change live (a kill instead is repaired by the next command,
+    which records it). Returns the execution's id."""
     rows = releases.snapshot(before.labels, release)
     change = releases.ReleaseChange.new(kind, release.name, rows, releases.change_details(
         before, release, reason=reason, user=getpass.getuser(), host=socket.gethostname(), **(details or {})))
-    releases.apply_change(state, release, change)
     try:
+        releases.apply_change(state, release, change)
         execution_id = record_release_execution(
             spec, kind, release.name, "local", rows, base_path=str(state.base_path.resolve()), reason=reason,
             details=change.details, change_id=change.id, release=context)
-    except Exception:
-        releases.revert_change(state, before, change)  # a failed record (not a crash): files follow it
-        raise
-    releases.forget_change(state, change.id)
+    except BaseException as exc:
+        with _signals_held():  # a second Ctrl-C must not stop the undo half way
+            execution_id = None if isinstance(exc, Exception) else _recorded_execution(spec, change.id, exc)
+            if execution_id is None:
+                releases.revert_change(state, before, change)
+                raise
+        # The interrupt came after MLMD took the record: the change is made, and this command finishes it.
+    with _signals_held():
+        releases.forget_change(state, change.id)
     return execution_id
+
+
+def _recorded_execution(spec: PipelineSpec, change_id: str, interrupt: BaseException) -> int | None:
+    """The execution recording an interrupted change, None if MLMD holds none. A store that cannot be read
+    now re-raises the interrupt: the change stays committed, and the next command records it unless MLMD
+    holds it already (as after a kill), so the files and MLMD never disagree."""
+    try:
+        return recorded_execution(metadata.open_store(spec.metadata), change_id)
+    except Exception:
+        raise interrupt from None
+
+
+@contextmanager
+def _signals_held():
+    """Ctrl-C and SIGTERM do nothing until the block ends (a signal that comes meanwhile is dropped): the
+    block undoes a change, or forgets one MLMD already holds, and must not be stopped half way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals are delivered to the main thread only
+        return
+    previous = {number: signal.signal(number, lambda signum, frame: None) for number in (signal.SIGINT,
+                                                                                             signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
 
 
 @dataclass(frozen=True)
@@ -235,13 +271,14 @@ def start_canary(spec: PipelineSpec, model: str, source: CanarySource, weight: i
                                     "back first")
         releases.set_canary(release, version, weight)
         release.route_key = route_key or ""
-        release.analysis = claim
+        # The claim names the version it owns: analysis_running() counts a live owner of this canary only.
+        release.analysis = {**claim, "version": version} if claim is not None else None
         stable = release.labels[releases.STABLE]
         try:
             execution_id = _commit_and_record(
                 spec, state, kind or VARIANT_CANARY, before, release,
                 reason or f"{source.describe(stable)} as canary at {weight}%", context=context, details=details)
-        except Exception:
+        except BaseException:  # Ctrl-C too: the change was put back, so is its directory
             if version_dir is not None and state.models.get(model) == before:  # reverted: nobody's directory
                 releases.remove_version_directory(release.model_dir, version_dir)
             raise
