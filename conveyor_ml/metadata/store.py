@@ -1,6 +1,7 @@
 """ML Metadata connections: SQLite (default, a file in the workspace) or MySQL/MariaDB from the spec."""
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from pathlib import Path
@@ -54,9 +55,28 @@ def store_exists(spec: MetadataSettings) -> bool:
     return bool(spec.mysql) or Path(spec.sqlite).is_file()
 
 
+def _refuse_foreign_sqlite(path: Path) -> None:
+    """A SQLite database with tables but none of ML Metadata's is someone else's: MLMD would add its tables
+    to it (even `conveyor status` did). An empty or new file is a new store; damage is MLMD's to report."""
+    import sqlite3
+
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            return
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5)) as db:
+            tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except (OSError, sqlite3.Error):
+        return
+    if tables and "MLMDEnv" not in tables:
+        raise ConveyorError(f"{path} is a SQLite database of another program (tables {', '.join(sorted(tables)[:5])}), "
+                            "not an ML Metadata store: point metadata.sqlite at another file")
+
+
 def open_store(spec: MetadataSettings, *, retries: int = 20, read_only: bool = False) -> metadata_store.MetadataStore:
     """Connects, retrying while another process (a pipeline run) holds the SQLite write lock. Read-only
     connections (lineage queries) never take that lock."""
+    if not spec.mysql:
+        _refuse_foreign_sqlite(Path(spec.sqlite))
     config = connection_config(spec, read_only)
     for attempt in range(retries):
         try:

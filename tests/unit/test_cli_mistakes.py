@@ -31,7 +31,19 @@ def _alias_bomb() -> str:
     return "\n".join(lines) + "\nname: bomb\ncomponents:\n  trainer:\n    train_steps: *a8\n"
 
 
-# (name, files to create {relative path: text or None for a directory}, argv, what the one line must name)
+def _foreign_sqlite() -> bytes:
+    """The bytes of a SQLite database some other program wrote (one table of its own)."""
+    import sqlite3
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "other.sqlite"
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+        db.close()
+        return path.read_bytes()
+
+
+# (name, files to create {relative path: text, bytes or None for a directory}, argv, what the one line must name)
 CASES = [
     ("yaml nested 20k levels", {"deep.yaml": _nested(20_000)}, ["validate", "deep.yaml"],
      ["deep.yaml:2:", "nested deeper than 64 levels"]),
@@ -148,6 +160,9 @@ CASES = [
     ("metadata store not a database", {"workspace/metadata.sqlite": "not a database\n"},
      ["runs", "--spec", "spec.yaml"],
      ["cannot open the metadata store", "file is not a database; it is not an ML Metadata database"]),
+    ("metadata store of another program", {"workspace/metadata.sqlite": _foreign_sqlite()},
+     ["status", "--spec", "spec.yaml"], ["metadata.sqlite is a SQLite database of another program (tables invoices)",
+                                         "not an ML Metadata store"]),
     ("serve rest host empty", {}, ["serve", "--model_name", "m", "--model_base_path", ".", "--rest_api_host", ""],
      ["--rest_api_host is empty", "0.0.0.0 (every interface)"]),
     ("serve session config not text", {"session.cfg": b"\xff\xfe\x00binary"},
