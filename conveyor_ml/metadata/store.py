@@ -68,8 +68,9 @@ def _refuse_foreign_sqlite(path: Path) -> None:
     except (OSError, sqlite3.Error):
         return
     if tables and "MLMDEnv" not in tables:
-        raise ConveyorError(f"{path} is a SQLite database of another program (tables {', '.join(sorted(tables)[:5])}), "
-                            "not an ML Metadata store: point metadata.sqlite at another file")
+        shown = ", ".join(sorted(tables)[:5])
+        raise ConveyorError(f"{path} is a SQLite database of another program (tables {shown}), not an ML Metadata "
+                            "store: point metadata.sqlite at another file")
 
 
 def open_store(spec: MetadataSettings, *, retries: int = 20, read_only: bool = False) -> metadata_store.MetadataStore:
