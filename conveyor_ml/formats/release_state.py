@@ -249,22 +249,22 @@ def _integer(value, what: str, low: int, high: int) -> int:
     return value
 
 
-def _text(value, what: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{what} must be a string, not {_shown(value)}")
+def _of_type(value, what: str, kind: type, kind_name: str):
+    if not isinstance(value, kind):
+        raise ValueError(f"{what} must be {kind_name}, not {_shown(value)}")
     return value
+
+
+def _text(value, what: str) -> str:
+    return _of_type(value, what, str, "a string")
 
 
 def _object(value, what: str) -> dict:
-    if not isinstance(value, dict):
-        raise ValueError(f"{what} must be an object, not {_shown(value)}")
-    return value
+    return _of_type(value, what, dict, "an object")
 
 
 def _list(value, what: str) -> list:
-    if not isinstance(value, list):
-        raise ValueError(f"{what} must be a list, not {_shown(value)}")
-    return value
+    return _of_type(value, what, list, "a list")
 
 
 def _int_map(value, what: str, high: int = MAX_VERSION) -> dict[str, int]:

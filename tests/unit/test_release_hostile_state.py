@@ -136,9 +136,13 @@ def test_a_variant_is_a_name_the_manifest_lists_never_a_path(spec, tmp_path, var
 def test_a_corrupt_variant_is_refused_before_anything_changes(spec, content):
     variant_file = spec.serving_base / "mnist" / "1" / "tflite" / "int8.tflite"
     variant_file.write_bytes(content)
+    _int8_canary_refused_changing_nothing(
+        spec, rf"{variant_file}: not a TFLite model LiteRT can load .*restore it from a backup")
+
+
+def _int8_canary_refused_changing_nothing(spec, match: str) -> None:
     before = on_disk(spec.serving_base)
-    refused(release_variant_canary, spec, "mnist", "int8", say=lambda line: None,
-            match=rf"{variant_file}: not a TFLite model LiteRT can load .*restore it from a backup")
+    refused(release_variant_canary, spec, "mnist", "int8", say=lambda line: None, match=match)
     assert on_disk(spec.serving_base) == before
     assert recorded(spec) == ["conveyor.Push"]
 
@@ -154,11 +158,7 @@ def test_a_damaged_manifest_is_one_line_naming_it(spec, content):
         manifest.mkdir()
     else:
         manifest.write_bytes(content)
-    before = on_disk(spec.serving_base)
-    refused(release_variant_canary, spec, "mnist", "int8", say=lambda line: None,
-            match=rf"^{manifest}: .*restore it from a backup")
-    assert on_disk(spec.serving_base) == before
-    assert recorded(spec) == ["conveyor.Push"]
+    _int8_canary_refused_changing_nothing(spec, rf"^{manifest}: .*restore it from a backup")
 
 
 def test_a_version_without_a_manifest_has_no_variants(spec):
