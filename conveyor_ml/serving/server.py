@@ -313,9 +313,6 @@ def _session_config(args: argparse.Namespace):
     if args.tensorflow_session_config_file:
         try:
             text_format.Parse(Path(args.tensorflow_session_config_file).read_text(), config)
-        except UnicodeDecodeError:
-            raise ConveyorError(f"--tensorflow_session_config_file {args.tensorflow_session_config_file}: not a "
-                                "text file; it takes a tensorflow.ConfigProto in text format") from None
         except text_format.ParseError as exc:
             raise ConveyorError(f"{args.tensorflow_session_config_file}: Error parsing text-format "
                                 f"tensorflow.ConfigProto: {exc}") from None
@@ -343,6 +340,12 @@ def _check_session_flags(args: argparse.Namespace) -> None:
         raise ConveyorError(f"--per_process_gpu_memory_fraction {args.per_process_gpu_memory_fraction}: must be "
                             "between 0.0 and 1.0")
     _existing_file("tensorflow_session_config_file", args.tensorflow_session_config_file)
+    if args.tensorflow_session_config_file:
+        try:  # checked here, before the ConfigProto's parse imports TensorFlow (seconds, ~600 MB)
+            Path(args.tensorflow_session_config_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConveyorError(f"--tensorflow_session_config_file {args.tensorflow_session_config_file}: not a "
+                                "text file; it takes a tensorflow.ConfigProto in text format") from None
 
 
 def options_from_args(args: argparse.Namespace):
