@@ -35,6 +35,7 @@ import shutil
 import socket
 import stat
 import uuid
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
@@ -176,10 +177,17 @@ class ReleaseState:
 
 
 @contextmanager
-def locked(base_path: Path):
+def locked(base_path: Path, waiting: Callable[[Path], None] | None = None):
+    """The base path's lock, held for the block; `waiting(lock file)` is called once if another process holds
+    it (the wait is otherwise silent, and can be long: a pipeline pushing a large model holds it)."""
     base_path.mkdir(parents=True, exist_ok=True)
     with open(base_path / LOCK_FILE, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting(base_path / LOCK_FILE)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:

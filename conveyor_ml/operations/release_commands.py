@@ -46,6 +46,11 @@ def say_repair(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _waiting_for_lock(say: Callable[[str], None]) -> Callable[[Path], None]:
+    return lambda lock: say(f"conveyor: waiting for {lock}: another conveyor command or a pipeline push is "
+                            "changing releases there")
+
+
 def _serving_base(spec: PipelineSpec) -> Path:
     if spec.serving_base is None:
         raise ConveyorError(f"{spec.source_file}: no components.serving_pusher, so there is nothing to release")
@@ -66,7 +71,7 @@ def locked_release(spec: PipelineSpec, model: str, say: Callable[[str], None] = 
     base = _serving_base(spec)
     if not base.is_dir():
         _existing_release(releases.ReleaseState(base), model)
-    with releases.locked(base):
+    with releases.locked(base, _waiting_for_lock(say)):
         state = releases.read_state(base)
         reconcile_release_state(spec, state, say)
         yield state, _existing_release(state, model)
@@ -88,7 +93,7 @@ def status(spec: PipelineSpec, model: str | None, url: str, say: Callable[[str],
     """Everything `conveyor status` shows, as data (after repairing what an interrupted command left)."""
     base = _serving_base(spec)
     if base.is_dir():
-        with releases.locked(base):
+        with releases.locked(base, _waiting_for_lock(say)):
             state = releases.read_state(base)
             reconcile_release_state(spec, state, say)
     else:
@@ -135,7 +140,7 @@ def change_release(spec: PipelineSpec, model: str, kind: str, *, weight: int | N
         _existing_release(releases.ReleaseState(base), model)  # unknown: say so, and create nothing
     deadline = time.monotonic() + IN_FLIGHT_WAIT_SECONDS
     while True:
-        with releases.locked(base):
+        with releases.locked(base, _waiting_for_lock(say)):
             state = releases.read_state(base)
             reconcile_release_state(spec, state, say)
             in_flight = [c for c in state.unrecorded if c.model == model]

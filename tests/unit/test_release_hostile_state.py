@@ -346,3 +346,25 @@ def test_a_canary_started_with_an_analysis_claim_counts_as_analysed_and_refuses_
     assert release.analysis_running()
     refused(start_canary, spec, "mnist", CanarySource(variant="float16"), 10, claim=claim, say=lambda line: None,
             match="a canary analysis of version 2 is in progress")
+
+
+def test_a_command_waiting_for_the_release_lock_says_so_once(spec):
+    import fcntl
+    import threading
+    import time
+
+    lines: list[str] = []
+    lock = spec.serving_base / releases.LOCK_FILE
+    with open(lock, "a+") as held:  # another process's command or push, as flock sees it
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: status(spec, None, NO_SERVER, say=lines.append))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while not lines and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert waiter.is_alive(), "status finished while the lock was held"
+        fcntl.flock(held, fcntl.LOCK_UN)
+    waiter.join(timeout=30)
+    assert not waiter.is_alive()
+    assert lines == [f"conveyor: waiting for {lock}: another conveyor command or a pipeline push is changing "
+                     "releases there"]
