@@ -285,20 +285,20 @@ def _thresholds(eval_config_json: str | None) -> dict:
     """min_accuracy and max_accuracy_drop from the Evaluator's EvalConfig (JSON of the proto)."""
     if not eval_config_json:
         return {}
+    found = {}
     try:
         config = json.loads(eval_config_json)
-    except ValueError:
+        for metrics_spec in config.get("metrics_specs", []):
+            for metric in metrics_spec.get("metrics", []):
+                threshold = metric.get("threshold", {})
+                lower = threshold.get("value_threshold", {}).get("lower_bound")
+                change = threshold.get("change_threshold", {}).get("absolute")
+                if lower is not None:
+                    found["min_accuracy"] = float(lower)
+                if change is not None:
+                    found["max_accuracy_drop"] = -float(change)
+    except (ValueError, TypeError, AttributeError, RecursionError):  # not an EvalConfig (a store edited by hand)
         return {}
-    found = {}
-    for metrics_spec in config.get("metrics_specs", []):
-        for metric in metrics_spec.get("metrics", []):
-            threshold = metric.get("threshold", {})
-            lower = threshold.get("value_threshold", {}).get("lower_bound")
-            change = threshold.get("change_threshold", {}).get("absolute")
-            if lower is not None:
-                found["min_accuracy"] = lower
-            if change is not None:
-                found["max_accuracy_drop"] = -float(change)
     return found
 
 

@@ -61,3 +61,20 @@ def test_a_model_rejected_for_lack_of_evidence_says_so_with_its_test_p_value_and
     assert f"vs baseline #{first.model_id}) -> NOT blessed" in text
     assert "    evidence: not enough evidence: 60 eval examples, fewer than the 100 a comparison needs" in text
     assert "McNemar exact, one-sided p=0.5)" in text
+
+
+def test_an_eval_config_edited_into_nonsense_is_read_as_no_thresholds(tmp_path):
+    """The Evaluator records its EvalConfig as JSON; a store edited by hand may hold anything there. Before,
+    `conveyor models` and `lineage` ended in AttributeError (a list) or ValueError (a threshold "abc")."""
+    store = recorded_history(tmp_path).store
+    evaluator_type = store.get_execution_type("Evaluator").id
+    [_, second] = [e for e in store.get_executions() if e.type_id == evaluator_type]
+    for nonsense in ("[1, 2]", '{"metrics_specs": [{"metrics": [{"threshold": {"change_threshold": '
+                               '{"absolute": "abc"}}}]}]}', '{"metrics_specs": 5}', "{" * 5000):
+        second.custom_properties["eval_config"].string_value = nonsense
+        store.put_executions([second])
+        lineage = Lineage(MetadataIndex(store), "mnist")
+        rows = lineage.models()
+        assert [row.state for row in rows] == ["blessed", "rejected"]
+        assert rows[1].reason.startswith("not blessed by the Evaluator: not enough evidence: 60 eval examples")
+        assert lineage.lineage(rows[1].model_id).evaluation.eval_examples == 60
