@@ -18,6 +18,8 @@ def check_workspace(spec: PipelineSpec) -> None:
     check_schema_file(spec.data.schema)
     check_beam_runner(tuple(spec.beam.args))
     workspace = spec.workspace
+    if workspace.exists() and not workspace.is_dir():
+        raise ConveyorError(f"workspace {workspace} is a file; set `workspace:` in the spec to a directory")
     try:
         workspace.mkdir(parents=True, exist_ok=True)
         probe = workspace / f".write-test-{os.getpid()}"

@@ -54,6 +54,9 @@ def _waiting_for_lock(say: Callable[[str], None]) -> Callable[[Path], None]:
 def _serving_base(spec: PipelineSpec) -> Path:
     if spec.serving_base is None:
         raise ConveyorError(f"{spec.source_file}: no components.serving_pusher, so there is nothing to release")
+    if spec.serving_base.exists() and not spec.serving_base.is_dir():
+        raise ConveyorError(f"serving base path {spec.serving_base} is a file; set serving_pusher.base_path (or "
+                            "`workspace:`) in the spec to a directory")
     return spec.serving_base
 
 

@@ -163,6 +163,11 @@ CASES = [
     ("metadata store of another program", {"workspace/metadata.sqlite": _foreign_sqlite()},
      ["status", "--spec", "spec.yaml"], ["metadata.sqlite is a SQLite database of another program (tables invoices)",
                                          "not an ML Metadata store"]),
+    ("workspace is a file", {"afile": "x\n", "ws.yaml": "extends: spec.yaml\nworkspace: afile\n"},
+     ["run", "ws.yaml"], ["workspace afile is a file", "to a directory"]),
+    ("serving base path is a file", {"afile": "x\n", "base.yaml": "extends: spec.yaml\ncomponents:\n  "
+                                     "serving_pusher:\n    model_name: mnist\n    base_path: afile\n"},
+     ["status", "--spec", "base.yaml"], ["serving base path afile is a file", "base_path"]),
     ("serve rest host empty", {}, ["serve", "--model_name", "m", "--model_base_path", ".", "--rest_api_host", ""],
      ["--rest_api_host is empty", "0.0.0.0 (every interface)"]),
     ("serve session config not text", {"session.cfg": b"\xff\xfe\x00binary"},
