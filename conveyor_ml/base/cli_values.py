@@ -105,14 +105,27 @@ def header_name(text: str) -> str:
     return text
 
 
+def url_problem(url: str) -> str | None:
+    """Why `url` is not a server's address (http or https, a host, a port 1..65535 if given), or None."""
+    if not isinstance(url, str) or any(c.isspace() or not c.isprintable() for c in url):
+        return "it contains spaces or control characters"
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:  # a port out of range or not a number, a broken [IPv6] host
+        return str(exc)
+    if parts.scheme not in ("http", "https"):
+        return f"the scheme is {parts.scheme + '://' if parts.scheme else 'missing'}, not http:// or https://"
+    if not parts.hostname:
+        return "it names no host"
+    if port is not None and not 1 <= port <= 65535:
+        return f"port {port} is not in 1..65535"
+    return None
+
+
 def http_url(text: str) -> str:
     """An http(s) URL with a host (and a port within 1..65535 if given)."""
-    parts = urlsplit(text)
-    try:
-        port_ok = parts.port is None or 1 <= parts.port <= 65535
-    except ValueError:
-        port_ok = False
-    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+    if url_problem(text):
         raise argparse.ArgumentTypeError(f"expected an http:// URL such as http://127.0.0.1:8501, not {text!r}")
     return text
 

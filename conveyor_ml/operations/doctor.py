@@ -22,14 +22,15 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import numpy as np
 
+from conveyor_ml.base.cli_values import url_problem
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.names import PROMETHEUS_PATH, STATISTICS_GEN
 from conveyor_ml.formats import serving_config
 from conveyor_ml.formats.release_state import ModelRelease, known_models, read_release, versions_on_disk
+from conveyor_ml.operations.quantized_canary import DamagedManifest, read_manifest
 from conveyor_ml.operations.records import JsonRecord
 
 OK, WARN, FAIL, SKIP = "OK", "WARN", "FAIL", "SKIP"
@@ -94,24 +95,6 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     text = lines[0] if lines else type(exc).__name__
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def url_problem(url: str) -> str | None:
-    """Why `url` is not a server's address (http or https, a host, a port 1..65535 if given), or None."""
-    if not isinstance(url, str) or any(c.isspace() or not c.isprintable() for c in url):
-        return "it contains spaces or control characters"
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:  # a port out of range or not a number, a broken [IPv6] host
-        return str(exc)
-    if parts.scheme not in ("http", "https"):
-        return f"the scheme is {parts.scheme + '://' if parts.scheme else 'missing'}, not http:// or https://"
-    if not parts.hostname:
-        return "it names no host"
-    if port is not None and not 1 <= port <= 65535:
-        return f"port {port} is not in 1..65535"
-    return None
 
 
 def _tf_version_tuple(text: str) -> tuple[int, int] | None:
@@ -442,36 +425,11 @@ def check_quantized_variants(target: Target) -> Finding:
 
 
 def _manifest_variants(manifest: Path) -> list[tuple[str, str | None]]:
-    """(variant, file or None) of each entry of tflite/manifest.json ({"variants": [{"variant": NAME, "file":
-    FILE, ...}, ...]}); a manifest that cannot be read or is not of that form is a CheckFault."""
-    def fault(why: str) -> CheckFault:
-        return CheckFault(f"{manifest} {why}", VARIANT_FIX)
-
+    """(variant, file or None) of each entry of tflite/manifest.json; a damaged manifest is a CheckFault."""
     try:
-        document = json.loads(manifest.read_text(encoding="utf-8"))
-    except IsADirectoryError:
-        raise fault("is a directory, not the variants' JSON file") from None
-    except OSError as exc:
-        raise fault(f"cannot be read: {exc.strerror or _one_line(exc)}") from None
-    except UnicodeDecodeError:
-        raise fault("is not UTF-8 text (damaged)") from None
-    except json.JSONDecodeError as exc:
-        raise fault(f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
-    except RecursionError:
-        raise fault("nests too deeply to be a variants manifest") from None
-    variants = document.get("variants", []) if isinstance(document, dict) else None
-    if not isinstance(variants, list):
-        raise fault('is not {"variants": [...]}: ' + (f'"variants" is {type(variants).__name__}'
-                                                      if isinstance(document, dict)
-                                                      else f"the document is {type(document).__name__}"))
-    found = []
-    for index, entry in enumerate(variants):
-        name = entry.get("variant") if isinstance(entry, dict) else None
-        file = entry.get("file") if isinstance(entry, dict) else None
-        if not isinstance(name, str) or not name or not (file is None or isinstance(file, str) and file):
-            raise fault(f'entry {index} is not {{"variant": NAME, "file": FILE, ...}}')
-        found.append((name, file))
-    return found
+        return read_manifest(manifest)
+    except DamagedManifest as exc:
+        raise CheckFault(str(exc), VARIANT_FIX) from None
 
 
 def check_gpu_memory_growth(target: Target) -> Finding:

@@ -23,7 +23,11 @@ def fetch(url: str, timeout: float = 5.0) -> bytes:
     except urllib.error.HTTPError as exc:
         raise ConveyorError(f"{url} answered {exc.code}; is Prometheus on (conveyor serve --enable_prometheus)?") from None
     except (urllib.error.URLError, OSError) as exc:
-        raise ConveyorError(f"no server at {url} ({getattr(exc, 'reason', exc)}); start one with `make serve`") from None
+        raise _no_server(url, exc) from None
+
+
+def _no_server(url: str, exc: OSError) -> ConveyorError:
+    return ConveyorError(f"no server at {url} ({getattr(exc, 'reason', exc)}); start one with `make serve`")
 
 
 def scrape(base_url: str) -> dict[tuple, float]:
@@ -189,7 +193,7 @@ def check_model_served(url: str, model: str) -> None:
         if exc.code != 404:
             raise ConveyorError(f"{url}: asking for model {model!r} answered {exc.code}") from None
     except (urllib.error.URLError, OSError) as exc:
-        raise ConveyorError(f"no server at {url} ({getattr(exc, 'reason', exc)}); start one with `make serve`") from None
+        raise _no_server(url, exc) from None
     raise ConveyorError(f"{url} serves no model named {model!r}; `conveyor monitor` without a name shows every "
                         "model it serves")
 

@@ -26,30 +26,61 @@ MANIFEST_FILE = "manifest.json"  # the ServingPusher's list of the variants it p
 VARIANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
+class DamagedManifest(ConveyorError):
+    """tflite/manifest.json cannot be read as {"variants": [{"variant": NAME, "file": FILE, ...}, ...]}; the
+    message names the file and what is wrong, and each caller adds its own fix."""
+
+
+def read_manifest(manifest: Path) -> list[tuple[str, str | None]]:
+    """(variant, file or None) of each entry of a version's tflite/manifest.json, in its order.
+    FileNotFoundError without one; DamagedManifest for anything that is not of that form (a variant's name
+    is a file name's stem, never a path)."""
+    def damaged(why: str) -> DamagedManifest:
+        return DamagedManifest(f"{manifest}: {why}")
+
+    try:
+        document = json.loads(manifest.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except IsADirectoryError:
+        raise damaged("is a directory, not the variants' JSON file") from None
+    except OSError as exc:
+        raise damaged(f"cannot be read ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise damaged("is not UTF-8 text (damaged)") from None
+    except RecursionError:
+        raise damaged("nests too deeply to be a variants manifest") from None
+    except json.JSONDecodeError as exc:
+        raise damaged(f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except ValueError as exc:  # a number Python's JSON reader refuses (an integer of over 4,300 digits)
+        raise damaged(f"is not valid JSON: {' '.join(str(exc).split())[:200]}") from None
+    variants = document.get("variants", []) if isinstance(document, dict) else None
+    if not isinstance(variants, list):
+        raise damaged('is not {"variants": [...]}: ' + (f'"variants" is {type(variants).__name__}'
+                                                        if isinstance(document, dict)
+                                                        else f"the document is {type(document).__name__}"))
+    found = []
+    for index, entry in enumerate(variants):
+        name = entry.get("variant") if isinstance(entry, dict) else None
+        file = entry.get("file") if isinstance(entry, dict) else None
+        if not (isinstance(name, str) and VARIANT_NAME.fullmatch(name)) \
+                or not (file is None or isinstance(file, str) and file):
+            raise damaged(f'entry {index} is not {{"variant": NAME, "file": FILE, ...}} (a NAME of letters, '
+                          'digits, "_" and "-")')
+        found.append((name, file))
+    return found
+
+
 def pushed_variants(version_dir: Path) -> list[str]:
     """The variants the version's tflite/manifest.json names, in its order ([] without a manifest); a manifest
     that cannot be read is a one-line error naming it."""
-    manifest = version_dir / TFLITE_DIR / MANIFEST_FILE
-    fix = "restore it from a backup, or release a variant of another version (--from-version)"
     try:
-        document = json.loads(manifest.read_text())
+        return [name for name, _ in read_manifest(version_dir / TFLITE_DIR / MANIFEST_FILE)]
     except FileNotFoundError:
         return []
-    except UnicodeDecodeError:
-        raise ConveyorError(f"{manifest}: not UTF-8 text; {fix}") from None
-    except OSError as exc:
-        raise ConveyorError(f"{manifest}: cannot read it ({exc.strerror}); {fix}") from None
-    except RecursionError:
-        raise ConveyorError(f"{manifest}: not a variant manifest (nested too deeply); {fix}") from None
-    except ValueError as exc:  # JSONDecodeError, or a number Python's JSON reader refuses
-        raise ConveyorError(f"{manifest}: not valid JSON ({getattr(exc, 'msg', exc)}); {fix}") from None
-    entries = document.get("variants") if isinstance(document, dict) else None
-    if not isinstance(entries, list) or not all(
-            isinstance(entry, dict) and isinstance(entry.get("variant"), str)
-            and VARIANT_NAME.fullmatch(entry["variant"]) for entry in entries):
-        raise ConveyorError(f'{manifest}: not a variant manifest (expected {{"variants": [{{"variant": NAME, '
-                            f'...}}, ...]}} with names of letters, digits, "_" and "-"); {fix}')
-    return [entry["variant"] for entry in entries]
+    except DamagedManifest as exc:
+        raise ConveyorError(f"{exc}; restore it from a backup, or release a variant of another version "
+                            "(--from-version)") from None
 
 
 def check_tflite_model(path: Path) -> None:

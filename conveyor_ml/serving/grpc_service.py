@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -32,6 +31,7 @@ from tensorflow_serving.apis import (
     status_pb2,
 )
 
+from conveyor_ml.base.ports import port_free
 from conveyor_ml.serving.errors import ModelRunError, ServingError, bounded_message, invalid_argument
 from conveyor_ml.serving.metrics import UNKNOWN_MODEL
 from conveyor_ml.serving.model_server import ModelServer
@@ -421,22 +421,6 @@ def _serialize(message) -> bytes:
     return message.SerializeToString()
 
 
-def _tcp_port_free(host: str, port: int) -> bool:
-    """Whether a listener could bind host:port now (as grpc does: SO_REUSEADDR, no SO_REUSEPORT)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror:
-        return True  # grpc resolves it itself and says what is wrong
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError:
-            return False
-    return True
-
-
 def build_grpc_server(server: ModelServer) -> tuple[grpc.aio.Server, HealthService | None]:
     """Must be called on the running event loop that will serve it; raises OSError naming what it could
     not listen on."""
@@ -481,7 +465,7 @@ def build_grpc_server(server: ModelServer) -> tuple[grpc.aio.Server, HealthServi
         addresses.append((f"unix:{options.grpc_socket_path}", "the directory is missing or not writable"))
     for address, likely in addresses:
         if options.port and address.endswith(f":{options.port}") and options.worker is None \
-                and not _tcp_port_free(options.grpc_host, options.port):
+                and not port_free(options.grpc_host, options.port):
             # Asked first: grpc's own refusal is logged to stderr as a multi-line C++ error before ours.
             raise OSError(f"cannot listen on {address} (gRPC): {likely}")
         try:
