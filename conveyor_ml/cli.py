@@ -16,6 +16,7 @@ warnings.filterwarnings("ignore", message=".*non-supported Python version.*", ca
 from conveyor_ml.base import cli_values as values  # noqa: E402
 from conveyor_ml.base.errors import ConveyorError  # noqa: E402
 from conveyor_ml.base.names import NUM_CLASSES  # noqa: E402
+from conveyor_ml.base.process_lifetime import Terminated, raise_on_sigterm  # noqa: E402
 
 DEFAULT_SPEC = "pipelines/mnist.yaml"
 
@@ -572,37 +573,49 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what `conveyor serve` re-runs per server process
+    standalone = argv is None and threading.current_thread() is threading.main_thread()
+    if standalone:
+        raise_on_sigterm()  # SIGTERM cleans up as Ctrl-C does (children stopped, temporary files removed)
     try:
         code = args.handler(args)
-        if argv is None and threading.current_thread() is threading.main_thread():
-            # Done: a Ctrl-C while the interpreter shuts TensorFlow down (1-2 s) printed a traceback from an
-            # exit handler, or turned a success already printed into exit 130.
+        if standalone:
+            # Done: a Ctrl-C or SIGTERM while the interpreter shuts TensorFlow down (1-2 s) printed a traceback
+            # from an exit handler, or turned a success already printed into exit 130.
             sys.stdout.flush()
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return code
     except ConveyorError as exc:
         print(f"conveyor: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("conveyor: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        return _stopped(exc)
     except Exception as exc:
-        if not _interrupted(exc):
+        interrupt = _interruption(exc)
+        if interrupt is None:
             raise
-        print("conveyor: interrupted", file=sys.stderr)
-        return 130
+        return _stopped(interrupt)
 
 
-def _interrupted(exc: BaseException) -> bool:
-    """Whether `exc` stands for a Ctrl-C: Beam re-raises a KeyboardInterrupt inside a step as a RuntimeError
-    ("KeyboardInterrupt [while running 'Run[Trainer]']") whose context is the interrupt."""
+def _interruption(exc: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C (or SIGTERM) that `exc` stands for, if any: Beam re-raises a KeyboardInterrupt inside a step as
+    a RuntimeError ("KeyboardInterrupt [while running 'Run[Trainer]']") whose context is the interrupt."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, KeyboardInterrupt):
-            return True
+            return exc
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
-    return False
+    return None
+
+
+def _stopped(interrupt: KeyboardInterrupt) -> int:
+    """One line and the shell's status for a command stopped by a signal (128 + its number)."""
+    if isinstance(interrupt, Terminated):
+        print("conveyor: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
+    print("conveyor: interrupted", file=sys.stderr)
+    return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

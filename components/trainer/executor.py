@@ -20,6 +20,7 @@ from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.names import DRIFT_BLOCKED, IMAGE_KEY, LABEL_KEY
 from conveyor_ml.base.native_output import is_native_noise
 from conveyor_ml.base.ports import free_port
+from conveyor_ml.base.process_lifetime import child_environment
 from conveyor_ml.base.spec import STRATEGIES, TrainerSettings
 from conveyor_ml.components import split_reader
 from conveyor_ml.components.artifacts import recorded_value, set_custom_properties, span_of
@@ -150,7 +151,8 @@ def run_training(job: TrainingJob) -> list[dict]:
             job.facts_path = str(workdir / f"facts-{index}.json")
             job_file = workdir / f"job-{index}.json"
             job.save(job_file)
-            env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "PYTHONWARNINGS": "ignore", "TF_CPP_MIN_LOG_LEVEL": "2"}
+            env = {**os.environ, "TF_USE_LEGACY_KERAS": "1", "PYTHONWARNINGS": "ignore", "TF_CPP_MIN_LOG_LEVEL": "2",
+                   **child_environment()}
             if tf_config:
                 env["TF_CONFIG"] = tf_config
             name = f"worker-{index}" if len(tf_configs) > 1 else "trainer"
@@ -168,8 +170,11 @@ def run_training(job: TrainingJob) -> list[dict]:
 
 # `python -m MODULE ARGS...` with Ctrl-C ignored from the first instruction: a terminal's Ctrl-C reaches the
 # whole process group, and each trainer printed a KeyboardInterrupt traceback from wherever its imports were;
-# the executor, interrupted too, kills its children (_wait_all). An ignored SIGINT stays ignored in Python.
+# the executor, interrupted too (or terminated), kills its children (_wait_all). An ignored SIGINT stays
+# ignored in Python. A killed executor cannot: the kernel then kills them (die_with_parent).
 _RUN_IGNORING_CTRL_C = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+                        "from conveyor_ml.base.process_lifetime import die_with_parent; "
+                        "die_with_parent(signal.SIGKILL); "
                         "sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
 
 

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from conveyor_ml.base.ports import free_port
+from conveyor_ml.base.process_lifetime import child_environment
 
 KEPT_LOG_BYTES = 64 * 1024  # how much of the server's output stays readable after stop() removed its file
 
@@ -33,7 +34,9 @@ class ServerProcess:
         self._kept_log: str | None = None  # the log's end, kept once stop() has removed the file
         self.process = subprocess.Popen(
             argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore", **(env or {})})
+            # The server stops when this process dies, even by SIGKILL: no orphan is left serving.
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONWARNINGS": "ignore", **child_environment(),
+                 **(env or {})})
 
     @property
     def pid(self) -> int:

@@ -173,10 +173,10 @@ def _commit_and_record(spec: PipelineSpec, state: releases.ReleaseState, kind: s
                        release: releases.ModelRelease, reason: str, *, context=None,
                        details: dict[str, str] | None = None) -> int:
     """Commits `release` with the change remembered, records it in MLMD under its id (in the release's
-    `context` too, when given), then forgets it. A failed record, or an interrupt (Ctrl-C; SIGTERM where a
-    handler raises, as in a canary analysis) before MLMD holds the record, puts the state and the served files
-    back, so a command that fails leaves no change live (a kill instead is repaired by the next command,
-    which records it). Returns the execution's id."""
+    `context` too, when given), then forgets it. A failed record, or an interrupt (Ctrl-C or SIGTERM: both raise
+    a KeyboardInterrupt) before MLMD holds the record, puts the state and the served files back, so a
+    command that fails leaves no change live (a kill instead is repaired by the next command, which records
+    it). Returns the execution's id."""
     rows = releases.snapshot(before.labels, release)
     change = releases.ReleaseChange.new(kind, release.name, rows, releases.change_details(
         before, release, reason=reason, user=getpass.getuser(), host=socket.gethostname(), **(details or {})))

@@ -16,10 +16,12 @@ import math
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.names import PROMETHEUS_PATH
+from conveyor_ml.base.process_lifetime import die_with_parent
 
 log = logging.getLogger("conveyor.serving")
 UNIX_SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes, the terminating NUL included
@@ -591,6 +593,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from conveyor_ml.serving.peers import WorkerSlot
 
+    # Until its event loop handles SIGTERM (an orderly stop), the server has nothing to clean up: SIGTERM ends
+    # it at once, as the kernel's does when the process that started it (a supervisor, an InfraValidator)
+    # dies, even by SIGKILL, so that no orphan holds the ports.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent(signal.SIGTERM)
     slot = WorkerSlot.from_environment()
     process = f" [process {slot.index}]" if slot else ""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s{process} %(message)s",
@@ -601,9 +609,6 @@ def run(args: argparse.Namespace) -> int:
 
         _exit(supervise(options, getattr(args, "argv", sys.argv[1:])))
     if options.worker is not None:
-        from conveyor_ml.serving.supervisor import die_with_supervisor
-
-        die_with_supervisor()
         if options.worker.index:  # a Unix socket path has one listener: the first process's
             options = dataclasses.replace(options, grpc_socket_path=None)
     from conveyor_ml.serving.connections import default_max_connections, raise_open_file_limit

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.base.process_lifetime import child_environment
 from conveyor_ml.serving.peers import WorkerSlot
 
 log = logging.getLogger("conveyor.serving")
 POLL_SECONDS = 0.1
-SUPERVISOR_ENVIRONMENT = "CONVEYOR_SERVE_SUPERVISOR"  # the supervisor's pid, for die_with_supervisor()
 STOP_SECONDS = 15.0  # after SIGTERM a worker gets this long (its own grace included) before SIGKILL
 
 
@@ -55,7 +55,8 @@ def supervise(options, argv: list[str]) -> int:
     try:
         for index in range(count):
             slot = WorkerSlot(index, count, control_dir)
-            environment = {**os.environ, **slot.environment(), SUPERVISOR_ENVIRONMENT: str(os.getpid())}
+            # A worker stops when the supervisor dies, even by SIGKILL: no worker is left holding the ports.
+            environment = {**os.environ, **slot.environment(), **child_environment()}
             workers.append(subprocess.Popen([sys.executable, "-m", "conveyor_ml.cli", *argv], env=environment))
         slot = WorkerSlot(0, count, control_dir)
         ready = [Path(slot.ready_path(index)) for index in range(count)]
@@ -89,20 +90,3 @@ def _stop(workers: list[subprocess.Popen]) -> None:
             log.error("server process %d did not stop within %.0f s: killed", worker.pid, STOP_SECONDS)
             worker.kill()
             worker.wait()
-
-
-def die_with_supervisor() -> None:
-    """In a worker: the kernel sends it SIGTERM when the supervisor dies, even by SIGKILL, so no worker is
-    left holding the ports. (Set here, not in the supervisor's fork: its TensorFlow threads make a
-    pre-exec hook unsafe.)"""
-    supervisor = int(os.environ.get(SUPERVISOR_ENVIRONMENT, "0"))
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:  # not glibc Linux: the worker then outlives a killed supervisor
-        log.warning("cannot ask to be stopped with the supervisor (prctl unavailable)")
-        return
-    if supervisor and os.getppid() != supervisor:  # it died before the request above took effect
-        os.kill(os.getpid(), signal.SIGTERM)

@@ -21,8 +21,8 @@ from tests.unit.test_release_hostile_state import on_disk, pushed_spec, recorded
 pytestmark = pytest.mark.slow
 
 
-def interrupted_once_committed(spec, *args: str) -> subprocess.CompletedProcess:
-    """Runs `conveyor ARGS --spec SPEC`, sending it SIGINT as soon as release_state.json holds its change."""
+def interrupted_once_committed(spec, *args: str, signum: int = signal.SIGINT) -> subprocess.CompletedProcess:
+    """Runs `conveyor ARGS --spec SPEC`, sending it `signum` as soon as release_state.json holds its change."""
     state_file = spec.serving_base / releases.STATE_FILE
     argv = [sys.executable, "-m", "conveyor_ml.cli", *args, "--spec", str(spec.source_file)]
     child = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -34,7 +34,7 @@ def interrupted_once_committed(spec, *args: str) -> subprocess.CompletedProcess:
         except (OSError, ValueError, KeyError):
             committed = False
         if committed:
-            child.send_signal(signal.SIGINT)
+            child.send_signal(signum)
             sent = True
             break
         time.sleep(0.002)
@@ -57,3 +57,18 @@ def test_ctrl_c_before_the_record_puts_the_change_back(tmp_path, command):
     assert on_disk(spec.serving_base) == before  # labels, weights, served files; no new version directory
     assert recorded(spec) == records
     assert releases.read_state(spec.serving_base).unrecorded == []  # nothing for the next command to record
+
+
+def test_sigterm_before_the_record_puts_the_change_back(tmp_path):
+    """SIGTERM (systemd, Kubernetes) killed the command at once: its change stayed live, unrecorded, until the
+    next command repaired it. It is now undone as a Ctrl-C's is."""
+    spec = pushed_spec(tmp_path)
+    release_variant_canary(spec, "mnist", "int8", say=lambda line: None)
+    before, records = on_disk(spec.serving_base), recorded(spec)
+    result = interrupted_once_committed(spec, "promote", "mnist", signum=signal.SIGTERM)
+    assert result.returncode == 143, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "conveyor: terminated (SIGTERM)", result.stderr
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert on_disk(spec.serving_base) == before
+    assert recorded(spec) == records
+    assert releases.read_state(spec.serving_base).unrecorded == []

@@ -281,3 +281,38 @@ def test_one_process_does_not_share_its_grpc_port_with_another_server(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (f"conveyor: error: cannot listen on 127.0.0.1:{port} (gRPC): "
                                                       "the port is taken or the host is not local")
     assert "chttp2_server" not in result.stderr, result.stderr  # grpc's own multi-line C++ error, before
+
+
+# Starts `conveyor serve` on the model directory it is given, as the InfraValidator does, prints the server's
+# pid and ports once it listens, and waits to be killed.
+STARTER = """import sys, time
+from conveyor_ml.base.server_process import ServerProcess
+server = ServerProcess("--model_base_path", sys.argv[1])
+server.wait_listening()
+print(server.pid, server.rest_port, server.grpc_port, flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_server_dies_with_the_process_that_started_it(tmp_path):
+    """A `conveyor run` killed during its InfraValidator left the candidate's server serving on as an orphan
+    (its own session, its output in a file: nothing told it). The kernel now stops it (die_with_parent)."""
+    import subprocess
+    import sys
+
+    write_tiny_model(tmp_path / "tiny" / "1")
+    starter = subprocess.Popen([sys.executable, "-c", STARTER, str(tmp_path / "tiny")], stdout=subprocess.PIPE,
+                               text=True)
+    server = None
+    try:
+        pid, rest_port, grpc_port = map(int, starter.stdout.readline().split())
+        server = psutil.Process(pid)
+        starter.kill()
+        starter.wait()
+        wait_gone([server])
+        assert port_is_free(rest_port) and port_is_free(grpc_port)
+    finally:
+        starter.kill()
+        starter.wait()
+        if server is not None and server.is_running():
+            server.kill()

@@ -1,5 +1,7 @@
 """Ctrl-C ends a command with one line: the Trainer's children ignore the terminal's SIGINT (their parent,
-interrupted too, kills them) and an interrupt Beam re-raises as a RuntimeError is still an interrupt."""
+interrupted too, kills them) and an interrupt Beam re-raises as a RuntimeError is still an interrupt. SIGTERM
+is an interrupt of its own kind, and a child that must not outlive its parent dies with it, even when the
+parent is killed."""
 from __future__ import annotations
 
 import os
@@ -7,8 +9,12 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+import pytest
 
 from conveyor_ml import cli
+from conveyor_ml.base.process_lifetime import Terminated
 from conveyor_ml.components.trainer import executor
 
 SLEEPER = """import sys, time
@@ -48,12 +54,64 @@ def test_an_interrupt_beam_wrapped_in_a_runtime_error_is_an_interrupt():
         except KeyboardInterrupt as exc:  # Beam's _reraise_augmented: a new exception, the interrupt its context
             raise RuntimeError(f"{exc!r} [while running 'Run[Trainer]']") from None
     except RuntimeError as wrapped:
-        assert wrapped.__cause__ is None and cli._interrupted(wrapped)
+        assert wrapped.__cause__ is None and isinstance(cli._interruption(wrapped), KeyboardInterrupt)
     caused = RuntimeError("step failed")
-    caused.__cause__ = KeyboardInterrupt()
-    assert cli._interrupted(caused)
-    assert not cli._interrupted(RuntimeError("the step failed"))
+    caused.__cause__ = Terminated()
+    assert isinstance(cli._interruption(caused), Terminated)  # a SIGTERM stays one, however wrapped
+    assert cli._interruption(RuntimeError("the step failed")) is None
     looped = ValueError("a")
     looped.__context__ = TypeError("b")
     looped.__context__.__context__ = looped  # contexts can form a cycle
-    assert not cli._interrupted(looped)
+    assert cli._interruption(looped) is None
+
+
+def test_a_stop_by_signal_is_one_line_with_the_shells_status(capsys):
+    assert cli._stopped(KeyboardInterrupt()) == 130
+    assert cli._stopped(Terminated()) == 143
+    assert capsys.readouterr().err.splitlines() == ["conveyor: interrupted", "conveyor: terminated (SIGTERM)"]
+
+
+# Starts its arguments as a child, with child_environment() when the first is "--as-child", prints the
+# child's pid, and waits to be killed.
+PARENT = """import os, subprocess, sys, time
+from conveyor_ml.base.process_lifetime import child_environment
+extra = child_environment() if sys.argv[1] == "--as-child" else {}
+child = subprocess.Popen(sys.argv[2:], env={**os.environ, **extra})
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie nobody reaped (a container's init may not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.parametrize("as_child", [True, False], ids=["with-child-environment", "plain"])
+def test_a_trainer_child_dies_when_its_parent_is_killed(tmp_path, as_child):
+    """A SIGKILLed `conveyor run` runs no clean-up: its trainers trained on as orphans. The kernel now kills
+    them (die_with_parent); a child started without child_environment() shows what it was before."""
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, "--as-child" if as_child else "--plain",
+                               sys.executable, "-c", executor._RUN_IGNORING_CTRL_C, "sleeper", "job.json"],
+                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                              stdout=subprocess.PIPE, text=True)
+    child = None
+    try:
+        lines = {parent.stdout.readline().strip() for _ in range(2)}  # the child's pid; the child running
+        assert "['job.json']" in lines
+        child = int(next(line for line in lines if line.isdigit()))
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _alive(child) is not as_child
+    finally:
+        parent.kill()
+        parent.wait()
+        if child and _alive(child):
+            os.kill(child, signal.SIGKILL)

@@ -1,0 +1,66 @@
+"""How long Conveyor's processes live: SIGTERM is handled like Ctrl-C, and children die with their parent.
+
+A `conveyor run` stopped by SIGTERM (systemd, Kubernetes, `conveyor schedule` stopping its run) used to die at
+once: its trainer processes trained on as orphans and their scratch directory stayed. With
+`raise_on_sigterm()`, SIGTERM raises `Terminated`, a KeyboardInterrupt, in the main thread, so every clean-up a
+Ctrl-C runs (children stopped, temporary files removed, a release change put back) runs for it too.
+
+A kill (SIGKILL, the OOM killer) runs no clean-up at all, so a child that must not outlive its parent (a
+trainer, the InfraValidator's server, a server process of `--server_processes`) asks the kernel to signal it
+when the parent dies: `die_with_parent()`, in a child started with `child_environment()`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+log = logging.getLogger("conveyor")
+# The pid of the process that started this one, set by child_environment(): the child checks it after
+# asking for the signal, since the parent may have died before the request took effect.
+PARENT_ENVIRONMENT = "CONVEYOR_PARENT_PID"
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread where Ctrl-C raises KeyboardInterrupt."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def raise_on_sigterm() -> None:
+    """From now on SIGTERM raises Terminated in the main thread (call it from there). A SIGTERM the process
+    was started ignoring stays ignored."""
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def child_environment() -> dict[str, str]:
+    """What a child's environment needs for die_with_parent() to know its parent."""
+    return {PARENT_ENVIRONMENT: str(os.getpid())}
+
+
+def die_with_parent(signum: int) -> bool:
+    """In a child started with child_environment(): the kernel sends it `signum` when the parent dies, even
+    by SIGKILL. Does nothing (False) in a process started without it. The variable is removed, so this
+    process's own children do not take its parent for theirs.
+
+    Set in the child, not in a pre-exec hook of the parent's fork: a parent running TensorFlow's threads
+    must not run Python between fork and exec. The kernel ties the request to the thread that started the
+    child, so that thread must outlive it: here it is the main thread, or the thread that waits for it."""
+    parent = os.environ.pop(PARENT_ENVIRONMENT, "")
+    if not parent.isdigit():
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signum)
+    except (OSError, AttributeError):  # not glibc Linux: the child may then outlive a killed parent
+        log.warning("cannot ask to be stopped with the parent process (prctl unavailable)")
+        return False
+    if os.getppid() != int(parent):  # the parent died before the request above took effect
+        os.kill(os.getpid(), signum)
+    return True
