@@ -20,7 +20,7 @@ from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.names import DRIFT_BLOCKED, IMAGE_KEY, LABEL_KEY
 from conveyor_ml.base.native_output import is_native_noise
 from conveyor_ml.base.ports import free_port
-from conveyor_ml.base.process_lifetime import child_environment
+from conveyor_ml.base.process_lifetime import child_environment, owned_scratch_prefix, remove_orphaned_scratch
 from conveyor_ml.base.spec import STRATEGIES, TrainerSettings
 from conveyor_ml.components import split_reader
 from conveyor_ml.components.artifacts import recorded_value, set_custom_properties, span_of
@@ -29,6 +29,7 @@ from conveyor_ml.components.trainer.parameters import PARAMETER_NAMES
 from conveyor_ml.components.trainer.training import ERROR_PREFIX, TrainingJob, parse_tf_config
 
 log = logging.getLogger(__name__)
+SCRATCH_PREFIX = "conveyor-train-"  # the trainers' job files and facts, in the temporary directory
 
 
 class Executor(base_executor.BaseExecutor):
@@ -136,8 +137,10 @@ def run_training(job: TrainingJob) -> list[dict]:
     multi_worker with TF_CONFIG set: this process is one task of an external cluster, one child.
     multi_worker without it: `settings.num_workers` local processes form a cluster on 127.0.0.1.
     """
-    # The job files and facts are only for these children: the directory goes with them, whatever happens.
-    with tempfile.TemporaryDirectory(prefix="conveyor-train-") as scratch:
+    # The job files and facts are only for these children: the directory goes with them, whatever happens
+    # short of a kill; the next training removes what a killed one left.
+    remove_orphaned_scratch(SCRATCH_PREFIX)
+    with tempfile.TemporaryDirectory(prefix=owned_scratch_prefix(SCRATCH_PREFIX)) as scratch:
         workdir = Path(scratch)
         if job.settings.strategy == "multi_worker" and "TF_CONFIG" not in os.environ:
             workers = job.settings.num_workers

@@ -7,13 +7,19 @@ Ctrl-C runs (children stopped, temporary files removed, a release change put bac
 
 A kill (SIGKILL, the OOM killer) runs no clean-up at all, so a child that must not outlive its parent (a
 trainer, the InfraValidator's server, a server process of `--server_processes`) asks the kernel to signal it
-when the parent dies: `die_with_parent()`, in a child started with `child_environment()`.
+when the parent dies: `die_with_parent()`, in a child started with `child_environment()`. Nor can it remove
+its temporary files: those named with `owned_scratch_prefix()` are removed by the next process that calls
+`remove_orphaned_scratch()`.
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
+import shutil
 import signal
+import tempfile
+from pathlib import Path
 
 log = logging.getLogger("conveyor")
 # The pid of the process that started this one, set by child_environment(): the child checks it after
@@ -63,4 +69,40 @@ def die_with_parent(signum: int) -> bool:
         return False
     if os.getppid() != int(parent):  # the parent died before the request above took effect
         os.kill(os.getpid(), signum)
+    return True
+
+
+def owned_scratch_prefix(prefix: str) -> str:
+    """`prefix` with this process's pid, for a temporary file or directory (tempfile's random part follows):
+    remove_orphaned_scratch() can then tell whether its owner still runs."""
+    return f"{prefix}{os.getpid()}-"
+
+
+def remove_orphaned_scratch(prefix: str, directory: str | Path | None = None) -> list[Path]:
+    """Removes this user's temporary files and directories named `<prefix><pid>-…` (owned_scratch_prefix)
+    whose process no longer runs, in `directory` (default: the temporary directory); returns them. A name
+    without a pid is left alone, and so is one whose process runs (or might: another user's)."""
+    removed = []
+    for path in Path(directory or tempfile.gettempdir()).glob(glob.escape(prefix) + "*"):
+        owner, separator, _ = path.name[len(prefix):].partition("-")
+        try:
+            if not (owner.isdigit() and separator) or path.lstat().st_uid != os.getuid() or _running(int(owner)):
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:  # removed meanwhile, or not ours to remove: left as it is
+            continue
+        removed.append(path)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
     return True

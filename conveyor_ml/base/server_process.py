@@ -13,8 +13,9 @@ import urllib.request
 from pathlib import Path
 
 from conveyor_ml.base.ports import free_port
-from conveyor_ml.base.process_lifetime import child_environment
+from conveyor_ml.base.process_lifetime import child_environment, owned_scratch_prefix, remove_orphaned_scratch
 
+LOG_PREFIX = "conveyor-serve-log-"  # the server's output, in the temporary directory
 KEPT_LOG_BYTES = 64 * 1024  # how much of the server's output stays readable after stop() removed its file
 
 
@@ -27,7 +28,8 @@ class ServerProcess:
 
     def __init__(self, *serve_args: str, env: dict | None = None):
         self.rest_port, self.grpc_port = free_port(), free_port()
-        self.log_path = Path(tempfile.mkstemp(prefix="conveyor-serve-", suffix=".log")[1])
+        remove_orphaned_scratch(LOG_PREFIX)  # logs of servers whose starter was killed before removing them
+        self.log_path = Path(tempfile.mkstemp(prefix=owned_scratch_prefix(LOG_PREFIX), suffix=".log")[1])
         argv = [sys.executable, "-m", "conveyor_ml.cli", "serve", *serve_args,
                 "--port", str(self.grpc_port), "--rest_api_port", str(self.rest_port)]
         self._log = open(self.log_path, "wb")

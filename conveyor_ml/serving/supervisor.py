@@ -20,11 +20,12 @@ import time
 from pathlib import Path
 
 from conveyor_ml.base.errors import ConveyorError
-from conveyor_ml.base.process_lifetime import child_environment
+from conveyor_ml.base.process_lifetime import child_environment, owned_scratch_prefix, remove_orphaned_scratch
 from conveyor_ml.serving.peers import WorkerSlot
 
 log = logging.getLogger("conveyor.serving")
 POLL_SECONDS = 0.1
+CONTROL_PREFIX = "conveyor-serve-control-"  # the workers' control sockets, in the temporary directory
 STOP_SECONDS = 15.0  # after SIGTERM a worker gets this long (its own grace included) before SIGKILL
 
 
@@ -49,7 +50,9 @@ def supervise(options, argv: list[str]) -> int:
     stop_signal: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda received, frame: stop_signal.append(received))
-    control_dir = tempfile.mkdtemp(prefix="conveyor-serve-")  # mode 0700: only this user reaches the sockets
+    remove_orphaned_scratch(CONTROL_PREFIX)  # what supervisors killed outright left
+    # Mode 0700: only this user reaches the sockets.
+    control_dir = tempfile.mkdtemp(prefix=owned_scratch_prefix(CONTROL_PREFIX))
     count = options.server_processes
     workers: list[subprocess.Popen] = []
     try:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from conveyor_ml import cli
-from conveyor_ml.base.process_lifetime import Terminated
+from conveyor_ml.base.process_lifetime import Terminated, owned_scratch_prefix, remove_orphaned_scratch
 from conveyor_ml.components.trainer import executor
 
 SLEEPER = """import sys, time
@@ -115,3 +115,26 @@ def test_a_trainer_child_dies_when_its_parent_is_killed(tmp_path, as_child):
         parent.wait()
         if child and _alive(child):
             os.kill(child, signal.SIGKILL)
+
+
+def test_scratch_of_a_process_that_no_longer_runs_is_removed_and_nothing_else(tmp_path):
+    """A process killed outright cannot remove its temporary files; the next one that makes them does."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # its pid is free now
+    (tmp_path / f"conveyor-train-{ended.pid}-abc").mkdir()
+    (tmp_path / f"conveyor-train-{ended.pid}-abc" / "job-0.json").write_text("{}")
+    (tmp_path / f"conveyor-train-{ended.pid}-def.log").write_text("log")
+    kept = [tmp_path / f"conveyor-train-{os.getpid()}-ghi",  # its process runs: this one
+            tmp_path / "conveyor-train-xyz12345",  # no pid in its name (tempfile's random part only)
+            tmp_path / f"conveyor-trainer-{ended.pid}-jkl",  # another prefix
+            tmp_path / f"conveyor-train-{ended.pid}"]  # no separator after the number: not one of ours
+    for path in kept:
+        path.mkdir()
+    removed = remove_orphaned_scratch("conveyor-train-", tmp_path)
+    assert sorted(path.name for path in removed) == [f"conveyor-train-{ended.pid}-abc",
+                                                     f"conveyor-train-{ended.pid}-def.log"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(path.name for path in kept)
+
+
+def test_scratch_names_carry_the_owners_pid():
+    assert owned_scratch_prefix("conveyor-train-") == f"conveyor-train-{os.getpid()}-"
