@@ -281,6 +281,10 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
     async def GetModelStatus(self, request, context):
         """Admitted and recorded as REST's model status calls are (api "status")."""
         spec = request.model_spec
+        if not request.HasField("model_spec"):  # get_model_status_impl.cc
+            refusal = invalid_argument("Missing ModelSpec")
+            self.server.refuse(self.server.model_label(""), "status", "grpc", refusal)
+            return _fail(context, refusal.code, refusal.message)
         try:
             call = self.server.begin(spec.name, "status", "grpc")
         except ServingError as exc:

@@ -11,11 +11,13 @@ import binascii
 import functools
 import json
 import math
+import re
 from typing import Any
 
 import numpy as np
 import orjson
 import tensorflow as tf
+from tensorflow.core.framework import types_pb2
 
 from conveyor_ml.serving.errors import invalid_argument
 from conveyor_ml.serving.tensors import MAX_RANK
@@ -26,7 +28,7 @@ BYTES_SUFFIX = "_bytes"
 
 def parse_body(body: bytes) -> dict:
     """The request object; orjson for speed, the json module for the NaN/Infinity tokens TF Serving accepts."""
-    if not body.strip():
+    if not body:
         raise invalid_argument("JSON Parse error: The document is empty")
     try:
         document = orjson.loads(body)
@@ -38,6 +40,8 @@ def parse_body(body: bytes) -> dict:
         except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
             position = getattr(exc, "pos", getattr(exc, "start", None))
             reason = getattr(exc, "msg", str(exc).split(";")[0])
+            if isinstance(exc, json.JSONDecodeError):
+                reason, position = _rapidjson_reason(exc)
             # A number refused by its converter (1e999, 4,301 digits) comes without a position: none is made up.
             where = f" at offset: {position}" if position is not None else ""
             raise invalid_argument(f"JSON Parse error: {reason}{where}") from None
@@ -46,12 +50,52 @@ def parse_body(body: bytes) -> dict:
     return document
 
 
+# What rapidjson's GetParseError_En says (TF Serving's JSON parser, util/json_tensor.cc ParseJson) for what
+# the json module calls the same mistake; "Expecting ',' delimiter" is told apart by the container it is in.
+_RAPIDJSON_REASONS = {
+    "Expecting value": "Invalid value.",
+    "Extra data": "The document root must not be followed by other values.",
+    "Expecting property name enclosed in double quotes": "Missing a name for object member.",
+    "Expecting ':' delimiter": "Missing a colon after a name of object member.",
+    "Invalid control character at": "Invalid encoding in string.",
+    "Invalid \\escape": "Invalid escape character in string.",
+}
+
+
+def _rapidjson_reason(exc: json.JSONDecodeError) -> tuple[str, int]:
+    """(rapidjson's words, its byte offset) for a json module error; the json module's words where rapidjson
+    has none for it."""
+    text, position = exc.doc, exc.pos
+    reason = next((words for msg, words in _RAPIDJSON_REASONS.items() if exc.msg.startswith(msg)), exc.msg)
+    if exc.msg.startswith("Expecting value") and not text[position:].strip():
+        reason = "The document is empty." if not text.strip() else reason
+        position = len(text)
+    elif exc.msg.startswith("Unterminated string"):
+        reason, position = "Missing a closing quotation mark in string.", len(text)
+    elif exc.msg == "Expecting ',' delimiter":
+        reason = ("Missing a comma or '}' after an object member." if _innermost(text, position) == "{"
+                  else "Missing a comma or ']' after an array element.")
+    return reason, len(text[:position].encode("utf-8", "surrogatepass"))
+
+
+def _innermost(text: str, position: int) -> str:
+    """The bracket of the container open at `position` ("{" or "[")."""
+    stack = []
+    for match in re.finditer(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', text[:position]):
+        token = match.group()
+        if token in "[{":
+            stack.append(token)
+        elif token in "]}" and stack:
+            stack.pop()
+    return stack[-1] if stack else "["
+
+
 def _finite_float(text: str) -> float:
     """A JSON number as a double; one too large for a double (1e999) is refused, as TF Serving's parser does,
     rather than read as infinity (only the Infinity token means that)."""
     value = float(text)
     if value in (math.inf, -math.inf):
-        raise ValueError(f"Number too big to be stored in double: {text[:50]}")
+        raise ValueError("Number too big to be stored in double.")
     return value
 
 
@@ -99,8 +143,16 @@ def _decode_strings(value: Any) -> Any:
 
 
 def _json_type(value: Any) -> str:
-    return {bool: "Bool", int: "Number", float: "Number", str: "String", list: "Array",
+    if isinstance(value, bool):  # rapidjson's JsonTypeString: kTrueType, kFalseType
+        return "True" if value else "False"
+    return {int: "Number", float: "Number", str: "String", list: "Array",
             dict: "Object", type(None): "Null"}.get(type(value), type(value).__name__)
+
+
+@functools.cache
+def dtype_string(dtype: tf.DType) -> str:
+    """TensorFlow's DataTypeString, which TF Serving's messages use: float, double, int32, string..."""
+    return types_pb2.DataType.Name(dtype.as_datatype_enum)[len("DT_"):].lower()
 
 
 @functools.cache
@@ -135,10 +187,12 @@ def to_array(value: Any, dtype: tf.DType, name: str) -> np.ndarray:
         if bad is _NUMBERS_ONLY:  # integers beyond 64 bits
             raise invalid_argument(f"input '{name}': a value is outside the range of {dtype.name}")
         raise invalid_argument(f"JSON Value: {_short(bad)} Type: {_json_type(bad)} is not of expected type: "
-                               f"{dtype.name}")
+                               f"{dtype_string(dtype)}")
     if array.dtype.kind == "b" and not is_bool:
-        raise invalid_argument(f"JSON Value: {'true' if array.flat[0] else 'false'} Type: Bool is not of "
-                               f"expected type: {dtype.name}")
+        first = bool(array.flat[0]) if array.size else False
+        word = "true" if first else "false"
+        raise invalid_argument(f"JSON Value: {word} Type: {word.title()} is not of expected type: "
+                               f"{dtype_string(dtype)}")
     if is_integer and array.dtype.kind == "f":
         raise invalid_argument(f"input '{name}': expected integers of type {dtype.name}, got decimals")
     if is_integer and array.dtype.kind in "iu" and array.size:
@@ -193,32 +247,38 @@ def _fill(array: np.ndarray, value: Any, index: tuple = ()) -> None:
         array[index] = value
 
 
-def decode_predict(document: dict, input_dtypes: dict[str, tf.DType]) -> tuple[dict[str, np.ndarray], str]:
+def decode_predict(document: dict, input_dtypes: dict[str, tf.DType],
+                   signature: str = "") -> tuple[dict[str, np.ndarray], str]:
     """The input arrays and the request format ('row' or 'columnar')."""
+    if not input_dtypes:  # a signature of no inputs (FillPredictRequestFromJson)
+        raise invalid_argument(f"Failed to get input map for signature: {signature or 'DEFAULT'}")
     has_instances, has_inputs = "instances" in document, "inputs" in document
     if has_instances and has_inputs:
         raise invalid_argument(f"JSON Value: {_short(document)} Not formatted correctly expecting only one of "
                                "'inputs' or 'instances' keys to exist ")
     if has_instances:
-        return _decode_rows(document["instances"], input_dtypes), ROW
+        return _decode_rows(document, input_dtypes), ROW
     if has_inputs:
         return _decode_columns(document["inputs"], input_dtypes), COLUMNAR
     raise invalid_argument("Missing 'inputs' or 'instances' key")
 
 
-def _decode_rows(instances: Any, input_dtypes: dict[str, tf.DType]) -> dict[str, np.ndarray]:
+def _decode_rows(document: dict, input_dtypes: dict[str, tf.DType]) -> dict[str, np.ndarray]:
+    instances = document["instances"]
     if not isinstance(instances, list):
-        raise invalid_argument("Excepting 'instances' to be an list/array")
+        raise invalid_argument(f"JSON Value: {_short(document)} Expecting 'instances' to be an list/array")
     if not instances:
-        raise invalid_argument("No values in 'instances' array")
+        raise invalid_argument(f"JSON Value: {_short(document)} No values in 'instances' array")
     named = isinstance(instances[0], dict) and not _is_b64(instances[0])
     if not named:
         if len(input_dtypes) > 1:
             raise invalid_argument("instances is a plain list, but expecting list of objects as multiple input "
                                    "tensors required as per tensorinfo_map")
         [(name, dtype)] = input_dtypes.items()
-        if any(isinstance(item, dict) and not _is_b64(item) for item in instances):
-            raise invalid_argument("Expecting value/list but got object at item of input list")
+        for position, item in enumerate(instances):
+            if isinstance(item, dict) and not _is_b64(item):
+                raise invalid_argument(f"Expecting value/list but got object at item {position} of input "
+                                       "list")
         return {name: to_array(instances, dtype, name)}
     columns: dict[str, list] = {name: [] for name in input_dtypes}
     for position, item in enumerate(instances):
@@ -245,11 +305,7 @@ def _decode_columns(inputs: Any, input_dtypes: dict[str, tf.DType]) -> dict[str,
         if name not in inputs:
             raise invalid_argument(f"Missing named input: {name} in 'inputs' object.")
         arrays[name] = to_array(inputs[name], dtype, name)
-    extra = sorted(set(inputs) - set(input_dtypes))
-    if extra:
-        raise invalid_argument(f"input size does not match signature: {len(inputs)}!={len(input_dtypes)}. "
-                               f"Sent extra: {{{','.join(extra)}}}.")
-    return arrays
+    return arrays  # keys the signature does not name are ignored, as FillTensorMapFromInputsMap ignores them
 
 
 def _jsonable(name: str, array: np.ndarray) -> Any:
@@ -258,7 +314,7 @@ def _jsonable(name: str, array: np.ndarray) -> Any:
         flat = [({"b64": base64.b64encode(v).decode()} if as_b64 else v.decode("utf-8", "replace"))
                 if isinstance(v, bytes) else v for v in array.reshape(-1).tolist()]
         return np.array(flat, dtype=object).reshape(array.shape).tolist() if array.ndim else flat[0]
-    return array
+    return array if array.ndim else array[()]  # a scalar: orjson writes no 0-d array
 
 
 def _dumps(document: dict) -> bytes:
@@ -275,12 +331,14 @@ def encode_predict(outputs: dict[str, np.ndarray], request_format: str) -> bytes
     if request_format == COLUMNAR:
         body = {"outputs": next(iter(values.values())) if single else values}
         return _dumps(body)
-    batch_sizes = {np.shape(v)[0] if np.ndim(v) else None for v in outputs.values()}
-    if None in batch_sizes:
-        raise invalid_argument("Tensor name: has no shape information ")
-    if len(batch_sizes) != 1:
-        raise invalid_argument(f"Tensor name: has inconsistent batch size: {sorted(batch_sizes)}")
-    rows = batch_sizes.pop()
+    rows = None
+    for name, value in outputs.items():  # MakeRowFormatJsonFromTensors' checks, in its words
+        if not np.ndim(value):
+            raise invalid_argument(f"Tensor name: {name} has no shape information ")
+        if rows is not None and np.shape(value)[0] != rows:
+            raise invalid_argument(f"Tensor name: {name} has inconsistent batch size: {np.shape(value)[0]} "
+                                   f"expecting: {rows}")
+        rows = np.shape(value)[0]
     if single:
         [value] = values.values()
         predictions = value if isinstance(value, list) else list(value)
@@ -289,42 +347,57 @@ def encode_predict(outputs: dict[str, np.ndarray], request_format: str) -> bytes
     return _dumps({"predictions": predictions})
 
 
+INT64_MIN, INT64_MAX, UINT64_MAX = -2**63, 2**63 - 1, 2**64 - 1
+_KINDS = {"int64_list": "int64", "float_list": "float", "bytes_list": "bytes"}
+
+
 def example_from_json(value: Any) -> tf.train.Example:
-    """A JSON object of features as a tf.Example (TF Serving's classify/regress request mapping)."""
+    """A JSON object of features as a tf.Example (TF Serving's MakeExampleFromJsonObject and
+    AddValueToFeature, with their messages)."""
     if not isinstance(value, dict):
         raise invalid_argument(f"Example must be JSON object but got JSON {_json_type(value)}")
     example = tf.train.Example()
     for name, content in value.items():
-        items = content if isinstance(content, list) else [content]
         feature = example.features.feature[name]
-        for item in items:
+        for item in content if isinstance(content, list) else [content]:
             if isinstance(item, bool):
-                feature.int64_list.value.append(int(item))
-            elif isinstance(item, int):
-                feature.int64_list.value.append(item)
-            elif isinstance(item, float):
-                feature.float_list.value.append(item)
+                kind, item = "int64_list", int(item)
+            elif isinstance(item, int) and INT64_MIN <= item <= UINT64_MAX:
+                if item > INT64_MAX:
+                    raise invalid_argument(f"Feature: {name} has uint64_t element. Only int64_t is "
+                                           "supported.")
+                kind = "int64_list"
+            elif isinstance(item, (int, float)):  # rapidjson reads an integer no 64 bits hold as a double
+                kind, item = "float_list", float(item)
             elif isinstance(item, str):
-                feature.bytes_list.value.append(item.encode())
+                kind, item = "bytes_list", item.encode()
             elif _is_b64(item):
-                feature.bytes_list.value.append(_decode_strings(item))
+                kind = "bytes_list"
             else:
                 raise invalid_argument(f"Feature: {name} has element with unexpected JSON type: {_json_type(item)}")
-            if len([k for k in ("int64_list", "float_list", "bytes_list") if feature.HasField(k)]) > 1:
-                raise invalid_argument(f"Unexpected element type in feature: {name}")
+            current = feature.WhichOneof("kind")
+            if current is not None and current != kind:
+                raise invalid_argument(f"Unexpected element type in feature: {name} expecting type: "
+                                       f"{_KINDS[current]}")
+            if kind == "bytes_list" and _is_b64(item):
+                item = _decode_strings(item)
+            getattr(feature, kind).value.append(item)
     return example
 
 
 def decode_examples(document: dict) -> list[bytes]:
     """Serialized tf.Examples from a classify/regress body ({"examples": [...], "context": {...}})."""
+    # The context first, as TF Serving reads it.
+    context = example_from_json(document["context"]) if "context" in document else None
     if "examples" not in document:
-        raise invalid_argument("When method is classify, key 'examples' is expected and was not found")
+        raise invalid_argument(f"JSON Value: {_short(document)} When method is classify, key 'examples' is "
+                               "expected and was not found")
     examples = document["examples"]
     if not isinstance(examples, list):
-        raise invalid_argument("Expecting 'examples' value to be an list/array")
+        raise invalid_argument(f"JSON Value: {_short(document)} Expecting 'examples' value to be an "
+                               "list/array")
     if not examples:
-        raise invalid_argument("'examples' value is an empty array")
-    context = example_from_json(document["context"]) if "context" in document else None
+        raise invalid_argument(f"JSON Value: {_short(document)} 'examples' value is an empty array")
     serialized = []
     for item in examples:
         example = example_from_json(item)
@@ -344,8 +417,8 @@ def encode_classification(classes: np.ndarray | None, scores: np.ndarray | None,
                   if classes is not None else [""] * (scores.shape[1] if scores is not None else 0))
         row_scores = list(scores[row]) if scores is not None else [0.0] * len(labels)
         results.append([[label, score] for label, score in zip(labels, row_scores)])
-    return orjson.dumps({"results": results}, option=orjson.OPT_SERIALIZE_NUMPY)
+    return _dumps({"results": results})
 
 
 def encode_regression(values: np.ndarray) -> bytes:
-    return orjson.dumps({"results": np.asarray(values, dtype=np.float64).tolist()})
+    return _dumps({"results": np.asarray(values, dtype=np.float64).tolist()})  # NaN as TF Serving's token

@@ -73,6 +73,7 @@ class _RequestSeries:
         self._lock = threading.Lock()
         self._counts: dict[tuple[str, str, str, str, str], int] = {}  # (model, version, api, protocol, status)
         self._latency: dict[tuple[str, str, str, str], _Latency] = {}  # (model, version, api, protocol)
+        self._tf_serving: tuple[dict, dict] = ({}, {})  # TF Serving's sums, as of the last collect()
 
     def observe(self, model: str, version: str, api: str, protocol: str, status: str, seconds: float) -> None:
         key = (model, version, api, protocol)
@@ -84,33 +85,42 @@ class _RequestSeries:
                 latency = self._latency[key] = _Latency()
             latency.add(seconds)
 
-    def collect(self):
+    def _snapshot(self) -> tuple[dict, dict]:
         with self._lock:
-            counts = dict(self._counts)
-            latencies = {key: latency.copy() for key, latency in self._latency.items()}
+            return dict(self._counts), {key: latency.copy() for key, latency in self._latency.items()}
+
+    def collect(self):
+        """Conveyor's two families (TF Serving's are written apart: tf_serving_families)."""
+        counts, latencies = self._snapshot()
         requests = CounterMetricFamily("conveyor_requests", "Requests by model, version, API, protocol and status.",
                                        labels=("model", "version", "api", "protocol", "status"))
-        tf_counts: dict[tuple[str, str], int] = {}
         for (model, version, api, protocol, status), value in sorted(counts.items()):
             requests.add_metric((model, version, api, protocol, status), value)
-            tf_counts[(model, status)] = tf_counts.get((model, status), 0) + value
         yield requests
         ours = HistogramMetricFamily("conveyor_request_latency_seconds", "Request latency, end to end in the server.",
                                      labels=("model", "version", "api", "protocol"))
-        tf_latency: dict[tuple[str, str, str], _Latency] = {}
         for (model, version, api, protocol), latency in sorted(latencies.items()):
             ours.add_metric((model, version, api, protocol), _cumulative(LATENCY_BUCKETS_S, latency.ours, latency.calls),
                             latency.seconds)
+        yield ours
+
+    def tf_serving_families(self) -> list[Metric]:
+        """`:tensorflow:serving:request_count` and `:tensorflow:serving:request_latency`, summed from the same
+        records (written by tf_serving_text, as TF Serving writes them)."""
+        counts, latencies = self._snapshot()
+        tf_counts: dict[tuple[str, str], int] = {}
+        for (model, _, _, _, status), value in counts.items():
+            tf_counts[(model, status)] = tf_counts.get((model, status), 0) + value
+        tf_latency: dict[tuple[str, str, str], _Latency] = {}
+        for (model, _, api, protocol), latency in latencies.items():
             total = tf_latency.setdefault((model, api, "GRPC" if protocol == "grpc" else "REST"), _Latency())
             total.tf_serving = [a + b for a, b in zip(total.tf_serving, latency.tf_serving)]
             total.seconds += latency.seconds
             total.calls += latency.calls
-        yield ours
         name = ":tensorflow:serving:request_count"
         count_metric = Metric(name, "The total number of requests.", "counter")
         for (model, status), value in sorted(tf_counts.items()):
             count_metric.add_sample(name, {"model_name": model, "status": status}, value)
-        yield count_metric
         name = ":tensorflow:serving:request_latency"
         latency_metric = Metric(name, "Distribution of wall time (in microseconds) for Tensorflow Serving"
                                       " request.", "histogram")
@@ -121,7 +131,31 @@ class _RequestSeries:
                 latency_metric.add_sample(f"{name}_bucket", {**labels, "le": bound}, cumulative)
             latency_metric.add_sample(f"{name}_sum", labels, total.seconds * 1e6)  # TF Serving's is in µs
             latency_metric.add_sample(f"{name}_count", labels, total.calls)
-        yield latency_metric
+        return [count_metric, latency_metric]
+
+
+TF_SERVING_PREFIX = ":tensorflow:"
+
+
+def tf_serving_text(families: list[Metric]) -> bytes:
+    """TF Serving's families as its PrometheusExporter writes them (util/prometheus_exporter.cc): a `# TYPE`
+    line naming the metric itself, no HELP, and a counter's samples under that name. prometheus_client would
+    write `# TYPE <name>_total counter`, a family whose name no sample has."""
+    lines = []
+    for family in families:
+        lines.append(f"# TYPE {family.name} {family.type}\n")
+        for sample in family.samples:
+            name = family.name if family.type == "counter" else sample.name
+            labels = ",".join(f'{key}="{_label_value(text)}"' for key, text in sorted(sample.labels.items()))
+            value = sample.value  # counts as integers, as TF Serving writes them ("} %d")
+            count = float(value).is_integer() and name != f"{family.name}_sum"
+            text = str(int(value)) if count else floatToGoString(value)
+            lines.append(f"{name}{{{labels}}} {text}\n")
+    return "".join(lines).encode()
+
+
+def _label_value(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 def _cumulative(bounds: tuple[float, ...], counts: list[int], calls: int,
@@ -177,7 +211,7 @@ class ServingMetrics:
         if self._versions_loaded_source:
             for model, count in self._versions_loaded_source().items():
                 self.versions_loaded.labels(model).set(count)
-        return generate_latest(self.registry)
+        return generate_latest(self.registry) + tf_serving_text(self._requests.tf_serving_families())
 
 
 # How the gauges of several server processes combine (counters and histograms add up); a gauge not named
@@ -230,4 +264,6 @@ def merge_expositions(texts: list[bytes]) -> bytes:
     for name, family in families.items():
         for (sample_name, labels), value in values[name].items():
             family.add_sample(sample_name, dict(labels), value)
-    return generate_latest(_Merged(list(families.values())))  # type: ignore[arg-type]
+    ours = [family for name, family in families.items() if not name.startswith(TF_SERVING_PREFIX)]
+    tf_serving = [family for name, family in families.items() if name.startswith(TF_SERVING_PREFIX)]
+    return generate_latest(_Merged(ours)) + tf_serving_text(tf_serving)  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from conveyor_ml.formats import serving_config
 from conveyor_ml.serving.batcher import Batcher
-from conveyor_ml.serving.errors import ServingError, invalid_argument, too_large, unavailable
+from conveyor_ml.serving.errors import ServingError, invalid_argument, not_found, too_large, unavailable
 from conveyor_ml.serving.loader import load_servable
 from conveyor_ml.serving.metrics import UNKNOWN_MODEL, ServingMetrics, merge_expositions
 from conveyor_ml.serving.model_quality import ModelQuality, feedback_entry, owner
@@ -55,6 +55,7 @@ class ServerOptions:
     rest_api_num_threads: int = field(default_factory=default_threads)
     rest_api_timeout_in_ms: int = 30000
     rest_api_enable_cors_support: bool = False
+    allow_version_labels_for_unavailable_models: bool = True  # TF Serving's default is false
     model_name: str | None = None
     model_base_path: str | None = None
     model_config_file: str | None = None
@@ -383,9 +384,32 @@ class ModelServer:
         """HandleReloadConfigRequest: checks the config (INVALID_ARGUMENT naming the first problem, the
         models served stay as they are), then replaces the model list and loads what it wants."""
         check_reload_config(config)
+        new = {model.name for model in config.model_config_list.config if not self.registry.has(model.name)}
+        self._check_labels(config, skip=new)  # labels of models served now: before anything changes
         dropped = self.registry.apply(config)
         if self.registry.poll_all() or dropped:
             self._servables_changed()
+        self._check_labels(config, only=new)  # a model new to the server: once its versions loaded
+
+    def _check_labels(self, config: model_server_config_pb2.ModelServerConfig, skip: set[str] = frozenset(),
+                      only: set[str] | None = None) -> None:
+        """TF Serving's ServerCore::UpdateModelVersionLabelMap: a label may name a version not available for
+        inference only with --allow_version_labels_for_unavailable_models, and only a label that is new (or
+        keeps its version): moving an existing label there is refused."""
+        allow_unavailable = self.options.allow_version_labels_for_unavailable_models
+        for model_config in config.model_config_list.config:
+            name = model_config.name
+            if name in skip or (only is not None and name not in only) or not model_config.version_labels:
+                continue
+            model = self.registry.get(name) if self.registry.has(name) else None
+            labels = model.labels() if model is not None else {}
+            available = set(model.available_versions()) if model is not None else set()
+            for label, version in model_config.version_labels.items():
+                moved = label in labels and labels[label] != version
+                if (moved or not allow_unavailable) and version not in available:
+                    raise ServingError(grpc.StatusCode.FAILED_PRECONDITION,
+                                       f"Request to assign label to version {version} of model {name}, "
+                                       "which is not currently available for inference")
 
     def _load_traffic(self) -> None:
         if self._traffic_path is None:
@@ -478,7 +502,14 @@ class ModelServer:
     def resolve(self, name: str, version: int | None, label: str | None, route_key: str | None = None) -> Servable:
         """The servable for a request; an unversioned one with a route key (serving/routing.py) is served by
         the version its key hashes to."""
-        model = self.registry.get(name)
+        try:
+            model = self.registry.get(name)
+        except ServingError:
+            if label:  # ServerCore::GetModelVersionForLabel: no label map for the model
+                raise invalid_argument(f"Unrecognized servable version label: {label}") from None
+            if version is not None:  # ServableRequest::Specific's DebugString
+                raise not_found(f"Servable not found for request: Specific({name}, {version})") from None
+            raise
         weights = self.traffic.for_model(name) if version is None and not label else None
         if weights and route_key is not None:
             servable = sticky_servable(model, weights, route_key)

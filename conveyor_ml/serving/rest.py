@@ -25,11 +25,14 @@ from conveyor_ml.serving.model_quality import parse_feedback
 from conveyor_ml.serving.model_server import Call, ModelServer
 from conveyor_ml.serving.routing import route_key
 
-# TF Serving's own URL grammar (http_rest_api_handler.cc), so a malformed path fails the same way.
+# TF Serving's own URL grammar (http_rest_api_util.cc: kPredictionApiGegex, kModelStatusApiRegex, both (?i)),
+# so a malformed path fails the same way. Every path under /v1/ is TF Serving's
+# (kHTTPRestApiHandlerPathRegex).
 MODEL_PATH = re.compile(
-    r"^/v1/models/(?P<name>[^/:]+)"
+    r"^/v1/models(?:/(?P<name>[^/:]+))?"
     r"(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
-    r"(?P<action>/metadata|:predict|:classify|:regress)?$")
+    r"(?P<action>/metadata|:predict|:classify|:regress)?$", re.IGNORECASE)
+API_PREFIX = re.compile(r"^/v1/", re.IGNORECASE)
 EXTENSION_PATH = re.compile(r"^/v1/models/(?P<name>[^/]+)/(?P<what>feedback|monitoring)$")
 VERSION_HEADER = "X-Model-Version"
 PREDICTION_ID_HEADER = "X-Prediction-Id"  # our extension: the id to send ground truth for (feedback)
@@ -121,10 +124,11 @@ class RestApi:
         """Every request, routed by one look at its path: the server runs on aiohttp's low-level server, as
         its router and middleware machinery cost more per call than the rest of a small Predict."""
         cors = self.server.options.rest_api_enable_cors_support
-        if cors and request.method == "OPTIONS":  # --rest_api_enable_cors_support: TF Serving's preflight
-            if not re.match(r"^https?://", request.headers.get("Origin", "")):
-                return error_response(invalid_argument("Origin header is missing in CORS preflight"))
-            return web.Response(status=200, headers=CORS_HEADERS)
+        if request.method == "OPTIONS" and API_PREFIX.match(request.path):
+            # TF Serving's preflight (http_server.cc), with or without --rest_api_enable_cors_support: no
+            # body, CORS headers only with the flag; without an http(s) Origin FAILED_PRECONDITION, 400.
+            ok = re.search(r"https?://", request.headers.get("Origin", "")) is not None
+            return web.Response(status=200 if ok else 400, headers=CORS_HEADERS if cors else None)
         response = await self._route(request)
         if cors:
             response.headers.update(CORS_HEADERS)
@@ -137,9 +141,10 @@ class RestApi:
             if extension and (extension.group("what"), method) in (("feedback", "POST"), ("monitoring", "GET")):
                 endpoint = self.feedback if method == "POST" else self.monitoring
                 return await endpoint(request, extension.group("name"))
-            if method in ("GET", "POST"):
-                return await self.handle_model(request)
-        elif method == "GET":
+            return await self.handle_model(request)
+        if API_PREFIX.match(path):  # TF Serving's whole /v1/ space, any case, any method
+            return await self.handle_model(request)
+        if method == "GET":
             if path == "/healthz":
                 return _json(b'{"status": "alive"}')
             if path == "/readyz":
@@ -162,13 +167,19 @@ class RestApi:
 
     async def handle_model(self, request: web.BaseRequest) -> web.Response:
         match = MODEL_PATH.match(request.path)
-        action = match and (match.group("action") or "")
+        action = (match.group("action") or "").lower() if match else ""
         is_post = request.method == "POST"
-        version = _int64(match.group("version")) if match and match.group("version") else None
-        if not match or is_post != action.startswith(":") or version == -1:
-            # INVALID_ARGUMENT, as TF Serving answers a /v1/ path it cannot parse (a version is an int64).
+        if (not match or request.method not in ("GET", "POST") or is_post != action.startswith(":")
+                or (is_post and not match.group("name"))):
+            # INVALID_ARGUMENT, as TF Serving answers a /v1/ path it cannot parse (ParseModelInfo).
             return error_response(invalid_argument(f"Malformed request: {request.method} {request.path}"))
+        version = _int64(match.group("version")) if match.group("version") else None
+        if version == -1:  # http_rest_api_util.cc: SimpleAtoi into an int64
+            return error_response(invalid_argument(f"Failed to convert version: {match.group('version')} to "
+                                                   "numeric."))
         name, label = match.group("name"), match.group("label")
+        if not name:  # GET /v1/models (ProcessModelStatusRequest)
+            return error_response(invalid_argument("Missing model name in request."))
         api = action.lstrip(":/") or "status"
         try:
             call = self.server.begin(name, api, "rest", declared=(request.content_length or 0) if is_post else 0)
@@ -248,7 +259,8 @@ class RestApi:
 
     def _decode_predict(self, servable, document: dict) -> tuple[str, dict, str]:
         signature = json_codec.signature_name(document)
-        inputs, request_format = json_codec.decode_predict(document, servable.input_dtypes(signature))
+        inputs, request_format = json_codec.decode_predict(document, servable.input_dtypes(signature),
+                                                           signature)
         self.server.quality.check_inputs(servable.model_name, inputs)
         return signature, inputs, request_format
 

@@ -83,8 +83,6 @@ REFUSED = {
     "enable_profiler": (False, "the TensorFlow profiler gRPC service is not served"),
     "thread_pool_factory_config_file": ("", "custom thread pool factories are not supported"),
     "mixed_precision": ("", "mixed-precision (bfloat16) rewriting is not supported"),
-    "allow_version_labels_for_unavailable_models": (True, "conveyor serve always allows it: a label naming a "
-                                                          "version not loaded yet answers NOT_FOUND until it loads"),
 }
 
 
@@ -122,7 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     flag("rest_api_enable_cors_support", bool, False, "Enable CORS headers in response")
     flag("enable_batching", bool, False, "enable batching")
     flag("allow_version_labels_for_unavailable_models", bool, True, "If true, allows assigning unused version "
-         "labels to models that are not available yet. [conveyor: always true; false is refused]")
+         "labels to models that are not available yet. [conveyor: default true; false: a "
+         "ReloadConfig may label only versions available for inference, as TF Serving's default]")
     flag("batching_parameters_file", str, "", "If non-empty, read an ascii BatchingParameters protobuf from the "
          "supplied file name and use the contained values instead of the defaults.")
     flag("enable_per_model_batching_parameters", bool, False, "Enables model specific batching params like batch "
@@ -461,6 +460,7 @@ def options_from_args(args: argparse.Namespace):
         rest_api_num_threads=args.rest_api_num_threads or default_threads(),
         rest_api_timeout_in_ms=args.rest_api_timeout_in_ms,
         rest_api_enable_cors_support=args.rest_api_enable_cors_support,
+        allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
         model_name=model_name or "default",
         model_base_path=str(Path(base_path).resolve()) if base_path and not model_config_file else base_path,
         model_config_file=model_config_file, model_config_file_poll_wait_seconds=config_poll,

@@ -54,7 +54,7 @@ def test_nan_and_infinity_tokens_are_accepted():
     (b'{"instances": []}', "No values in 'instances' array"),
     (b'{"instances": [[1, 2, 3], [4, 5]]}', "lists of unequal length"),
     (b'{"instances": [["a", "b", "c"]]}', 'JSON Value: "a" Type: String is not of expected type: float'),
-    (b'{"instances": [[true, false, true]]}', "Type: Bool is not of expected type: float"),
+    (b'{"instances": [[true, false, true]]}', "Type: True is not of expected type: float"),
 ])
 def test_malformed_requests_are_invalid_arguments(body, message):
     with pytest.raises(ServingError) as error:
@@ -135,7 +135,7 @@ def test_numbers_no_double_or_integer_conversion_holds_are_refused():
 
 
 def test_null_in_a_numeric_tensor_is_named_as_null():
-    assert refusal(b'{"instances": [[1.0, null]]}') == "JSON Value: null Type: Null is not of expected type: float32"
+    assert refusal(b'{"instances": [[1.0, null]]}') == "JSON Value: null Type: Null is not of expected type: float"
 
 
 def test_string_inputs_of_too_many_dimensions_or_too_deep_are_refused():
@@ -143,3 +143,39 @@ def test_string_inputs_of_too_many_dimensions_or_too_deep_are_refused():
     assert "more than 32 dimensions" in refusal(b'{"instances": ' + b"[" * 40 + b'"a"' + b"]" * 40 + b"}", strings)
     ragged_deep = b'{"instances": [["a"], ' + b"[" * 900 + b'"b"' + b"]" * 900 + b"]}"  # deep past the first row
     assert "nested too deeply" in refusal(ragged_deep, strings)
+
+
+def test_texts_as_tf_servings_json_tensor_cc_words_them():
+    """util/json_tensor.cc (2.16.1): FormatError prefixes "JSON Value: <document> "; DataTypeString names
+    types (float, not float32); JsonTypeString calls booleans True/False; the item and tensor are named."""
+    assert refusal(b'{"instances": 1}').startswith("JSON Value: ")
+    assert refusal(b'{"instances": 1}').endswith(" Expecting 'instances' to be an list/array")
+    assert refusal(b'{"instances": []}').endswith(" No values in 'instances' array")
+    assert refusal(b'{"instances": [[1.0], {"x": 1}]}') == (
+        "Expecting value/list but got object at item 1 of input list")
+    assert refusal(b'{"instances": [["a"]]}') == 'JSON Value: "a" Type: String is not of expected type: float'
+    assert refusal(b'{"instances": [true]}') == "JSON Value: true Type: True is not of expected type: float"
+    with pytest.raises(ServingError) as raised:
+        json_codec.encode_predict({"y": np.ones(1), "z": np.ones(2)}, json_codec.ROW)
+    assert raised.value.message == "Tensor name: z has inconsistent batch size: 2 expecting: 1"
+    with pytest.raises(ServingError) as raised:
+        json_codec.encode_predict({"y": np.float32(1.0)}, json_codec.ROW)
+    assert raised.value.message == "Tensor name: y has no shape information "
+    with pytest.raises(ServingError) as raised:
+        json_codec.decode_examples({"examples": [{"names": [1, "a"]}]})
+    assert raised.value.message == "Unexpected element type in feature: names expecting type: int64"
+    with pytest.raises(ServingError) as raised:
+        json_codec.decode_examples({"instances": []})
+    assert raised.value.message.endswith(
+        " When method is classify, key 'examples' is expected and was not found")
+
+
+def test_numbers_no_64_bits_hold_are_float_features_as_rapidjson_reads_them():
+    example = tf.train.Example.FromString(json_codec.decode_examples({"examples": [{"x": 2**64}]})[0])
+    assert list(example.features.feature["x"].float_list.value) == [float(2**64)]
+
+
+def test_classification_scores_write_nan_as_a_token():
+    body = json_codec.encode_classification(np.array([[b"a"]], dtype=object),
+                                            np.array([[np.nan]], np.float32), 1)
+    assert body.replace(b" ", b"") == b'{"results":[[["a",NaN]]]}'

@@ -345,3 +345,45 @@ def test_an_empty_batch_the_kernels_cannot_run_is_answered_from_the_signature(tm
         servable.predict("first", {"x": np.zeros((0, 3), np.float32)})
     with pytest.raises(ServingError, match="out of bounds"):
         servable.predict("", {"x": np.zeros((0, 5), np.float32)})
+
+
+# server_core.cc (2.16.1), ServerCore::UpdateModelVersionLabelMap:
+#   "Request to assign label to version ", version, " of model ", name, ", which is not currently available
+#   for inference" (FAILED_PRECONDITION), unless the flag allows it and the label is new (or keeps its
+#   version).
+UNAVAILABLE_LABEL = ("Request to assign label to version 999 of model tiny, which is not currently available "
+                     "for inference")
+
+
+@pytest.mark.parametrize("allow_unavailable", [True, False])
+def test_reload_refuses_moving_a_label_to_an_unavailable_version(tmp_path, tiny_export, allow_unavailable):
+    from conveyor_ml.serving.model_server import ModelServer, ServerOptions
+
+    base = tmp_path / "tiny"
+    shutil.copytree(tiny_export, base / "1")
+    server = ModelServer(ServerOptions(model_name="tiny", model_base_path=str(base),
+                                       file_system_poll_wait_seconds=0,
+                                       allow_version_labels_for_unavailable_models=allow_unavailable))
+    server.start_polling()
+    try:
+        config = model_server_config_pb2.ModelServerConfig()
+        config.model_config_list.config.append(model_config(base, stable=1))
+        server.apply_config(config)
+        assert server.model("tiny").labels() == {"stable": 1}
+        moved = model_server_config_pb2.ModelServerConfig()
+        moved.model_config_list.config.append(model_config(base, stable=999))
+        with pytest.raises(ServingError) as refused:
+            server.apply_config(moved)
+        assert refused.value.code == grpc.StatusCode.FAILED_PRECONDITION
+        assert refused.value.message == UNAVAILABLE_LABEL
+        assert server.model("tiny").labels() == {"stable": 1}  # refused before anything changed
+        new_label = model_server_config_pb2.ModelServerConfig()
+        new_label.model_config_list.config.append(model_config(base, stable=1, canary=999))
+        if allow_unavailable:  # a new label may name a version not loaded yet
+            server.apply_config(new_label)
+            assert server.model("tiny").labels() == {"stable": 1, "canary": 999}
+        else:
+            with pytest.raises(ServingError, match=UNAVAILABLE_LABEL):
+                server.apply_config(new_label)
+    finally:
+        server.stop()

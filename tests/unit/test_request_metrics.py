@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conveyor_ml.serving.metrics import ServingMetrics
+from conveyor_ml.serving.metrics import ServingMetrics, merge_expositions
 
 
 def samples(metrics: ServingMetrics) -> dict[tuple[str, tuple], float]:
@@ -28,9 +28,10 @@ def test_each_call_is_counted_under_its_labels_in_both_series():
     assert ours("OK", "rest", "2") == 3
     assert ours("OK", "grpc", "2") == 1
     assert ours("NOT_FOUND", "rest", "") == 1
-    # TF Serving's count: by model and status only, every protocol and version together.
-    assert got[(":tensorflow:serving:request_count", (("model_name", "digits"), ("status", "OK")))] == 4
-    assert got[(":tensorflow:serving:request_count", (("model_name", "digits"), ("status", "NOT_FOUND")))] == 1
+    # TF Serving's count: by model and status only, every protocol and version together (a parser names a
+    # counter's samples <family>_total).
+    assert got[(":tensorflow:serving:request_count_total", (("model_name", "digits"), ("status", "OK")))] == 4
+    assert got[(":tensorflow:serving:request_count_total", (("model_name", "digits"), ("status", "NOT_FOUND")))] == 1
 
 
 def test_latency_buckets_are_cumulative_in_seconds_and_in_tf_servings_microseconds():
@@ -68,3 +69,31 @@ def test_grpc_calls_are_tf_servings_grpc_entrypoint():
                 (("API", "predict"), ("entrypoint", "GRPC"), ("model_name", "digits")))] == 1
     assert got[(":tensorflow:serving:request_latency_count",
                 (("API", "classify"), ("entrypoint", "REST"), ("model_name", "digits")))] == 1
+
+
+def tf_serving_counter_lines(text: str) -> list[str]:
+    name = ":tensorflow:serving:request_count"
+    return [line for line in text.splitlines() if line.startswith((name, f"# TYPE {name}", f"# HELP {name}"))]
+
+
+def test_tf_servings_counter_is_one_family_named_as_tf_serving_names_it():
+    """TF Serving's PrometheusExporter (util/prometheus_exporter.cc, SerializeScalar) writes
+    `# TYPE <name> counter` and samples `<name>{...} N`, no HELP; prometheus_client's own writer would name
+    the family `<name>_total`, a family no sample belongs to. Alone and merged across server processes."""
+    metrics = ServingMetrics()
+    metrics.observe_request("digits", 1, "predict", "rest", "OK", 0.001)
+    metrics.observe_request("digits", 1, "predict", "grpc", "OK", 0.001)
+    other = ServingMetrics()
+    other.observe_request("digits", 1, "predict", "rest", "OK", 0.001)
+    for text, count in ((metrics.exposition().decode(), 2),
+                        (merge_expositions([metrics.exposition(), other.exposition()]).decode(), 3)):
+        assert tf_serving_counter_lines(text) == [
+            "# TYPE :tensorflow:serving:request_count counter",
+            f':tensorflow:serving:request_count{{model_name="digits",status="OK"}} {count}']
+        families = {family.name: family for family in text_string_to_metric_families(text)}
+        family = families[":tensorflow:serving:request_count"]
+        assert family.type == "counter"
+        assert [(sample.labels, sample.value) for sample in family.samples] == [
+            ({"model_name": "digits", "status": "OK"}, count)]
+        assert families[":tensorflow:serving:request_latency"].type == "histogram"
+        assert ":tensorflow:serving:request_count_total" not in families

@@ -95,7 +95,6 @@ def test_help_lists_every_flag_in_tf_servings_words(capsys):
     (["--enable_profiler=true"], "--enable_profiler=true is not supported"),
     (["--xla_cpu_compilation_enabled=1"], "--xla_cpu_compilation_enabled=true is not supported"),
     (["--mixed_precision=bfloat16"], "--mixed_precision=bfloat16 is not supported"),
-    (["--allow_version_labels_for_unavailable_models=false"], "conveyor serve always allows it"),
 ])
 def test_bad_values_and_unsupported_flags_are_one_line_errors(tmp_path, flags, message):
     with pytest.raises(ConveyorError) as error:
@@ -190,3 +189,11 @@ def test_serving_raises_the_open_file_limit_to_the_hard_limit():
               "print(raise_open_file_limit() == resource.getrlimit(resource.RLIMIT_NOFILE)[0] == hard)")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "True", result.stderr
+
+
+def test_allow_version_labels_for_unavailable_models_false_is_accepted(tmp_path):
+    """TF Serving's default (model_servers/server.h: allow_version_labels_for_unavailable_models = false) is a
+    legal value, not a refusal."""
+    assert options(tmp_path, "--allow_version_labels_for_unavailable_models=false"
+                   ).allow_version_labels_for_unavailable_models is False
+    assert options(tmp_path).allow_version_labels_for_unavailable_models is True

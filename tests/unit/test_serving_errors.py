@@ -27,3 +27,4 @@ def test_a_lone_surrogate_is_written_as_its_escape():
 def test_every_serving_error_is_bounded():
     error = ServingError(grpc.StatusCode.NOT_FOUND, "m" * (8 << 20))
     assert len(error.message.encode()) < MAX_MESSAGE_BYTES + 100 and str(error) == error.message
+
