@@ -14,6 +14,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 warnings.filterwarnings("ignore", message=".*non-supported Python version.*", category=FutureWarning)
 
 from conveyor_ml.base import cli_values as values  # noqa: E402
+from conveyor_ml.base.closed_output import survive_closed_output  # noqa: E402
 from conveyor_ml.base.errors import ConveyorError  # noqa: E402
 from conveyor_ml.base.names import NUM_CLASSES  # noqa: E402
 from conveyor_ml.base.process_lifetime import Terminated, raise_on_sigterm  # noqa: E402
@@ -74,8 +75,10 @@ def cmd_data_init(args) -> int:
 
     spec = load_spec(args.spec)
     _quiet_libraries()
+    from conveyor_ml.data.ingestion import check_data_root
     from conveyor_ml.pipelines.workspace import check_workspace, prepare_data
 
+    check_data_root(spec.data_root)  # before check_workspace, which writes a probe into the workspace
     check_workspace(spec)
     latest = prepare_data(spec)
     print(f"conveyor: data ready under {spec.data_root} (latest span: {latest})")
@@ -576,6 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     standalone = argv is None and threading.current_thread() is threading.main_thread()
     if standalone:
         raise_on_sigterm()  # SIGTERM cleans up as Ctrl-C does (children stopped, temporary files removed)
+        survive_closed_output()  # `| head`, or a killed scheduler's pipe: the command goes on, unread
     try:
         code = args.handler(args)
         if standalone:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from conveyor_ml.base.clock import utc_now
 from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.pipelines.workspace import STATE_DIRECTORY
 
 
 class RunLockHeld(ConveyorError):
@@ -20,20 +21,33 @@ class RunLockHeld(ConveyorError):
 
 class RunLock:
     def __init__(self, workspace: Path):
-        self.path = workspace / ".conveyor" / "run.lock"
+        self.path = workspace / STATE_DIRECTORY / "run.lock"
         self._fd: int | None = None
 
     def holder(self) -> dict:
+        """What the file says of the holder ({pid, started}), each kept only if it is what a run writes: the
+        file is a note for messages, and anything may have been written into it."""
         try:
-            return json.loads(self.path.read_text() or "{}")
+            written = json.loads(self.path.read_text() or "{}")
         except (OSError, ValueError):
             return {}
+        if not isinstance(written, dict):
+            return {}
+        pid, started = written.get("pid"), written.get("started")
+        return {**({"pid": pid} if type(pid) is int and 0 < pid <= MAX_PID else {}),
+                **({"started": started[:40]} if isinstance(started, str) else {})}
 
     def live_holder(self) -> dict | None:
         """Who holds the lock now, read without taking it (a probe must never make a starting run fail): the
-        holder the file names while its process lives; None when the lock is free or its holder died."""
+        kernel's own record of the flock (/proc/locks), so a PID written into the file by hand, or left by a
+        killed run and since reused, is never waited on; None when the lock is free."""
         holder = self.holder()
-        return holder if holder.get("pid") and _alive(holder["pid"]) else None
+        locked_by = _flock_holder(self.path)
+        if locked_by is None:
+            return None
+        if locked_by is _UNKNOWN:  # no /proc/locks (not Linux): the file's word, checked for a live process
+            return holder if holder.get("pid") and _alive(holder["pid"]) else None
+        return holder if holder.get("pid") == locked_by else {"pid": locked_by}
 
     def acquire(self) -> str | None:
         """Takes the lock; returns a note when it took over one left by a dead process."""
@@ -70,6 +84,37 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+MAX_PID = 2 ** 22  # Linux's pid_max ceiling
+_UNKNOWN = object()
+
+
+def _flock_holder(path: Path):
+    """The pid holding an flock on `path` per /proc/locks, None if none does (or the file is missing),
+    _UNKNOWN where /proc/locks cannot be read."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    try:
+        with open("/proc/locks") as locks:
+            table = locks.read()
+    except OSError:
+        return _UNKNOWN
+    # "1: FLOCK  ADVISORY  WRITE 17507 fe:00:3211481 0 EOF": the holder's pid, then major:minor:inode in hex.
+    wanted = (os.major(status.st_dev), os.minor(status.st_dev), status.st_ino)
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK":  # a process waiting for a lock has "->" there
+            continue
+        try:
+            major, minor, inode = fields[5].split(":")
+            if (int(major, 16), int(minor, 16), int(inode)) == wanted:
+                return int(fields[4])
+        except ValueError:
+            continue
+    return None
 
 
 def _alive(pid: int) -> bool:

@@ -12,10 +12,11 @@ from tfx.orchestration.beam.beam_dag_runner import BeamDagRunner, PipelineNodeAs
 from tfx.orchestration.portable import launcher, runtime_parameter_utils
 
 from conveyor_ml.base.errors import ConveyorError
-from conveyor_ml.base.names import PIPELINE_CONTEXT
+from conveyor_ml.base.names import PIPELINE_CONTEXT, PIPELINE_RUN_CONTEXT, RUN_FINISHED_PROPERTY
 from conveyor_ml.base.spec import PipelineSpec
 from conveyor_ml.formats.spans import span_numbers
 from conveyor_ml.metadata import store as metadata
+from conveyor_ml.metadata.store import connection_config
 from conveyor_ml.metadata.values import props
 from conveyor_ml.pipelines.beam_dependencies import with_tfx_package
 from conveyor_ml.pipelines.builder import build_pipeline
@@ -143,11 +144,14 @@ def _run_locked(spec: PipelineSpec, run_id: str | None) -> RunResult:
         # import now, so this run's window trains on it; each is a pipeline run of its own in MLMD.
         _say(f"conveyor: importing span {span} first: no run has imported it, and span {latest_span} is the newest "
              f"(run {run_id}-span-{span})")
-        _execute(build_pipeline(spec, span=span, data_only=True, beam_args=beam_args), RunResult(f"{run_id}-span-{span}", 0.0))
+        _execute(spec, build_pipeline(spec, span=span, data_only=True, beam_args=beam_args),
+                 RunResult(f"{run_id}-span-{span}", 0.0))
     _say(f"conveyor: running pipeline '{spec.name}' on span {latest_span} (run {run_id})")
     result = RunResult(run_id=run_id, seconds=0.0)
     try:
-        _execute(build_pipeline(spec, beam_args=beam_args), result)
+        # Pinned to the span chosen above: a span that lands meanwhile is the next run's, not taken in its
+        # place (ExampleGen would otherwise import the newest, and the one chosen would never be trained on).
+        _execute(spec, build_pipeline(spec, span=latest_span, beam_args=beam_args), result)
     finally:
         record_headline_metrics(spec, run_id)
     return result
@@ -174,15 +178,32 @@ def spans_to_import(spec: PipelineSpec, latest_span: int) -> list[int]:
     return sorted(wanted - imported)
 
 
-def _execute(pipeline, result: RunResult) -> None:
-    """Runs one DAG under the result's run id, recording each node's outcome in it."""
+def _mark_run(spec: PipelineSpec, run_id: str, finished: bool) -> None:
+    """Records on the run's context whether its whole DAG ran (RUN_FINISHED_PROPERTY). Before the first step,
+    the context is made as TFX makes it (under the pipeline's), which TFX's nodes then find and use."""
+    from tfx.orchestration.portable.mlmd import context_lib
+
+    with tfx_metadata.Metadata(connection_config(spec.metadata)) as handle:
+        pipeline = context_lib.register_context_if_not_exists(handle, PIPELINE_CONTEXT, spec.name)
+        run = context_lib.register_context_if_not_exists(handle, PIPELINE_RUN_CONTEXT, run_id,
+                                                         parent_contexts=[pipeline])
+        run.custom_properties[RUN_FINISHED_PROPERTY].int_value = int(finished)
+        handle.store.put_contexts([run])
+
+
+def _execute(spec: PipelineSpec, pipeline, result: RunResult) -> None:
+    """Runs one DAG under the result's run id, recording each node's outcome in it, and in MLMD whether it
+    ran through: a run stopped between two steps leaves no failed execution (conveyor schedule would take its
+    span for consumed)."""
     global _active_outcomes
     _active_outcomes = result.outcomes
     started = time.perf_counter()
     try:
+        _mark_run(spec, result.run_id, finished=False)
         runner = ReportingBeamDagRunner()
         runner.run_id = result.run_id
         runner.run(pipeline)
+        _mark_run(spec, result.run_id, finished=True)
     except Exception as exc:
         failed = result.failed()
         user_error = _find_conveyor_error(exc)

@@ -33,6 +33,7 @@ from conveyor_ml.formats.spans import span_numbers
 from conveyor_ml.metadata import store as metadata
 from conveyor_ml.metadata.index import MetadataIndex
 from conveyor_ml.pipelines.run_lock import RunLock
+from conveyor_ml.pipelines.workspace import STATE_DIRECTORY, check_workspace
 
 
 def cron_line(spec_file: Path, every: float | None, cron: str | None, project: Path, workspace: Path,
@@ -40,7 +41,7 @@ def cron_line(spec_file: Path, every: float | None, cron: str | None, project: P
     """A crontab line for the same job, for users who prefer cron to a long-running process. Cron runs at
     fixed clock times, so an interval becomes a cron expression only when it divides an hour or a day."""
     cron = _cron_expression(every or 1800) if cron is None else " ".join(cron.split())
-    log = (project / workspace).resolve() / ".conveyor" / "cron.log"
+    log = (project / workspace).resolve() / STATE_DIRECTORY / "cron.log"
     installed = Path(sys.executable).parent / "conveyor"  # the conveyor printing this, wherever it lives
     command = installed if installed.is_file() else project / ".venv" / "bin" / "conveyor"
     comment = "the run lock skips a tick while a run is still going"
@@ -91,7 +92,14 @@ class Scheduler:
         self.spec, self.spec_file = spec, spec_file
         self.every, self.on_new_data, self.max_runs = every, on_new_data, max_runs
         self.retries, self.backoff, self.poll, self.term_grace = retries, backoff, poll, term_grace
-        self.log_path = spec.workspace / ".conveyor" / "schedule.log"
+        check_workspace(spec)  # what every run would fail on, said once before the first
+        self.log_path = spec.workspace / STATE_DIRECTORY / "schedule.log"
+        try:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log_path.open("a").close()
+        except OSError as exc:
+            raise ConveyorError(f"cannot write the scheduler's log {self.log_path} ({exc.strerror}); move away "
+                                "what is in its place") from None
         self.stopping = False
         self.child: subprocess.Popen | None = None
         self.analysis: subprocess.Popen | None = None
@@ -126,7 +134,8 @@ class Scheduler:
         """Spans on disk newer than the newest span a successful run consumed, except those the drift gate
         blocked (from MLMD)."""
         index = self._index()
-        consumed, blocked = (index.consumed_through(), index.blocked_spans()) if index else (0, set())
+        name = self.spec.name  # a store may hold other pipelines' runs
+        consumed, blocked = (index.consumed_through(name), index.blocked_spans(name)) if index else (0, set())
         return [span for span in span_numbers(self.spec.data_root) if span > consumed and span not in blocked]
 
     def run_in_progress(self) -> dict | None:
@@ -136,7 +145,7 @@ class Scheduler:
 
     def blocked(self, span: int) -> bool:
         index = self._index()
-        return index is not None and span in index.blocked_spans()
+        return index is not None and span in index.blocked_spans(self.spec.name)
 
     def run_once(self) -> Outcome:
         self.child = subprocess.Popen([sys.executable, "-m", "conveyor_ml.cli", "run", str(self.spec_file)],

@@ -11,6 +11,8 @@ from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.spec import PipelineSpec
 from conveyor_ml.data import datasets
 
+STATE_DIRECTORY = ".conveyor"  # under the workspace: the run lock, the scheduler's logs
+
 
 def check_workspace(spec: PipelineSpec) -> None:
     """Fails early, before MLMD or the serving path is touched, if the workspace cannot be written or an input
@@ -28,6 +30,10 @@ def check_workspace(spec: PipelineSpec) -> None:
     except OSError as exc:
         raise ConveyorError(f"workspace {workspace} is not writable ({exc.strerror}); "
                             "set `workspace:` in the spec to a directory you can write") from None
+    state = workspace / STATE_DIRECTORY
+    if state.exists() and not state.is_dir():
+        raise ConveyorError(f"{state} is not a directory: Conveyor keeps the run lock and the scheduler's log "
+                            "there; move it away")
 
 
 def check_schema_file(path: Path) -> None:

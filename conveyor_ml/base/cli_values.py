@@ -16,6 +16,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_DURATION_DAYS = 366
 
 
 def integer(minimum: int | None = None, maximum: int | None = None) -> Callable[[str], int]:
@@ -61,11 +62,15 @@ def _check_range(value, text: str, minimum, maximum) -> None:
 
 
 def duration(text: str) -> float:
-    """Seconds from a duration such as 90s, 30m, 6h or 1d (more than zero)."""
+    """Seconds from a duration such as 90s, 30m, 6h or 1d (more than zero, at most MAX_DURATION_DAYS: a longer
+    one is a typo, and 400 nines of days was infinity)."""
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", text.strip())
     if not match or float(match.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"expected a duration such as 90s, 30m, 6h or 1d, not {text!r}")
-    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    if seconds > MAX_DURATION_DAYS * DURATION_UNITS["d"]:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_DURATION_DAYS}d, not {text[:40]!r}")
+    return seconds
 
 
 def share(text: str) -> float:

@@ -24,6 +24,9 @@ PUSH_TARGETS = {SERVING_PUSHER: "local", GCP_PUSHER: "vertex"}
 # ML Metadata: context types TFX creates, and this project's own artifact and execution types.
 PIPELINE_CONTEXT = "pipeline"
 PIPELINE_RUN_CONTEXT = "pipeline_run"
+# On a pipeline_run context: 0 from the run's start, 1 once its whole DAG ran (pipelines/runner.py). A run
+# killed between two steps has no failed execution, only missing ones: this tells it from a finished one.
+RUN_FINISHED_PROPERTY = "conveyor_run_finished"
 NODE_CONTEXT = "node"
 QUANTIZED_MODEL_TYPE = "conveyor.QuantizedModel"
 QUANTIZATION_REPORT_TYPE = "conveyor.QuantizationReport"

@@ -15,8 +15,10 @@ from conveyor_ml.base.names import (
     DEPLOYMENT_TYPE,
     DRIFT_BLOCKED,
     NODE_CONTEXT,
+    PIPELINE_CONTEXT,
     PIPELINE_RUN_CONTEXT,
     PUSH_TARGETS,
+    RUN_FINISHED_PROPERTY,
     WARM_START_RESOLVER,
 )
 from conveyor_ml.metadata.values import props
@@ -33,6 +35,7 @@ class ExecutionView:
     run_id: str | None
     inputs: dict[str, list[int]] = field(default_factory=dict)
     outputs: dict[str, list[int]] = field(default_factory=dict)
+    pipeline: str | None = None  # the pipeline whose run made it (None for release commands)
 
     @property
     def id(self) -> int:
@@ -53,11 +56,14 @@ class MetadataIndex:
         execution_types = {t.id: t.name for t in store.get_execution_types()}
         context_types = {t.id: t.name for t in store.get_context_types()}
         self.artifacts = {a.id: a for a in store.get_artifacts()}
-        node_of, run_of = {}, {}
+        node_of, run_of, pipeline_of = {}, {}, {}
         self.run_contexts = {}
         for context in store.get_contexts():
             kind = context_types.get(context.type_id)
-            if kind == NODE_CONTEXT:
+            if kind == PIPELINE_CONTEXT:
+                for execution in store.get_executions_by_context(context.id):
+                    pipeline_of[execution.id] = context.name
+            elif kind == NODE_CONTEXT:
                 for execution in store.get_executions_by_context(context.id):
                     node_of[execution.id] = context.name.split(".", 1)[-1]
             elif kind == PIPELINE_RUN_CONTEXT:
@@ -69,7 +75,8 @@ class MetadataIndex:
         for execution in executions:
             type_name = execution_types.get(execution.type_id, "?")
             self.executions[execution.id] = ExecutionView(execution, type_name, node_of.get(execution.id, type_name),
-                                                          run_of.get(execution.id))
+                                                          run_of.get(execution.id),
+                                                          pipeline=pipeline_of.get(execution.id))
         self.producers: dict[int, list[int]] = defaultdict(list)
         self.consumers: dict[int, list[int]] = defaultdict(list)
         for event in store.get_events_by_execution_ids(list(self.executions)) if self.executions else []:
@@ -153,13 +160,23 @@ class MetadataIndex:
         version = next((props(a).get("version") for a in state if props(a).get("label") == label), None)
         return None if version is None else self.pushed_versions(target).get(str(version))
 
-    def successful_runs(self) -> set[str]:
-        """Pipeline runs that finished with no failed execution (and none left running by a killed process)."""
-        finished = {view.run_id for view in self.executions.values() if view.run_id}
+    def run_finished(self, run_id: str) -> bool | None:
+        """Whether the run's whole DAG ran, as the runner recorded it (RUN_FINISHED_PROPERTY); None for a run
+        recorded before that mark existed."""
+        context = self.run_contexts.get(run_id)
+        mark = props(context).get(RUN_FINISHED_PROPERTY) if context is not None else None
+        return None if mark is None else mark == 1
+
+    def successful_runs(self, pipeline: str | None = None) -> set[str]:
+        """Pipeline runs (of `pipeline`, if named) that ran through with no failed execution. A run killed
+        between two steps has none failed or left running, only steps missing: the runner's mark tells it
+        apart; a run from before the mark counts when none of its executions failed or was left running."""
+        finished = {view.run_id for view in self.executions.values()
+                    if view.run_id and (pipeline is None or view.pipeline == pipeline)}
         for view in self.executions.values():
             if view.run_id and view.state in ("failed", "running", "new", "canceled"):
                 finished.discard(view.run_id)
-        return finished
+        return {run_id for run_id in finished if self.run_finished(run_id) is not False}
 
     def _span(self, artifact_id: int) -> int | None:
         artifact = self.artifacts.get(artifact_id)
@@ -167,18 +184,25 @@ class MetadataIndex:
             return None
         return props(artifact).get("span")
 
-    def consumed_through(self) -> int:
-        """The newest span a successful run consumed (imported or trained on); 0 when none did. A run covers
-        every span up to its newest: it imports the ones it has not seen and trains on its window."""
-        successful = self.successful_runs()
+    def consumed_through(self, pipeline: str | None = None) -> int:
+        """The newest span a successful run (of `pipeline`, if named: a store may hold several) consumed
+        (imported or trained on); 0 when none did. A run covers every span up to its newest: it imports the
+        ones it has not seen and trains on its window."""
+        successful = self.successful_runs(pipeline)
         spans = [self._span(i) for view in self.executions.values() if view.run_id in successful
                  for ids in (*view.inputs.values(), *view.outputs.values()) for i in ids]
         return max((s for s in spans if s is not None), default=0)
 
-    def blocked_spans(self) -> set[int]:
-        """Spans the drift gate blocked (the newest report about a span decides): settled, never trained on."""
+    def blocked_spans(self, pipeline: str | None = None) -> set[int]:
+        """Spans the drift gate (of `pipeline`, if named) blocked (the newest report about a span decides):
+        settled, never trained on."""
         latest: dict[int, pb.Artifact] = {}
+        mine = None if pipeline is None else {artifact_id for view in self.executions.values()
+                                              if view.pipeline == pipeline
+                                              for ids in view.outputs.values() for artifact_id in ids}
         for artifact in self.artifacts.values():
+            if mine is not None and artifact.id not in mine:
+                continue
             if self.artifact_types.get(artifact.type_id) == DATA_DRIFT_REPORT_TYPE:
                 span = props(artifact).get("span")
                 if span is not None and (span not in latest or artifact.id > latest[span].id):

@@ -271,7 +271,8 @@ class Lineage:
             drift = [props(index.artifacts[i]) for v in views for i in v.outputs.get("drift_report", [])]
             rows.append(PipelineRun(
                 run_id=run_id, started=utc_from_milliseconds(started), duration_s=round((ended - started) / 1000, 1),
-                status=f"failed at {failed[0].node}" if failed else "complete",
+                status=(f"failed at {failed[0].node}" if failed else "complete" if index.run_finished(run_id) is not False
+                        else f"stopped after {views[-1].node}" if views else "stopped before its first step"),
                 complete=[v.node for v in views if v.state == "complete"],
                 cached=[v.node for v in views if v.state == "cached"],
                 produced=produced,

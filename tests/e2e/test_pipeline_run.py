@@ -9,7 +9,9 @@ import pytest
 import yaml
 from ml_metadata.proto import metadata_store_pb2
 
+from conveyor_ml.base.spec import load_spec
 from conveyor_ml.data.datasets import embedded_digits, write_span
+from conveyor_ml.metadata import store as metadata
 from tests.conftest import ROOT, run_conveyor, write_spec
 
 pytestmark = pytest.mark.slow
@@ -42,6 +44,19 @@ def test_run_prints_progress_and_a_summary(default_pipeline_run):
     assert "reaches min_accuracy 0.9; no baseline to compare with" in out
     assert "pushed:    version 1 ->" in out
     assert "tensorboard --logdir" in out
+
+
+def test_the_run_is_marked_finished_on_its_context_under_the_pipelines(default_pipeline_run):
+    """The runner makes the run's context before the first step (TFX's nodes then use it) and marks it
+    finished once the DAG ran: `conveyor schedule` counts only such a run's spans as consumed."""
+    store = default_pipeline_run.store()
+    [run] = store.get_contexts_by_type("pipeline_run")
+    assert run.custom_properties["conveyor_run_finished"].int_value == 1
+    pipeline = store.get_context_by_type_and_name("pipeline", "mnist")
+    assert [parent.id for parent in store.get_parent_contexts_by_context(run.id)] == [pipeline.id]
+    executions = store.get_executions_by_context(run.id)
+    assert {e.id for e in executions} == {e.id for e in store.get_executions()}  # every step ran in that run
+    assert len(executions) == 13
 
 
 def test_mlmd_links_data_to_the_pushed_model(default_pipeline_run):
@@ -233,6 +248,9 @@ def test_a_run_stopped_during_training_leaves_no_trainer(tmp_path, stop):
     finally:
         if _group_members(run.pid):
             os.killpg(run.pid, signal.SIGKILL)
+    store = metadata.open_store(load_spec(spec).metadata, read_only=True)
+    [run_context] = store.get_contexts_by_type("pipeline_run")
+    assert run_context.custom_properties["conveyor_run_finished"].int_value == 0  # not a consumed span
     if last_line:
         assert lines[-1] == last_line, "\n".join(lines[-30:])
         assert not any("Traceback" in line or "KeyboardInterrupt" in line for line in lines), "\n".join(lines)

@@ -41,3 +41,15 @@ def test_on_new_data_says_cron_runs_every_tick(tmp_path):
     line = cron_line(tmp_path / "spec.yaml", None, None, tmp_path, Path("workspace"), on_new_data=True)
     assert line.startswith("*/30 * * * * ")
     assert line.endswith("cron cannot watch for data: a tick with no new span is answered from the cache")
+
+
+def test_a_duration_is_at_most_a_year():
+    """400 nines of days was infinity: `--print-cron` ended in OverflowError and a scheduler logged 'every infs'."""
+    import argparse
+
+    from conveyor_ml.base.cli_values import duration
+
+    assert duration("366d") == 366 * 86400
+    for text in ("367d", "8785h", "9" * 400 + "d"):
+        with pytest.raises(argparse.ArgumentTypeError, match="must be at most 366d"):
+            duration(text)

@@ -3,12 +3,16 @@ API the way TFX records runs (node and run contexts, executions with their state
 from __future__ import annotations
 
 import json
+import os
 
+import pytest
 from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2 as pb
 
 from conveyor_ml.base.spec import load_spec
 from conveyor_ml.metadata.index import MetadataIndex
+from conveyor_ml.operations.lineage import Lineage
+from conveyor_ml.pipelines.run_lock import RunLock, RunLockHeld
 from conveyor_ml.pipelines.runner import spans_to_import
 from conveyor_ml.pipelines.scheduler import Scheduler
 from tests.conftest import write_spec
@@ -56,11 +60,15 @@ class Store:
         [context_id] = self.store.put_contexts([pb.Context(type_id=type_id, name=name)])
         return context_id
 
-    def run(self, run_id: str, *steps) -> None:
-        """steps: (node, state, {input key: [artifact ids]}, {output key: [artifact ids]})."""
-        [run] = self.store.put_contexts([pb.Context(type_id=self._type("context", "pipeline_run"), name=run_id)])
+    def run(self, run_id: str, *steps, finished: bool | None = None, pipeline: str = "mnist") -> None:
+        """steps: (node, state, {input key: [artifact ids]}, {output key: [artifact ids]}); `finished` is the
+        runner's mark on the run's context (conveyor_run_finished), None for a run recorded before it."""
+        context = pb.Context(type_id=self._type("context", "pipeline_run"), name=run_id)
+        if finished is not None:
+            context.custom_properties["conveyor_run_finished"].int_value = int(finished)
+        [run] = self.store.put_contexts([context])
         for node, state, inputs, outputs in steps:
-            contexts = (run, self._context("node", f"mnist.{node}"), self._context("pipeline", "mnist"))
+            contexts = (run, self._context("node", f"{pipeline}.{node}"), self._context("pipeline", pipeline))
             execution = pb.Execution(type_id=self._type("execution", node), last_known_state=state)
             events = []
             for kind, keyed in ((pb.Event.INPUT, inputs), (pb.Event.OUTPUT, outputs)):
@@ -105,6 +113,39 @@ def test_a_span_is_consumed_only_by_a_run_that_finished_without_failure(tmp_path
     assert index.successful_runs() == {"r1", "r2"}
     assert index.consumed_through() == 2
     assert index.blocked_spans() == {4}
+
+
+def test_a_run_stopped_between_two_steps_consumed_nothing(tmp_path):
+    """Killed after ImportExampleGen, before the Trainer started: no execution failed or was left running, and
+    the scheduler took span 2 for consumed, so no model was ever trained or pushed on it."""
+    store = Store(tmp_path / "metadata.sqlite")
+    span_1, span_2, span_3 = (store.artifact("Examples", span=n) for n in (1, 2, 3))
+    model = store.artifact("Model", spans="1")
+    store.run("before-the-mark", ("ImportExampleGen", COMPLETE, {}, {"examples": [span_1]}),
+              ("Trainer", COMPLETE, {"examples": [span_1]}, {"model": [model]}))
+    store.run("stopped", ("ImportExampleGen", COMPLETE, {}, {"examples": [span_2]}), finished=False)
+    index = MetadataIndex(store.store)
+    assert index.successful_runs() == {"before-the-mark"}  # a run recorded before the mark still counts
+    assert index.consumed_through() == 1
+    assert (index.run_finished("stopped"), index.run_finished("before-the-mark")) == (False, None)
+    statuses = {run.run_id: run.status for run in Lineage(index, "mnist").runs()}
+    assert statuses == {"before-the-mark": "complete", "stopped": "stopped after ImportExampleGen"}  # conveyor runs
+    store.run("through", ("ImportExampleGen", COMPLETE, {}, {"examples": [span_3]}), finished=True)
+    assert MetadataIndex(store.store).consumed_through() == 3
+
+
+def test_another_pipelines_runs_neither_consume_nor_block_this_ones_spans(tmp_path):
+    """Two pipelines may share a store (a MySQL server): each scheduler reads its own pipeline's runs."""
+    store = Store(tmp_path / "metadata.sqlite")
+    mine, theirs = store.artifact("Examples", span=1), store.artifact("Examples", span=3)
+    store.run("mine", ("ImportExampleGen", COMPLETE, {}, {"examples": [mine]}), finished=True)
+    block = store.artifact("conveyor.DataDriftReport", span=2, verdict="blocked")
+    store.run("theirs", ("ImportExampleGen", COMPLETE, {}, {"examples": [theirs]}),
+              ("DriftGate", COMPLETE, {}, {"drift_report": [block]}), finished=True, pipeline="other")
+    index = MetadataIndex(store.store)
+    assert (index.consumed_through("mnist"), index.blocked_spans("mnist")) == (1, set())
+    assert (index.consumed_through("other"), index.blocked_spans("other")) == (3, {2})
+    assert index.consumed_through() == 3  # unnamed: every pipeline's
 
 
 def test_a_later_verdict_on_a_span_replaces_an_earlier_block(tmp_path):
@@ -185,3 +226,54 @@ def test_the_scheduler_waits_for_a_run_in_progress_instead_of_starting_another(t
     assert len(waiting) == 1 and f"(pid {holder.pid}, started " in waiting[0]
     assert waiting[0].endswith("waiting for it before acting on: new span 6")
     assert scheduler.run_in_progress() is None  # its holder died: the lock is free
+
+
+@pytest.mark.parametrize("written", ['{"pid": 1}', '{"pid": -1}', '{"pid": 1.5}', '[1, 2]', '"x"', "null",
+                                     '{"pid": "abc"}', '{"pid": 99999999999}', '{"pid": true}', "{"])
+def test_what_the_lock_file_says_is_never_waited_on_while_the_lock_is_free(tmp_path, written):
+    """The file is a note for messages: a pid written into it by hand (1, init, lives for ever) or left by a
+    killed run and since reused made the scheduler wait for ever; garbage in it was a traceback."""
+    lock = RunLock(tmp_path)
+    lock.path.parent.mkdir(parents=True)
+    lock.path.write_text(written)
+    assert lock.live_holder() is None
+    lock.acquire()  # taken, whatever the note said
+    assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    lock.release()
+
+
+def test_the_lock_holder_is_the_process_the_kernel_says_holds_it(tmp_path):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        lock = RunLock(tmp_path)
+        lock.path.write_text('{"pid": 1, "started": "never"}')  # the note overwritten: the kernel knows better
+        assert lock.live_holder() == {"pid": holder.pid}
+        with pytest.raises(RunLockHeld, match=r"in progress \(pid 1, started never\)"):
+            lock.acquire()  # its message quotes the note, whatever it says
+    finally:
+        holder.kill()
+        holder.wait()
+    assert RunLock(tmp_path).live_holder() is None
+
+
+@pytest.mark.parametrize("damage", ["state directory is a file", "log is a directory"])
+def test_a_scheduler_that_cannot_write_its_log_says_so_in_one_line(tmp_path, damage):
+    from conveyor_ml.base.errors import ConveyorError
+
+    spec = load_spec(write_spec(tmp_path))
+    state = spec.workspace / ".conveyor"
+    if damage == "state directory is a file":
+        spec.workspace.mkdir(parents=True)
+        state.write_text("")
+        expected = f"{state} is not a directory: Conveyor keeps the run lock"
+    else:
+        (state / "schedule.log").mkdir(parents=True)
+        expected = f"cannot write the scheduler's log {state / 'schedule.log'} (Is a directory)"
+    with pytest.raises(ConveyorError) as refused:
+        Scheduler(spec, tmp_path / "spec.yaml", every=60.0, on_new_data=False, max_runs=1, retries=0, backoff=1,
+                  poll=1)
+    assert str(refused.value).startswith(expected)
