@@ -26,7 +26,7 @@ from tfx.utils import proto_utils
 
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.components.artifacts import set_custom_properties
-from conveyor_ml.formats.spans import MANIFEST
+from conveyor_ml.formats.spans import MANIFEST, parse_manifest
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class Executor(BaseExampleGenExecutor):
             raise ConveyorError(f"{span_directory} has no {MANIFEST}: it is still being written, or was not written "
                                 "by `conveyor data`; spans are published whole, with their manifest last")
         with FileSystems.open(manifest_path) as handle:
-            manifest = json.loads(handle.read())
+            manifest = parse_manifest(handle.read(), manifest_path)
 
         methods = set()
         for split in input_config.splits:

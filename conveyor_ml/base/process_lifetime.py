@@ -16,6 +16,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -78,15 +79,17 @@ def owned_scratch_prefix(prefix: str) -> str:
     return f"{prefix}{os.getpid()}-"
 
 
-def remove_orphaned_scratch(prefix: str, directory: str | Path | None = None) -> list[Path]:
+def remove_orphaned_scratch(prefix: str, directory: str | Path | None = None, *,
+                            pattern: re.Pattern[str] | None = None) -> list[Path]:
     """Removes this user's temporary files and directories named `<prefix><pid>-…` (owned_scratch_prefix)
     whose process no longer runs, in `directory` (default: the temporary directory); returns them. A name
-    without a pid is left alone, and so is one whose process runs (or might: another user's)."""
+    without a pid is left alone, and so is one whose process runs (or might: another user's). Names that
+    carry the pid elsewhere give `pattern`, matched against the whole name, with the pid as group `pid`."""
     removed = []
     for path in Path(directory or tempfile.gettempdir()).glob(glob.escape(prefix) + "*"):
-        owner, separator, _ = path.name[len(prefix):].partition("-")
+        owner = _owner(path.name, prefix, pattern)
         try:
-            if not (owner.isdigit() and separator) or path.lstat().st_uid != os.getuid() or _running(int(owner)):
+            if owner is None or path.lstat().st_uid != os.getuid() or _running(owner):
                 continue
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
@@ -96,6 +99,15 @@ def remove_orphaned_scratch(prefix: str, directory: str | Path | None = None) ->
             continue
         removed.append(path)
     return removed
+
+
+def _owner(name: str, prefix: str, pattern: re.Pattern[str] | None) -> int | None:
+    """The pid a scratch name carries, or None when it carries none."""
+    if pattern is not None:
+        match = pattern.fullmatch(name)
+        return int(match.group("pid")) if match else None
+    owner, separator, _ = name[len(prefix):].partition("-")
+    return int(owner) if owner.isdigit() and separator else None
 
 
 def _running(pid: int) -> bool:

@@ -7,15 +7,17 @@ newest one (`span-{SPAN}` pattern).
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from conveyor_ml.base.errors import ConveyorError
-from conveyor_ml.data.ingestion import ingest_span
-from conveyor_ml.data.sources import ArraySource, open_source, source_of_files
+from conveyor_ml.data.ingestion import check_data_root, ingest_span, say_waiting, writing_spans
+from conveyor_ml.data.sources import ArraySource, Source, open_source, source_of_files
 from conveyor_ml.formats.examples import ImageSet
-from conveyor_ml.formats.spans import read_manifest, span_dir, span_numbers
+from conveyor_ml.formats.spans import occupied_slot, read_manifest, span_dir, span_numbers
 
 # The embedded default keeps most of the 1,797 digits back, so `data add-span --embedded` has genuinely unseen
 # examples to offer as new data, and span 1 is small enough that more data visibly helps: the 8x8 CNN's
@@ -66,20 +68,41 @@ def write_span(data_root: Path, span: int, data: ImageSet, eval_fraction: float,
 
 
 def init_data(source: str, path: str | None, image_shape: tuple[int, int], data_root: Path,
-              eval_fraction: float, beam_args: tuple[str, ...] = IN_PROCESS) -> tuple[int, bool]:
-    """Writes span-1 from the spec's source unless a span exists. Returns (latest span, written now?)."""
+              eval_fraction: float, beam_args: tuple[str, ...] = IN_PROCESS,
+              waiting: Callable[[Path], None] | None = say_waiting) -> tuple[int, bool]:
+    """Writes span-1 from the spec's source unless a span exists. Returns (latest span, written now?).
+    Staging directories of writers that died are removed either way."""
+    check_data_root(data_root)
+    opened = None
     existing = span_numbers(data_root)
-    if existing:
+    if existing and not os.access(data_root, os.W_OK):  # spans shared read-only: nothing to write or clean
         return existing[-1], False
-    provenance = {"source": source, "path": path}
-    if source == "sklearn-digits":
-        data = read_source(source, path, image_shape).take(np.arange(EMBEDDED_INITIAL_EXAMPLES))
-        provenance["embedded_range"] = [0, EMBEDDED_INITIAL_EXAMPLES]
-        reader = ArraySource(data)
-    else:
-        reader = open_source(source, path, image_shape)
-    ingest_span(reader, data_root, 1, eval_fraction, provenance, _runner_args(reader, beam_args))
+    if not existing:  # the source and the name are checked before anything is written
+        opened = _initial_source(source, path, image_shape)
+        _check_free(data_root, 1)
+    with writing_spans(data_root, waiting):
+        existing = span_numbers(data_root)  # another writer may have written span 1 meanwhile
+        if existing:
+            return existing[-1], False
+        reader, provenance = opened or _initial_source(source, path, image_shape)
+        ingest_span(reader, data_root, 1, eval_fraction, provenance, _runner_args(reader, beam_args))
     return 1, True
+
+
+def _initial_source(source: str, path: str | None, image_shape: tuple[int, int]) -> tuple[Source, dict]:
+    """The source of span 1, and its provenance."""
+    provenance = {"source": source, "path": path}
+    if source != "sklearn-digits":
+        return open_source(source, path, image_shape), provenance
+    data = read_source(source, path, image_shape).take(np.arange(EMBEDDED_INITIAL_EXAMPLES))
+    return ArraySource(data), {**provenance, "embedded_range": [0, EMBEDDED_INITIAL_EXAMPLES]}
+
+
+def _check_free(data_root: Path, span: int) -> None:
+    """Refuses early, before anything is written, when span-N's name is taken."""
+    occupied = occupied_slot(data_root, span)
+    if occupied:
+        raise ConveyorError(occupied)
 
 
 def embedded_range(span: int, total: int) -> tuple[int, int] | None:
@@ -137,26 +160,35 @@ def shifted(data: ImageSet, *, brightness: float | None = None, imbalance: tuple
 
 def add_span(data_root: Path, *, image_shape: tuple[int, int], eval_fraction: float, files: list[str] | None = None,
              brightness: float | None = None, imbalance: tuple[int, float] | None = None,
-             beam_args: tuple[str, ...] = IN_PROCESS) -> tuple[int, dict]:
+             beam_args: tuple[str, ...] = IN_PROCESS,
+             waiting: Callable[[Path], None] | None = say_waiting) -> tuple[int, dict]:
     """Writes the next span (from files, or from the embedded digits' held-back part); returns (span, manifest).
     Files are streamed through the ingestion pipeline; a demo shift (brightness, imbalance) needs the data in
     memory, so it is meant for small data."""
+    check_data_root(data_root)
     existing = span_numbers(data_root)
     if not existing:
         raise ConveyorError(f"no span-1 under {data_root} yet; run `make pipeline` (or `conveyor data init`) first")
-    span = existing[-1] + 1
-    shift = brightness is not None or imbalance is not None
-    if files:
+    reader = None
+    if files:  # checked before anything is written
         kind, path = source_of_files(files)
         reader = open_source(kind, path, image_shape)
         provenance = {"source": kind, "path": ",".join(files)}
-    else:
-        data, provenance = embedded_held_back(span)
-        provenance = {"source": "sklearn-digits", **provenance}
-        reader = ArraySource(data)
-    if shift:
-        data = shifted(reader.read_all(), brightness=brightness, imbalance=imbalance, seed=span)
-        reader = ArraySource(data, provenance["source"])
-        provenance["shift"] = {k: v for k, v in (("brightness", brightness), ("imbalance", imbalance)) if v is not None}
-    ingest_span(reader, data_root, span, eval_fraction, provenance, _runner_args(reader, beam_args))
+    _check_free(data_root, existing[-1] + 1)
+    with writing_spans(data_root, waiting):
+        # The number is chosen under the lock: a concurrent add-span takes the next one.
+        existing = span_numbers(data_root)
+        if not existing:  # removed meanwhile
+            raise ConveyorError(f"no span-1 under {data_root} any more; run `conveyor data init` first")
+        span = existing[-1] + 1
+        if reader is None:
+            data, provenance = embedded_held_back(span)
+            provenance = {"source": "sklearn-digits", **provenance}
+            reader = ArraySource(data)
+        if brightness is not None or imbalance is not None:
+            data = shifted(reader.read_all(), brightness=brightness, imbalance=imbalance, seed=span)
+            reader = ArraySource(data, provenance["source"])
+            provenance["shift"] = {k: v for k, v in (("brightness", brightness), ("imbalance", imbalance))
+                                   if v is not None}
+        ingest_span(reader, data_root, span, eval_fraction, provenance, _runner_args(reader, beam_args))
     return span, read_manifest(data_root, span)

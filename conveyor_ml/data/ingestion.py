@@ -16,12 +16,17 @@ divided, and exact duplicates never straddle train and eval.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import posixpath
+import re
 import shutil
 import socket
+import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,14 +36,20 @@ from conveyor_ml.base.clock import utc_now
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.files import fsync_directory, fsync_tree
 from conveyor_ml.base.names import IMAGE_RAW_KEY, NUM_CLASSES
+from conveyor_ml.base.process_lifetime import remove_orphaned_scratch
 from conveyor_ml.data.sources import Source
 from conveyor_ml.formats.examples import encode_examples
-from conveyor_ml.formats.spans import MANIFEST, span_dir
+from conveyor_ml.formats.spans import MANIFEST, check_span_names, occupied_slot, span_dir
 from conveyor_ml.formats.tfrecords import TFRecordWriter
 
 SPLITS = ("train", "eval")
 SUMMARIES = ".chunks"
 SHARD_NAME = "data-{index:05d}-of-{count:05d}.tfrecord.gz"
+# A span is written into `.span-N.tmp-PID` beside its final name: a writer killed outright leaves it, and the
+# next writer removes it once PID no longer runs.
+STAGING_NAME = ".span-{span}.tmp-{pid}"
+STAGING_PATTERN = re.compile(r"\.span-\d+\.tmp-(?P<pid>\d+)")
+LOCK_FILE = ".conveyor.lock"
 _HASH_SEED = 20240601
 _FRACTION_BITS = 53
 
@@ -173,17 +184,77 @@ def _run_pipeline(source: Source, chunks: list, staging: Path, eval_fraction: fl
         raise
 
 
+def check_data_root(data_root: Path) -> None:
+    """Refuses a directory of spans that is not one (a file), or holds a span named in a way readers miss."""
+    if os.path.lexists(data_root) and not data_root.is_dir():
+        raise ConveyorError(f"data: {data_root} is a file, but spans are written into a directory there; "
+                            "move or remove the file, then run the command again")
+    check_span_names(data_root)
+
+
+def make_data_root(data_root: Path) -> None:
+    """Creates the directory of spans, or says in one line why it cannot be."""
+    check_data_root(data_root)
+    try:
+        data_root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConveyorError(f"data: cannot create the directory of spans {data_root} ({exc.strerror}); "
+                            "set `workspace:` in the spec to a directory you can write") from None
+
+
+def remove_abandoned_staging(data_root: Path) -> list[Path]:
+    """Removes the staging directories of writers that died (SIGKILL, OOM, power loss): those whose process no
+    longer runs, and those carrying this process's own pid (a dead writer's pid, reused). Only a process
+    holding `writing_spans` may call it: no staging directory of this process's is in use then."""
+    own = [path for path in data_root.glob(f".span-*.tmp-{os.getpid()}") if STAGING_PATTERN.fullmatch(path.name)]
+    for path in own:
+        shutil.rmtree(path, ignore_errors=True)
+    return own + remove_orphaned_scratch(".span-", data_root, pattern=STAGING_PATTERN)
+
+
+@contextmanager
+def writing_spans(data_root: Path, waiting: Callable[[Path], None] | None = None) -> Iterator[None]:
+    """Held while a span is numbered and written, so two writers (two `data add-span`, `data init` and `run`)
+    take consecutive numbers instead of racing for one: an flock on `<data_root>/.conveyor.lock`, which the
+    kernel drops however its holder dies. `waiting(lock file)` is called once if another process holds it."""
+    make_data_root(data_root)
+    lock = data_root / LOCK_FILE
+    try:
+        handle = open(lock, "a+")
+    except OSError as exc:
+        raise ConveyorError(f"data: cannot open the lock {lock} ({exc.strerror}); "
+                            "set `workspace:` in the spec to a directory you can write") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting(lock)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            remove_abandoned_staging(data_root)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def say_waiting(lock: Path) -> None:
+    print(f"conveyor: waiting for {lock}: another conveyor command is writing a span there", file=sys.stderr,
+          flush=True)
+
+
 def ingest_span(source: Source, data_root: Path, span: int, eval_fraction: float, provenance: dict,
                 beam_args: tuple[str, ...] | None = None) -> dict:
     """Writes span-N from a source: the shards go into a staging directory beside it (written by the Beam
     pipeline `beam_args` configure, or in this process when None), the manifest follows, then one rename
     publishes it (a reader sees the whole span or none). Refuses to overwrite; leaves nothing behind on
-    failure. Returns the manifest."""
+    failure. Returns the manifest. Whoever chooses `span` holds `writing_spans(data_root)` meanwhile."""
     target = span_dir(data_root, span)
-    if target.exists():
-        raise ConveyorError(f"span {span} already exists at {target}; spans are immutable, add a new one")
-    data_root.mkdir(parents=True, exist_ok=True)
-    staging = data_root / f".span-{span}.tmp-{os.getpid()}"
+    occupied = occupied_slot(data_root, span)
+    if occupied:
+        raise ConveyorError(occupied)
+    make_data_root(data_root)
+    staging = data_root / STAGING_NAME.format(span=span, pid=os.getpid())
     shutil.rmtree(staging, ignore_errors=True)
     started = time.perf_counter()
     try:
@@ -215,7 +286,11 @@ def ingest_span(source: Source, data_root: Path, span: int, eval_fraction: float
         # Durable before it becomes visible, and its name durable after: a crash leaves no span, or a whole one.
         fsync_tree(staging)
         fsync_directory(data_root)
-        os.rename(staging, target)
+        try:
+            os.rename(staging, target)
+        except OSError as exc:  # something took the name meanwhile (not a writer: they hold writing_spans)
+            raise ConveyorError(occupied_slot(data_root, span)
+                                or f"data: cannot rename {staging} to {target} ({exc.strerror})") from None
         fsync_directory(data_root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

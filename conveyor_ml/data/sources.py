@@ -34,6 +34,8 @@ CHUNK_PIXELS = 16_000_000
 # Examples per block a worker holds at once.
 BLOCK_EXAMPLES = 4096
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+# The longest CSV header row read: 14 bytes a column for 1024x1024 images.
+MAX_HEADER_BYTES = 16 * 2**20
 
 Block = tuple[np.ndarray, np.ndarray]  # uint8 images [n, H, W], int64 labels [n]
 
@@ -70,6 +72,14 @@ def _is_directory(path: str) -> bool:
 
 def _exists(path: str) -> bool:
     return _filesystems().exists(path)
+
+
+def _check_regular_file(path: str, kind: str, wanted: str) -> None:
+    """Refuses a local directory, device or pipe where a source reads a file (object stores hold files)."""
+    if "://" in path or os.path.isfile(path):
+        return
+    what = "a directory" if os.path.isdir(path) else "not a regular file (a device, a pipe or a socket)"
+    raise ConveyorError(f"data.path: {path} is {what}; the {kind} source reads {wanted}")
 
 
 def check_labels(labels: np.ndarray, where: str) -> None:
@@ -255,12 +265,19 @@ class CsvSource(Source):
 
     def __init__(self, path: str, image_shape: tuple[int, int]):
         self.path, self.image_shape = path, tuple(image_shape)
+        _check_regular_file(path, self.kind, "one .csv file (mnist-idx and image-folder read directories)")
         with _open(path) as handle:
-            first = handle.readline()
+            # Bounded: a file without a line break (or /dev/zero behind a link) must not fill the memory.
+            first = handle.readline(MAX_HEADER_BYTES + 1)
+        if len(first) > MAX_HEADER_BYTES:
+            raise ConveyorError(f"data.path: {path}: its first line runs past {MAX_HEADER_BYTES:,} bytes "
+                                "without a line break; a CSV source starts with a header row (label, then one "
+                                "column per pixel) ending in a line break")
         if not first.strip():
             raise ConveyorError(f"data.path: {path} is empty")
         self.header_bytes = len(first)
-        header = [name.strip() for name in first.decode("utf-8", errors="replace").split(",")]
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") is not part of the first column's name.
+        header = [name.strip() for name in first.decode("utf-8-sig", errors="replace").split(",")]
         if LABEL_KEY not in header:
             raise ConveyorError(f"data.path: {path} has no 'label' column in its header row")
         self.label_column = header.index(LABEL_KEY)

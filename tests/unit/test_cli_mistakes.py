@@ -43,7 +43,14 @@ def _foreign_sqlite() -> bytes:
         return path.read_bytes()
 
 
-# (name, files to create {relative path: text, bytes or None for a directory}, argv, what the one line must name)
+class Link(str):
+    """A symbolic link to this target, as a file to create."""
+
+
+SPAN_1 = {"workspace/data/span-1/span.json": "{}"}  # a span, as far as choosing the next number goes
+
+# (name, files to create {relative path: text, bytes, a Link or None for a directory}, argv, what the one line
+# must name)
 CASES = [
     ("yaml nested 20k levels", {"deep.yaml": _nested(20_000)}, ["validate", "deep.yaml"],
      ["deep.yaml:2:", "nested deeper than 64 levels"]),
@@ -170,6 +177,18 @@ CASES = [
      ["status", "--spec", "base.yaml"], ["serving base path afile is a file", "base_path"]),
     ("serve rest host empty", {}, ["serve", "--model_name", "m", "--model_base_path", ".", "--rest_api_host", ""],
      ["--rest_api_host is empty", "0.0.0.0 (every interface)"]),
+    ("add-span over an incomplete span", {**SPAN_1, "workspace/data/span-2/train": None},
+     ["data", "add-span", "--spec", "spec.yaml"],
+     ["workspace/data/span-2 is an incomplete span (no span.json", "remove it, or complete it"]),
+    ("add-span over a dangling span link", {**SPAN_1, "workspace/data/span-2": Link("gone")},
+     ["data", "add-span", "--spec", "spec.yaml"], ["data/span-2 is a dangling symbolic link (to gone)", "remove it"]),
+    ("add-span beside a span numbered 03", {**SPAN_1, "workspace/data/span-03/span.json": "{}"},
+     ["data", "add-span", "--spec", "spec.yaml"], ["data/span-03 is not a span name", "rename it to span-3"]),
+    ("add-span from /dev/zero", {**SPAN_1, "zero.csv": Link("/dev/zero")},
+     ["data", "add-span", "--spec", "spec.yaml", "--from", "zero.csv"],
+     ["data.path: zero.csv is not a regular file", "reads one .csv file"]),
+    ("data init where the data directory is a file", {"workspace/data": "spans?\n"},
+     ["data", "init", "--spec", "spec.yaml"], ["workspace/data is a file", "move or remove the file"]),
     ("serve session config not text", {"session.cfg": b"\xff\xfe\x00binary"},
      ["serve", "--model_name", "m", "--model_base_path", ".", "--tensorflow_session_config_file", "session.cfg"],
      ["session.cfg", "not a text file"]),
@@ -177,7 +196,7 @@ CASES = [
 
 
 def _tree(root: Path) -> dict[str, tuple]:
-    return {str(p.relative_to(root)): (p.is_dir(), p.stat().st_size, p.stat().st_mtime_ns)
+    return {str(p.relative_to(root)): (p.is_dir(), p.lstat().st_size, p.lstat().st_mtime_ns)
             for p in sorted(root.rglob("*"))}
 
 
@@ -211,7 +230,9 @@ def test_a_cli_mistake_is_one_line_exit_2_nothing_written_at_once(tmp_path, name
     for relative, text in files.items():
         path = tmp_path / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        if text is None:
+        if isinstance(text, Link):
+            path.symlink_to(text)
+        elif text is None:
             path.mkdir()
         else:
             path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)

@@ -99,6 +99,46 @@ def test_csv_header_problems(tmp_path, body, message):
         sources.open_source("csv", str(bad), (6, 6))
 
 
+def test_csv_header_with_a_byte_order_mark_is_read(tmp_path):
+    """Excel's "CSV UTF-8" starts the file with a byte-order mark: the first column is still `label`."""
+    path = tmp_path / "excel.csv"
+    header = "label," + ",".join(f"p{i}" for i in range(36))
+    path.write_bytes(b"\xef\xbb\xbf" + (header + "\n7," + ",".join(["200"] * 36) + "\n3," + ",".join(["0"] * 36)
+                                          + "\n").encode())
+    images, labels = read_in_chunks(sources.open_source("csv", str(path), (6, 6)))
+    assert labels.tolist() == [7, 3]
+    assert images.shape == (2, 6, 6) and images[0].min() == 200 and images[1].max() == 0
+
+
+def test_csv_path_that_is_a_directory_or_a_device_is_one_line(tmp_path):
+    (tmp_path / "digits").mkdir()
+    with pytest.raises(ConveyorError, match=r"digits is a directory; the csv source reads one \.csv file"):
+        sources.open_source("csv", str(tmp_path / "digits"), (6, 6))
+    (tmp_path / "zero.csv").symlink_to("/dev/zero")  # endless, and no line break
+    with pytest.raises(ConveyorError, match="zero.csv is not a regular file"):
+        sources.open_source("csv", str(tmp_path / "zero.csv"), (6, 6))
+
+
+def test_csv_header_without_a_line_break_is_read_only_so_far(tmp_path, monkeypatch):
+    """A file of one endless line is refused after a bounded read, not read whole into memory."""
+    monkeypatch.setattr(sources, "MAX_HEADER_BYTES", 1000)
+    path = tmp_path / "one-line.csv"
+    path.write_bytes(b"label" + b",p" * 100_000)  # 200 KB, no line break
+    read = []
+    opened = sources._open
+
+    def counting_open(name):
+        handle = opened(name)
+        original = handle.readline
+        handle.readline = lambda *limit: read.append(len(line := original(*limit))) or line
+        return handle
+
+    monkeypatch.setattr(sources, "_open", counting_open)
+    with pytest.raises(ConveyorError, match="its first line runs past 1,000 bytes without a line break"):
+        sources.open_source("csv", str(path), (6, 6))
+    assert read == [1001]
+
+
 @pytest.mark.parametrize("row, message", [
     ("3," + ",".join(["1"] * 35) + ",oops", "is not a row of numbers"),
     ("3," + ",".join(["1"] * 35) + ",300", "pixel values must lie in 0..255"),

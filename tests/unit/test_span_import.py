@@ -51,3 +51,15 @@ def test_a_span_without_its_manifest_is_refused(tmp_path):
     (tmp_path / "data" / "span-1" / "train" / "data-00000-of-00001.tfrecord.gz").write_bytes(b"")
     with pytest.raises(ConveyorError, match="has no span.json: it is still being written"):
         import_span(tmp_path / "data", 1, tmp_path / "artifact")
+
+
+def test_a_truncated_manifest_is_named_with_what_to_do(tmp_path):
+    rng = np.random.default_rng(0)
+    data = ImageSet(rng.integers(0, 256, (50, 8, 8)).astype(np.uint8), rng.integers(0, 10, 50))
+    span = write_span(tmp_path / "data", 2, data, 0.2, {"source": "test"})
+    manifest = span / "span.json"
+    manifest.write_bytes(manifest.read_bytes()[:40])  # a disk that filled up, a copy cut short
+    with pytest.raises(ConveyorError) as raised:
+        import_span(tmp_path / "data", 2, tmp_path / "artifact")
+    assert str(raised.value).startswith(f"{manifest}: not valid JSON (")
+    assert "restore its directory from a backup, or remove the directory" in str(raised.value)
