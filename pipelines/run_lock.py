@@ -14,6 +14,8 @@ from conveyor_ml.base.clock import utc_now
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.pipelines.workspace import STATE_DIRECTORY
 
+HELD = "another run of this pipeline is in progress"  # how RunLockHeld begins (the scheduler looks for it)
+
 
 class RunLockHeld(ConveyorError):
     pass
@@ -58,7 +60,7 @@ class RunLock:
         except BlockingIOError:
             os.close(fd)
             holder = self.holder()
-            raise RunLockHeld(f"another run of this pipeline is in progress (pid {holder.get('pid', '?')}, "
+            raise RunLockHeld(f"{HELD} (pid {holder.get('pid', '?')}, "
                               f"started {holder.get('started', '?')}); wait for it or stop it") from None
         previous = self.holder()
         note = None

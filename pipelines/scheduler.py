@@ -32,7 +32,7 @@ from conveyor_ml.formats import release_state as releases
 from conveyor_ml.formats.spans import span_numbers
 from conveyor_ml.metadata import store as metadata
 from conveyor_ml.metadata.index import MetadataIndex
-from conveyor_ml.pipelines.run_lock import RunLock
+from conveyor_ml.pipelines.run_lock import HELD, RunLock
 from conveyor_ml.pipelines.workspace import STATE_DIRECTORY, check_workspace
 
 
@@ -166,7 +166,9 @@ class Scheduler:
         self.child = None
         return Outcome(code == 0, code, last, "; ".join(results))
 
-    def trigger(self, reason: str) -> None:
+    def trigger(self, reason: str) -> bool:
+        """Runs the pipeline (retrying a failed run); False when it could not start because another process's
+        run took the run lock first (a manual `conveyor run` just begun): no run of this scheduler's counted."""
         self.runs_started += 1
         self.log(f"trigger {self.runs_started}: {reason}")
         for attempt in range(1, self.retries + 2):
@@ -174,25 +176,30 @@ class Scheduler:
             newest = self.latest_span()
             outcome = self.run_once()
             seconds = time.monotonic() - started
+            if not outcome.ok and HELD in outcome.last_line:
+                self.runs_started -= 1
+                self.log(f"{outcome.last_line.removeprefix('conveyor: error: ')}: this trigger waits for it")
+                return False
             if outcome.ok:
                 self.log(f"run succeeded in {seconds:.1f}s: {'; '.join(filter(None, [outcome.last_line, outcome.results]))}")
                 self.start_pending_analysis()
-                return
+                return True
             if self.stopping:
                 self.log(f"run abandoned on SIGTERM (exit {outcome.code}); its pushes are atomic, nothing half-written")
-                return
+                return True
             self.log(f"run failed (exit {outcome.code}) after {seconds:.1f}s: {outcome.last_line}")
             if self.blocked(newest):
                 self.log(f"span {newest} was blocked by the drift gate (data.drift.policy block): not retried; "
                          "it stays out of training, and the next span is compared with the last one before it")
-                return
+                return True
             if attempt <= self.retries:
                 delay = self.backoff * 2 ** (attempt - 1)
                 self.log(f"retry {attempt}/{self.retries} in {delay:g}s")
                 self._sleep(delay)
                 if self.stopping:
-                    return
+                    return True
         self.log("giving up on this trigger; waiting for the next one")
+        return True
 
     def start_pending_analysis(self) -> None:
         """Starts the canary analysis a run's push left pending (one at a time; none while one runs)."""
@@ -264,12 +271,16 @@ class Scheduler:
                     self._sleep(self.poll)
                     continue
                 waiting = False
-                self.trigger(reason)
+                if not self.trigger(reason):
+                    continue  # another process's run holds the lock: waited for above, then looked at again
                 handled_through = max(handled_through, through)
                 if next_tick is not None:
                     next_tick = time.monotonic() + self.every
             self._finish_analysis()
             self.log(f"stopped after {self.runs_started} runs")
             return 0
+        except KeyboardInterrupt:  # Ctrl-C: the log says so too (a run it started goes on unless it got it)
+            self.log(f"interrupted after {self.runs_started} runs")
+            raise
         finally:
             signal.signal(signal.SIGTERM, previous)

@@ -277,3 +277,40 @@ def test_a_scheduler_that_cannot_write_its_log_says_so_in_one_line(tmp_path, dam
         Scheduler(spec, tmp_path / "spec.yaml", every=60.0, on_new_data=False, max_runs=1, retries=0, backoff=1,
                   poll=1)
     assert str(refused.value).startswith(expected)
+
+
+def test_a_trigger_whose_run_finds_the_lock_taken_waits_instead_of_failing(tmp_path):
+    """A manual `conveyor run` that took the lock just before the scheduler's run did: that run exits 2 at
+    once. It was a failed run, retried with backoff and counted against --max-runs; now the trigger is not
+    counted and the loop waits for the holder, as it does for a run it sees first."""
+    import subprocess
+    import sys
+
+    spec = load_spec(write_spec(tmp_path))
+    scheduler = Scheduler(spec, tmp_path / "spec.yaml", every=60.0, on_new_data=False, max_runs=1, retries=2,
+                          backoff=30, poll=0.2)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(spec.workspace)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        assert scheduler.trigger("interval") is False
+    finally:
+        holder.kill()
+        holder.wait()
+    log = (spec.workspace / ".conveyor" / "schedule.log").read_text()
+    assert scheduler.runs_started == 0 and "retry" not in log and "run failed" not in log
+    assert f"another run of this pipeline is in progress (pid {holder.pid}, started " in log
+    assert log.rstrip().endswith("this trigger waits for it")
+
+
+def test_ctrl_c_to_the_scheduler_is_in_its_log(tmp_path):
+    import signal
+    import threading
+
+    spec = load_spec(write_spec(tmp_path))
+    scheduler = Scheduler(spec, tmp_path / "spec.yaml", every=3600.0, on_new_data=False, max_runs=None,
+                          retries=0, backoff=1, poll=0.1)
+    threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+    with pytest.raises(KeyboardInterrupt):
+        scheduler.loop()
+    log = (spec.workspace / ".conveyor" / "schedule.log").read_text().splitlines()
+    assert log[-1].endswith("conveyor schedule: interrupted after 0 runs")
