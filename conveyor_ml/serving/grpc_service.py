@@ -261,6 +261,10 @@ def signature_def_map(servable) -> get_model_metadata_pb2.SignatureDefMap:
 def model_status_response(server: ModelServer, name: str, version: int | None,
                           label: str | None) -> get_model_status_pb2.GetModelStatusResponse:
     """GetModelStatus for REST and gRPC alike: every version known, or the one asked for."""
+    if not server.registry.has(name):  # get_model_status_impl.cc: what the state monitor has never seen
+        if version is not None and not label:
+            raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find version {version} of model {name}")
+        raise ServingError(grpc.StatusCode.NOT_FOUND, f"Could not find any versions of model {name}")
     model = server.model(name)
     response = get_model_status_pb2.GetModelStatusResponse()
     for status in model.statuses(version, label):

@@ -77,6 +77,8 @@ def decode_tensor(alias: str, proto: tensor_pb2.TensorProto, budget: DecodeBudge
         raise invalid_argument(f"input '{alias}': dimension sizes must be known and non-negative, got "
                                f"[{','.join(map(str, shape))}]")
     elements = math.prod(shape)  # Python ints: a product that would overflow int64 is just large
+    if not elements and shape:  # numpy sizes an empty array by its other dimensions (not TensorFlow's rule)
+        _check_empty_shape(alias, shape, dtype_name, proto.dtype)
     field, numpy_type = _FIELDS[proto.dtype]
     item_bytes = _STRING_ELEMENT_BYTES if numpy_type is object else np.dtype(numpy_type).itemsize
     content = proto.tensor_content  # read once: each read copies the bytes out of the message
@@ -102,16 +104,35 @@ def decode_tensor(alias: str, proto: tensor_pb2.TensorProto, budget: DecodeBudge
         if given < elements:
             flat[given:] = values[-1] if given else b""
         return flat.reshape(shape)
-    if field == "half_val":
-        flat = np.array(values, dtype=np.uint16).view(numpy_type)
-    elif field in ("scomplex_val", "dcomplex_val"):
-        pairs = np.array(values, dtype=np.float32 if numpy_type is np.complex64 else np.float64)
+    if field == "half_val":  # the bits in the low 16 of each int32, as TensorFlow truncates them
+        flat = np.array(values, dtype=np.int32).astype(np.uint16).view(numpy_type)
+    elif field in ("scomplex_val", "dcomplex_val"):  # (real, imag) pairs; an odd last value is ignored, as there
+        pairs = np.array(values[:2 * given], dtype=np.float32 if numpy_type is np.complex64 else np.float64)
         flat = pairs.view(numpy_type)
+    elif field == "int_val" and numpy_type is not np.int32:  # int8...uint16 wrap, as TensorFlow's static_cast
+        flat = np.array(values, dtype=np.int32).astype(numpy_type)  # (numpy refuses out-of-range ints)
     else:
         flat = np.array(values, dtype=numpy_type)
     if given < elements:  # TensorFlow's fill: the last value repeated (zeros when none is given)
         flat = np.concatenate([flat, np.full(elements - given, flat[-1] if given else 0, dtype=numpy_type)])
     return flat.reshape(shape)
+
+
+def _check_empty_shape(alias: str, shape: list[int], dtype_name: str, datatype: int) -> None:
+    """A shape with a zero dimension holds nothing, but TensorFlow refuses one whose dimensions overflow int64
+    before the zero (TensorShape::IsValid) and numpy one whose other dimensions (times the item size) do."""
+    item_bytes = _STRING_ELEMENT_BYTES if _FIELDS[datatype][1] is object else _LITTLE_ENDIAN[datatype].itemsize
+    before_zero, others = 1, item_bytes
+    for size in shape:
+        if before_zero:
+            before_zero *= size
+        others *= size or 1
+        if before_zero > _INT64_MAX or others > _INT64_MAX:
+            raise invalid_argument(f"input '{alias}': the dimensions of shape [{','.join(map(str, shape))}] of "
+                                   f"{dtype_name} multiply past what an int64 holds")
+
+
+_INT64_MAX = 2**63 - 1
 
 
 # TensorFlow's AsProtoField: which typed field holds the values of each dtype (TF Serving's default answer;

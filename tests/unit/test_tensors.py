@@ -86,3 +86,52 @@ def test_answers_encode_what_tensorflow_decodes_back(value, as_tensor_content):
     decoded = tf.make_ndarray(tensor_proto(value, as_tensor_content))
     assert decoded.shape == value.shape
     np.testing.assert_array_equal(decoded, value)
+
+
+@pytest.mark.parametrize("shape", [[2**62, 2**62, 0], [0, 2**63 - 1], [2**40, 0, 2**40], [0] + [2**40] * 5])
+def test_an_empty_shape_whose_other_dimensions_overflow_is_refused(shape):
+    """TensorShape::IsValid refuses dimensions whose product overflows int64 before a zero; numpy cannot make
+    an empty array whose other dimensions overflow either (was INTERNAL: numpy's reshape ValueError)."""
+    with pytest.raises(ServingError) as refused:
+        decode_tensor("x", declared(shape), DecodeBudget(BUDGET))
+    assert refused.value.code.name == "INVALID_ARGUMENT"
+    assert refused.value.message == (f"input 'x': the dimensions of shape [{','.join(map(str, shape))}] of DT_FLOAT "
+                                     "multiply past what an int64 holds")
+
+
+@pytest.mark.parametrize("shape", [[0], [3, 0], [0, 2**20, 2**20], [2**30, 0]])
+def test_an_empty_shape_that_fits_decodes_empty(shape):
+    decoded = decode_tensor("x", declared(shape), DecodeBudget(BUDGET))
+    assert decoded.shape == tuple(shape) and decoded.size == 0
+
+
+@pytest.mark.parametrize("dtype, values, expected", [
+    (types_pb2.DT_COMPLEX64, [1.0], np.zeros((), np.complex64)),  # no whole pair: zeros (C++ Tensor::FromProto)
+    (types_pb2.DT_COMPLEX64, [1.0, 2.0, 3.0], np.array(1 + 2j, np.complex64)),
+    (types_pb2.DT_COMPLEX128, [5.0], np.zeros((), np.complex128)),
+])
+def test_an_odd_number_of_complex_parts_ignores_the_last_as_tensorflow_does(dtype, values, expected):
+    """ProtoHelper<complex64>::NumElements is scomplex_val().size() / 2 (was INTERNAL: numpy's view)."""
+    field = "scomplex_val" if dtype == types_pb2.DT_COMPLEX64 else "dcomplex_val"
+    decoded = decode_tensor("x", declared([], dtype=dtype, **{field: values}), DecodeBudget(BUDGET))
+    assert decoded.dtype == expected.dtype
+    np.testing.assert_array_equal(decoded, expected)
+
+
+@pytest.mark.parametrize("dtype, field, values, expected", [
+    (types_pb2.DT_INT8, "int_val", [1000, -129], np.array([-24, 127], np.int8)),
+    (types_pb2.DT_UINT8, "int_val", [-5, 300], np.array([251, 44], np.uint8)),
+    (types_pb2.DT_INT16, "int_val", [70000], np.array([4464], np.int16)),
+    (types_pb2.DT_UINT16, "int_val", [-1], np.array([65535], np.uint16)),
+    (types_pb2.DT_HALF, "half_val", [15360 + 65536], np.array([1.0], np.float16)),
+])
+def test_out_of_range_narrow_ints_wrap_as_tensorflow_casts_them(dtype, field, values, expected):
+    """int_val and half_val are int32s that TensorFlow static_casts; numpy refuses out-of-range Python ints
+    (a DeprecationWarning now, OverflowError in numpy 2: INTERNAL)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        decoded = decode_tensor("x", declared([len(values)], dtype=dtype, **{field: values}), DecodeBudget(BUDGET))
+    assert decoded.dtype == expected.dtype
+    np.testing.assert_array_equal(decoded, expected)
