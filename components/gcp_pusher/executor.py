@@ -56,7 +56,8 @@ class Executor(BlessedModelPusher):
                     return self._dry_run(settings, model_name, files, artifact_uri, labels, pushed_model)
                 uploader = gcs_upload.GcsUploader(gcp.storage_client(settings), settings.bucket,
                                                   retry_seconds=settings.retry_seconds,
-                                                  workers=settings.upload_workers, say=say)
+                                                  workers=settings.upload_workers, say=say,
+                                                  timeout=gcp.call_seconds(settings))
                 uploader.upload(files, version_dir, {"model_name": model_name, "mlmd_model_id": model.id,
                                                      "pipeline_run": run_id})
             vertex = VertexApi(settings, model_name, say=say, dry_run=False)

@@ -2,9 +2,86 @@
 from __future__ import annotations
 
 import re
+import time
 
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.spec import GcpPusherSettings
+
+# Bounds on every call to Google Cloud (the per-call one follows `retry_seconds`, which tests lower).
+CALL_SECONDS = 60.0  # one HTTP request: connecting, each read, and the whole answer; at most retry_seconds
+MAX_RESPONSE_BYTES = 16 * 1024 * 1024  # an answer larger than this is refused unread (none legitimately is)
+
+
+def call_seconds(settings: GcpPusherSettings) -> float:
+    return min(CALL_SECONDS, settings.retry_seconds)
+
+
+def operation_seconds(settings: GcpPusherSettings) -> float:
+    return settings.operation_seconds
+
+
+class ResponseTooLarge(Exception):
+    """An answer over MAX_RESPONSE_BYTES: refused after reading at most that much."""
+
+
+class _BoundedBody:
+    """A response's urllib3 body that stops after MAX_RESPONSE_BYTES or when the call's time is up (a body
+    that never ends would otherwise keep a read timeout from ever firing)."""
+
+    def __init__(self, raw, url: str, deadline: float):
+        self.__dict__.update(_raw=raw, _url=url, _deadline=deadline, _read=0)
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+
+    def __setattr__(self, name, value):
+        setattr(self._raw, name, value)
+
+    def _count(self, chunk):
+        self.__dict__["_read"] += len(chunk)
+        if self._read > MAX_RESPONSE_BYTES:
+            self._raw.close()
+            raise ResponseTooLarge(f"the answer is larger than {MAX_RESPONSE_BYTES // (1024 * 1024)} MiB")
+        if time.monotonic() > self._deadline:
+            import requests
+
+            self._raw.close()
+            raise requests.exceptions.ReadTimeout(
+                f"the answer did not end within the call's time ({self._url})")
+        return chunk
+
+    def stream(self, amt=65536, decode_content=None):
+        """What urllib3's stream() yields, but a read returns what has arrived (read1) instead of waiting for
+        `amt` bytes, so the deadline is checked while a body trickles in."""
+        if self._raw.chunked and self._raw.supports_chunked_reads():
+            for chunk in self._raw.read_chunked(amt, decode_content=decode_content):
+                yield self._count(chunk)
+            return
+        while True:
+            chunk = self._raw.read1(amt, decode_content=decode_content)
+            if not chunk:
+                return
+            yield self._count(chunk)
+
+    def read(self, amt=None, *args, **kwargs):
+        amt = amt if amt is not None else MAX_RESPONSE_BYTES + 1
+        return self._count(self._raw.read(amt, *args, **kwargs))
+
+
+def bound_responses(session, seconds: float):
+    """Makes every answer `session` (a requests.Session) receives bounded in size and time: a hook on the
+    session, before requests reads the body."""
+    def hook(response, **kwargs):
+        length = response.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) > MAX_RESPONSE_BYTES:
+            response.close()
+            raise ResponseTooLarge(f"the answer is larger than {MAX_RESPONSE_BYTES // (1024 * 1024)} MiB "
+                                   f"({length} bytes)")
+        response.raw = _BoundedBody(response.raw, response.url, time.monotonic() + seconds)
+        return response
+
+    session.hooks["response"].append(hook)
+    return session
 
 
 def display_name(settings: GcpPusherSettings, model_name: str) -> str:
@@ -47,10 +124,13 @@ def credentials(settings: GcpPusherSettings):
 
 
 def storage_client(settings: GcpPusherSettings):
+    from google.auth.transport.requests import AuthorizedSession
     from google.cloud import storage
 
     options = {"api_endpoint": settings.storage_endpoint} if settings.storage_endpoint else None
-    return storage.Client(project=settings.project, credentials=credentials(settings), client_options=options)
+    creds = credentials(settings)
+    session = bound_responses(AuthorizedSession(creds), call_seconds(settings))
+    return storage.Client(project=settings.project, credentials=creds, client_options=options, _http=session)
 
 
 def vertex_clients(settings: GcpPusherSettings):
@@ -60,8 +140,11 @@ def vertex_clients(settings: GcpPusherSettings):
     endpoint = settings.vertex_endpoint or f"https://{settings.region}-aiplatform.googleapis.com"
     options = {"api_endpoint": endpoint}
     creds = credentials(settings)
-    return (aiplatform_v1.ModelServiceClient(credentials=creds, transport="rest", client_options=options),
-            aiplatform_v1.EndpointServiceClient(credentials=creds, transport="rest", client_options=options))
+    clients = tuple(kind(credentials=creds, transport="rest", client_options=options)
+                    for kind in (aiplatform_v1.ModelServiceClient, aiplatform_v1.EndpointServiceClient))
+    for client in clients:  # the REST transport's requests session: no public way to reach it
+        bound_responses(client._transport._session, call_seconds(settings))
+    return clients
 
 
 def label_value(text: str) -> str:

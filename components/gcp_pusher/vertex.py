@@ -6,6 +6,7 @@ instead of sending it (and answers lookups with "not found", so the plan shown i
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 from collections.abc import Callable
 
@@ -21,11 +22,21 @@ class VertexError(Exception):
 
 
 HINTS = {
+    401: "Google rejected the credentials: run `gcloud auth application-default login` or fix "
+         "gcp_pusher.credentials",
     403: "the account needs roles/aiplatform.user on the project (and roles/iam.serviceAccountUser to deploy)",
     404: "check gcp_pusher.project and gcp_pusher.region",
     429: "quota exhausted; retried until gcp_pusher.retry_seconds ran out",
+    500: "a Vertex AI server error",
+    502: "a Vertex AI server error",
     503: "Vertex AI unavailable; retried until gcp_pusher.retry_seconds ran out",
+    504: "a Vertex AI server error",
 }
+# Calls that may be repeated when the outcome of an attempt is unknown (a 5xx, a reset, a timeout): reads, and
+# writes that set a state. UploadModel, CreateEndpoint, DeployModel and UndeployModel are not repeated then
+# (a second UploadModel is a second version); the push fails and a rerun converges.
+IDEMPOTENT = ("List", "Get", "MergeVersionAliases", "UpdateEndpoint")
+RERUN = "the call may have taken effect or not; run the push again: it converges on what the endpoint holds"
 
 
 class VertexApi:
@@ -40,7 +51,8 @@ class VertexApi:
         self.models = self.endpoints = None
         if dry_run is not True:
             self.models, self.endpoints = gcp.vertex_clients(settings)
-        self.retry = _retry(settings.retry_seconds, say)
+        self.retry = _retry(settings.retry_seconds, say, idempotent=True)
+        self.write_retry = _retry(settings.retry_seconds, say, idempotent=False)
 
     def _send(self, method: str, request, *, resource: str, long_running: bool = False):
         reading = method.split(".")[-1].startswith(("List", "Get"))
@@ -53,20 +65,25 @@ class VertexApi:
 
         client = self.models if method.startswith("ModelService") else self.endpoints
         call = getattr(client, _snake(method.split(".")[-1]))
+        name = method.split(".")[-1]
+        idempotent = name.startswith(IDEMPOTENT)
+        retry = self.retry if idempotent else self.write_retry
         try:
-            answer = call(request=request, retry=self.retry, timeout=60)
-            return answer.result(timeout=self.settings.retry_seconds, retry=self.retry) if long_running else answer
-        except exceptions.GoogleAPICallError as exc:
-            code = getattr(exc, "code", None)
-            hint = HINTS.get(int(code)) if code else None
-            raise VertexError(f"Vertex AI {method} on {resource} failed: {code} {exc.message}"
-                              + (f" ({hint})" if hint else "")) from None
+            answer = call(request=request, retry=retry, timeout=gcp.call_seconds(self.settings))
+            if long_running:
+                return answer.result(timeout=gcp.operation_seconds(self.settings), retry=self.retry)
+            return answer
         except exceptions.RetryError as exc:
-            code = getattr(exc.cause, "code", None)
-            hint = HINTS.get(int(code)) if code else None
             raise VertexError(f"Vertex AI {method} on {resource} still failing after "
-                              f"{self.settings.retry_seconds:g}s of retries: {code or exc.cause}"
-                              + (f" ({hint})" if hint else "")) from None
+                              f"{self.settings.retry_seconds:g}s of retries: "
+                              f"{_describe(exc.cause, idempotent)}") from None
+        except concurrent.futures.TimeoutError:
+            raise VertexError(f"Vertex AI {method} on {resource}: the operation did not finish within "
+                              f"{gcp.operation_seconds(self.settings):g}s; it may still finish on Vertex AI: "
+                              "run the push again, which converges on what the endpoint then holds") from None
+        except Exception as exc:  # every way a call can fail: one line
+            raise VertexError(f"Vertex AI {method} on {resource} failed: "
+                              f"{_describe(exc, idempotent)}") from None
 
     # Model Registry
     def find_model(self) -> str | None:
@@ -189,12 +206,54 @@ def _snake(name: str) -> str:
     return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
 
 
-def _retry(seconds: float, say: Callable[[str], None]):
+def _describe(exc: BaseException | None, idempotent: bool) -> str:
+    """One line for why a call failed, with what to do."""
+    import requests
+    from google.api_core import exceptions
+    from google.auth.exceptions import GoogleAuthError, TransportError
+    from google.protobuf import json_format
+
+    if isinstance(exc, exceptions.GoogleAPICallError):
+        code = exc.code
+        hint = HINTS.get(int(code)) if code else None
+        if code and int(code) >= 500 and not idempotent:
+            hint = f"{hint}; {RERUN}"
+        elif code and int(code) >= 500:
+            hint = f"{hint}; retried until gcp_pusher.retry_seconds ran out"
+        return f"{code} {exc.message}" + (f" ({hint})" if hint else "")
+    if isinstance(exc, gcp.ResponseTooLarge):
+        return f"{exc}; is gcp_pusher.vertex_endpoint a Vertex AI endpoint?"
+    if isinstance(exc, (json_format.ParseError, ValueError)):
+        return (f"the answer is not the documented JSON ({str(exc)[:200]}); "
+                "is gcp_pusher.vertex_endpoint a Vertex AI endpoint?")
+    if isinstance(exc, requests.exceptions.Timeout):
+        return ("timed out (an attempt has gcp_pusher.retry_seconds, at most 60s); raise "
+                "gcp_pusher.retry_seconds on a slow network"
+                + ("" if idempotent else f"; {RERUN}"))
+    if isinstance(exc, requests.exceptions.RequestException):
+        return (f"connection failed ({type(exc).__name__}); check the network"
+                + (" (retried until gcp_pusher.retry_seconds ran out)" if idempotent else f"; {RERUN}"))
+    if isinstance(exc, TransportError):
+        return f"could not reach Google's token service ({str(exc)[:200]}); check the network"
+    if isinstance(exc, GoogleAuthError):
+        return f"{exc} ({HINTS[401]})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _retry(seconds: float, say: Callable[[str], None], *, idempotent: bool):
+    """429 and 503 mean the call was not acted on: every call retries them. Other 5xx, resets and timeouts
+    leave the outcome unknown: only calls that may be repeated retry them."""
+    import requests
     from google.api_core import exceptions
     from google.api_core.retry import Retry, if_exception_type
 
     def report(error: Exception) -> None:
         say(f"Vertex AI answered {getattr(error, 'code', None) or type(error).__name__}; retrying with backoff")
 
-    return Retry(predicate=if_exception_type(exceptions.TooManyRequests, exceptions.ServiceUnavailable),
-                 initial=0.5, maximum=10.0, multiplier=2.0, timeout=seconds, on_error=report)
+    kinds = (exceptions.TooManyRequests, exceptions.ServiceUnavailable, requests.exceptions.ConnectTimeout)
+    if idempotent:
+        kinds += (exceptions.InternalServerError, exceptions.BadGateway, exceptions.GatewayTimeout,
+                  requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                  requests.exceptions.ChunkedEncodingError)
+    return Retry(predicate=if_exception_type(*kinds), initial=min(0.5, seconds / 10),
+                 maximum=min(10.0, seconds / 2), multiplier=2.0, timeout=seconds, on_error=report)

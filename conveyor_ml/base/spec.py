@@ -266,6 +266,9 @@ class GcpPusherSettings:
     dry_run: bool = option(False, doc="Print every Cloud Storage and Vertex AI call with its request, make none.")
     retry_seconds: float = option(300.0, doc="How long 429/503 answers are retried with backoff before the push "
                                              "fails.", exclusiveMinimum=0, maximum=3600)
+    operation_seconds: float = option(3600.0, doc="How long a Vertex AI long-running operation (a deploy takes "
+                                                  "10-30 minutes) is waited for before the push fails; a rerun "
+                                                  "converges.", exclusiveMinimum=0, maximum=86400)
     upload_workers: int = option(8, doc="Parallel uploads.", minimum=1, maximum=64)
     # Emulators and fakes (tests, local trials); unset means Google's own endpoints.
     storage_endpoint: str | None = option(None, doc="Cloud Storage endpoint (an emulator).", pattern="^https?://")

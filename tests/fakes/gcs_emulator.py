@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.client
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -52,12 +54,20 @@ class StorageEmulator:
 
 
 class FaultyProxy:
-    """Forwards HTTP to `target`; requests whose method and path match a rule get its status instead,
-    `times` times (None: always)."""
+    """Forwards HTTP to `target`; requests whose method and path (query included) match a rule get its status
+    instead (with `Retry-After` when given), `times` times (None: always). `misbehave` rules do worse:
+    reset       read the request (an upload's bytes), then reset the connection (RST) without answering
+    slow        wait `seconds`, then forward
+    huge        answer 200 with a `size`-byte JSON body, streamed (the rule's `sent` counts what got out)
+    endless     answer 200 and dribble body bytes until the client hangs up (or the proxy stops)
+    A resumable upload that lost its session is `fail("PUT", "upload_id", 404)` (or 410). The Host header is
+    forwarded, so the emulator's resumable-session URLs point back at the proxy."""
 
     def __init__(self, target_port: int):
         self.target_port = target_port
-        self.rules: list[list] = []
+        self.rules: list[list] = []  # [method, path_contains, status, times, retry_after]
+        self.misbehaviours: list[dict] = []
+        self.stopping = threading.Event()
         self.failed = 0
         self.paths: list[tuple[str, str]] = []  # (method, path) of every request, in order
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -67,14 +77,31 @@ class FaultyProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_address[1]}"
 
-    def fail(self, method: str, path_contains: str, status: int, times: int | None = None) -> None:
-        self.rules.append([method, path_contains, status, times])
+    def fail(self, method: str, path_contains: str, status: int, times: int | None = None,
+             retry_after: str | None = None) -> None:
+        self.rules.append([method, path_contains, status, times, retry_after])
+
+    def misbehave(self, method: str, path_contains: str, mode: str, times: int | None = None, *,
+                  seconds: float = 0.0, size: int = 100 * 1024 * 1024) -> dict:
+        rule = {"method": method, "path_contains": path_contains, "mode": mode, "times": times,
+                "seconds": seconds, "size": size, "sent": 0}
+        self.misbehaviours.append(rule)
+        return rule
+
+    def _misbehaviour(self, method: str, path: str) -> dict | None:
+        for rule in self.misbehaviours:
+            if rule["method"] == method and rule["path_contains"] in path and rule["times"] != 0:
+                if rule["times"] is not None:
+                    rule["times"] -= 1
+                return rule
+        return None
 
     def __enter__(self) -> FaultyProxy:
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stopping.set()
         self.server.shutdown()
         self.server.server_close()
 
@@ -99,18 +126,27 @@ class FaultyProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
                 proxy.paths.append((self.command, self.path.split("?")[0]))
+                bad = proxy._misbehaviour(self.command, self.path)
+                if bad and bad["mode"] == "slow":
+                    time.sleep(bad["seconds"])
+                elif bad:
+                    proxy.failed += 1
+                    self._misbehave(bad)
+                    return
                 rule = proxy._matching_rule(self.command, self.path)
                 if rule:
                     proxy.failed += 1
                     payload = (b'{"error": {"code": %d, "message": "injected by the test proxy"}}' % rule[2])
                     self.send_response(rule[2])
+                    if rule[4] is not None:
+                        self.send_header("Retry-After", rule[4])
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)
                     return
                 connection = http.client.HTTPConnection("127.0.0.1", proxy.target_port, timeout=30)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "connection"}
                 connection.request(self.command, self.path, body=body, headers=headers)
                 response = connection.getresponse()
                 payload = response.read()
@@ -122,6 +158,35 @@ class FaultyProxy:
                 self.end_headers()
                 self.wfile.write(payload)
                 connection.close()
+
+            def _misbehave(self, rule: dict) -> None:
+                self.close_connection = True
+                if rule["mode"] == "reset":
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                if rule["mode"] == "huge":
+                    self.send_header("Content-Length", str(rule["size"]))
+                else:
+                    self.send_header("Connection", "close")
+                self.end_headers()
+                block = b" " * 65536
+                deadline = time.monotonic() + 120
+                try:
+                    while not proxy.stopping.is_set() and time.monotonic() < deadline:
+                        if rule["mode"] == "huge":
+                            if rule["sent"] >= rule["size"]:
+                                return
+                            chunk = block[:rule["size"] - rule["sent"]]
+                        else:
+                            chunk = b" "
+                            time.sleep(0.05)
+                        self.wfile.write(chunk)
+                        rule["sent"] += len(chunk)
+                except OSError:
+                    return  # the client hung up
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
 

@@ -2,12 +2,16 @@
 
 It answers with the documented JSON shapes (long-running operations included), enforces the rules the real
 service enforces that our code relies on (a traffic split sums to 100; a model with traffic cannot be
-undeployed; an alias lives on one version of a model), records every request, and can be told to fail.
+undeployed; an alias lives on one version of a model), records every request, and can be told to fail
+(`fail`) or to misbehave at the HTTP level (`misbehave`: Retry-After, resets, slow, huge or endless bodies,
+malformed JSON, operations that never finish or finish with an error). By default it does neither.
 """
 from __future__ import annotations
 
 import itertools
 import json
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -17,6 +21,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 STATUS_NAMES = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 404: "NOT_FOUND", 409: "ALREADY_EXISTS",
                 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}
 TYPE = "type.googleapis.com/google.cloud.aiplatform.v1."
+# An operation's error is a google.rpc.Status: gRPC codes.
+GRPC_CODES = {400: 3, 403: 7, 404: 5, 409: 6, 429: 8, 500: 13, 503: 14}
+HTTP_MODES = ("status", "reset", "slow", "huge", "endless", "malformed", "wrong_shape")
+OPERATION_MODES = ("pending", "op_error")
 
 
 @dataclass
@@ -24,6 +32,32 @@ class Failure:
     path_contains: str
     status: int
     times: int | None  # None: every time
+
+
+@dataclass
+class Misbehaviour:
+    """What the fake does instead of answering normally, for requests whose path contains `path_contains`
+    (and whose method is `method`, if given), `times` times (None: every time). Modes:
+    status      answer `status` (with `Retry-After: retry_after` when given), doing nothing
+    reset       read the request, then reset the connection (RST) without answering, doing nothing
+    slow        wait `seconds`, then answer normally
+    huge        answer 200 with a `size`-byte JSON body, streamed (counts what it managed to send)
+    endless     answer 200 and dribble body bytes until the client hangs up (or the fake stops)
+    malformed   answer 200 with a body that is not JSON
+    wrong_shape answer 200 with JSON of the wrong shape (`body`, default a list)
+    pending     a write answers a long-running operation that never finishes (and never acts)
+    op_error    a write answers a long-running operation that finished with error `status` (did nothing)
+    """
+    path_contains: str
+    mode: str
+    times: int | None = None
+    method: str | None = None
+    status: int = 503
+    retry_after: str | None = None
+    seconds: float = 0.0
+    size: int = 100 * 1024 * 1024
+    body: object = field(default_factory=lambda: [1, 2, 3])
+    sent: int = 0  # body bytes the fake wrote before the client stopped reading (huge, endless)
 
 
 @dataclass
@@ -42,8 +76,7 @@ class FakeVertexState:
     requests: list[Recorded] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     hang_on: str | None = None  # a request whose path contains this is held, then failed without effect
-
-
+    misbehaviours: list[Misbehaviour] = field(default_factory=list)
 
 
 class VertexError(Exception):
@@ -57,10 +90,11 @@ class FakeVertexAI:
     def __init__(self):
         self.state = FakeVertexState()
         self.ids = itertools.count(1001)
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.hung = threading.Event()  # set when a request matching hang_on arrived
         self.released = threading.Event()
+        self.stopping = threading.Event()  # ends endless bodies
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     @property
@@ -72,11 +106,28 @@ class FakeVertexAI:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.stopping.set()
         self.server.shutdown()
         self.server.server_close()
 
     def fail(self, path_contains: str, status: int, times: int | None = None) -> None:
         self.state.failures.append(Failure(path_contains, status, times))
+
+    def misbehave(self, path_contains: str, mode: str, times: int | None = None, **options) -> Misbehaviour:
+        """See `Misbehaviour`; returns the rule (its `sent` counts the bytes of a huge or endless body)."""
+        rule = Misbehaviour(path_contains, mode, times, **options)
+        self.state.misbehaviours.append(rule)
+        return rule
+
+    def _misbehaviour(self, method: str, path: str, modes: tuple[str, ...]) -> Misbehaviour | None:
+        with self.lock:
+            for rule in self.state.misbehaviours:
+                if (rule.mode in modes and rule.path_contains in path and rule.times != 0
+                        and rule.method in (None, method)):
+                    if rule.times is not None:
+                        rule.times -= 1
+                    return rule
+        return None
 
     def hang(self, path_contains: str) -> None:
         """Hold the next matching request until `release()`, then fail it with 503 without acting on it:
@@ -110,6 +161,14 @@ class FakeVertexAI:
                 body = json.loads(raw) if raw else {}
                 parts = urlsplit(self.path)
                 record = Recorded(method, unquote(parts.path), body)
+                rule = fake._misbehaviour(method, record.path, HTTP_MODES)
+                if rule and rule.mode == "slow":
+                    time.sleep(rule.seconds)
+                elif rule:
+                    with fake.lock:
+                        fake.state.requests.append(record)
+                    self._misbehave(rule, record)
+                    return
                 if fake.state.hang_on and fake.state.hang_on in record.path:
                     fake.hung.set()
                     fake.released.wait(timeout=120)
@@ -133,6 +192,57 @@ class FakeVertexAI:
                 self.end_headers()
                 self.wfile.write(payload)
 
+            def _misbehave(self, rule: Misbehaviour, record: Recorded) -> None:
+                self.close_connection = True
+                if rule.mode == "reset":
+                    record.status = -1
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+                    return
+                if rule.mode == "status":
+                    record.status = rule.status
+                    error = {"code": rule.status, "message": f"injected {rule.status}",
+                             "status": STATUS_NAMES.get(rule.status, "UNKNOWN")}
+                    payload = json.dumps({"error": error}).encode()
+                    self.send_response(rule.status)
+                    if rule.retry_after is not None:
+                        self.send_header("Retry-After", rule.retry_after)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                record.status = 200
+                if rule.mode in ("malformed", "wrong_shape"):
+                    payload = (b'{"name": "projects/' if rule.mode == "malformed"
+                               else json.dumps(rule.body).encode())
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                if rule.mode == "huge":
+                    self.send_header("Content-Length", str(rule.size))
+                self.end_headers()
+                block = b" " * 65536
+                deadline = time.monotonic() + 120
+                try:
+                    while not fake.stopping.is_set() and time.monotonic() < deadline:
+                        if rule.mode == "huge":
+                            if rule.sent >= rule.size:
+                                return
+                            chunk = block[:rule.size - rule.sent]
+                        else:
+                            chunk = b" "
+                            time.sleep(0.05)
+                        self.wfile.write(chunk)
+                        rule.sent += len(chunk)
+                except OSError:
+                    return  # the client hung up: what it read is bounded by `sent`
+
             def do_GET(self):
                 self._serve("GET")
 
@@ -153,12 +263,27 @@ class FakeVertexAI:
 
     def _route(self, method: str, path: str, query: dict, body: dict) -> dict:
         self._injected_failure(path)
+        if path.startswith("/ui/projects/") and "/operations/" in path:  # where the REST client polls them
+            path = "/v1/" + path[len("/ui/"):]
         if not path.startswith("/v1/projects/"):
             raise VertexError(404, f"unknown path {path}")
         resource, _, verb = path[len("/v1/"):].partition(":")
         pieces = resource.split("/")
         location = "/".join(pieces[:4])
+        if method != "GET":
+            rule = self._misbehaviour(method, path, OPERATION_MODES)
+            if rule:  # an operation that never finishes, or fails: either way nothing happened
+                name = f"{location}/operations/{next(self.ids)}"
+                operation = {"name": name, "done": False}
+                if rule.mode == "op_error":
+                    error = {"code": GRPC_CODES.get(rule.status, 2),
+                             "message": f"injected operation error {rule.status}"}
+                    operation = {"name": name, "done": True, "error": error}
+                self.state.operations[name] = operation
+                return operation
         if pieces[4:5] == ["operations"] and method == "GET":
+            if resource not in self.state.operations:
+                raise VertexError(404, f"Operation {resource} not found")
             return self.state.operations[resource]
         if pieces[4:] == ["models"] and method == "GET":
             return {"models": self._filtered(self._latest_models(), query)}
