@@ -8,24 +8,13 @@ from __future__ import annotations
 import time
 
 import pytest
-from google.auth.credentials import AnonymousCredentials
-from google.cloud import storage
 
 from conveyor_ml.base.errors import ConveyorError
-from tests.fakes.gcs_emulator import FaultyProxy, StorageEmulator
+from tests.fakes.gcs_emulator import FaultyProxy
 from tests.fakes.vertex_ai import FakeVertexAI
-from tests.unit.test_gcp_pusher import BUCKET, endpoint_rows, objects, push, settings
+from tests.unit.test_gcp_pusher import endpoint_rows, objects, push, settings
 
 HUNDRED_MB = 100 * 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    with StorageEmulator() as running:
-        client = storage.Client(project="test-project", credentials=AnonymousCredentials(),
-                                client_options={"api_endpoint": running.url})
-        client.create_bucket(BUCKET)
-        yield running
 
 
 @pytest.fixture(scope="module")

@@ -19,19 +19,11 @@ from conveyor_ml.metadata import store as metadata
 from conveyor_ml.metadata.index import deployment_snapshots
 from conveyor_ml.metadata.values import props
 from tests.artifacts import output
-from tests.fakes.gcs_emulator import FaultyProxy, StorageEmulator
+from tests.fakes.gcs_emulator import FaultyProxy
 from tests.fakes.vertex_ai import FakeVertexAI
+from tests.unit.conftest import GCS_BUCKET
 
-BUCKET = "conveyor-models"
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    with StorageEmulator() as running:
-        client = storage.Client(project="test-project", credentials=AnonymousCredentials(),
-                                client_options={"api_endpoint": running.url})
-        client.create_bucket(BUCKET)
-        yield running
+BUCKET = GCS_BUCKET
 
 
 @pytest.fixture
