@@ -12,6 +12,7 @@ from pathlib import Path
 
 from conveyor_ml.base.clock import utc_now
 from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.base.process_lifetime import process_running
 from conveyor_ml.pipelines.workspace import STATE_DIRECTORY
 
 HELD = "another run of this pipeline is in progress"  # how RunLockHeld begins (the scheduler looks for it)
@@ -48,7 +49,7 @@ class RunLock:
         if locked_by is None:
             return None
         if locked_by is _UNKNOWN:  # no /proc/locks (not Linux): the file's word, checked for a live process
-            return holder if holder.get("pid") and _alive(holder["pid"]) else None
+            return holder if holder.get("pid") and process_running(holder["pid"]) else None
         return holder if holder.get("pid") == locked_by else {"pid": locked_by}
 
     def acquire(self) -> str | None:
@@ -64,7 +65,7 @@ class RunLock:
                               f"started {holder.get('started', '?')}); wait for it or stop it") from None
         previous = self.holder()
         note = None
-        if previous.get("pid") and not _alive(previous["pid"]):
+        if previous.get("pid") and not process_running(previous["pid"]):
             note = f"took over the run lock of pid {previous['pid']}, which died without releasing it"
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "started": utc_now()}).encode())
@@ -117,13 +118,3 @@ def _flock_holder(path: Path):
         except ValueError:
             continue
     return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

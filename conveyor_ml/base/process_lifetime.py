@@ -89,7 +89,7 @@ def remove_orphaned_scratch(prefix: str, directory: str | Path | None = None, *,
     for path in Path(directory or tempfile.gettempdir()).glob(glob.escape(prefix) + "*"):
         owner = _owner(path.name, prefix, pattern)
         try:
-            if owner is None or path.lstat().st_uid != os.getuid() or _running(owner):
+            if owner is None or path.lstat().st_uid != os.getuid() or process_running(owner):
                 continue
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path)
@@ -110,11 +110,16 @@ def _owner(name: str, prefix: str, pattern: re.Pattern[str] | None) -> int | Non
     return int(owner) if owner.isdigit() and separator else None
 
 
-def _running(pid: int) -> bool:
+def process_running(pid: int) -> bool:
+    """Whether the process runs: another user's counts, a zombie (dead, not yet waited for) does not, nor does a
+    number no pid can be."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:  # another user's process
         return True
-    return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True  # no /proc: the signal said it exists

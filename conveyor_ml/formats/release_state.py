@@ -48,6 +48,7 @@ from conveyor_ml.base.clock import utc_now
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.files import fsync_directory, fsync_tree, write_atomically
 from conveyor_ml.base.names import CANARY_LABEL, SHADOW_LABEL, STABLE_LABEL
+from conveyor_ml.base.process_lifetime import process_running
 from conveyor_ml.formats import serving_config
 
 STABLE, CANARY, SHADOW = STABLE_LABEL, CANARY_LABEL, SHADOW_LABEL
@@ -133,7 +134,7 @@ class ModelRelease:
         owner = self.analysis or {}
         if "pid" not in owner or self.labels.get(CANARY) != owner.get("version"):
             return False
-        return (owner.get("host") == socket.gethostname() and _pid_alive(owner["pid"])
+        return (owner.get("host") == socket.gethostname() and process_running(owner["pid"])
                 and process_start(owner["pid"]) == owner.get("started"))
 
 
@@ -159,7 +160,7 @@ class ReleaseChange:
     def in_flight(self) -> bool:
         """True while the process that made the change may still record it (a pipeline run publishes its
         push after the pusher returns); a change from another host counts as finished."""
-        return (self.host == socket.gethostname() and self.pid != os.getpid() and _pid_alive(self.pid)
+        return (self.host == socket.gethostname() and self.pid != os.getpid() and process_running(self.pid)
                 and process_start(self.pid) == self.started)
 
 
@@ -633,7 +634,7 @@ def clean_leftovers(directory: Path) -> list[Path]:
         return removed
     for child in sorted(directory.iterdir()):
         match = HIDDEN_VERSION.match(child.name)
-        if match and not _pid_alive(int(match.group("pid"))):
+        if match and not process_running(int(match.group("pid"))):
             shutil.rmtree(child, ignore_errors=True)
             removed.append(child)
         elif child.is_file() and any(child.name.startswith(f".{name}.") for name in _WRITTEN_FILES):
@@ -651,18 +652,6 @@ def process_start(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name before ")" may hold spaces
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether the process runs (a zombie, dead but not yet waited for, does not)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True  # no /proc: the signal said it exists
 
 
 def write_version_atomically(model_dir: Path, version: int, sources: dict[str, Path]) -> Path:

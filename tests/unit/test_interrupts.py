@@ -138,3 +138,20 @@ def test_scratch_of_a_process_that_no_longer_runs_is_removed_and_nothing_else(tm
 
 def test_scratch_names_carry_the_owners_pid():
     assert owned_scratch_prefix("conveyor-train-") == f"conveyor-train-{os.getpid()}-"
+
+
+def test_a_process_runs_unless_it_ended_is_a_zombie_or_cannot_be_a_pid():
+    """The one check release state, the run lock and the scratch sweep share."""
+    from conveyor_ml.base.process_lifetime import process_running
+
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 10
+    while _alive(zombie.pid) and time.monotonic() < deadline:  # ended, not yet waited for
+        time.sleep(0.05)
+    try:
+        assert process_running(os.getpid())
+        assert not process_running(zombie.pid)
+        assert not process_running(10 ** 30)  # a number in a file name or a hand-edited note: no OverflowError
+    finally:
+        zombie.wait()
+    assert not process_running(zombie.pid)
