@@ -1,8 +1,11 @@
 """Writing files so that a reader, or a crash, never sees half of one."""
 from __future__ import annotations
 
+import fcntl
 import os
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -49,3 +52,20 @@ def write_atomically(path: Path, data: bytes | str, mode: int = 0o644) -> None:
         Path(temporary).unlink(missing_ok=True)
         raise
     fsync_directory(path.parent)
+
+
+@contextmanager
+def exclusive_lock(lock_file: Path, waiting: Callable[[Path], None] | None = None) -> Iterator[None]:
+    """An flock on `lock_file` (made if missing) held for the block; the kernel drops it however its holder
+    dies. `waiting(lock_file)` is called once if another process holds it, and this one then waits."""
+    with open(lock_file, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting is not None:
+                waiting(lock_file)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

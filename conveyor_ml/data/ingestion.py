@@ -16,7 +16,6 @@ divided, and exact duplicates never straddle train and eval.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import posixpath
@@ -26,7 +25,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -34,7 +33,7 @@ import numpy as np
 
 from conveyor_ml.base.clock import utc_now
 from conveyor_ml.base.errors import ConveyorError
-from conveyor_ml.base.files import fsync_directory, fsync_tree
+from conveyor_ml.base.files import exclusive_lock, fsync_directory, fsync_tree
 from conveyor_ml.base.names import IMAGE_RAW_KEY, NUM_CLASSES
 from conveyor_ml.base.process_lifetime import remove_orphaned_scratch
 from conveyor_ml.data.sources import Source
@@ -219,23 +218,14 @@ def writing_spans(data_root: Path, waiting: Callable[[Path], None] | None = None
     kernel drops however its holder dies. `waiting(lock file)` is called once if another process holds it."""
     make_data_root(data_root)
     lock = data_root / LOCK_FILE
-    try:
-        handle = open(lock, "a+")
-    except OSError as exc:
-        raise ConveyorError(f"data: cannot open the lock {lock} ({exc.strerror}); "
-                            "set `workspace:` in the spec to a directory you can write") from None
-    with handle:
+    with ExitStack() as held:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting is not None:
-                waiting(lock)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            remove_abandoned_staging(data_root)
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            held.enter_context(exclusive_lock(lock, waiting))
+        except OSError as exc:
+            raise ConveyorError(f"data: cannot open the lock {lock} ({exc.strerror}); "
+                                "set `workspace:` in the spec to a directory you can write") from None
+        remove_abandoned_staging(data_root)
+        yield
 
 
 def say_waiting(lock: Path) -> None:

@@ -27,7 +27,6 @@ never interleave; a lock dies with its process.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
@@ -46,7 +45,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from conveyor_ml.base.clock import utc_now
 from conveyor_ml.base.errors import ConveyorError
-from conveyor_ml.base.files import fsync_directory, fsync_tree, write_atomically
+from conveyor_ml.base.files import exclusive_lock, fsync_directory, fsync_tree, write_atomically
 from conveyor_ml.base.names import CANARY_LABEL, SHADOW_LABEL, STABLE_LABEL
 from conveyor_ml.base.process_lifetime import process_running
 from conveyor_ml.formats import serving_config
@@ -182,17 +181,8 @@ def locked(base_path: Path, waiting: Callable[[Path], None] | None = None):
     """The base path's lock, held for the block; `waiting(lock file)` is called once if another process holds
     it (the wait is otherwise silent, and can be long: a pipeline pushing a large model holds it)."""
     base_path.mkdir(parents=True, exist_ok=True)
-    with open(base_path / LOCK_FILE, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting is not None:
-                waiting(base_path / LOCK_FILE)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with exclusive_lock(base_path / LOCK_FILE, waiting):
+        yield
 
 
 # -- reading ---------------------------------------------------------------------------------------------
