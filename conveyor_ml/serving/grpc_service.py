@@ -31,7 +31,7 @@ from tensorflow_serving.apis import (
     status_pb2,
 )
 
-from conveyor_ml.base.ports import port_free
+from conveyor_ml.base.ports import check_port_free
 from conveyor_ml.serving.errors import ModelRunError, ServingError, bounded_message, invalid_argument
 from conveyor_ml.serving.metrics import UNKNOWN_MODEL
 from conveyor_ml.serving.model_server import ModelServer
@@ -430,8 +430,8 @@ def _serialize(message) -> bytes:
 
 
 def build_grpc_server(server: ModelServer) -> tuple[grpc.aio.Server, HealthService | None]:
-    """Must be called on the running event loop that will serve it; raises OSError naming what it could
-    not listen on."""
+    """Must be called on the running event loop that will serve it; raises ConveyorError or OSError naming
+    what it could not listen on."""
     options = server.options
     # One request-size limit for both APIs: a gRPC message over --max_request_body_bytes is refused by grpc
     # itself (RESOURCE_EXHAUSTED) before it is buffered whole; answers are not limited (TF Serving's -1).
@@ -466,16 +466,16 @@ def build_grpc_server(server: ModelServer) -> tuple[grpc.aio.Server, HealthServi
     if options.enable_grpc_healthcheck_service:
         health = HealthService()
         health.add_to(grpc_server)
+    if options.port and options.worker is None:
+        # Asked first (conveyor serve asked before loading the models; a port may have been taken since):
+        # grpc's own refusal is logged to stderr as a multi-line C++ error before ours.
+        check_port_free(options.grpc_host, options.port, "gRPC")
     addresses = []
     if options.port:
         addresses.append((f"{options.grpc_host}:{options.port}", "the port is taken or the host is not local"))
     if options.grpc_socket_path:
         addresses.append((f"unix:{options.grpc_socket_path}", "the directory is missing or not writable"))
     for address, likely in addresses:
-        if options.port and address.endswith(f":{options.port}") and options.worker is None \
-                and not port_free(options.grpc_host, options.port):
-            # Asked first: grpc's own refusal is logged to stderr as a multi-line C++ error before ours.
-            raise OSError(f"cannot listen on {address} (gRPC): {likely}")
         try:
             bound = grpc_server.add_insecure_port(address)
         except RuntimeError:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.base.names import PROMETHEUS_PATH
+from conveyor_ml.base.ports import check_port_free
 from conveyor_ml.base.process_lifetime import die_with_parent
 
 log = logging.getLogger("conveyor.serving")
@@ -585,6 +586,14 @@ def _event_loop_policy() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def _check_ports_free(options) -> None:
+    """Raises ConveyorError in one line when the REST or the gRPC port cannot be listened on now."""
+    if options.rest_api_port:
+        check_port_free(options.rest_api_host, options.rest_api_port, "REST")
+    if options.port:
+        check_port_free(options.grpc_host, options.port, "gRPC")
+
+
 def run(args: argparse.Namespace) -> int:
     """Serves until SIGTERM or SIGINT, then shuts down in order and ends the process with status 0
     (--version prints and returns; a mistake raises ConveyorError before anything starts)."""
@@ -611,6 +620,8 @@ def run(args: argparse.Namespace) -> int:
     if options.worker is not None:
         if options.worker.index:  # a Unix socket path has one listener: the first process's
             options = dataclasses.replace(options, grpc_socket_path=None)
+    else:  # a port taken (or a host no name resolves) is said before any model loads, not after
+        _check_ports_free(options)  # (server processes share theirs: the supervisor checked them)
     from conveyor_ml.serving.connections import default_max_connections, raise_open_file_limit
 
     open_files = raise_open_file_limit()  # before anything opens files: TensorFlow, the models, the listeners

@@ -12,14 +12,13 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from conveyor_ml.base.errors import ConveyorError
+from conveyor_ml.base.ports import check_port_free
 from conveyor_ml.base.process_lifetime import child_environment, owned_scratch_prefix, remove_orphaned_scratch
 from conveyor_ml.serving.peers import WorkerSlot
 
@@ -29,20 +28,9 @@ CONTROL_PREFIX = "conveyor-serve-control-"  # the workers' control sockets, in t
 STOP_SECONDS = 15.0  # after SIGTERM a worker gets this long (its own grace included) before SIGKILL
 
 
-def check_port_free(host: str, port: int, what: str) -> None:
-    """The workers share their ports with each other only: a port another process listens on is refused
-    here, in one line, rather than shared with it."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise ConveyorError(f"cannot listen on {host}:{port} ({what}): {exc.strerror}") from None
-
-
 def supervise(options, argv: list[str]) -> int:
     """Runs `options.server_processes` workers of `conveyor <argv>` until a signal (0) or a worker's death (1)."""
+    # The workers share their ports with each other only: one another process listens on is refused here.
     if options.rest_api_port:
         check_port_free(options.rest_api_host, options.rest_api_port, "REST")
     if options.port:
