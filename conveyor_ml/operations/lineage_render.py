@@ -29,6 +29,11 @@ class Graph:
             self.edges.append((source, target))
 
 
+def _percent(traffic_percent: int | None) -> str:
+    """A traffic share, "?%" where the store holds none that can be read."""
+    return "?%" if traffic_percent is None else f"{traffic_percent}%"
+
+
 def lineage_graph(chain: ModelLineage) -> Graph:
     graph = Graph()
     model_kind = "rejected" if chain.state == "rejected" else "model"
@@ -89,7 +94,8 @@ def lineage_graph(chain: ModelLineage) -> Graph:
         if release.kind in PUSH_TARGETS:
             continue
         target = (release.state[0].target or "local") if release.state else "local"
-        mine = ", ".join(f"{s.label or s.release_state} {s.traffic_percent or 0}%" for s in release.state) \
+        mine = ", ".join(f"{s.label or s.release_state} {_percent(s.traffic_percent)}"
+                         for s in release.state) \
             or _wrapped(release.reason or "", 48)  # a measurement, verdict or shadow report: what it found
         node = graph.node(f"release:{release.execution_id}",
                           f"{release.kind.split('.')[-1]} {(release.time or '')[:16]}\n{mine}", "release")
@@ -98,7 +104,7 @@ def lineage_graph(chain: ModelLineage) -> Graph:
         last_by_target[target] = node
     for deployed in chain.deployed:
         node = graph.node(f"now:{deployed.target}", f"now: {deployed.target} {deployed.label or ''}\n"
-                          f"{deployed.traffic_percent or 0}% of traffic", "now")
+                          f"{_percent(deployed.traffic_percent)} of traffic", "now")
         if deployed.target in last_by_target:
             graph.edge(last_by_target[deployed.target], node)
     return graph
@@ -114,7 +120,7 @@ def models_graph(rows: list[ModelVersion], model_name: str) -> Graph:
         for deployed in row.deployed:
             node = graph.node(f"now:{deployed.target}:{deployed.label}",
                               f"{model_name} {deployed.target}\n{deployed.label or ''} "
-                              f"{deployed.traffic_percent or 0}%", "now")
+                              f"{_percent(deployed.traffic_percent)}", "now")
             graph.edge(f"model:{row.model_id}", node)
     return graph
 
@@ -238,7 +244,8 @@ def models_table(rows: list[ModelVersion], model_name: str):
     for row in rows:
         quantized = ", ".join(f"{q.variant} {(q.size_bytes or 0) / 1024:.0f}KiB/{q.accuracy or 0:.3f}"
                               for q in row.quantized)
-        deployed = ", ".join(f"{d.target} {d.label or ''} {d.traffic_percent or 0}%" for d in row.deployed)
+        deployed = ", ".join(f"{d.target} {d.label or ''} {_percent(d.traffic_percent)}"
+                             for d in row.deployed)
         state = row.state + (f" ({row.reason})" if row.reason else "")
         versions = "/".join(filter(None, [row.version, row.vertex_version and f"vertex {row.vertex_version}"]))
         table.add_row(f"#{row.model_id}", versions or "-", row.created or "", row.run_id or "",
@@ -301,15 +308,16 @@ def lineage_text(chain: ModelLineage) -> list[str]:
         else:
             lines.append(f"  not pushed ({push.target}): {push.skipped}")
     for release in chain.releases:
-        state = ", ".join(f"v{s.version} {s.label or s.release_state} {s.traffic_percent or 0}%" for s in release.state)
+        state = ", ".join(f"v{s.version} {s.label or s.release_state} {_percent(s.traffic_percent)}"
+                          for s in release.state)
         if not release.state:  # a measurement, a verdict, a shadow report: its summary is the line
             lines.append(f"  {release.kind.split('.')[-1].lower()} at {release.time}: {release.reason}")
             continue
         who = f" by {release.by}" if release.by else ""
         why = f" ({release.reason})" if release.reason else ""
         lines.append(f"  {release.kind.split('.')[-1].lower()} at {release.time}{who}{why}: {state}")
-    lines.append("  now: " + (", ".join(f"{d.target} {d.label} {d.traffic_percent}%" for d in chain.deployed)
-                              if chain.deployed else "not serving"))
+    now = ", ".join(f"{d.target} {d.label} {_percent(d.traffic_percent)}" for d in chain.deployed)
+    lines.append("  now: " + (now or "not serving"))
     return lines
 
 
