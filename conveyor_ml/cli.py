@@ -11,6 +11,9 @@ import warnings
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
 # TensorFlow's C++ start-up lines (CUDA factories, CPU features) say nothing a user can act on.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# ML Metadata's C++ logs each failed MySQL connection (with advice about MySQL 8 authentication, whatever the
+# cause) on top of the error it raises, which the command reports as one line.
+os.environ.setdefault("GLOG_minloglevel", "3")
 warnings.filterwarnings("ignore", message=".*non-supported Python version.*", category=FutureWarning)
 
 from conveyor_ml.base import cli_values as values  # noqa: E402
@@ -58,8 +61,10 @@ def cmd_run(args) -> int:
         spec = replace(spec, components=replace(spec.components,
                                                 gcp_pusher=replace(spec.components.gcp_pusher, dry_run=True)))
     _quiet_libraries()
+    from conveyor_ml.metadata.store import check_store
     from conveyor_ml.pipelines.workspace import check_workspace, prepare_data
 
+    check_store(spec.metadata)  # an unreachable MySQL store: one line, before anything is written
     check_workspace(spec)
     prepare_data(spec)
     from conveyor_ml.pipelines.run_summary import print_summary

@@ -1,10 +1,12 @@
 """Runs a spec's pipeline on Apache Beam (BeamDagRunner), printing one line per component as it goes."""
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 from tfx.dsl.compiler import constants
 from tfx.orchestration import metadata as tfx_metadata
@@ -129,10 +131,8 @@ def run_pipeline(spec: PipelineSpec, run_id: str | None = None) -> RunResult:
         # A push killed before its record (an earlier run's) is recorded first; this run's own push is
         # confirmed after the run, once TFX has published it (or recorded then, if the publish failed).
         reconcile(spec, _say)
-        try:
+        with _after_run(lambda: reconcile(spec, _say)):
             return _run_locked(spec, run_id)
-        finally:
-            reconcile(spec, _say)
 
 
 def _run_locked(spec: PipelineSpec, run_id: str | None) -> RunResult:
@@ -148,13 +148,24 @@ def _run_locked(spec: PipelineSpec, run_id: str | None) -> RunResult:
                  RunResult(f"{run_id}-span-{span}", 0.0))
     _say(f"conveyor: running pipeline '{spec.name}' on span {latest_span} (run {run_id})")
     result = RunResult(run_id=run_id, seconds=0.0)
-    try:
+    with _after_run(lambda: record_headline_metrics(spec, run_id)):
         # Pinned to the span chosen above: a span that lands meanwhile is the next run's, not taken in its
         # place (ExampleGen would otherwise import the newest, and the one chosen would never be trained on).
         _execute(spec, build_pipeline(spec, span=latest_span, beam_args=beam_args), result)
-    finally:
-        record_headline_metrics(spec, run_id)
     return result
+
+
+@contextlib.contextmanager
+def _after_run(finish: Callable[[], None]) -> Iterator[None]:
+    """Runs `finish` after the block, as `finally` would; when the block failed, a failure of `finish` too
+    (the metadata store gone with the run) does not replace the block's own error."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            finish()
+        raise
+    finish()
 
 
 def spans_to_import(spec: PipelineSpec, latest_span: int) -> list[int]:
@@ -206,6 +217,11 @@ def _execute(spec: PipelineSpec, pipeline, result: RunResult) -> None:
         _mark_run(spec, result.run_id, finished=True)
     except Exception as exc:
         failed = result.failed()
+        lost = metadata.connection_lost(spec.metadata, failed.error if failed else exc)
+        if lost:  # the MySQL server went away: the run stays unfinished in MLMD (RUN_FINISHED_PROPERTY)
+            where = f" at {failed.node_id}" if failed else ""
+            raise ConveyorError(f"run {result.run_id} failed{where}: {lost}, then run again (this run stays "
+                                "unfinished)") from None
         user_error = _find_conveyor_error(exc)
         if failed and user_error:
             raise ConveyorError(f"run {result.run_id} failed at {failed.node_id}: {user_error}") from None

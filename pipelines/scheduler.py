@@ -104,6 +104,7 @@ class Scheduler:
         self.child: subprocess.Popen | None = None
         self.analysis: subprocess.Popen | None = None
         self.runs_started = 0
+        self.store_down = False  # the metadata store failed to answer (logged once until it answers again)
 
     def log(self, message: str) -> None:
         line = f"{utc_now()} conveyor schedule: {message}"
@@ -128,7 +129,9 @@ class Scheduler:
     def _index(self) -> MetadataIndex | None:
         if not metadata.store_exists(self.spec.metadata):
             return None
-        return MetadataIndex(metadata.open_store(self.spec.metadata, read_only=True))
+        # Read-only on SQLite (never waiting on a run's write lock); on MySQL, the database the scheduler's
+        # runs will write is created if missing, as a run would, rather than refused as a query refuses it.
+        return MetadataIndex(metadata.open_store(self.spec.metadata, read_only=not self.spec.metadata.mysql))
 
     def pending_spans(self) -> list[int]:
         """Spans on disk newer than the newest span a successful run consumed, except those the drift gate
@@ -144,8 +147,31 @@ class Scheduler:
         return RunLock(self.spec.workspace).live_holder()
 
     def blocked(self, span: int) -> bool:
-        index = self._index()
+        """Whether the drift gate blocked `span`; False when the store cannot tell now (the run is
+        retried)."""
+        index = self.store_answer(self._index)
         return index is not None and span in index.blocked_spans(self.spec.name)
+
+    def store_answer(self, question):
+        """`question()`, or None while the metadata store cannot answer (a MySQL server restarting, a
+        network outage): the scheduler outlives it, logging the first failure and the recovery once each."""
+        try:
+            answer = question()
+        except Exception as exc:
+            if not self.spec.metadata.mysql:
+                raise
+            problem = (str(exc) if isinstance(exc, ConveyorError)
+                       else metadata.connection_lost(self.spec.metadata, exc))
+            if problem is None:
+                raise
+            if not self.store_down:
+                self.log(f"{problem}; looking again every {self.poll:g}s")
+            self.store_down = True
+            return None
+        if self.store_down:
+            self.log("metadata store reachable again")
+        self.store_down = False
+        return answer
 
     def run_once(self) -> Outcome:
         self.child = subprocess.Popen([sys.executable, "-m", "conveyor_ml.cli", "run", str(self.spec_file)],
@@ -252,7 +278,10 @@ class Scheduler:
             while not self.stopping and (self.max_runs is None or self.runs_started < self.max_runs):
                 reason, through = None, 0
                 if self.on_new_data and self.latest_span() > handled_through:
-                    pending = self.pending_spans()
+                    pending = self.store_answer(self.pending_spans)
+                    if pending is None:  # the store is down for now (logged once): look again later
+                        self._sleep(self.poll)
+                        continue
                     if pending:  # a run takes every span on disk: this trigger covers them all
                         reason, through = f"new {describe_spans(pending)}", self.latest_span()
                     else:

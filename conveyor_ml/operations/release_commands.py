@@ -180,11 +180,12 @@ def _commit_and_record(spec: PipelineSpec, state: releases.ReleaseState, kind: s
     rows = releases.snapshot(before.labels, release)
     change = releases.ReleaseChange.new(kind, release.name, rows, releases.change_details(
         before, release, reason=reason, user=getpass.getuser(), host=socket.gethostname(), **(details or {})))
+    store = metadata.open_store(spec.metadata)  # a store that cannot take the record: no file changes at all
     try:
         releases.apply_change(state, release, change)
         execution_id = record_release_execution(
             spec, kind, release.name, "local", rows, base_path=str(state.base_path.resolve()), reason=reason,
-            details=change.details, change_id=change.id, release=context)
+            details=change.details, change_id=change.id, release=context, store=store)
     except BaseException as exc:
         with _signals_held():  # a second Ctrl-C must not stop the undo half way
             execution_id = None if isinstance(exc, Exception) else _recorded_execution(spec, change.id, exc)
