@@ -18,6 +18,7 @@ import numpy as np
 import orjson
 from tensorflow_serving.config import model_server_config_pb2
 
+from conveyor_ml.base.errors import ConveyorError
 from conveyor_ml.formats import serving_config
 from conveyor_ml.serving.batcher import Batcher
 from conveyor_ml.serving.errors import ServingError, invalid_argument, not_found, too_large, unavailable
@@ -368,15 +369,35 @@ class ModelServer:
         return None
 
     def _load_config(self, initial: bool = False) -> None:
+        """The config at start-up (ServerCore::Create) and, polled, the config file again when it changed
+        (Server::PollFilesystemAndReloadConfig). Either way TF Serving's ServerCore::ReloadConfig checks the
+        version labels first (UpdateModelVersionLabelMap, server_core.cc:469): at start-up a refusal stops the
+        server ("Failed to start server. Error: <status>", main.cc); polled, it is logged and the models and
+        labels served stay as they are, the file being read again at the next poll (server.cc:172-176).
+        Checked here with --allow_version_labels_for_unavailable_models=false only: with it true (our default)
+        the one label TF Serving refuses is an existing one moved to a version not loaded yet, which is what
+        Conveyor's own releases write (a direct push or a rollback moves "stable" to a version the new config
+        is the first to ask for: refused, it would never load)."""
+        text = None
         if self.options.model_config_file:
             path = Path(self.options.model_config_file)
             text = path.read_text() if path.is_file() else None
             if not initial and text == self._config_text:
                 return
             config = serving_config.read_model_server_config(path)
-            self._config_text = text
         else:
             config = serving_config.single_model_config(self.options.model_name, self.options.model_base_path)
+        if not self.options.allow_version_labels_for_unavailable_models:
+            try:
+                self._check_labels(config)
+            except ServingError as exc:
+                if initial:
+                    raise ConveyorError(f"Failed to start server. Error: {exc.code.name}: "
+                                        f"{exc.message}") from None
+                log.error("PollFilesystemAndReloadConfig failed to ReloadConfig: %s", exc.message)
+                return
+        if self.options.model_config_file:
+            self._config_text = text
         if self.registry.apply(config):
             self._servables_changed()
 

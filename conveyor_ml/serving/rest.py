@@ -86,7 +86,9 @@ def _json(body: bytes, status: int = 200, version: int | None = None, prediction
 
 
 def error_response(error: ServingError) -> web.Response:
-    return _json(orjson.dumps({"error": error.message}), status=error.http_status)
+    """TF Serving's error body (json_tensor.cc MakeJsonFromStatus: rapidjson's PrettyWriter)."""
+    body = '{\n    "error": ' + json_codec.rapidjson_string(error.message) + "\n}"
+    return _json(body.encode(), status=error.http_status)
 
 
 def proto_json(message, proto_field_names: bool = True) -> str:
@@ -286,7 +288,9 @@ class RestApi:
 
     async def _feedback(self, call: Call, request: web.BaseRequest, name: str) -> web.Response:
         self.server.model(name)
-        document = await self.server.off_loop(call, json_codec.parse_body, await self._read_body(call, request))
+        # Strings here are ids and labels, not tensors: bytes that are not UTF-8 stay a parse error.
+        body = await self._read_body(call, request)
+        document = await self.server.off_loop(call, json_codec.parse_body, body, False)
         return _json(orjson.dumps(await self.server.feedback(name, parse_feedback(document))))
 
     async def monitoring(self, request: web.BaseRequest, name: str) -> web.Response:

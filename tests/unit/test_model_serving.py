@@ -387,3 +387,92 @@ def test_reload_refuses_moving_a_label_to_an_unavailable_version(tmp_path, tiny_
                 server.apply_config(new_label)
     finally:
         server.stop()
+
+
+def write_config_file(path, base, **labels):
+    from google.protobuf import text_format
+
+    config = model_server_config_pb2.ModelServerConfig()
+    config.model_config_list.config.append(model_config(base, **labels))
+    path.write_text(text_format.MessageToString(config))
+    return path
+
+
+# server_core.cc (2.16.1) checks labels whenever it applies a config, in ServerCore::ReloadConfig (469:
+# UpdateModelVersionLabelMap, before AddModelsViaModelConfigList loads anything): ServerCore::Create calls it
+# at start-up (253), Server::PollFilesystemAndReloadConfig at each poll of --model_config_file
+# (server.cc:162-177).
+def test_start_up_checks_the_config_files_labels(tmp_path, tiny_export):
+    """At start-up no version is available yet: without --allow_version_labels_for_unavailable_models every
+    label fails the ReloadConfig, so BuildAndStart does, and main.cc prints "Failed to start server. Error: "
+    and the status (absl::Status: "FAILED_PRECONDITION: <message>") and exits."""
+    from conveyor_ml.base.errors import ConveyorError
+    from conveyor_ml.serving.model_server import ModelServer, ServerOptions
+
+    base = tmp_path / "tiny"
+    shutil.copytree(tiny_export, base / "1")
+    config_file = write_config_file(tmp_path / "models.config", base, stable=1)
+    with pytest.raises(ConveyorError) as refused:
+        ModelServer(ServerOptions(model_config_file=str(config_file), file_system_poll_wait_seconds=0,
+                                  allow_version_labels_for_unavailable_models=False))
+    assert str(refused.value) == (
+        "Failed to start server. Error: FAILED_PRECONDITION: Request to assign label to version 1 of model "
+        "tiny, which is not currently available for inference")
+    # With the flag (our default) a label new to the server may name a version not loaded yet.
+    server = ModelServer(ServerOptions(model_config_file=str(config_file),
+                                       file_system_poll_wait_seconds=0))
+    server.start_polling()
+    try:
+        assert server.model("tiny").labels() == {"stable": 1}
+    finally:
+        server.stop()
+
+
+def test_a_polled_config_file_is_refused_as_tf_serving_refuses_it(tmp_path, tiny_export, caplog):
+    """PollFilesystemAndReloadConfig: a ReloadConfig that fails is logged ("PollFilesystemAndReloadConfig
+    failed to ReloadConfig: " and the message) and nothing served changes; the file is applied again at every
+    poll, so it takes effect once the version is available. (Without the flag, as TF Serving's default.)"""
+    from conveyor_ml.serving.model_server import ModelServer, ServerOptions
+
+    base = tmp_path / "tiny"
+    shutil.copytree(tiny_export, base / "1")
+    config_file = write_config_file(tmp_path / "models.config", base)
+    server = ModelServer(ServerOptions(model_config_file=str(config_file), file_system_poll_wait_seconds=0,
+                                       allow_version_labels_for_unavailable_models=False))
+    server.start_polling()
+    try:
+        write_config_file(config_file, base, stable=2)
+        with caplog.at_level("ERROR", logger="conveyor.serving"):
+            server._load_config()  # what each --model_config_file_poll_wait_seconds poll does
+        assert [record.getMessage() for record in caplog.records if record.name == "conveyor.serving"] == [
+            "PollFilesystemAndReloadConfig failed to ReloadConfig: Request to assign label to version 2 of "
+            "model tiny, which is not currently available for inference"]
+        assert server.model("tiny").labels() == {}
+        shutil.copytree(tiny_export, base / "2")
+        server.poll_once()  # version 2 loads (the served config's policy: latest)
+        server._load_config()  # the same file, read again
+        assert server.model("tiny").labels() == {"stable": 2}
+    finally:
+        server.stop()
+
+
+def test_a_polled_config_file_may_move_a_label_to_a_version_still_to_load(tmp_path, tiny_export):
+    """With --allow_version_labels_for_unavailable_models (our default) TF Serving would still refuse this
+    one (server_core_test.cc AssignExistingLabelToUnavailableVersionDisallowed): a deliberate difference, as
+    Conveyor's direct push and rollback write it, and the version the new config asks for could never load."""
+    from conveyor_ml.serving.model_server import ModelServer, ServerOptions
+
+    base = tmp_path / "tiny"
+    shutil.copytree(tiny_export, base / "1")
+    config_file = write_config_file(tmp_path / "models.config", base, stable=1)
+    server = ModelServer(ServerOptions(model_config_file=str(config_file), file_system_poll_wait_seconds=0))
+    server.start_polling()
+    try:
+        shutil.copytree(tiny_export, base / "2")
+        write_config_file(config_file, base, stable=2)
+        server._load_config()
+        server.poll_once()
+        assert server.model("tiny").labels() == {"stable": 2}
+        assert server.model("tiny").available_versions() == [2]
+    finally:
+        server.stop()
