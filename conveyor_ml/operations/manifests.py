@@ -65,7 +65,11 @@ def _server_args(config_dir: str) -> list[str]:
             f"--model_config_file={config_dir}/models.config", "--model_config_file_poll_wait_seconds=60",
             "--enable_batching", f"--batching_parameters_file={config_dir}/batching.config",
             f"--monitoring_config_file={config_dir}/monitoring.config",
-            "--enable_grpc_healthcheck_service=true"]
+            "--enable_grpc_healthcheck_service=true",
+            # The config names its versions by label, and no version is loaded when TF Serving reads it at
+            # start-up: without this (its default is false) ServerCore refuses every label and the server
+            # does not start ("Request to assign label to version N ... not currently available").
+            "--allow_version_labels_for_unavailable_models=true"]
 
 
 def probes(model: str, version: int) -> dict:

@@ -46,9 +46,10 @@ def deployment(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(deployment):
     _, args = deployment
-    # ServerProcess appends its own free --port and --rest_api_port: later flags win, as in TF Serving.
-    with ServerProcess(*args, "--rest_api_timeout_in_ms=1", "--rest_api_enable_cors_support",
-                       "--enable_serialization_as_tensor_content",
+    # ServerProcess appends its own free --port and --rest_api_port: later flags win, as in TF Serving. First,
+    # TF Serving's own default where ours differs: the rendered args must start the real image's server too.
+    with ServerProcess("--allow_version_labels_for_unavailable_models=false", *args, "--rest_api_timeout_in_ms=1",
+                       "--rest_api_enable_cors_support", "--enable_serialization_as_tensor_content",
                        f"--grpc_channel_arguments=grpc.max_receive_message_length={MAX_RECEIVE_BYTES}") as process:
         process.wait_available("tiny")
         yield process
