@@ -260,7 +260,9 @@ def feedback_entry(entry) -> tuple[str, list[int]]:
     labels = entry.get("labels", [entry["label"]] if "label" in entry else None)
     if not isinstance(labels, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
         raise invalid_argument(f'feedback for {entry["prediction_id"]}: "labels" must be a list of integers')
-    return str(entry["prediction_id"]), labels
+    # Ids this server issues are ASCII; one that UTF-8 cannot encode (a lone surrogate escape) is kept as its
+    # escapes, so the answer that reports it unknown can be written.
+    return str(entry["prediction_id"]).encode("utf-8", "backslashreplace").decode("utf-8"), labels
 
 
 def owner(prediction_id: str, processes: int) -> int | None:
