@@ -62,16 +62,19 @@ def cmd_run(args) -> int:
                                                 gcp_pusher=replace(spec.components.gcp_pusher, dry_run=True)))
     _quiet_libraries()
     from conveyor_ml.metadata.store import check_store
-    from conveyor_ml.pipelines.workspace import check_workspace, prepare_data
+    from conveyor_ml.pipelines.workspace import check_workspace, prepare_data, run_temporary_directory
 
-    check_store(spec.metadata)  # an unreachable MySQL store: one line, before anything is written
-    check_workspace(spec)
-    prepare_data(spec)
-    from conveyor_ml.pipelines.run_summary import print_summary
-    from conveyor_ml.pipelines.runner import run_pipeline
+    # Beam and TFX name their temporary files without an owner: under the run's own temporary directory, the
+    # next run removes what a killed one left (pipelines/workspace.py).
+    with run_temporary_directory():
+        check_store(spec.metadata)  # an unreachable MySQL store: one line, before anything is written
+        check_workspace(spec)
+        prepare_data(spec)
+        from conveyor_ml.pipelines.run_summary import print_summary
+        from conveyor_ml.pipelines.runner import run_pipeline
 
-    result = run_pipeline(spec)
-    print_summary(spec, result)
+        result = run_pipeline(spec)
+        print_summary(spec, result)
     return 0
 
 

@@ -24,7 +24,7 @@ from conveyor_ml.pipelines.beam_dependencies import with_tfx_package
 from conveyor_ml.pipelines.builder import build_pipeline
 from conveyor_ml.pipelines.headline_metrics import record_headline_metrics
 from conveyor_ml.pipelines.run_result import NodeOutcome, RunResult
-from conveyor_ml.pipelines.workspace import check_workspace, prepare_data
+from conveyor_ml.pipelines.workspace import check_workspace, prepare_data, settle_interrupted_steps
 
 # The in-memory DirectRunner runs every DoFn in this process; progress reaches the active run through
 # this module-level slot (a DoFn is pickled, so it cannot hold a reference to the runner itself).
@@ -131,6 +131,8 @@ def run_pipeline(spec: PipelineSpec, run_id: str | None = None) -> RunResult:
         # A push killed before its record (an earlier run's) is recorded first; this run's own push is
         # confirmed after the run, once TFX has published it (or recorded then, if the publish failed).
         reconcile(spec, _say)
+        # Steps an earlier run was stopped during: canceled in MLMD, their directories removed.
+        settle_interrupted_steps(spec, _say)
         with _after_run(lambda: reconcile(spec, _say)):
             return _run_locked(spec, run_id)
 

@@ -9,10 +9,13 @@ A kill (SIGKILL, the OOM killer) runs no clean-up at all, so a child that must n
 trainer, the InfraValidator's server, a server process of `--server_processes`) asks the kernel to signal it
 when the parent dies: `die_with_parent()`, in a child started with `child_environment()`. Nor can it remove
 its temporary files: those named with `owned_scratch_prefix()` are removed by the next process that calls
-`remove_orphaned_scratch()`.
+`remove_orphaned_scratch()`. Libraries name theirs without an owner (Apache Beam makes a `beam-pipeline-temp…`
+directory for every pipeline, and removes it only if the pipeline returns), so a command that runs them makes
+the temporary directory one of its own for their lifetime: `private_temporary_directory()`.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
@@ -20,6 +23,7 @@ import re
 import shutil
 import signal
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger("conveyor")
@@ -99,6 +103,28 @@ def remove_orphaned_scratch(prefix: str, directory: str | Path | None = None, *,
             continue
         removed.append(path)
     return removed
+
+
+@contextlib.contextmanager
+def private_temporary_directory(prefix: str) -> Iterator[Path]:
+    """For the block, a directory of this process's own (`<prefix><pid>-…` in the temporary directory) is
+    the temporary directory of the process (tempfile) and of the children it starts (TMPDIR); it is removed
+    after the block. Whatever a killed process left in it, named by whichever library, goes with it: each
+    call first removes the directories of this prefix whose process no longer runs."""
+    parent = tempfile.gettempdir()
+    remove_orphaned_scratch(prefix, parent)
+    directory = tempfile.mkdtemp(prefix=owned_scratch_prefix(prefix), dir=parent)
+    saved_tempdir, saved_environment = tempfile.tempdir, os.environ.get("TMPDIR")
+    tempfile.tempdir, os.environ["TMPDIR"] = directory, directory
+    try:
+        yield Path(directory)
+    finally:
+        tempfile.tempdir = saved_tempdir
+        if saved_environment is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_environment
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _owner(name: str, prefix: str, pattern: re.Pattern[str] | None) -> int | None:

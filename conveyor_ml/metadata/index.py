@@ -245,14 +245,19 @@ def latest_deployments(store, model_name: str, target: str) -> list[pb.Artifact]
     deployments = store.get_artifacts(list_options=mlmd.ListOptions(filter_query=query))
     if not deployments:
         return []
-    producer = {e.artifact_id: e.execution_id for e in store.get_events_by_artifact_ids([a.id for a in deployments])
-                if e.type in (pb.Event.OUTPUT, pb.Event.DECLARED_OUTPUT, pb.Event.INTERNAL_OUTPUT)}
-    changes = [e for e in store.get_executions_by_id(sorted(set(producer.values())))
+    # Every execution that outputs each Deployment: the change that made it, and each cached re-run of the
+    # pusher, which outputs the same artifacts again (one producer per artifact kept whichever came last, and
+    # the newest state read as the one before it, or as none).
+    producers: dict[int, set[int]] = defaultdict(set)
+    for event in store.get_events_by_artifact_ids([a.id for a in deployments]):
+        if event.type in (pb.Event.OUTPUT, pb.Event.DECLARED_OUTPUT, pb.Event.INTERNAL_OUTPUT):
+            producers[event.artifact_id].add(event.execution_id)
+    changes = [e for e in store.get_executions_by_id(sorted(set().union(*producers.values())))
                if e.last_known_state in (pb.Execution.COMPLETE, pb.Execution.FAILED)]
     if not changes:
         return []
     newest = max(changes, key=lambda e: (e.create_time_since_epoch, e.id))
-    return sorted((a for a in deployments if producer.get(a.id) == newest.id), key=lambda a: a.id)
+    return sorted((a for a in deployments if newest.id in producers[a.id]), key=lambda a: a.id)
 
 
 def pushing_runs(store, model_name: str) -> dict[str, str]:

@@ -260,8 +260,12 @@ class Lineage:
         for run_id, context in index.run_contexts.items():
             views = sorted(by_run.get(run_id, []), key=lambda v: v.id)
             failed = [v for v in views if v.state in ("failed", "running", "new")]
+            # A step the next run found unfinished and canceled (pipelines/workspace.py): its run was
+            # stopped during it, and its last update is that run's, not this one's.
+            stopped = [v for v in views if v.state == "canceled"]
             started = min((v.execution.create_time_since_epoch for v in views), default=context.create_time_since_epoch)
-            ended = max((v.execution.last_update_time_since_epoch for v in views), default=started)
+            ended = max((v.execution.create_time_since_epoch if v.state == "canceled"
+                         else v.execution.last_update_time_since_epoch for v in views), default=started)
             produced = []
             for v in views:
                 if v.did_work and not v.type_name.endswith("Resolver"):  # resolvers pass artifacts on, make none
@@ -271,7 +275,9 @@ class Lineage:
             drift = [props(index.artifacts[i]) for v in views for i in v.outputs.get("drift_report", [])]
             rows.append(PipelineRun(
                 run_id=run_id, started=utc_from_milliseconds(started), duration_s=round((ended - started) / 1000, 1),
-                status=(f"failed at {failed[0].node}" if failed else "complete" if index.run_finished(run_id) is not False
+                status=(f"failed at {failed[0].node}" if failed
+                        else f"stopped during {stopped[0].node}" if stopped
+                        else "complete" if index.run_finished(run_id) is not False
                         else f"stopped after {views[-1].node}" if views else "stopped before its first step"),
                 complete=[v.node for v in views if v.state == "complete"],
                 cached=[v.node for v in views if v.state == "cached"],

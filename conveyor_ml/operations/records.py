@@ -206,7 +206,7 @@ class DriftVerdict(JsonRecord):
 @dataclass
 class PipelineRun(JsonRecord):
     run_id: str
-    status: str  # complete | failed at <node>
+    status: str  # complete | failed at <node> | stopped during / after <node> | stopped before its first step
     started: str | None = None
     duration_s: float | None = None
     complete: list[str] = field(default_factory=list)  # nodes that did work
