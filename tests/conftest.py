@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 # Before anything imports TensorFlow (Keras 3 cannot write the SavedModel TFX 1.16 needs).
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
@@ -16,6 +17,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SPEC = ROOT / "pipelines" / "mnist.yaml"
+
+# A shell without job control starts a background command (`make test &`, nohup) with SIGINT ignored, and
+# every process it starts inherits that: the tests that send Ctrl-C to a run, a release command or the
+# scheduler would see it ignored. Handled here, children start with the default again (exec resets handlers).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run_conveyor(*args: str, cwd: Path | None = None, env: dict | None = None,
