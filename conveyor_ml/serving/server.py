@@ -613,15 +613,16 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s{process} %(message)s",
                         stream=sys.stderr)
     options = options_from_args(args)
+    if options.worker is None:
+        # A port taken (or a host no name resolves) is said before any model loads, not after; server
+        # processes share theirs with each other only, so the supervisor's are checked here too.
+        _check_ports_free(options)
     if options.server_processes > 1 and options.worker is None:
         from conveyor_ml.serving.supervisor import supervise
 
         _exit(supervise(options, getattr(args, "argv", sys.argv[1:])))
-    if options.worker is not None:
-        if options.worker.index:  # a Unix socket path has one listener: the first process's
-            options = dataclasses.replace(options, grpc_socket_path=None)
-    else:  # a port taken (or a host no name resolves) is said before any model loads, not after
-        _check_ports_free(options)  # (server processes share theirs: the supervisor checked them)
+    if options.worker is not None and options.worker.index:  # a Unix socket path has one listener: the first's
+        options = dataclasses.replace(options, grpc_socket_path=None)
     from conveyor_ml.serving.connections import default_max_connections, raise_open_file_limit
 
     open_files = raise_open_file_limit()  # before anything opens files: TensorFlow, the models, the listeners

@@ -1,6 +1,6 @@
 """`conveyor serve --server_processes N`: the process that runs N server processes on the same ports.
 
-It checks that the ports are free, starts the workers (`conveyor serve` again, with the same flags and its
+Started once server.run has checked the ports are free, it starts the workers (`conveyor serve` again, with the same flags and its
 slot in the environment: serving/peers.py), prints the start-up line once every worker listens, and then
 only watches: SIGTERM or SIGINT stops every worker (each finishes its requests in flight) and ends with 0;
 a worker that dies stops the others and ends with 1, so that whatever restarts the server (systemd, a
@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from conveyor_ml.base.ports import check_port_free
 from conveyor_ml.base.process_lifetime import child_environment, owned_scratch_prefix, remove_orphaned_scratch
 from conveyor_ml.serving.peers import WorkerSlot
 
@@ -29,12 +28,8 @@ STOP_SECONDS = 15.0  # after SIGTERM a worker gets this long (its own grace incl
 
 
 def supervise(options, argv: list[str]) -> int:
-    """Runs `options.server_processes` workers of `conveyor <argv>` until a signal (0) or a worker's death (1)."""
-    # The workers share their ports with each other only: one another process listens on is refused here.
-    if options.rest_api_port:
-        check_port_free(options.rest_api_host, options.rest_api_port, "REST")
-    if options.port:
-        check_port_free(options.grpc_host, options.port, "gRPC")
+    """Runs `options.server_processes` workers of `conveyor <argv>` until a signal (0) or a worker's death (1);
+    the caller has checked that no other process listens on their ports (server.run)."""
     stop_signal: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda received, frame: stop_signal.append(received))
