@@ -15,8 +15,8 @@ from ml_metadata.metadata_store import metadata_store
 from ml_metadata.proto import metadata_store_pb2 as pb
 from scipy import stats
 
-from tests.conftest import ROOT, run_conveyor, write_spec
-from tests.fakes.mariadb import MariaDB
+from tests.conftest import run_conveyor, write_spec
+from tests.fakes.mariadb import PASSWORD_ENV, MariaDB, mysql_spec
 from tests.system_packages import ensure_debian_packages
 
 pytestmark = pytest.mark.slow
@@ -228,12 +228,8 @@ def test_empty_store_says_no_runs_yet(tmp_path):
 
 def test_mysql_store_runs_the_pipeline_and_answers_lineage(tmp_path):
     with MariaDB(tmp_path / "mariadb") as server:
-        spec = write_spec(tmp_path, base=ROOT / "tests" / "specs" / "csv_6x6.yaml",
-                          **{"data.path": str(ROOT / "tests" / "fixtures" / "digits_6x6.csv")})
-        text = spec.read_text().split("\nmetadata:")[0]
-        section = server.metadata_section()["mysql"]
-        spec.write_text(text + "\nmetadata:\n  mysql:\n" + "".join(f"    {k}: {v}\n" for k, v in section.items()))
-        env = {**os.environ, "CONVEYOR_MYSQL_PASSWORD": server.password}
+        spec = mysql_spec(tmp_path, server.port)  # the tiny CSV pipeline, its metadata in this server
+        env = {**os.environ, PASSWORD_ENV: server.password}
         run = run_conveyor("run", spec, env=env)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
         runs = run_conveyor("runs", "--spec", spec, "--format", "json", env=env)

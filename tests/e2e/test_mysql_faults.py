@@ -12,30 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conveyor_ml.base.ports import free_port
-from tests.conftest import ROOT, write_spec
-from tests.fakes.mariadb import MariaDB
+from tests.conftest import ROOT
+from tests.fakes.mariadb import PASSWORD_ENV, MariaDB, mysql_spec
 
 pytestmark = pytest.mark.slow
 
-PASSWORD_ENV = "CONVEYOR_MYSQL_PASSWORD"
 NO_RUNS = "conveyor: no runs yet — run `make pipeline`"
-
-
-def mysql_spec(directory: Path, port: int, *, database: str = "conveyor_mlmd", user: str = "conveyor",
-               base: Path = ROOT / "tests" / "specs" / "csv_6x6.yaml") -> Path:
-    """The tiny CSV pipeline (or `base`) with its metadata in MySQL at 127.0.0.1:`port`."""
-    directory.mkdir(parents=True, exist_ok=True)
-    csv = base.name == "csv_6x6.yaml"
-    changes = {"data.path": str(ROOT / "tests" / "fixtures" / "digits_6x6.csv")} if csv else {}
-    spec = write_spec(directory, base=base, **changes)
-    document = yaml.safe_load(spec.read_text())
-    document["metadata"] = {"mysql": {"host": "127.0.0.1", "port": port, "database": database, "user": user,
-                                      "password_env": PASSWORD_ENV}}
-    spec.write_text(yaml.safe_dump(document, sort_keys=False))
-    return spec
 
 
 def conveyor(*args, password: str | None = "s3cret", timeout: float = 300) -> subprocess.CompletedProcess:

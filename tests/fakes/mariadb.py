@@ -10,8 +10,13 @@ import subprocess
 import time
 from pathlib import Path
 
+import yaml
+
 from conveyor_ml.base.ports import free_port
+from tests.conftest import ROOT, write_spec
 from tests.system_packages import ensure_debian_packages
+
+PASSWORD_ENV = "CONVEYOR_MYSQL_PASSWORD"  # the variable the specs below name for the password
 
 
 class MariaDB:
@@ -75,10 +80,6 @@ class MariaDB:
         return subprocess.run(["mariadb", f"--socket={self.socket_path}", "-uroot", "-N", "-e", statements],
                               check=True, capture_output=True, text=True).stdout
 
-    def metadata_section(self, password_env: str = "CONVEYOR_MYSQL_PASSWORD") -> dict:
-        return {"mysql": {"host": "127.0.0.1", "port": self.port, "database": self.database, "user": self.user,
-                          "password_env": password_env}}
-
     def __exit__(self, *exc) -> None:
         if self.process and self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGTERM)
@@ -87,3 +88,17 @@ class MariaDB:
             except subprocess.TimeoutExpired:
                 os.kill(self.process.pid, signal.SIGKILL)
                 self.process.wait()
+
+
+def mysql_spec(directory: Path, port: int, *, database: str = "conveyor_mlmd", user: str = "conveyor",
+               base: Path = ROOT / "tests" / "specs" / "csv_6x6.yaml") -> Path:
+    """The tiny CSV pipeline (or `base`) with its metadata in MySQL at 127.0.0.1:`port`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    csv = base.name == "csv_6x6.yaml"
+    changes = {"data.path": str(ROOT / "tests" / "fixtures" / "digits_6x6.csv")} if csv else {}
+    spec = write_spec(directory, base=base, **changes)
+    document = yaml.safe_load(spec.read_text())
+    document["metadata"] = {"mysql": {"host": "127.0.0.1", "port": port, "database": database, "user": user,
+                                      "password_env": PASSWORD_ENV}}
+    spec.write_text(yaml.safe_dump(document, sort_keys=False))
+    return spec
